@@ -1,0 +1,230 @@
+"""Command-line entry points: ``btune`` (headless) and ``btune-tui`` (the app; ``--replay`` is headless).
+
+User errors (bad option, unreadable run file, unwritable directory) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tuner import catalog, runs
+from tuner.launch import LaunchError, RunConfig, build_config, execute
+from tuner.protocol import SCHEMA_VERSION
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user error: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{self.prog}: {message}")
+
+
+def _load(ref: str, directory: str | None = None) -> dict[str, Any]:
+    path = runs.resolve_run(ref, runs.runs_dir(directory) if directory else None)
+    return runs.load_record(path)
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.json:
+        import orjson
+
+        doc = [{"name": s.name, "description": s.description, "presets": list(s.presets),
+                "options": [{"name": o.name, "type": o.type.__name__, "default": o.default, "choices": o.choices,
+                             "min": o.min, "max": o.max, "help": o.help,
+                             "when": [[k, list(v)] for k, v in o.when]} for o in s.all_options()]}
+               for s in catalog.WORKLOADS.values()]
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    for spec in catalog.WORKLOADS.values():
+        print(f"{spec.name}  {spec.description}")
+        print(f"  presets: {', '.join(spec.presets)}")
+        for opt in spec.all_options():
+            when = "".join(f" (only with --{k} {'/'.join(map(str, v))})" for k, v in opt.when)
+            print(f"  {opt.flag:<22} {opt.help} [{opt.describe_allowed()}; default {opt.default}]{when}")
+        print()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
+    config = build_config(args.workload, extra, timeout=args.timeout, sample_hz=args.sample_hz)
+    if config.options.get("dry_run"):
+        import subprocess
+
+        return subprocess.call(config.argv)
+    out_dir = runs.ensure_writable(runs.runs_dir(args.out))
+    return execute(config, out_dir, json_lines=args.json, telemetry=not args.no_telemetry)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    rec = _load(args.run, args.out)
+    if args.json:
+        sys.stdout.write(runs.dumps(rec).decode() + "\n")
+    else:
+        from tuner.report import show
+
+        print(show(rec))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if len(args.runs) < 2:
+        raise CliError("btune compare: give at least two runs")
+    from tuner.report import compare
+
+    print(compare([_load(r, args.out) for r in args.runs]))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tuner.export import export
+
+    recs = [_load(r, args.out) for r in args.runs]
+    data = export(recs, args.format)
+    if args.output:
+        try:
+            runs.atomic_write(Path(args.output), data)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    else:
+        sys.stdout.buffer.write(data)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    directory = runs.runs_dir(args.out)
+    if args.action == "recover":
+        from tuner.record import recover_journal
+
+        journals = runs.orphan_journals(directory)
+        for j in journals:
+            rec = recover_journal(j)
+            path = runs.record_path(directory, rec["id"])
+            runs.atomic_write(path, runs.dumps(rec))
+            j.unlink()
+            print(f"recovered {rec['id']} as {rec['status']}: {path}")
+        if not journals:
+            print(f"nothing to recover in {directory}")
+        return 0
+    from tuner.report import fmt, table
+
+    rows = []
+    for path in runs.list_runs(directory):
+        try:
+            rec = runs.load_record(path)
+        except runs.RunFileError as exc:
+            rows.append([path.stem, "-", "unreadable", "-", "-", str(exc).split(": ", 1)[-1][:60]])
+            continue
+        s = rec["summary"]
+        rows.append([rec["id"], str(rec["config"].get("workload")), rec["status"],
+                     fmt(s.get("throughput_tokens_per_s")), fmt((s.get("mfu") or {}).get("bf16", {}).get("value"), "%"),
+                     fmt(s.get("energy_j"))])
+    for j in runs.orphan_journals(directory):
+        rows.append([j.name, "-", "live or interrupted", "-", "-", "btune runs recover"])
+    print(table(rows, ["run", "workload", "status", "tok/s", "MFU", "energy J"]) if rows else f"no runs in {directory}")
+    return 0
+
+
+# -- parsers -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="btune", description="GPU tuning console (headless). The app is btune-tui.", allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ls = sub.add_parser("list", help="workloads, presets and options")
+    ls.add_argument("--json", action="store_true")
+
+    run = sub.add_parser("run", help="run a workload; WORKLOAD options follow (btune list)", allow_abbrev=False)
+    run.add_argument("workload")
+    run.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
+    run.add_argument("--timeout", type=float, default=0.0, help="seconds before the run is stopped (0: none)")
+    run.add_argument("--sample-hz", type=float, default=10.0, help="telemetry samples per second (default 10)")
+    run.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
+    run.add_argument("--json", action="store_true", help="print events as JSON lines instead of a status line")
+
+    for name, helptext in (("show", "one run"),):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("run", help="run file or id")
+        sp.add_argument("--json", action="store_true")
+        sp.add_argument("--out", help="runs directory for ids")
+
+    cmp = sub.add_parser("compare", help="runs side by side, deltas against the first")
+    cmp.add_argument("runs", nargs="+")
+    cmp.add_argument("--out", help="runs directory for ids")
+
+    ex = sub.add_parser("export", help="dashboard export")
+    ex.add_argument("runs", nargs="+")
+    ex.add_argument("--format", choices=("json", "csv", "prometheus"), default="json")
+    ex.add_argument("-o", "--output", help="file to write (default stdout)")
+    ex.add_argument("--out", help="runs directory for ids")
+
+    rs = sub.add_parser("runs", help="list the runs directory, or recover interrupted runs")
+    rs.add_argument("action", nargs="?", choices=("list", "recover"), default="list")
+    rs.add_argument("--out", help="runs directory")
+    return p
+
+
+def _dispatch(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(argv))
+    if args.command == "run":
+        return cmd_run(args, extra)
+    if extra:
+        raise CliError(f"btune {args.command}: unrecognized arguments: {' '.join(extra)}")
+    return {"list": cmd_list, "show": cmd_show, "compare": cmd_compare, "export": cmd_export,
+            "runs": cmd_runs}[args.command](args)
+
+
+def _guarded(fn: Any, argv: Sequence[str]) -> int:
+    try:
+        return fn(argv)
+    except (CliError, catalog.OptionError, runs.RunFileError, runs.RunsDirError, LaunchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``btune``."""
+    return _guarded(_dispatch, sys.argv[1:] if argv is None else argv)
+
+
+# -- btune-tui ---------------------------------------------------------------------------------
+def _tui(argv: Sequence[str]) -> int:
+    p = _Parser(prog="btune-tui", description="btune's terminal app; --replay RUN replays a run headless")
+    p.add_argument("--replay", metavar="RUN", help="re-emit a run's timeline as text (no terminal UI)")
+    p.add_argument("--speed", type=float, default=0.0, help="replay speed, times real time (0: at once)")
+    p.add_argument("--json", action="store_true", help="replay as JSON lines")
+    p.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
+    p.add_argument("--refresh", type=float, default=4.0, help="panel redraws per second (default 4)")
+    p.add_argument("--no-color", action="store_true", help="monochrome (NO_COLOR is honoured too)")
+    args = p.parse_args(list(argv))
+    if args.replay:
+        from tuner.replay import replay
+
+        if args.speed < 0:
+            raise CliError("btune-tui: --speed must be >= 0")
+        rec = _load(args.replay, args.out)
+        replay(rec, sys.stdout, speed=args.speed, as_json=args.json)
+        return 0
+    try:
+        from tuner.app import run_app
+    except ImportError as exc:
+        raise CliError(f"btune-tui needs textual ({exc}); `btune` and `btune-tui --replay` work without it") from None
+    return run_app(runs_dir=runs.runs_dir(args.out), refresh_hz=args.refresh, no_color=args.no_color)
+
+
+def tui_main(argv: Sequence[str] | None = None) -> int:
+    """``btune-tui``."""
+    return _guarded(_tui, sys.argv[1:] if argv is None else argv)
+
+
+__all__ = ["main", "tui_main", "RunConfig", "SCHEMA_VERSION"]

@@ -1,0 +1,49 @@
+"""What a run ran on: host, Python, library versions, GPUs. Never a dump of environment variables."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import socket
+from typing import Any
+
+from tuner import __version__
+
+#: Distributions whose versions a record names (import name in parentheses is not needed).
+_VERSIONED = ("torch", "transformer-engine", "transformer_engine", "torchao", "numpy", "textual", "nvidia-ml-py")
+#: The only environment variables recorded: they change what a run does and hold no secrets.
+_SAFE_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TORCH_COMPILE_DEBUG")
+
+
+def package_version(name: str) -> str | None:
+    """An installed distribution's version, without importing it."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect(gpu_inventory: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The environment block of a run record."""
+    versions = {name: package_version(name) for name in _VERSIONED}
+    te = versions.pop("transformer_engine") or versions.get("transformer-engine")
+    versions["transformer-engine"] = te
+    env: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "btune": __version__,
+        "versions": versions,
+        "env": {k: os.environ[k] for k in _SAFE_ENV if k in os.environ},
+    }
+    inv = gpu_inventory or {}
+    env["gpus"] = inv.get("gpus", [])
+    env["gpu_count"] = len(env["gpus"])
+    env["driver"] = inv.get("driver")
+    env["cuda_driver"] = inv.get("cuda_driver")
+    if inv.get("note"):
+        env["gpu_note"] = inv["note"]
+    return env

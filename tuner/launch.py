@@ -1,0 +1,168 @@
+"""From a workload name and its options to a finished run: RunConfig, the argv, and the CLI's run loop."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from tuner import catalog, runs
+from tuner.report import fmt
+from tuner.runner import Runner, RunResult
+
+
+class LaunchError(Exception):
+    """A run that cannot be launched as asked; the message is one line."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated request to run one workload."""
+
+    workload: str
+    options: dict[str, Any]
+    argv: tuple[str, ...]
+    timeout: float = 0.0
+    sample_hz: float = 10.0
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def as_record(self) -> dict[str, Any]:
+        return {"workload": self.workload, "options": self.options, "argv": list(self.argv),
+                "timeout_s": self.timeout or None, "sample_hz": self.sample_hz, "defaults": self.defaults}
+
+    @property
+    def command_line(self) -> str:
+        """The argv as one copyable shell line (display only; it is never run through a shell)."""
+        import shlex
+
+        return shlex.join(self.argv)
+
+
+def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float = 0.0,
+                 sample_hz: float = 10.0, python: str | None = None) -> RunConfig:
+    """Validate options against the catalog (raises OptionError/LaunchError) and build the argv."""
+    spec = catalog.get(workload)
+    options = catalog.parse_args(spec, args) if isinstance(args, list) else catalog.validate(spec, args)
+    if timeout < 0:
+        raise LaunchError("--timeout must be >= 0")
+    if not 0 < sample_hz <= 100:
+        raise LaunchError(f"--sample-hz {sample_hz:g}: expected a number in (0, 100]")
+    argv = (python or sys.executable, "-m", spec.module, *catalog.to_argv(spec, options))
+    return RunConfig(workload, options, argv, timeout, sample_hz, spec.defaults())
+
+
+def make_runner(config: RunConfig, out_dir: Path, telemetry: bool = True, nvml: Any = None) -> Runner:
+    """A Runner for a config, with a new run id."""
+    return Runner(config.argv, run_id=runs.new_run_id(config.workload), out_dir=out_dir,
+                  config=config.as_record(), timeout=config.timeout, sample_hz=config.sample_hz,
+                  telemetry=telemetry, nvml=nvml)
+
+
+class ConsoleStatus:
+    """Shows a live run on a terminal: one rewritten status line on a TTY, plain lines otherwise."""
+
+    def __init__(self, out: TextIO, tty: bool, json_lines: bool = False) -> None:
+        self.out, self.tty, self.json_lines = out, tty, json_lines
+        self.step: dict[str, Any] | None = None
+        self.gpus: dict[int, dict[str, Any]] = {}
+        self._last_plain = 0.0
+        self._lock = threading.Lock()
+        self.t0 = time.time()
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        if self.json_lines:
+            import orjson
+
+            with self._lock:
+                self.out.write(orjson.dumps(ev, default=str).decode() + "\n")
+            return
+        if kind == "step":
+            self.step = ev
+            if not self.tty and time.time() - self._last_plain >= 1.0:
+                self._last_plain = time.time()
+                self._write(self.line())
+        elif kind == "gpu":
+            self.gpus[ev.get("gpu", 0)] = ev
+        elif kind in ("error", "telemetry_note"):
+            self._write(f"{'error' if kind == 'error' else 'note'}: {ev.get('message')}")
+
+    def line(self) -> str:
+        elapsed = time.time() - self.t0
+        parts = [f"{elapsed:6.1f}s"]
+        s = self.step
+        if s:
+            ms = s.get("step_ms") or 0
+            tok_s = s["tokens"] / (ms / 1000) if ms and s.get("tokens") else None
+            parts.append(f"step {s.get('step')}{' (warm-up)' if s.get('warmup') else ''}")
+            parts.append(f"{fmt(ms)} ms")
+            parts.append(f"{fmt(tok_s)} tok/s")
+            if "loss" in s:
+                parts.append(f"loss {fmt(s['loss'])}")
+        else:
+            parts.append("starting")
+        for idx in sorted(self.gpus)[:8]:
+            g = self.gpus[idx]
+            parts.append(f"gpu{idx} {fmt(g.get('power_w'))}W {fmt((g.get('mem_used_mb') or 0) / 1024)}G")
+        return "  ".join(parts)
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            if self.tty:
+                self.out.write("\r\x1b[K" + text + "\n")
+            else:
+                self.out.write(text + "\n")
+            self.out.flush()
+
+    def tick(self) -> None:
+        if self.tty and not self.json_lines:
+            with self._lock:
+                self.out.write("\r\x1b[K" + self.line()[:200])
+                self.out.flush()
+
+    def done(self) -> None:
+        if self.tty and not self.json_lines:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+
+
+def execute(config: RunConfig, out_dir: Path, json_lines: bool = False, telemetry: bool = True,
+            out: TextIO | None = None) -> int:
+    """Run to the end with a console status; Ctrl+C cancels the run (its record is still written)."""
+    out = out or sys.stdout
+    runner = make_runner(config, out_dir, telemetry)
+    status = ConsoleStatus(out, out.isatty(), json_lines)
+    runner.subscribe(status)
+    if not json_lines:
+        print(f"btune: {config.command_line}", file=out)
+    runner.start()
+    result: RunResult | None = None
+    waiter = threading.Thread(target=lambda: None)
+    try:
+        holder: dict[str, RunResult] = {}
+        waiter = threading.Thread(target=lambda: holder.setdefault("r", runner.wait()), daemon=True)
+        waiter.start()
+        while waiter.is_alive():
+            status.tick()
+            waiter.join(0.25)
+        result = holder["r"]
+    except KeyboardInterrupt:
+        runner.cancel()
+        print("\nbtune: cancelling (Ctrl+C again is ignored until the record is written)", file=sys.stderr)
+        while True:
+            try:
+                waiter.join()
+                break
+            except KeyboardInterrupt:
+                continue
+        result = runner.wait()
+    status.done()
+    if not json_lines:
+        from tuner.report import show
+
+        print(show(result.record), file=out)
+    print(result.record_path, file=out)
+    return 0 if result.status == "ok" else 1

@@ -1,0 +1,227 @@
+"""Event protocol between workloads and the console: types, encode/decode, the Emitter.
+
+An event is a flat JSON object on one line: ``{"v": 1, "type": "step", "t": 1.7e9, "rank": 0, ...}``.
+Workloads write events through an :class:`Emitter`; the runner reads them with a :class:`Decoder`.
+
+The channel is a unix stream socket whose path is in ``BTUNE_EVENTS``: every process (each torchrun
+rank too) opens its own connection, so stray prints on stdout/stderr never mix with events. With no
+``BTUNE_EVENTS`` the Emitter writes JSON lines to stdout (a workload run alone).
+
+This module is the only part of ``tuner`` that workloads import; it needs orjson and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import orjson
+
+SCHEMA_VERSION = 1
+ENV_EVENTS = "BTUNE_EVENTS"
+
+#: Event types a workload may send.
+WORKLOAD_TYPES = frozenset({"meta", "step", "experts", "request", "series", "log", "summary", "error"})
+#: Event types the console itself adds (telemetry samples, process output).
+CONSOLE_TYPES = frozenset({"gpu", "host", "energy", "telemetry_note"})
+EVENT_TYPES = WORKLOAD_TYPES | CONSOLE_TYPES
+
+_ENCODE_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def _default(obj: Any) -> Any:
+    """Serialise what orjson cannot: tensors' items, sets, paths and anything with ``tolist``."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def make_event(type_: str, rank: int = 0, t: float | None = None, **fields: Any) -> dict[str, Any]:
+    """Build an event dict with the envelope fields first."""
+    return {"v": SCHEMA_VERSION, "type": type_, "t": time.time() if t is None else t, "rank": rank, **fields}
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """One event as one JSON line (newline included). NaN and infinities become null."""
+    try:
+        return orjson.dumps(event, default=_default, option=_ENCODE_OPTS | orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:  # integers beyond 64 bits: keep them, as strings
+        return orjson.dumps(_stringify_big(event), default=_default, option=_ENCODE_OPTS | orjson.OPT_APPEND_NEWLINE)
+
+
+def _stringify_big(obj: Any) -> Any:
+    if isinstance(obj, bool):
+        return obj
+    if isinstance(obj, int) and not -(2**63) <= obj < 2**64:
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _stringify_big(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_stringify_big(v) for v in obj]
+    return obj
+
+
+def _valid_envelope(obj: Any) -> bool:
+    if not isinstance(obj, dict):
+        return False
+    v, type_, t, rank = obj.get("v"), obj.get("type"), obj.get("t"), obj.get("rank")
+    return (
+        type(v) is int
+        and 1 <= v <= SCHEMA_VERSION
+        and type_ in EVENT_TYPES
+        and type(t) in (int, float)
+        and math.isfinite(t)
+        and type(rank) is int
+    )
+
+
+def decode_line(line: bytes | str) -> dict[str, Any] | None:
+    """Decode one line into an event, or None when it is not a valid event of this schema."""
+    try:
+        obj = orjson.loads(line)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return None
+    return obj if _valid_envelope(obj) else None
+
+
+class Decoder:
+    """Splits a byte stream into events; counts and skips bad lines, never raises on input."""
+
+    __slots__ = ("_buf", "bad_lines", "good_lines", "max_line")
+
+    def __init__(self, max_line: int = 16 * 1024 * 1024) -> None:
+        self._buf = b""
+        self.bad_lines = 0
+        self.good_lines = 0
+        self.max_line = max_line
+
+    def feed(self, chunk: bytes) -> list[tuple[dict[str, Any], bytes]]:
+        """Feed bytes; return each complete valid event with its raw line (newline included)."""
+        data = self._buf + chunk if self._buf else chunk
+        out: list[tuple[dict[str, Any], bytes]] = []
+        start = 0
+        find = data.find
+        while True:
+            end = find(b"\n", start)
+            if end < 0:
+                break
+            line = data[start : end + 1]
+            start = end + 1
+            if len(line) <= 1:
+                continue
+            event = decode_line(line)
+            if event is None:
+                self.bad_lines += 1
+            else:
+                self.good_lines += 1
+                out.append((event, line))
+        rest = data[start:]
+        if len(rest) > self.max_line:  # a line that never ends: drop it, count it once
+            self.bad_lines += 1
+            rest = b""
+        self._buf = rest
+        return out
+
+    def close(self) -> None:
+        """End of stream: a trailing partial line is counted as bad."""
+        if self._buf.strip():
+            self.bad_lines += 1
+        self._buf = b""
+
+
+def _env_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class Emitter:
+    """Sends events from a workload to the console (socket in ``BTUNE_EVENTS``) or to stdout.
+
+    Thread-safe. Sending never raises: if the console goes away the Emitter falls silent and
+    counts what it could not send (``dropped``), so a workload is never killed by its telemetry.
+    """
+
+    def __init__(self, path: str | None = None, rank: int | None = None, stream: Any = None) -> None:
+        self.rank = _env_rank() if rank is None else rank
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._stream = stream
+        path = os.environ.get(ENV_EVENTS) if path is None else path
+        if path:
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+                self._sock = sock
+            except OSError as exc:
+                print(f"btune: cannot reach the console at {path} ({exc}); events go to stdout", file=sys.stderr)
+        if self._sock is None and self._stream is None:
+            self._stream = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
+
+    def emit(self, type_: str, **fields: Any) -> None:
+        """Send one event of ``type_`` with ``fields``."""
+        self.send(make_event(type_, rank=self.rank, **fields))
+
+    def send(self, event: dict[str, Any]) -> None:
+        """Send a ready-made event."""
+        data = encode(event)
+        with self._lock:
+            try:
+                if self._sock is not None:
+                    self._sock.sendall(data)
+                elif self._stream is not None:
+                    try:
+                        self._stream.write(data)
+                    except TypeError:
+                        self._stream.write(data.decode())
+                    self._stream.flush()
+                else:
+                    self.dropped += 1
+            except (OSError, ValueError):
+                self.dropped += 1
+                self._sock = None
+                self._stream = None
+
+    def meta(self, **fields: Any) -> None:
+        """Resolved config, parameter counts, FLOPs per token, the backends that actually ran."""
+        self.emit("meta", **fields)
+
+    def step(self, step: int, step_ms: float, tokens: int, **fields: Any) -> None:
+        """One step: its index, wall time, and the global tokens it processed (counted once)."""
+        self.emit("step", step=step, step_ms=step_ms, tokens=tokens, **fields)
+
+    def log(self, message: str, level: str = "info") -> None:
+        """A human-readable line."""
+        self.emit("log", message=message, level=level)
+
+    def error(self, message: str, kind: str = "error", **fields: Any) -> None:
+        """An error the workload recognised (kind: error, oom, config, unsupported)."""
+        self.emit("error", message=message, kind=kind, **fields)
+
+    def summary(self, **fields: Any) -> None:
+        """The workload's own end-of-run figures (the console computes its own from raw events)."""
+        self.emit("summary", **fields)
+
+    def close(self) -> None:
+        """Close the channel."""
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    self._sock.close()
+                finally:
+                    self._sock = None
+
+    def __enter__(self) -> Emitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,348 @@
+"""Launches a workload as a subprocess, streams its events, samples telemetry, and writes the run record.
+
+The child runs in its own process group with an argv list (never a shell). Events arrive on a unix
+socket named in ``BTUNE_EVENTS`` (each torchrun rank connects on its own); stdout and stderr are read
+as log lines and the stderr tail is kept. Every event is journalled before subscribers see it, and
+the record is written atomically when the run ends, whatever the way it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.environment import collect as collect_environment
+from tuner.protocol import ENV_EVENTS, Decoder, encode, make_event
+from tuner.record import RecordBuilder, journal_footer, journal_header
+from tuner.runs import Journal, atomic_write, dumps, ensure_writable, journal_path, record_path
+from tuner.telemetry import Telemetry
+
+Subscriber = Callable[[dict[str, Any]], None]
+
+OOM_PATTERNS = re.compile(
+    rb"CUDA out of memory|OutOfMemoryError|\bMemoryError\b|Cannot allocate memory|std::bad_alloc|"
+    rb"CUBLAS_STATUS_ALLOC_FAILED|out of memory",
+)
+STDERR_TAIL_LINES = 200
+STDERR_TAIL_BYTES = 32 * 1024
+
+
+@dataclass
+class RunResult:
+    """How a run ended, and where its record is."""
+
+    run_id: str
+    status: str
+    exit_code: int | None
+    record_path: Path
+    record: dict[str, Any] = field(repr=False)
+
+
+def _oom_kills() -> int | None:
+    """The cgroup's oom_kill counter (host OOM killer), or None where it cannot be read."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class Runner:
+    """One run of one argv. Use ``start()`` then ``wait()``, or ``run()``; ``cancel()`` from any thread."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        run_id: str,
+        out_dir: Path,
+        config: dict[str, Any],
+        environment: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        grace: float = 5.0,
+        sample_hz: float = 10.0,
+        telemetry: bool = True,
+        nvml: Any = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise TypeError("argv must be a non-empty list of strings")
+        self.argv = list(argv)
+        self.run_id = run_id
+        self.out_dir = ensure_writable(Path(out_dir))
+        self.config = config
+        self.environment = environment or {}
+        self.timeout = timeout if timeout and timeout > 0 else None
+        self.grace = grace
+        self.sample_hz = sample_hz
+        self.telemetry: Telemetry | None = Telemetry(self.post, sample_hz, nvml=nvml) if telemetry else None
+        self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.stderr_tail: deque[bytes] = deque(maxlen=STDERR_TAIL_LINES)
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._stop_io = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._decoders: list[Decoder] = []
+        self._sockdir = tempfile.mkdtemp(prefix="btune-")
+        self._sockpath = os.path.join(self._sockdir, "events.sock")
+        self._journal: Journal | None = None
+        self._builder: RecordBuilder | None = None
+        self._cancelled_by_user = False
+        self._timed_out = False
+        self._error_kinds: set[str] = set()
+        self._result: RunResult | None = None
+
+    # -- subscribers -------------------------------------------------------------------------
+    def subscribe(self, fn: Subscriber) -> None:
+        """Call ``fn(event)`` for every event, after it is journalled (from runner threads)."""
+        self._subscribers.append(fn)
+
+    def _dispatch(self, batch: list[tuple[dict[str, Any], bytes | None]]) -> None:
+        with self._lock:
+            journal, builder = self._journal, self._builder
+            if journal is None or builder is None:
+                return
+            for event, raw in batch:
+                journal.write_line(raw if raw is not None else encode(event))
+            journal.flush()
+            for event, _ in batch:
+                builder.add(event)
+                if event.get("type") == "error":
+                    self._error_kinds.add(str(event.get("kind")))
+            subs = self._subscribers
+        for event, _ in batch:
+            for fn in subs:
+                try:
+                    fn(event)
+                except Exception:  # a subscriber never breaks the run
+                    pass
+
+    def post(self, event: dict[str, Any]) -> None:
+        """Add a console-side event (telemetry samples, notes)."""
+        self._dispatch([(event, None)])
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the journal and channel, start telemetry, launch the child."""
+        self.started = time.time()
+        inventory = self.telemetry.inventory() if self.telemetry is not None else {"note": "telemetry off"}
+        self.environment = {**collect_environment(inventory), **self.environment}
+        self._journal = Journal(journal_path(self.out_dir, self.run_id))
+        self._builder = RecordBuilder(self.run_id, self.started, self.config, self.environment)
+        self._journal.write(journal_header(self.run_id, self.started, self.config, self.environment))
+        self._journal.flush()
+
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(self._sockpath)
+        server.listen(256)
+        server.setblocking(False)
+        self._oom_before = _oom_kills()
+        if self.telemetry is not None:
+            self.telemetry.start()
+
+        env = dict(self.env)
+        env[ENV_EVENTS] = self._sockpath
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=env, cwd=self.cwd, start_new_session=True,
+            )
+        except OSError as exc:
+            server.close()
+            if self.telemetry is not None:
+                self.telemetry.stop()
+            self.post(make_event("error", rank=-1, kind="launch", message=f"cannot launch {self.argv[0]}: {exc}"))
+            self._result = self._finish("failed", None, f"cannot launch {self.argv[0]}: {exc.strerror or exc}")
+            return
+        if self.telemetry is not None:
+            self.telemetry.set_root(self.proc.pid)
+        self._spawn(self._serve_events, server)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._spawn(self._read_stream, self.proc.stdout, "stdout")
+        self._spawn(self._read_stream, self.proc.stderr, "stderr")
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        th = threading.Thread(target=target, args=args, daemon=True, name=f"btune-{target.__name__}")
+        th.start()
+        self._threads.append(th)
+
+    def cancel(self) -> None:
+        """Ask the run to stop (SIGINT, then SIGTERM, then SIGKILL of the group after grace periods)."""
+        self._cancelled_by_user = True
+        self._cancel.set()
+
+    def run(self) -> RunResult:
+        self.start()
+        return self.wait()
+
+    def wait(self) -> RunResult:
+        """Block until the run ends and its record is written."""
+        if self._result is not None:
+            return self._result
+        proc = self.proc
+        assert proc is not None, "start() first"
+        deadline = self.started + self.timeout if self.timeout else None
+        while proc.poll() is None:
+            if self._cancel.is_set():
+                self._terminate(proc)
+                break
+            if deadline is not None and time.time() >= deadline:
+                self._timed_out = True
+                self._terminate(proc)
+                break
+            self._cancel.wait(0.05)
+        rc = proc.wait()
+        self._kill_group(proc, signal.SIGKILL)  # leave no strays behind in the group
+        self._stop_io.set()
+        for th in self._threads:
+            th.join(timeout=2.0)
+        if self.telemetry is not None:
+            self.telemetry.stop()
+        status, message = self._classify(rc)
+        self._result = self._finish(status, rc, message)
+        return self._result
+
+    def _kill_group(self, proc: subprocess.Popen[bytes], sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            self._kill_group(proc, sig)
+            try:
+                proc.wait(timeout=self.grace if sig != signal.SIGKILL else None)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    # -- I/O threads -------------------------------------------------------------------------
+    def _serve_events(self, server: socket.socket) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(server, selectors.EVENT_READ, None)
+        open_conns = 0
+        drain_until: float | None = None
+        try:
+            while True:
+                if self._stop_io.is_set():
+                    if open_conns == 0:
+                        break
+                    drain_until = drain_until or time.monotonic() + 1.0
+                    if time.monotonic() > drain_until:
+                        break
+                for key, _ in sel.select(timeout=0.05):
+                    if key.data is None:
+                        try:
+                            conn, _ = server.accept()
+                        except (BlockingIOError, OSError):
+                            continue
+                        conn.setblocking(False)
+                        dec = Decoder()
+                        self._decoders.append(dec)
+                        sel.register(conn, selectors.EVENT_READ, dec)
+                        open_conns += 1
+                        continue
+                    conn, dec = key.fileobj, key.data
+                    try:
+                        chunk = conn.recv(1 << 18)  # type: ignore[union-attr]
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        dec.close()
+                        sel.unregister(conn)
+                        conn.close()  # type: ignore[union-attr]
+                        open_conns -= 1
+                        continue
+                    batch = dec.feed(chunk)
+                    if batch:
+                        self._dispatch(batch)  # type: ignore[arg-type]
+        finally:
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()  # type: ignore[union-attr]
+            sel.close()
+            try:
+                os.unlink(self._sockpath)
+                os.rmdir(self._sockdir)
+            except OSError:
+                pass
+
+    def _read_stream(self, stream: Any, name: str) -> None:
+        tail = self.stderr_tail if name == "stderr" else None
+        for raw in iter(stream.readline, b""):
+            if tail is not None:
+                tail.append(raw[:4096])
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.post(make_event("log", rank=-1, stream=name, message=text, level="stderr" if tail else "stdout"))
+        stream.close()
+
+    # -- the end -----------------------------------------------------------------------------
+    def _stderr_text(self) -> str:
+        data = b"".join(self.stderr_tail)[-STDERR_TAIL_BYTES:]
+        return data.decode("utf-8", "replace")
+
+    def _classify(self, rc: int) -> tuple[str, str | None]:
+        tail = b"".join(self.stderr_tail)
+        if self._cancelled_by_user:
+            return "cancelled", "cancelled by the user"
+        if self._timed_out:
+            return "timeout", f"timed out after {self.timeout:g} s"
+        if rc == 0:
+            return "ok", None
+        if "oom" in self._error_kinds or OOM_PATTERNS.search(tail):
+            return "oom", "out of memory"
+        if rc < 0:
+            sig = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+            after = _oom_kills()
+            if -rc == signal.SIGKILL and after is not None and self._oom_before is not None and after > self._oom_before:
+                return "oom", "killed by the host out-of-memory killer"
+            return "killed", f"killed by {sig}"
+        last = next((ln for ln in reversed(self._stderr_text().splitlines()) if ln.strip()), "")
+        return "failed", f"exit status {rc}" + (f": {last.strip()[:300]}" if last else "")
+
+    def _finish(self, status: str, rc: int | None, message: str | None) -> RunResult:
+        ended = time.time()
+        channel = {
+            "events": sum(d.good_lines for d in self._decoders),
+            "bad_lines": sum(d.bad_lines for d in self._decoders),
+            "connections": len(self._decoders),
+        }
+        error = None if status == "ok" else {"message": message, "stderr_tail": self._stderr_text()}
+        with self._lock:
+            assert self._journal is not None and self._builder is not None
+            self._journal.write(journal_footer(status, rc, ended, error, channel))
+            self._journal.close()
+            record = self._builder.finish(status, rc, ended, error, channel)
+            self._journal = None
+        path = record_path(self.out_dir, self.run_id)
+        atomic_write(path, dumps(record))
+        try:
+            journal_path(self.out_dir, self.run_id).unlink()
+        except OSError:
+            pass
+        return RunResult(self.run_id, status, rc, path, record)

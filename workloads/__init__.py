@@ -1,0 +1,1 @@
+"""Workloads btune launches; each runs as `python -m workloads.NAME`."""

@@ -1,0 +1,148 @@
+"""The measured step loop every workload shares: device choice, timing, stop rules, step events.
+
+Step time on a GPU comes from CUDA events around the step, read one step late so the host never
+waits for the device between steps; on CPU it is the host clock (the work is synchronous).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tuner.protocol import Emitter
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class SetupError(Exception):
+    """A configuration this machine cannot run; the message is one line."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when a GPU is visible, else cpu; ``cuda`` without a GPU is a SetupError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SetupError("--device cuda: no CUDA GPU is visible to torch")
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def memory_fields(device: torch.device) -> dict[str, float]:
+    """torch allocator figures in MiB (GPU only)."""
+    if device.type != "cuda":
+        return {}
+    mib = 1024 * 1024
+    return {
+        "mem_alloc_mb": torch.cuda.memory_allocated(device) / mib,
+        "mem_reserved_mb": torch.cuda.memory_reserved(device) / mib,
+        "mem_peak_mb": torch.cuda.max_memory_allocated(device) / mib,
+    }
+
+
+@dataclass
+class LoopSpec:
+    """When to stop: ``warmup`` unmeasured steps, then ``steps`` steady steps and/or ``duration`` seconds."""
+
+    warmup: int
+    steps: int
+    duration: float
+
+    def done(self, steady_steps: int, steady_seconds: float) -> bool:
+        if self.steps and steady_steps >= self.steps:
+            return True
+        return bool(self.duration) and steady_seconds >= self.duration
+
+
+def run_steps(
+    em: Emitter,
+    device: torch.device,
+    spec: LoopSpec,
+    step_fn: Callable[[int], torch.Tensor | None],
+    tokens_per_step: int,
+    extra: Callable[[int], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run ``step_fn(i)`` until ``spec`` says stop; emit one ``step`` event per step.
+
+    ``step_fn`` returns a scalar tensor (a loss) or None; it is read after the step's timing ends.
+    The first step is flagged ``first`` (it includes compilation when compiled). Returns counts and
+    whether the loop was interrupted (SIGINT: the console's cancel).
+    """
+    cuda = device.type == "cuda"
+    pending: tuple[int, Any, Any, float, torch.Tensor | None] | None = None
+    steady_steps = 0
+    steady_seconds = 0.0
+    first_ms: float | None = None
+    interrupted = False
+    i = 0
+
+    def report(item: tuple[int, Any, Any, float, torch.Tensor | None]) -> float:
+        nonlocal steady_steps, steady_seconds, first_ms
+        idx, start, end, t0, loss = item
+        if cuda:
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            ms = (end - t0) * 1000.0
+        warm = idx < spec.warmup
+        fields: dict[str, Any] = {"warmup": warm}
+        if idx == 0:
+            fields["first"] = True
+            first_ms = ms
+        if loss is not None:
+            fields["loss"] = float(loss.detach().float().item())
+        fields.update(memory_fields(device))
+        if extra is not None:
+            fields.update(extra(idx))
+        em.step(idx, ms, tokens_per_step, **fields)
+        if not warm:
+            steady_steps += 1
+            steady_seconds += ms / 1000.0
+        return ms
+
+    try:
+        while True:
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                loss = step_fn(i)
+                end.record()
+                item = (i, start, end, 0.0, loss)
+            else:
+                t0 = time.perf_counter()
+                loss = step_fn(i)
+                item = (i, None, time.perf_counter(), t0, loss)
+            if pending is not None:
+                report(pending)
+            pending = item
+            i += 1
+            if i > spec.warmup and spec.done(i - spec.warmup, steady_seconds):
+                break
+        report(pending)
+        pending = None
+    except KeyboardInterrupt:
+        interrupted = True
+        print("btune: interrupted; stopping after the last complete step", file=sys.stderr)
+    return {"steps": i, "steady_steps": steady_steps, "steady_seconds": steady_seconds, "first_step_ms": first_ms,
+            "interrupted": interrupted}
