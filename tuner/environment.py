@@ -40,10 +40,11 @@ def collect(gpu_inventory: dict[str, Any] | None = None) -> dict[str, Any]:
         "env": {k: os.environ[k] for k in _SAFE_ENV if k in os.environ},
     }
     inv = gpu_inventory or {}
-    env["gpus"] = inv.get("gpus", [])
+    env["gpus"] = inv.get("devices", [])
     env["gpu_count"] = len(env["gpus"])
-    env["driver"] = inv.get("driver")
-    env["cuda_driver"] = inv.get("cuda_driver")
-    if inv.get("note"):
-        env["gpu_note"] = inv["note"]
+    env["driver"] = inv.get("driver_version")
+    env["nvml"] = inv.get("nvml_version")
+    env["cuda_driver"] = inv.get("cuda_driver_version")
+    if not inv.get("available", False):
+        env["gpu_note"] = inv.get("reason") or inv.get("note") or "no GPU inventory"
     return env
