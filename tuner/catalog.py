@@ -16,4 +16,4 @@ def get(name: str) -> WorkloadSpec:
         raise OptionError(f"unknown workload {name!r}; available: {', '.join(WORKLOADS)}") from None
 
 
-__all__ = ["WORKLOADS", "get", "Option", "OptionError", "WorkloadSpec", "parse_args", "to_argv", "validate"]
+__all__ = ["WORKLOADS", "Option", "OptionError", "WorkloadSpec", "get", "parse_args", "to_argv", "validate"]

@@ -227,4 +227,4 @@ def tui_main(argv: Sequence[str] | None = None) -> int:
     return _guarded(_tui, sys.argv[1:] if argv is None else argv)
 
 
-__all__ = ["main", "tui_main", "RunConfig", "SCHEMA_VERSION"]
+__all__ = ["SCHEMA_VERSION", "RunConfig", "main", "tui_main"]

@@ -41,6 +41,13 @@ class RunConfig:
         return shlex.join(self.argv)
 
 
+def visible_gpus() -> list[dict[str, Any]]:
+    """GPUs NVML can see (none where NVML cannot run)."""
+    from tuner.telemetry import NvmlSampler
+
+    return NvmlSampler(lambda _e: None).inventory().get("devices", [])
+
+
 def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float = 0.0,
                  sample_hz: float = 10.0, python: str | None = None) -> RunConfig:
     """Validate options against the catalog (raises OptionError/LaunchError) and build the argv."""
@@ -50,6 +57,8 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
         raise LaunchError("--timeout must be >= 0")
     if not 0 < sample_hz <= 100:
         raise LaunchError(f"--sample-hz {sample_hz:g}: expected a number in (0, 100]")
+    if options.get("device") == "cuda" and not visible_gpus():
+        raise LaunchError("--device cuda: no NVIDIA GPU is visible (NVML found none); use --device cpu or auto")
     argv = (python or sys.executable, "-m", spec.module, *catalog.to_argv(spec, options))
     return RunConfig(workload, options, argv, timeout, sample_hz, spec.defaults())
 
@@ -139,26 +148,27 @@ def execute(config: RunConfig, out_dir: Path, json_lines: bool = False, telemetr
     if not json_lines:
         print(f"btune: {config.command_line}", file=out)
     runner.start()
-    result: RunResult | None = None
-    waiter = threading.Thread(target=lambda: None)
+    done = threading.Event()
+    holder: dict[str, RunResult] = {}
+
+    def wait_run() -> None:
+        holder["r"] = runner.wait()
+        done.set()
+
+    threading.Thread(target=wait_run, daemon=True, name="btune-wait").start()
     try:
-        holder: dict[str, RunResult] = {}
-        waiter = threading.Thread(target=lambda: holder.setdefault("r", runner.wait()), daemon=True)
-        waiter.start()
-        while waiter.is_alive():
+        while not done.wait(0.25):
             status.tick()
-            waiter.join(0.25)
-        result = holder["r"]
     except KeyboardInterrupt:
         runner.cancel()
-        print("\nbtune: cancelling (Ctrl+C again is ignored until the record is written)", file=sys.stderr)
+        print("\nbtune: cancelling; the record is still written", file=sys.stderr)
         while True:
             try:
-                waiter.join()
+                done.wait()
                 break
             except KeyboardInterrupt:
                 continue
-        result = runner.wait()
+    result = holder["r"]
     status.done()
     if not json_lines:
         from tuner.report import show

@@ -113,6 +113,8 @@ class Runner:
         self._timed_out = False
         self._error_kinds: set[str] = set()
         self._result: RunResult | None = None
+        self._wait_lock = threading.Lock()
+        self._early: list[tuple[dict[str, Any], bytes | None]] | None = []
 
     # -- subscribers -------------------------------------------------------------------------
     def subscribe(self, fn: Subscriber) -> None:
@@ -123,6 +125,8 @@ class Runner:
         with self._lock:
             journal, builder = self._journal, self._builder
             if journal is None or builder is None:
+                if self._result is None and self._early is not None:  # before start(): kept for the journal
+                    self._early.extend(batch)
                 return
             for event, raw in batch:
                 journal.write_line(raw if raw is not None else encode(event))
@@ -152,7 +156,8 @@ class Runner:
         self._journal = Journal(journal_path(self.out_dir, self.run_id))
         self._builder = RecordBuilder(self.run_id, self.started, self.config, self.environment)
         self._journal.write(journal_header(self.run_id, self.started, self.config, self.environment))
-        self._journal.flush()
+        early, self._early = self._early or [], None
+        self._dispatch(early)
 
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(self._sockpath)
@@ -199,9 +204,13 @@ class Runner:
         return self.wait()
 
     def wait(self) -> RunResult:
-        """Block until the run ends and its record is written."""
-        if self._result is not None:
+        """Block until the run ends and its record is written (safe to call from several threads)."""
+        with self._wait_lock:
+            if self._result is None:
+                self._result = self._wait()
             return self._result
+
+    def _wait(self) -> RunResult:
         proc = self.proc
         assert proc is not None, "start() first"
         deadline = self.started + self.timeout if self.timeout else None
@@ -222,8 +231,7 @@ class Runner:
         if self.telemetry is not None:
             self.telemetry.stop()
         status, message = self._classify(rc)
-        self._result = self._finish(status, rc, message)
-        return self._result
+        return self._finish(status, rc, message)
 
     def _kill_group(self, proc: subprocess.Popen[bytes], sig: int) -> None:
         try:
@@ -319,7 +327,8 @@ class Runner:
         if rc < 0:
             sig = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
             after = _oom_kills()
-            if -rc == signal.SIGKILL and after is not None and self._oom_before is not None and after > self._oom_before:
+            before = self._oom_before
+            if -rc == signal.SIGKILL and after is not None and before is not None and after > before:
                 return "oom", "killed by the host out-of-memory killer"
             return "killed", f"killed by {sig}"
         last = next((ln for ln in reversed(self._stderr_text().splitlines()) if ln.strip()), "")

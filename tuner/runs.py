@@ -222,7 +222,23 @@ def orphan_journals(directory: Path) -> list[Path]:
 
 
 __all__ = [
-    "SCHEMA_VERSION", "RECORD_SCHEMA_VERSION", "RunFileError", "RunsDirError", "Journal", "atomic_write",
-    "load_record", "validate_record", "runs_dir", "ensure_writable", "new_run_id", "read_journal",
-    "record_path", "journal_path", "resolve_run", "list_runs", "orphan_journals", "iso_utc", "dumps",
+    "RECORD_SCHEMA_VERSION",
+    "SCHEMA_VERSION",
+    "Journal",
+    "RunFileError",
+    "RunsDirError",
+    "atomic_write",
+    "dumps",
+    "ensure_writable",
+    "iso_utc",
+    "journal_path",
+    "list_runs",
+    "load_record",
+    "new_run_id",
+    "orphan_journals",
+    "read_journal",
+    "record_path",
+    "resolve_run",
+    "runs_dir",
+    "validate_record",
 ]

@@ -79,9 +79,9 @@ class Option:
             raise OptionError(f"{self.flag}: {raw!r} is not valid; expected {self.describe_allowed()}") from None
         if self.choices is not None and value not in self.choices:
             raise OptionError(f"{self.flag}: {raw!r} is not allowed; expected {self.describe_allowed()}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-                raise OptionError(f"{self.flag}: {raw!r} is out of range; expected {self.describe_allowed()}")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and ((self.min is not None and value < self.min) or (self.max is not None and value > self.max)):
+            raise OptionError(f"{self.flag}: {raw!r} is out of range; expected {self.describe_allowed()}")
         return value
 
 
@@ -195,7 +195,7 @@ def to_argv(spec: WorkloadSpec, values: Mapping[str, Any]) -> list[str]:
     argv: list[str] = []
     for opt in spec.all_options():
         value = values.get(opt.dest, opt.default)
-        if value is None or value == opt.default and opt.name != "preset":
+        if value is None or (value == opt.default and opt.name != "preset"):
             continue
         if opt.type is bool:
             if value:

@@ -19,7 +19,8 @@ DENSE = WorkloadSpec(
     default_preset="tiny",
     cpu_preset="tiny",
     options=(
-        Option("mode", str, "train", "train: fwd+bwd+AdamW; prefill: no-grad forward; decode: 1 token/step with KV cache",
+        Option("mode", str, "train",
+               "train: fwd+bwd+AdamW; prefill: no-grad forward; decode: 1 token/step against a KV cache",
                ("train", "prefill", "decode"), group="shape"),
         Option("batch-size", int, 0, "sequences per step (0: the preset's)", min=0, max=65536, group="shape"),
         Option("seq-len", int, 0, "tokens per sequence, or KV context in decode (0: the preset's)", min=0,

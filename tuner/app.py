@@ -1,0 +1,103 @@
+"""btune-tui: the Textual app. Global bindings only; the screens do the work.
+
+``run_app`` is what ``btune-tui`` calls (tuner.cli). NO_COLOR and ``--no-color`` give a monochrome app.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+
+from tuner.launch import RunConfig
+from tuner.screens.base import BtuneScreen
+from tuner.screens.commands import ScreenCommands
+from tuner.screens.dialogs import ConfirmScreen, HelpScreen, bindings_text
+from tuner.screens.launch import LaunchScreen
+from tuner.screens.live import LiveScreen
+from tuner.screens.machine import Machine
+from tuner.screens.runs import RunsScreen
+
+MAX_REFRESH_HZ = 60.0
+
+
+class BtuneApp(App[int]):
+    """Launch, watch, replay and compare runs."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "btune"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark,f1", "help", "Help"),
+    ]
+    COMMANDS = App.COMMANDS | {ScreenCommands}
+
+    def __init__(self, runs_dir: Path, refresh_hz: float = 4.0, *, machine: Machine | None = None,
+                 python: str | None = None, telemetry: bool = True, nvml: Any = None) -> None:
+        """``machine`` skips GPU detection and ``python`` sets the interpreter in the argv (tests)."""
+        super().__init__()
+        self.runs_dir = Path(runs_dir)
+        self.refresh_hz = refresh_hz
+        self.machine = machine
+        self.python = python
+        self.telemetry = telemetry
+        self.nvml = nvml
+
+    def get_default_screen(self) -> Screen[Any]:
+        return LaunchScreen()
+
+    # -- navigation ----------------------------------------------------------------------------
+    def live_screen(self) -> LiveScreen | None:
+        """The live screen whose run has not ended, if any."""
+        return next((s for s in self.screen_stack if isinstance(s, LiveScreen) and s.is_live), None)
+
+    def launch(self, config: RunConfig) -> None:
+        """Start ``config`` on a new live screen (one live run at a time)."""
+        if self.live_screen() is not None:
+            self.notify("a run is already live", severity="warning")
+            return
+        self.push_screen(LiveScreen(config, self.runs_dir, self.refresh_hz, self.telemetry, self.nvml))
+
+    def action_runs(self) -> None:
+        """Show the runs directory."""
+        self.push_screen(RunsScreen(self.runs_dir))
+
+    def action_help(self) -> None:
+        """Help for the current screen."""
+        screen = self.screen
+        if isinstance(screen, HelpScreen):
+            return
+        text = screen.HELP if isinstance(screen, BtuneScreen) else ""
+        self.push_screen(HelpScreen(f"btune · {type(screen).__name__.removesuffix('Screen').lower()}", text,
+                                    bindings_text(screen)))
+
+    async def action_quit(self) -> None:
+        """Quit; while a run is live, ask first, then cancel it and wait for its record."""
+        live = self.live_screen()
+        if live is None:
+            self.exit(0)
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                live.cancel_and_quit()
+                self.notify("cancelling the run; btune quits when its record is written")
+
+        self.push_screen(ConfirmScreen("A run is live. Cancel it and quit? (its record is kept)"), answer)
+
+
+def run_app(runs_dir: Path, refresh_hz: float = 4.0, no_color: bool = False) -> int:
+    """Run the app in the terminal until it quits; returns the exit status."""
+    from tuner.cli import CliError
+
+    if not 0 < refresh_hz <= MAX_REFRESH_HZ:
+        raise CliError(f"btune-tui: --refresh {refresh_hz:g}: expected a number in (0, {MAX_REFRESH_HZ:g}]")
+    if no_color:
+        os.environ["NO_COLOR"] = "1"  # Textual reads it when the app is created
+    app = BtuneApp(runs_dir, refresh_hz)
+    app.run()
+    return int(app.return_code or 0)

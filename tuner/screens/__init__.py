@@ -1,0 +1,1 @@
+"""The app's screens: launch, live, runs (history), replay, compare, and small dialogs."""

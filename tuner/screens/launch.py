@@ -1,0 +1,180 @@
+"""Launch screen: pick a workload, fill its form (built from the catalog), see the exact command, launch."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Button, Footer, OptionList, Static
+from textual.widgets.option_list import Option as ListOption
+
+from tuner import catalog
+from tuner.launch import LaunchError, RunConfig, build_config
+from tuner.screens.base import BtuneScreen, Command
+from tuner.screens.machine import Machine, detect
+from tuner.widgets.option_form import OptionForm
+from workloads.options import OptionError
+
+if TYPE_CHECKING:
+    from tuner.app import BtuneApp
+
+
+class MachineDetected(Message):
+    """The GPU inventory arrived (from a thread worker)."""
+
+    def __init__(self, machine: Machine) -> None:
+        super().__init__()
+        self.machine = machine
+
+
+class LaunchScreen(BtuneScreen):
+    """Workloads, their options, the command line; Ctrl+R launches."""
+
+    HELP = ("Choose a workload on the left (up/down), then set its options (Tab moves between fields). "
+            "The line at the bottom is the exact command that will run. Options that do not apply, or that "
+            "this machine cannot run, are disabled with the reason. Ctrl+R (or F5) launches; F2 lists past runs.")
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+r,f5", "launch", "Launch"),
+        Binding("f2", "runs", "Runs"),
+    ]
+
+    app: BtuneApp  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec = next(iter(catalog.WORKLOADS.values()))
+        self.form: OptionForm | None = None
+        self.config: RunConfig | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("btune · detecting GPUs…", id="machine")
+        with Horizontal(id="launch-body"):
+            yield OptionList(*[self._workload_item(name) for name in catalog.WORKLOADS], id="workloads")
+            with Vertical(id="form-area"):
+                yield Static("", id="workload-info")
+                yield Static("", id="opt-help")
+        with Horizontal(id="launch-bar"):
+            yield Button("Launch ^R", id="launch", variant="success", disabled=True, compact=True)
+            yield Static("", id="command")
+        yield Footer()
+
+    @staticmethod
+    def _workload_item(name: str) -> ListOption:
+        return ListOption(Text(name, style="bold"), id=name)
+
+    def on_mount(self) -> None:
+        if self.app.machine is None:
+            self._detect()
+        else:
+            self._show_machine()
+
+    @work(thread=True, exit_on_error=False)
+    def _detect(self) -> None:
+        self.post_message(MachineDetected(detect()))
+
+    def on_machine_detected(self, message: MachineDetected) -> None:
+        self.app.machine = message.machine
+        self._show_machine()
+
+    def _show_machine(self) -> None:
+        machine = self.app.machine
+        assert machine is not None
+        self.query_one("#machine", Static).update(Text.assemble(("btune", "bold"), f" · {machine.describe()}"))
+        self._build_form()
+
+    def _build_form(self) -> None:
+        machine = self.app.machine
+        if machine is None:
+            return
+        if self.form is not None:
+            self.form.remove()
+        spec = self.spec
+        self.query_one("#workload-info", Static).update(Text.assemble((spec.name, "bold"), "  ", spec.description))
+        self.query_one("#opt-help", Static).update(
+            Text(f"presets: {', '.join(spec.presets)}. Tab moves between fields; Ctrl+R launches.", style="dim"))
+        self.form = OptionForm(spec, machine, id="form")
+        self.query_one("#form-area").mount(self.form, before="#opt-help")
+        self.call_after_refresh(self.update_command)
+
+    @on(OptionList.OptionHighlighted, "#workloads")
+    def _pick(self, event: OptionList.OptionHighlighted) -> None:
+        name = event.option.id or ""
+        if name in catalog.WORKLOADS and catalog.WORKLOADS[name] is not self.spec:
+            self.spec = catalog.WORKLOADS[name]
+            self._build_form()
+
+    @on(OptionList.OptionSelected, "#workloads")
+    def _enter_form(self) -> None:
+        if self.form is not None:
+            self.form.focus_option(self.form.options[0].name)
+
+    @on(OptionForm.Changed)
+    def _form_changed(self) -> None:
+        self.update_command()
+
+    @on(OptionForm.Focused)
+    def _field_help(self, message: OptionForm.Focused) -> None:
+        opt = message.opt
+        self.query_one("#opt-help", Static).update(
+            Text.assemble((opt.flag, "bold"), f"  {opt.help} ", (f"[{opt.describe_allowed()}; default {opt.default}]",
+                                                               "dim")))
+
+    def update_command(self) -> None:
+        """Rebuild the RunConfig from the form and show its command line (or why it cannot run)."""
+        command = self.query_one("#command", Static)
+        button = self.query_one("#launch", Button)
+        self.config = None
+        if self.form is None or not self.form.is_mounted:
+            return
+        values, errors = self.form.collect()
+        if errors:
+            command.update(Text("\n".join(errors.values()), style="bold red"))
+            button.disabled = True
+            return
+        try:
+            self.config = build_config(self.spec.name, values, python=self.app.python)
+        except (OptionError, LaunchError) as exc:
+            command.update(Text(str(exc), style="bold red"))
+            button.disabled = True
+            return
+        command.update(Text.assemble(("$ ", "bold"), self.config.command_line))
+        button.disabled = False
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "launch":
+            self.action_launch()
+
+    def action_launch(self) -> None:
+        """Launch the configured run on the live screen."""
+        self.update_command()
+        if self.config is None:
+            self.notify("fix the options shown in red first", severity="error")
+            return
+        self.app.launch(self.config)
+
+    def action_runs(self) -> None:
+        self.app.action_runs()
+
+    def commands(self) -> list[Command]:
+        out: list[Command] = []
+        if self.form is not None:
+            for opt in self.form.options:
+                out.append((f"Set {opt.flag}", opt.help, partial(self.form.focus_option, opt.name)))
+        for name, spec in catalog.WORKLOADS.items():
+            out.append((f"Workload {name}", spec.description, partial(self._select_workload, name)))
+        return out
+
+    def _select_workload(self, name: str) -> None:
+        listing = self.query_one("#workloads", OptionList)
+        listing.highlighted = listing.get_option_index(name)
+
+    def set_option(self, name: str, value: Any) -> None:
+        """Set a form field (tests and scripts)."""
+        assert self.form is not None
+        self.form.set_value(name, value)

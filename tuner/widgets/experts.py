@@ -1,0 +1,74 @@
+"""Expert balance panel (MoE): a layer × expert heat map of token counts and Gini/MaxVio/entropy history.
+
+Shown only once ``experts`` events arrive. A cell's shade and colour say the expert's load over the
+layer's mean (1.0 = balanced); when experts outnumber columns, each cell shows the hottest of its group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.text import Text
+
+from tuner.report import fmt
+from tuner.widgets.charts import heat_cell, spark
+from tuner.widgets.feed import FeedView
+from tuner.widgets.panel import Panel, dim, row
+
+MAX_ROWS = 12
+
+
+def layer_ratios(counts: list[Any], columns: int) -> tuple[list[float | None], int]:
+    """Load over the layer mean per cell, and experts per cell (hottest of each group)."""
+    xs = [float(c) if isinstance(c, (int, float)) else 0.0 for c in counts]
+    if not xs:
+        return [], 1
+    mean = sum(xs) / len(xs)
+    group = max(1, math.ceil(len(xs) / max(1, columns)))
+    cells: list[float | None] = []
+    for i in range(0, len(xs), group):
+        chunk = xs[i:i + group]
+        cells.append(max(chunk) / mean if mean > 0 else None)
+    return cells, group
+
+
+def _agg(values: Any) -> str:
+    xs = [v for v in values or () if isinstance(v, (int, float))]
+    return f"{fmt(sum(xs) / len(xs))} (max {fmt(max(xs))})" if xs else "-"
+
+
+class ExpertsPanel(Panel):
+    """Heat map of the latest expert counts and balance metrics over time."""
+
+    TITLE = "expert balance"
+
+    def show(self, view: FeedView) -> None:
+        self.display = view.experts_seen > 0
+        if self.display:
+            super().show(view)
+
+    def render_view(self, view: FeedView, width: int) -> list[Text]:
+        ev = view.experts or {}
+        layers = ev.get("layers") or []
+        lines: list[Text] = []
+        group = 1
+        n_experts = max((len(c) for c in layers if isinstance(c, list)), default=0)
+        cell_width = max(1, min(3, (width - 5) // max(1, n_experts)))
+        for i, counts in enumerate(layers[:MAX_ROWS]):
+            cells, group = layer_ratios(counts if isinstance(counts, list) else [], (width - 5) // cell_width)
+            line = Text(f"L{i:<3} ")
+            for cell in cells:
+                line.append_text(heat_cell(cell, cell_width))
+            lines.append(line)
+        if len(layers) > MAX_ROWS:
+            lines.append(dim(f"… {len(layers) - MAX_ROWS} more layers"))
+        per = f", {group} experts per cell (hottest)" if group > 1 else ""
+        lines.append(dim(f"{len(layers)} layers × {n_experts} experts{per}; shade = load / layer mean"))
+        lines.append(row(f"gini {_agg(ev.get('gini'))}  maxvio {_agg(ev.get('max_vio'))}  "
+                         f"entropy {_agg(ev.get('entropy'))}"))
+        chart = max(1, width - 9)
+        hist = view.experts_history
+        for name, idx, style in (("gini    ", 0, "magenta"), ("maxvio  ", 1, "red"), ("entropy ", 2, "green")):
+            lines.append(row(Text(name, style="bold"), Text(spark([h[idx] for h in hist], chart), style=style)))
+        return lines

@@ -1,0 +1,216 @@
+"""RunFeed: thread-safe ring buffers of one run's events, and the FeedView panels render from.
+
+The runner calls the feed from its threads with every event; the feed only files the event into
+bounded buffers under a lock (no rendering, no messages). The UI takes a ``view()`` copy at its
+refresh rate, so the cost of drawing does not depend on the event rate.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+Event = dict[str, Any]
+
+
+@dataclass
+class FeedView:
+    """A consistent copy of a feed's buffers at one moment (what panels draw)."""
+
+    version: int = 0
+    received: int = 0
+    t_first: float | None = None
+    t_last: float | None = None
+    meta: Event | None = None
+    steps: list[Event] = field(default_factory=list)
+    steps_seen: int = 0
+    tokens_total: int = 0
+    gpus: dict[int, list[Event]] = field(default_factory=dict)
+    energy: dict[int, tuple[tuple[float, float], tuple[float, float]]] = field(default_factory=dict)
+    energy_tokens: float = 0.0
+    host: list[Event] = field(default_factory=list)
+    experts: Event | None = None
+    experts_history: list[tuple[float | None, float | None, float | None]] = field(default_factory=list)
+    experts_seen: int = 0
+    requests: list[tuple[Any, Any, Any]] = field(default_factory=list)
+    requests_seen: int = 0
+    logs: list[tuple[int, str, str]] = field(default_factory=list)
+    log_seq: int = 0
+    notes: list[str] = field(default_factory=list)
+    errors: list[Event] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+
+
+def _mean(values: Any) -> float | None:
+    xs = [float(v) for v in values or () if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(xs) / len(xs) if xs else None
+
+
+class RunFeed:
+    """Bounded buffers of one run, filled from any thread by calling the feed with an event."""
+
+    def __init__(self, history: int = 240, gpu_history: int = 120, requests: int = 2000, logs: int = 300) -> None:
+        self._lock = threading.Lock()
+        self._history = history
+        self.version = 0
+        self.received = 0
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.meta: Event | None = None
+        self._steps: OrderedDict[Any, Event] = OrderedDict()
+        self.steps_seen = 0
+        self.tokens_total = 0
+        self._gpu_history = gpu_history
+        self._gpus: dict[int, deque[Event]] = {}
+        self._energy_first: dict[int, tuple[float, float]] = {}
+        self._energy_last: dict[int, tuple[float, float]] = {}
+        self._energy_tokens = 0.0
+        self._host: deque[Event] = deque(maxlen=gpu_history)
+        self._experts: Event | None = None
+        self._experts_hist: deque[tuple[float | None, float | None, float | None]] = deque(maxlen=history)
+        self.experts_seen = 0
+        self._requests: deque[tuple[Any, Any, Any]] = deque(maxlen=requests)
+        self.requests_seen = 0
+        self._logs: deque[tuple[int, str, str]] = deque(maxlen=logs)
+        self._log_seq = 0
+        self._notes: list[str] = []
+        self._errors: list[Event] = []
+        self.summary: dict[str, Any] | None = None
+
+    # -- filing (runner threads) ---------------------------------------------------------------
+    def __call__(self, ev: Event) -> None:
+        """File one event; cheap and thread-safe."""
+        kind = ev.get("type")
+        with self._lock:
+            self.version += 1
+            self.received += 1
+            t = ev.get("t")
+            if isinstance(t, (int, float)):
+                if self.t_first is None:
+                    self.t_first = t
+                if self.t_last is None or t > self.t_last:
+                    self.t_last = t
+            handler = _HANDLERS.get(kind)  # type: ignore[arg-type]
+            if handler is not None:
+                handler(self, ev)
+
+    def _step(self, ev: Event) -> None:
+        idx = ev.get("step")
+        row = self._steps.get(idx)
+        ms = ev.get("step_ms")
+        if row is None:
+            self.steps_seen += 1
+            tokens = ev.get("tokens")
+            if isinstance(tokens, int):
+                self.tokens_total += tokens
+                if self._energy_first:
+                    self._energy_tokens += tokens
+            self._steps[idx] = dict(ev)
+            if len(self._steps) > self._history:
+                self._steps.popitem(last=False)
+        elif isinstance(ms, (int, float)) and ms > (row.get("step_ms") or 0):
+            row["step_ms"] = ms  # another rank of the same step: the slowest rank's time counts
+
+    def _gpu(self, ev: Event) -> None:
+        idx = ev.get("gpu")
+        if not isinstance(idx, int):
+            return
+        buf = self._gpus.get(idx)
+        if buf is None:
+            buf = self._gpus[idx] = deque(maxlen=self._gpu_history)
+        buf.append(ev)
+
+    def _energy(self, ev: Event) -> None:
+        idx, mj, t = ev.get("gpu"), ev.get("mj"), ev.get("t")
+        if isinstance(idx, int) and isinstance(mj, (int, float)) and isinstance(t, (int, float)):
+            self._energy_first.setdefault(idx, (t, float(mj)))
+            self._energy_last[idx] = (t, float(mj))
+
+    def _host_ev(self, ev: Event) -> None:
+        self._host.append(ev)
+
+    def _experts_ev(self, ev: Event) -> None:
+        self.experts_seen += 1
+        self._experts = ev
+        self._experts_hist.append((_mean(ev.get("gini")), _mean(ev.get("max_vio")), _mean(ev.get("entropy"))))
+
+    def _request(self, ev: Event) -> None:
+        self.requests_seen += 1
+        self._requests.append((ev.get("ttft_ms"), ev.get("tpot_ms"), ev.get("e2e_ms")))
+
+    def _log(self, ev: Event) -> None:
+        self._add_log(str(ev.get("stream") or ev.get("level") or "log"), str(ev.get("message", "")))
+
+    def _add_log(self, kind: str, text: str) -> None:
+        self._log_seq += 1
+        self._logs.append((self._log_seq, kind, text))
+
+    def _meta(self, ev: Event) -> None:
+        if self.meta is None or ev.get("rank", 0) < self.meta.get("rank", 0):
+            self.meta = ev
+
+    def _error(self, ev: Event) -> None:
+        self._errors.append(ev)
+        self._add_log("error", f"{ev.get('kind', 'error')}: {ev.get('message', '')}")
+
+    def _note(self, ev: Event) -> None:
+        message = str(ev.get("message", ""))
+        self._notes.append(message)
+        self._add_log("note", message)
+
+    # -- reading (UI thread) -------------------------------------------------------------------
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Attach the run's final summary (computed by the core from the raw record)."""
+        with self._lock:
+            self.summary = summary
+            self.version += 1
+
+    def add_line(self, kind: str, text: str) -> None:
+        """Add a console line to the log tail (``kind``: error, note, stdout, stderr)."""
+        with self._lock:
+            self.version += 1
+            self._add_log(kind, text)
+
+    def view(self) -> FeedView:
+        """A copy of everything panels need, taken under the lock."""
+        with self._lock:
+            return FeedView(
+                version=self.version,
+                received=self.received,
+                t_first=self.t_first,
+                t_last=self.t_last,
+                meta=self.meta,
+                steps=list(self._steps.values()),
+                steps_seen=self.steps_seen,
+                tokens_total=self.tokens_total,
+                gpus={k: list(v) for k, v in sorted(self._gpus.items())},
+                energy={k: (self._energy_first[k], v) for k, v in self._energy_last.items()},
+                energy_tokens=self._energy_tokens,
+                host=list(self._host),
+                experts=self._experts,
+                experts_history=list(self._experts_hist),
+                experts_seen=self.experts_seen,
+                requests=list(self._requests),
+                requests_seen=self.requests_seen,
+                logs=list(self._logs),
+                log_seq=self._log_seq,
+                notes=list(self._notes),
+                errors=list(self._errors),
+                summary=self.summary,
+            )
+
+
+_HANDLERS = {
+    "step": RunFeed._step,
+    "gpu": RunFeed._gpu,
+    "energy": RunFeed._energy,
+    "host": RunFeed._host_ev,
+    "experts": RunFeed._experts_ev,
+    "request": RunFeed._request,
+    "log": RunFeed._log,
+    "meta": RunFeed._meta,
+    "error": RunFeed._error,
+    "telemetry_note": RunFeed._note,
+}

@@ -1,0 +1,208 @@
+"""OptionForm: a workload's options as form fields, built from the catalog declaration (never hard-coded).
+
+Choices are Selects (choices this machine cannot run are disabled in the list, with the reason),
+numbers and text are Inputs validated by ``Option.convert``, flags are Checkboxes. An option whose
+``when`` condition does not hold is disabled with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
+from textual.validation import ValidationResult, Validator
+from textual.widget import Widget
+from textual.widgets import Checkbox, Input, Label, Select
+from textual.widgets._select import SelectOverlay
+
+from tuner.screens.machine import Machine
+from workloads.options import Option, OptionError, WorkloadSpec
+
+GROUP_TITLES = {"shape": "shape", "run": "run", "knobs": "knobs"}
+
+
+def field_id(opt: Option) -> str:
+    return f"opt-{opt.dest}"
+
+
+def when_reason(opt: Option, values: dict[str, Any]) -> str | None:
+    """Why ``opt`` is not valid with the other values (its ``when`` condition), or None."""
+    for other, allowed in opt.when:
+        if values.get(other.replace("-", "_")) not in allowed:
+            return f"only with --{other} {'/'.join(str(a) for a in allowed)}"
+    return None
+
+
+class OptionValidator(Validator):
+    """Validates an Input's text with the option's own ``convert`` and this machine's limits."""
+
+    def __init__(self, opt: Option, machine: Machine) -> None:
+        super().__init__()
+        self.opt, self.machine = opt, machine
+
+    def validate(self, value: str) -> ValidationResult:
+        if value.strip() == "" and self.opt.default is None:
+            return self.success()
+        try:
+            converted = self.opt.convert(value)
+        except OptionError as exc:
+            return self.failure(str(exc))
+        problem = self.machine.problem(self.opt, converted)
+        return self.failure(f"{self.opt.flag} {converted}: {problem}") if problem else self.success()
+
+
+class ChoiceSelect(Select[Any]):
+    """A compact Select whose unavailable choices stay listed but disabled, with the reason."""
+
+    def __init__(self, opt: Option, value: Any, unavailable: dict[Any, str], **kwargs: Any) -> None:
+        self.unavailable = unavailable
+        items = [(f"{c} ({unavailable[c]})" if c in unavailable else str(c), c) for c in opt.choices or ()]
+        super().__init__(items, value=value, allow_blank=False, compact=True, **kwargs)
+
+    def _setup_options_renderables(self) -> None:
+        super()._setup_options_renderables()
+        overlay = self.query_one(SelectOverlay)
+        for index, (_, value) in enumerate(self._options):
+            if value in self.unavailable:
+                overlay.disable_option_at_index(index)
+
+
+class OptionForm(VerticalScroll):
+    """The form of one workload; posts ``OptionForm.Changed`` on every edit."""
+
+    class Changed(Message):
+        """A field changed; read ``form.collect()``."""
+
+        def __init__(self, form: OptionForm) -> None:
+            super().__init__()
+            self.form = form
+
+    class Focused(Message):
+        """A field got focus (the screen shows its help)."""
+
+        def __init__(self, opt: Option) -> None:
+            super().__init__()
+            self.opt = opt
+
+    def __init__(self, spec: WorkloadSpec, machine: Machine, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec, self.machine = spec, machine
+        self.options = spec.all_options()
+        self.initial = {o.dest: o.default for o in self.options}
+        self.initial["preset"] = machine.default_preset(spec.presets, self.initial["preset"], spec.cpu_preset)
+        self._by_id = {field_id(o): o for o in self.options}
+
+    def compose(self) -> ComposeResult:
+        groups: list[str] = []
+        for opt in self.options:
+            if opt.group not in groups:
+                groups.append(opt.group)
+        for group in groups:
+            yield Label(GROUP_TITLES.get(group, group), classes="form-group")
+            for opt in (o for o in self.options if o.group == group):
+                with Horizontal(classes="option-row"):
+                    yield Label(opt.flag, classes="opt-name")
+                    yield self._control(opt)
+                    yield Label("", classes="opt-note", id=f"note-{opt.dest}")
+
+    def _control(self, opt: Option) -> Widget:
+        value = self.initial[opt.dest]
+        if opt.choices is not None:
+            return ChoiceSelect(opt, value, self.machine.unavailable(opt), id=field_id(opt))
+        if opt.type is bool:
+            return Checkbox("", bool(value), compact=True, id=field_id(opt))
+        text = "" if value is None else str(value)
+        return Input(text, compact=True, id=field_id(opt), validators=[OptionValidator(opt, self.machine)],
+                     validate_on=["changed", "submitted", "blur"])
+
+    def on_mount(self) -> None:
+        self.refresh_state()
+
+    # -- reading -------------------------------------------------------------------------------
+    def raw(self, opt: Option) -> Any:
+        """The field's current value as the widget holds it."""
+        widget = self.query_one(f"#{field_id(opt)}")
+        if isinstance(widget, Select):
+            return widget.selection
+        if isinstance(widget, Checkbox):
+            return widget.value
+        assert isinstance(widget, Input)
+        return None if widget.value.strip() == "" and opt.default is None else widget.value
+
+    def current(self) -> dict[str, Any]:
+        """Every option's converted value (the default where a field does not convert)."""
+        out: dict[str, Any] = {}
+        for opt in self.options:
+            try:
+                out[opt.dest] = opt.convert(self.raw(opt))
+            except OptionError:
+                out[opt.dest] = opt.default
+        return out
+
+    def collect(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """(options to pass to build_config, errors by option); disabled options are left out."""
+        current = self.current()
+        values: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        for opt in self.options:
+            if when_reason(opt, current) is not None:
+                continue
+            try:
+                value = opt.convert(self.raw(opt))
+            except OptionError as exc:
+                errors[opt.dest] = str(exc)
+                continue
+            problem = self.machine.problem(opt, value)
+            if problem:
+                errors[opt.dest] = f"{opt.flag} {value}: {problem}"
+            elif value != opt.default or opt.name == "preset":
+                values[opt.dest] = value
+        return values, errors
+
+    # -- updating ------------------------------------------------------------------------------
+    def refresh_state(self) -> None:
+        """Enable/disable fields by their ``when`` conditions and show each field's note."""
+        current = self.current()
+        _, errors = self.collect()
+        for opt in self.options:
+            reason = when_reason(opt, current)
+            self.query_one(f"#{field_id(opt)}").disabled = reason is not None
+            note = self.query_one(f"#note-{opt.dest}", Label)
+            if reason is not None:
+                note.update(reason)
+                note.set_classes("opt-note -disabled")
+            elif opt.dest in errors:
+                note.update(errors[opt.dest].split(": ", 1)[-1])
+                note.set_classes("opt-note -error")
+            else:
+                note.update("")
+                note.set_classes("opt-note")
+
+    def set_value(self, name: str, value: Any) -> None:
+        """Set a field (tests, commands)."""
+        opt = self.spec.option(name)
+        widget = self.query_one(f"#{field_id(opt)}")
+        if isinstance(widget, Input):
+            widget.value = "" if value is None else str(value)
+        else:
+            widget.value = value  # type: ignore[attr-defined]
+
+    def focus_option(self, name: str) -> None:
+        """Move the focus to a field."""
+        self.query_one(f"#{field_id(self.spec.option(name))}").focus()
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    @on(Checkbox.Changed)
+    def _changed(self, event: Message) -> None:
+        event.stop()
+        self.refresh_state()
+        self.post_message(self.Changed(self))
+
+    def on_descendant_focus(self, event: Any) -> None:
+        opt = self._by_id.get(getattr(event.widget, "id", None) or "")
+        if opt is not None:
+            self.post_message(self.Focused(opt))

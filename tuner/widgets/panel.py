@@ -1,0 +1,54 @@
+"""Panel: the base of every live panel: a bordered Static redrawn from a FeedView at the refresh rate."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from tuner.widgets.feed import FeedView
+
+DEFAULT_WIDTH = 60
+
+
+def row(*parts: str | Text) -> Text:
+    """One line that never wraps: too long, it ends in an ellipsis."""
+    out = Text()
+    for part in parts:
+        out.append(part) if isinstance(part, Text) else out.append(str(part))
+    return out
+
+
+def dim(text: str) -> Text:
+    return Text(text, style="dim")
+
+
+class Panel(Static):
+    """A panel: ``render_view`` returns its lines; ``show`` redraws when the feed has changed."""
+
+    TITLE = ""
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__("", id=id, classes=classes)
+        self.border_title = self.TITLE
+        self._seen: tuple[int, int] | None = None
+
+    @property
+    def inner_width(self) -> int:
+        """Columns available to the panel's text (a guess before the first layout)."""
+        width = self.content_size.width
+        return width if width > 0 else DEFAULT_WIDTH
+
+    def show(self, view: FeedView) -> None:
+        """Redraw from ``view`` if anything (data or width) changed since the last draw."""
+        key = (view.version, self.inner_width)
+        if key == self._seen:
+            return
+        self._seen = key
+        lines = self.render_view(view, self.inner_width)
+        text = Text("\n").join(lines) if lines else dim("waiting for data…")
+        text.no_wrap, text.overflow, text.end = True, "ellipsis", ""
+        self.update(text)
+
+    def render_view(self, view: FeedView, width: int) -> list[Text]:
+        """The panel's lines for ``view`` at ``width`` columns."""
+        raise NotImplementedError
