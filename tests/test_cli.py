@@ -102,11 +102,12 @@ def test_dry_run_prints_the_plan_without_a_record(tmp_path):
 
 
 def test_a_run_that_fails_exits_nonzero_with_the_path_last(tmp_path):
-    res = btune("run", "dense", "--steps", "1", "--attention-backend", "flash", "--out", str(tmp_path))
+    res = btune("run", "dense", "--steps", "100000", "--timeout", "4", "--out", str(tmp_path))
     assert res.returncode == 1
     path = Path(res.stdout.strip().splitlines()[-1])
     rec = load_record(path)
-    assert rec["status"] == "failed" and rec["error"]["stderr_tail"]
+    assert rec["status"] == "timeout" and "timed out after 4 s" in rec["error"]["message"]
+    assert "status    timeout" in res.stdout
 
 
 def test_show_compare_export(tiny_run, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tuner import catalog, runs
+from workloads.options import Machine
 from tuner.report import fmt
 from tuner.runner import Runner, RunResult
 
@@ -41,11 +43,21 @@ class RunConfig:
         return shlex.join(self.argv)
 
 
-def visible_gpus() -> list[dict[str, Any]]:
-    """GPUs NVML can see (none where NVML cannot run)."""
+OPTIONAL_MODULES = ("transformer_engine", "torchao")
+
+
+def probe_machine() -> Machine:
+    """The GPUs NVML can see (none where NVML cannot run) and the optional libraries installed."""
+    import importlib.util
+
     from tuner.telemetry import NvmlSampler
 
-    return NvmlSampler(lambda _e: None).inventory().get("devices", [])
+    gpus = NvmlSampler(lambda _e: None).inventory().get("devices", [])
+    cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cuda_visible is not None and cuda_visible.strip() in ("", "-1"):
+        gpus = []
+    modules = frozenset(m for m in OPTIONAL_MODULES if importlib.util.find_spec(m) is not None)
+    return Machine(tuple(gpus), modules)
 
 
 def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float = 0.0,
@@ -57,8 +69,12 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
         raise LaunchError("--timeout must be >= 0")
     if not 0 < sample_hz <= 100:
         raise LaunchError(f"--sample-hz {sample_hz:g}: expected a number in (0, 100]")
-    if options.get("device") == "cuda" and not visible_gpus():
+    machine = probe_machine()
+    if options.get("device") == "cuda" and not machine.gpus:
         raise LaunchError("--device cuda: no NVIDIA GPU is visible (NVML found none); use --device cpu or auto")
+    problems = spec.checks(options, machine) if spec.checks else []
+    if problems:
+        raise LaunchError(problems[0][1])
     argv = (python or sys.executable, "-m", spec.module, *catalog.to_argv(spec, options))
     return RunConfig(workload, options, argv, timeout, sample_hz, spec.defaults())
 

@@ -228,12 +228,14 @@ class NvmlSampler(_Periodic):
                     self._note(f"gpu {index}: no handle; left out of the inventory")
                     continue
                 mem = _try(nv.nvmlDeviceGetMemoryInfo, handle)
+                cc = _try(getattr(nv, "nvmlDeviceGetCudaComputeCapability", lambda _h: None), handle)
                 info["devices"].append(
                     {
                         "index": index,
                         "name": _text(_try(nv.nvmlDeviceGetName, handle)),
                         "uuid": _text(_try(nv.nvmlDeviceGetUUID, handle)),
                         "mem_total_mb": None if mem is None else mem.total / MIB,
+                        "compute_capability": None if cc is None else f"{cc[0]}.{cc[1]}",
                     }
                 )
             return info

@@ -32,12 +32,11 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     batch = opts["batch_size"] or run_defaults["batch_size"]
     seq = opts["seq_len"] or run_defaults["seq_len"]
     mode = opts["mode"]
-    needed = seq + (1 if mode == "train" else 0) + (1 if mode == "decode" else 0)
+    needed = seq + 1  # train reads seq + 1 tokens; decode writes one position past the context
     if needed > cfg.max_seq_len:
         cfg = replace(cfg, max_seq_len=needed)
     steps = opts["steps"] or (0 if opts["duration"] else run_defaults["steps"])
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    tokens_per_step = batch * (seq if mode != "decode" else 1)
     return {
         "model": asdict(cfg),
         "mode": mode,
@@ -47,24 +46,67 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "duration": opts["duration"],
         "warmup": opts["warmup"],
         "dtype": dtype,
-        "tokens_per_step": tokens_per_step,
+        "tokens_per_step": batch * (seq if mode != "decode" else 1),
         "params": param_counts(cfg),
         "flops_per_token": flops_per_token(cfg, seq, mode),
-        "memory_estimate_bytes": memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype]),
+        "memory_estimate_bytes": memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
+                                                 activation_checkpointing=opts["activation_checkpointing"]),
     }
 
 
 def _dry_run(opts: dict[str, Any]) -> int:
-    device_type = opts["device"]
-    if device_type == "auto":
-        try:
-            import torch
+    device_type, device_bytes, name = opts["device"], None, None
+    try:
+        import torch
 
-            device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:
+        if device_type in ("auto", "cuda") and torch.cuda.is_available():
+            device_type = "cuda"
+            free, device_bytes = torch.cuda.mem_get_info()
+            name = torch.cuda.get_device_name()
+        elif device_type == "auto":
             device_type = "cpu"
-    print(json.dumps(plan(opts, device_type), indent=2))
+    except ImportError:
+        device_type = "cpu" if device_type == "auto" else device_type
+    p = plan(opts, device_type)
+    if device_bytes:
+        need = p["memory_estimate_bytes"]["total"]
+        p["device"] = {"name": name, "memory_bytes": device_bytes, "fits": need < 0.95 * device_bytes,
+                       "note": f"estimate {need / 2**30:.1f} GiB of {device_bytes / 2**30:.1f} GiB"}
+    print(json.dumps(p, indent=2))
     return 0
+
+
+def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The model on ``device`` with the attention kernel, FP8 and compile applied; and what actually ran."""
+    import torch
+
+    from workloads.models import fp8
+    from workloads.models.attention import make_kernel
+    from workloads.models.transformer import Transformer
+
+    cfg = ModelConfig(**p["model"])
+    kernel, attn_reason = make_kernel(
+        opts["attention_backend"], device, dtype, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, seq_len=p["seq_len"] if p["mode"] != "decode" else 1,
+        window=opts["attention_window"] or None, training=p["mode"] == "train",
+    )
+    recipe = None if opts["fp8_recipe"] == "auto" else opts["fp8_recipe"]
+    fp8_choice = fp8.resolve(opts["fp8_mode"], recipe, device)
+    with torch.device(device):
+        model = Transformer(cfg, attention=kernel, activation_checkpointing=opts["activation_checkpointing"])
+    model = model.to(dtype=dtype)
+    autocast = fp8.apply(model, fp8_choice)
+    if p["mode"] != "train":
+        model.eval()
+    fwd = model if opts["compile_mode"] == "none" else torch.compile(model, mode=opts["compile_mode"])
+    ran = {
+        "attention": {"requested": opts["attention_backend"], "reason": attn_reason, "window": kernel.window},
+        "fp8": {"requested": opts["fp8_mode"], "library": fp8_choice.library, "recipe": fp8_choice.recipe,
+                "reason": fp8_choice.reason},
+        "compile": opts["compile_mode"],
+        "activation_checkpointing": opts["activation_checkpointing"],
+    }
+    return model, (fwd, autocast), ran
 
 
 def run(opts: dict[str, Any]) -> int:
@@ -73,37 +115,26 @@ def run(opts: dict[str, Any]) -> int:
 
     import torch
 
-    from workloads.loop import (
-        LoopSpec,
-        SetupError,
-        device_name,
-        resolve_device,
-        resolve_dtype,
-        run_steps,
-    )
-    from workloads.models.transformer import Transformer
+    from workloads.loop import LoopSpec, SetupError, device_name, resolve_device, resolve_dtype, run_steps
+    from workloads.models.kv_cache import KVCache
 
     em = Emitter()
     try:
         device = resolve_device(opts["device"])
         p = plan(opts, device.type)
         dtype = resolve_dtype(p["dtype"], device)
-        if opts["attention_backend"] not in ("auto", "math"):
-            raise SetupError(f"--attention-backend {opts['attention_backend']}: not available yet in this build")
-        if opts["mode"] == "decode":
-            raise SetupError("--mode decode: not available yet in this build")
-    except SetupError as exc:
+        torch.manual_seed(opts["seed"])
+        model, (fwd, autocast), ran = _build(opts, p, device, dtype)
+    except (SetupError, ValueError) as exc:
         em.error(str(exc), kind="config")
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as exc:
+        em.error(f"out of memory building the model: {str(exc).splitlines()[0]}", kind="oom")
+        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
+        return 3
 
-    torch.manual_seed(opts["seed"])
-    cfg = ModelConfig(**p["model"])
-    model = Transformer(cfg).to(device=device, dtype=dtype)
-    mode = p["mode"]
-    if mode != "train":
-        model.eval()
-    fwd = model if opts["compile_mode"] == "none" else torch.compile(model, mode=opts["compile_mode"])
+    cfg, mode = model.cfg, p["mode"]
     batch, seq = p["batch_size"], p["seq_len"]
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
     pool = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device) for _ in range(4)]
@@ -113,33 +144,33 @@ def run(opts: dict[str, Any]) -> int:
 
         def step(i: int) -> torch.Tensor:
             data = pool[i % len(pool)]
-            logits = fwd(data[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), data[:, 1:].flatten())
+            with autocast():
+                logits = fwd(data[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), data[:, 1:].flatten())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
+    elif mode == "prefill":
+
+        def step(i: int) -> None:
+            with torch.inference_mode(), autocast():
+                fwd(pool[i % len(pool)][:, :-1])
     else:
+        cache = KVCache(cfg, batch, seq + 1, device=device, dtype=dtype)
+        with torch.inference_mode(), autocast():
+            model(pool[0][:, :seq], kv_cache=cache, start_pos=0)  # fill the context once, untimed
+        nxt = pool[1][:, :1].clone()
 
-        def step(i: int) -> torch.Tensor:
-            with torch.inference_mode():
-                logits = fwd(pool[i % len(pool)][:, :-1])
-                return logits[:, -1].float().sum()
+        def step(i: int) -> None:  # greedy: each step's token feeds the next
+            with torch.inference_mode(), autocast():
+                logits = fwd(nxt, kv_cache=cache, start_pos=seq)
+                nxt.copy_(logits[:, -1].argmax(-1, keepdim=True))
 
-    em.meta(
-        workload="dense",
-        options=opts,
-        plan=p,
-        device=str(device),
-        device_name=device_name(device),
-        n_devices=1,
-        precision=p["dtype"],
-        flops_per_token=p["flops_per_token"],
-        params=p["params"],
-        torch_version=torch.__version__,
-        backends={"attention": "sdpa-auto" if opts["attention_backend"] == "auto" else opts["attention_backend"],
-                  "compile": opts["compile_mode"], "fp8": "off"},
-    )
+    precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
+    em.meta(workload="dense", options=opts, plan=p, device=str(device), device_name=device_name(device),
+            n_devices=1, precision=precision, flops_per_token=p["flops_per_token"], params=p["params"],
+            torch_version=torch.__version__, backends=ran)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -148,10 +179,12 @@ def run(opts: dict[str, Any]) -> int:
         em.error(f"out of memory: {str(exc).splitlines()[0]}", kind="oom")
         print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
         return 3
+    first = res["first_step_ms"]
     em.summary(
-        first_step_ms=res["first_step_ms"],
-        compile_s=res["first_step_ms"] / 1000.0 if opts["compile_mode"] != "none" and res["first_step_ms"] else None,
+        first_step_ms=first,
+        compile_s=first / 1000.0 if opts["compile_mode"] != "none" and first else None,
         memory_estimate_bytes=p["memory_estimate_bytes"],
+        torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         steps_run=res["steps"],
         interrupted=res["interrupted"],
     )

@@ -6,7 +6,7 @@ Torch-free on purpose: ``btune list`` and validation before launch must not impo
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,26 @@ def _parse_bool(text: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Machine:
+    """What this machine can run, as the console sees it before launch (no torch import)."""
+
+    gpus: tuple[dict[str, Any], ...] = ()
+    modules: frozenset[str] = frozenset()
+
+    @property
+    def fp8_gpus(self) -> bool:
+        """Every visible GPU has FP8 tensor cores (compute capability 8.9 or newer)."""
+        def cc(g: dict[str, Any]) -> tuple[int, ...]:
+            return tuple(int(x) for x in str(g.get("compute_capability") or "0.0").split("."))
+
+        return bool(self.gpus) and all(cc(g) >= (8, 9) for g in self.gpus)
+
+
+#: ``checks(options, machine) -> [(option name, reason)]``: what this machine cannot run.
+Checks = Callable[[Mapping[str, Any], Machine], list[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
     """A workload: its module, a one-line description, named presets and declared options."""
 
@@ -110,6 +130,7 @@ class WorkloadSpec:
     default_preset: str = ""
     cpu_preset: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    checks: Checks | None = None
 
     def all_options(self) -> tuple[Option, ...]:
         """Common options first, then the workload's own."""

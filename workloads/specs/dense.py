@@ -1,6 +1,9 @@
-"""The dense transformer workload's declaration."""
+"""The dense transformer workload's declaration and its before-launch checks."""
 
-from workloads.options import Option, WorkloadSpec
+from collections.abc import Mapping
+from typing import Any
+
+from workloads.options import Machine, Option, WorkloadSpec
 
 #: Per-preset run shape used when --batch-size / --seq-len / --steps are left at 0.
 PRESET_RUN_DEFAULTS: dict[str, dict[str, int]] = {
@@ -10,6 +13,62 @@ PRESET_RUN_DEFAULTS: dict[str, dict[str, int]] = {
     "llama-3.1-8b": {"batch_size": 1, "seq_len": 8192, "steps": 30},
     "llama-3.1-70b": {"batch_size": 1, "seq_len": 8192, "steps": 30},
 }
+GPU_KERNELS = ("cudnn", "efficient")  # flash has a CPU kernel too
+FP8_RECIPES = ("auto", "delayed", "current", "tensorwise", "rowwise")
+TE_RECIPES, TORCHAO_RECIPES = ("delayed", "current"), ("tensorwise", "rowwise")
+
+
+def on_gpu(opts: Mapping[str, Any], machine: Machine) -> bool:
+    return opts.get("device") != "cpu" and bool(machine.gpus)
+
+
+def transformer_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
+    """What this machine cannot run of the transformer knobs, with the reason (shared by dense and MoE)."""
+    out: list[tuple[str, str]] = []
+    gpu = on_gpu(opts, machine)
+    fp8, recipe = opts.get("fp8_mode", "off"), opts.get("fp8_recipe", "auto")
+    if fp8 in ("te", "torchao"):
+        module = "transformer_engine" if fp8 == "te" else "torchao"
+        if not gpu:
+            out.append(("fp8-mode", f"--fp8-mode {fp8}: FP8 needs an NVIDIA GPU with FP8 tensor cores; "
+                                    "running on CPU"))
+        elif not machine.fp8_gpus:
+            out.append(("fp8-mode", f"--fp8-mode {fp8}: this GPU has no FP8 tensor cores (compute capability < 8.9)"))
+        elif module not in machine.modules:
+            extra = "te" if fp8 == "te" else "fp8"
+            out.append(("fp8-mode", f"--fp8-mode {fp8}: {module} is not installed (pip install 'btune[{extra}]')"))
+        allowed = TE_RECIPES if fp8 == "te" else TORCHAO_RECIPES
+        if recipe != "auto" and recipe not in allowed:
+            out.append(("fp8-recipe", f"--fp8-recipe {recipe} is not a {fp8} recipe; allowed: {', '.join(allowed)}"))
+    backend = opts.get("attention_backend", "auto")
+    if backend in GPU_KERNELS and not gpu:
+        out.append(("attention-backend", f"--attention-backend {backend}: the SDPA {backend} kernel needs a CUDA GPU"))
+    if backend == "flex" and not gpu and opts.get("mode", "train") == "train":
+        out.append(("attention-backend", "--attention-backend flex: FlexAttention has no backward on CPU"))
+    if opts.get("attention_window") and backend == "flash":
+        out.append(("attention-window", "--attention-window: the flash kernel takes no mask; use flex or efficient"))
+    if opts.get("compile_mode", "none") != "none" and opts.get("compile_mode") != "default" and not gpu:
+        out.append(("compile-mode", f"--compile-mode {opts.get('compile_mode')}: CUDA graphs and autotuning "
+                                    "need a GPU; use default on CPU"))
+    return out
+
+
+TRANSFORMER_KNOBS: tuple[Option, ...] = (
+    Option("dtype", str, "auto", "compute dtype (auto: bf16 on GPU, fp32 on CPU)",
+           ("auto", "bf16", "fp16", "fp32"), group="knobs"),
+    Option("fp8-mode", str, "off", "FP8 training: Transformer Engine, torchao, auto (te, else torchao, else off)",
+           ("off", "auto", "te", "torchao"), group="knobs"),
+    Option("fp8-recipe", str, "auto", "te: delayed|current scaling; torchao: tensorwise|rowwise (auto: te delayed, "
+           "torchao tensorwise)", FP8_RECIPES, when=(("fp8-mode", ("auto", "te", "torchao")),), group="knobs"),
+    Option("attention-backend", str, "auto", "SDPA with a kernel forced, or FlexAttention (compiled, block masks)",
+           ("auto", "flash", "cudnn", "efficient", "math", "flex"), group="knobs"),
+    Option("attention-window", int, 0, "sliding-window attention over the last N tokens (0: full causal)",
+           min=0, max=1 << 20, group="knobs"),
+    Option("compile-mode", str, "none", "torch.compile mode (compile time is reported on its own)",
+           ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), group="knobs"),
+    Option("activation-checkpointing", bool, False, "recompute each block in backward to save memory",
+           when=(("mode", ("train",)),), group="knobs"),
+)
 
 DENSE = WorkloadSpec(
     name="dense",
@@ -26,13 +85,9 @@ DENSE = WorkloadSpec(
         Option("seq-len", int, 0, "tokens per sequence, or KV context in decode (0: the preset's)", min=0,
                max=1 << 20, group="shape"),
         Option("layers", int, 0, "truncate the preset to N layers (0: all)", min=0, max=1024, group="shape"),
-        Option("dtype", str, "auto", "compute dtype (auto: bf16 on GPU, fp32 on CPU)",
-               ("auto", "bf16", "fp16", "fp32"), group="knobs"),
-        Option("attention-backend", str, "auto", "SDPA kernel forced, or FlexAttention",
-               ("auto", "flash", "cudnn", "efficient", "math", "flex"), group="knobs"),
-        Option("compile-mode", str, "none", "torch.compile mode",
-               ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), group="knobs"),
+        *TRANSFORMER_KNOBS,
         Option("lr", float, 3e-4, "AdamW learning rate", min=0, max=10, when=(("mode", ("train",)),), group="knobs"),
         Option("dry-run", bool, False, "print the plan as JSON (config, parameters, FLOPs, memory) and exit"),
     ),
+    checks=transformer_checks,
 )
