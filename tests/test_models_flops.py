@@ -1,0 +1,105 @@
+"""FLOP and memory formulas against torch: FlopCounterMode, real parameter bytes, saved activations.
+
+FLOPs: FlopCounterMode counts matmuls (mm, addmm, bmm) and SDPA kernels it knows; it does not know the
+CPU flash SDPA kernel, so the model runs with the ``math`` backend, whose attention is plain bmm over
+the full T×T scores (no causal discount, as in the formula). For train the count covers forward and
+backward of one step; for prefill a no-grad forward; for decode one token per sequence attending to
+the whole cache. The embedding lookup and its gradient are not matmuls and are in neither number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from workloads.models.attention import AttentionKernel
+from workloads.models.config import PRESETS, ModelConfig
+from workloads.models.flops import flops_per_token, memory_estimate, param_counts
+from workloads.models.kv_cache import KVCache
+from workloads.models.transformer import Transformer
+
+CONFIGS = [
+    PRESETS["tiny"],
+    PRESETS["tiny-llama"],
+    replace(PRESETS["tiny-llama"], name="tied", tie_embeddings=True, n_layers=3),
+]
+
+
+def _counted(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+def test_flops_match_flop_counter(cfg: ModelConfig) -> None:
+    b, t = 2, 64
+    model = Transformer(cfg, AttentionKernel("math"))
+    tokens = torch.randint(0, cfg.vocab_size, (b, t))
+
+    train = _counted(lambda: model(tokens).sum().backward()) / (b * t)
+    assert train == pytest.approx(flops_per_token(cfg, t, "train"), rel=0.02)
+
+    with torch.no_grad():
+        prefill = _counted(lambda: model(tokens)) / (b * t)
+        assert prefill == pytest.approx(flops_per_token(cfg, t, "prefill"), rel=0.02)
+
+        cache = KVCache(cfg, batch=b, max_len=t + 1, dtype=torch.float32)
+        model(tokens, kv_cache=cache)
+        decode = _counted(lambda: model(tokens[:, :1], kv_cache=cache, start_pos=t)) / b
+        assert decode == pytest.approx(flops_per_token(cfg, t + 1, "decode"), rel=0.02)
+
+
+def test_flop_formula_values() -> None:
+    cfg = PRESETS["llama-3.1-8b"]
+    n = param_counts(cfg)["matmul"]
+    assert flops_per_token(cfg, 8192, "train") == 6 * n + 12 * 32 * 4096 * 8192
+    assert flops_per_token(cfg, 8192, "prefill") == pytest.approx(flops_per_token(cfg, 8192, "train") / 3)
+    assert flops_per_token(cfg, 1000, "decode") == 2 * n + 4 * 32 * 4096 * 1000
+    assert 7.9e9 < param_counts(cfg)["total"] < 8.1e9  # Llama 3.1 8B has 8.03 B parameters
+    assert 70.0e9 < param_counts(PRESETS["llama-3.1-70b"])["total"] < 71.0e9  # 70.6 B
+    with pytest.raises(ValueError, match="mode"):
+        flops_per_token(cfg, 10, "serve")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_weights_and_grads_are_parameter_bytes(cfg: ModelConfig, dtype: torch.dtype) -> None:
+    model = Transformer(cfg).to(dtype)
+    real = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = torch.empty((), dtype=dtype).element_size()
+    est = memory_estimate(cfg, batch=2, seq_len=32, mode="train", dtype_bytes=size)
+    assert est["weights"] == real and est["grads"] == real
+    assert est["optimizer"] == 8 * sum(p.numel() for p in model.parameters())
+    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+    infer = memory_estimate(cfg, batch=2, seq_len=32, mode="decode", dtype_bytes=size)
+    assert infer["grads"] == infer["optimizer"] == 0
+    assert infer["kv_cache"] == KVCache(cfg, batch=2, max_len=32, dtype=dtype).nbytes()
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_activation_estimate_near_saved_tensors(arch: str) -> None:
+    """Bytes autograd saves in one bf16 training forward + loss, against the estimate (flash-style kernel)."""
+    base = PRESETS["tiny"] if arch == "gpt" else PRESETS["tiny-llama"]
+    cfg = replace(base, d_model=256, d_ff=1024 if arch == "gpt" else 688, n_layers=4)
+    model = Transformer(cfg).to(torch.bfloat16)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 256))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        logits = model(tokens)
+        F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+    est = memory_estimate(cfg, batch=4, seq_len=256, mode="train", dtype_bytes=2)["activations"]
+    assert 0.7 < est / sum(saved.values()) < 1.4

@@ -1,0 +1,1 @@
+"""Model library: configs, transformer blocks, attention backends, KV cache, FLOP and memory counts."""

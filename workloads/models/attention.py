@@ -1,0 +1,224 @@
+"""Attention backends: SDPA with a forced kernel, or FlexAttention with block masks.
+
+Backends: ``auto`` (SDPA picks), ``flash`` / ``cudnn`` / ``efficient`` / ``math`` (SDPA with that
+kernel forced via ``sdpa_kernel``), ``flex`` (compiled FlexAttention). Causal attention always; an
+optional sliding ``window`` (a query attends to itself and the ``window - 1`` keys before it) is a
+block mask under flex and an explicit boolean mask under SDPA.
+
+Queries are the last ``q_len`` positions of the ``kv_len`` keys (bottom-right aligned), which covers
+training (q_len == kv_len), chunked prefill and one-token decode with a KV cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+BACKENDS: tuple[str, ...] = ("auto", "flash", "cudnn", "efficient", "math", "flex")
+_SDPA: dict[str, SDPBackend] = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+_CHOICE_NAMES = {int(v): k for k, v in _SDPA.items()}
+_FLEX_BLOCK = 128
+
+Mask = torch.Tensor | BlockMask | None
+
+# Compiled lazily on first call; static shapes (dynamic shapes broke the CPU flex template in torch 2.13).
+_flex = torch.compile(flex_attention, dynamic=False)
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    """How attention runs: backend, optional sliding window, and whether k/v heads are expanded for GQA."""
+
+    backend: str = "auto"
+    window: int | None = None
+    expand_kv: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"attention backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"attention window must be >= 1, got {self.window}")
+
+    def mask(self, q_len: int, kv_len: int, device: torch.device) -> Mask:
+        """The mask for ``q_len`` queries at the end of ``kv_len`` keys; None where ``is_causal`` suffices."""
+        if self.backend == "flex":
+            return _block_mask(q_len, _flex_kv_len(kv_len, device), kv_len, self.window, str(device))
+        if self.window is None and (q_len == kv_len or q_len == 1):
+            return None
+        return causal_mask(q_len, kv_len, self.window, device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
+        """Attention over q [B, H, Tq, D] and k, v [B, Hkv, Tk, D]; returns [B, H, Tq, D]."""
+        gqa = q.shape[1] != k.shape[1]
+        if self.backend == "flex":
+            assert isinstance(mask, BlockMask)
+            pad = mask.seq_lengths[1] - k.shape[2]
+            if pad:
+                k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+            return _flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+        if gqa and self.expand_kv:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
+        is_causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+        ctx = sdpa_kernel(_SDPA[self.backend]) if self.backend != "auto" else nullcontext()
+        with ctx:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+
+
+def causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.device | str) -> torch.Tensor:
+    """Boolean [q_len, kv_len] mask, True where a query may attend (bottom-right aligned, optional window)."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    return allowed
+
+
+def _flex_kv_len(kv_len: int, device: torch.device) -> int:
+    """Key length flex runs on. On CPU keys are padded to a multiple of 128: torch's compiled CPU flex
+    kernel returns wrong values for some lengths that are not (seen with 8, 24, 40, 56, 72 in 2.13)."""
+    if torch.device(device).type == "cpu":
+        return -(-kv_len // _FLEX_BLOCK) * _FLEX_BLOCK
+    return kv_len
+
+
+@torch.compiler.disable
+@functools.lru_cache(maxsize=64)
+def _block_mask(q_len: int, padded_kv: int, kv_len: int, window: int | None, device: str) -> BlockMask:
+    # Offsets live in tensors, not Python ints: compiled flex guards on closure constants and would
+    # recompile for every new length (and fall back to eager after the recompile limit).
+    offset = torch.tensor(kv_len - q_len, device=device)
+    limit = torch.tensor(kv_len, device=device)
+    span = torch.tensor(window if window is not None else kv_len + 1, device=device)
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        q_pos = q_idx + offset
+        return (kv_idx <= q_pos) & (kv_idx < limit) & (q_pos - kv_idx < span)
+
+    return create_block_mask(mask_mod, None, None, q_len, padded_kv, device=device)
+
+
+def resolve_backend(
+    name: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    n_heads: int = 8,
+    n_kv_heads: int | None = None,
+    head_dim: int = 64,
+    seq_len: int = 256,
+    window: int | None = None,
+    training: bool = False,
+) -> tuple[str, str]:
+    """What will run for backend ``name`` on this device and shape: (kernel name, reason).
+
+    Raises ValueError with a one-line reason when a forced kernel cannot run.
+    """
+    ran, reason, _ = _probe(
+        name, torch.device(device), dtype, n_heads, n_kv_heads or n_heads, head_dim, seq_len, window, training
+    )
+    return ran, reason
+
+
+def make_kernel(
+    name: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    n_heads: int = 8,
+    n_kv_heads: int | None = None,
+    head_dim: int = 64,
+    seq_len: int = 256,
+    window: int | None = None,
+    training: bool = False,
+) -> tuple[AttentionKernel, str]:
+    """An AttentionKernel for ``name`` checked against this device and shape, plus the reason text."""
+    AttentionKernel(name, window)  # validates name and window
+    _, reason, expand = _probe(
+        name, torch.device(device), dtype, n_heads, n_kv_heads or n_heads, head_dim, seq_len, window, training
+    )
+    return AttentionKernel(name, window, expand), reason
+
+
+def _probe(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    seq_len: int,
+    window: int | None,
+    training: bool,
+) -> tuple[str, str, bool]:
+    AttentionKernel(name, window)
+    shape = f"{device.type} {str(dtype).removeprefix('torch.')} head_dim {head_dim}"
+    shape += f", window {window}" if window is not None else ", causal"
+    if name == "flex":
+        return "flex", _flex_reason(device, head_dim, training, shape), False
+    if name in ("cudnn", "efficient") and device.type != "cuda":
+        raise ValueError(f"{name}: the SDPA {_SDPA[name].name} kernel is CUDA-only, device is {device.type}")
+    gqa = n_heads != n_kv_heads
+    q = torch.zeros(1, n_heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=training)
+    mask = causal_mask(seq_len, seq_len, window, device) if window is not None else None
+    seen: list[str] = []
+    for expand in (False, True) if gqa else (False,):
+        kv_heads = n_heads if expand else n_kv_heads
+        k = torch.zeros(1, kv_heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=training)
+        ctx = sdpa_kernel(_SDPA[name]) if name != "auto" else nullcontext()
+        with ctx, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                choice = torch._fused_sdp_choice(
+                    q, k, k, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa and not expand
+                )
+            except RuntimeError as e:
+                choice, caught = -1, [*caught, warnings.WarningMessage(str(e), RuntimeWarning, "", 0)]
+        for w in caught:  # torch explains per kernel: "X kernel not used because:" then the reasons
+            line = str(w.message).strip().split(" (Triggered internally")[0].strip()
+            if line and not line.endswith(":") and line not in seen:
+                seen.append(line)
+        ran = _CHOICE_NAMES.get(int(choice))
+        # auto: prefer a fused kernel on expanded heads to math with native GQA
+        if ran is not None and not (name == "auto" and ran == "math" and gqa and not expand):
+            how = " (k/v heads expanded for GQA)" if expand else ""
+            cpu = " (the CPU kernel)" if device.type == "cpu" and ran == "flash" else ""
+            verb = "SDPA picks" if name == "auto" else "SDPA forced to"
+            return ran, f"{name}: {verb} {ran}{cpu}{how} for {shape}", expand
+    if name == "auto":
+        return "math", f"auto: SDPA picks math for {shape}", False
+    why = "; ".join(seen)[:300] if seen else "torch reports no usable kernel"
+    raise ValueError(f"{name}: the SDPA {_SDPA[name].name} kernel cannot run for {shape}: {why}")
+
+
+def _flex_reason(device: torch.device, head_dim: int, training: bool, shape: str) -> str:
+    if head_dim < 16:
+        raise ValueError(f"flex: FlexAttention needs head_dim >= 16, got {head_dim}")
+    if device.type == "cpu":
+        if training:
+            raise ValueError("flex: FlexAttention has no backward on CPU; use auto or math to train on CPU")
+        if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+            raise ValueError("flex: compiling FlexAttention on CPU needs a C++ compiler (none on PATH)")
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError("flex: compiling FlexAttention on CUDA needs triton, which is not importable")
+    else:
+        raise ValueError(f"flex: FlexAttention is not supported on {device.type}")
+    return f"flex: compiled FlexAttention with block masks for {shape}"

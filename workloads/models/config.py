@@ -1,0 +1,86 @@
+"""Model configurations: a frozen dataclass and named presets.
+
+Torch-free on purpose: the CLI lists presets without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Arch = Literal["llama", "gpt"]
+ARCHS: tuple[str, ...] = ("llama", "gpt")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a decoder-only transformer.
+
+    ``llama``: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, no biases.
+    ``gpt``: LayerNorm, learned absolute positions, GELU MLP, biases in every linear layer.
+    """
+
+    name: str
+    arch: Arch
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    vocab_size: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def bias(self) -> bool:
+        """Whether linear layers carry biases (GPT-2 style) — derived from the arch."""
+        return self.arch == "gpt"
+
+    def with_layers(self, n: int) -> ModelConfig:
+        """The same config with ``n`` layers (for scaled-down runs)."""
+        return replace(self, n_layers=n)
+
+    def validate(self) -> ModelConfig:
+        """Raise ValueError with a one-line reason if the shape is inconsistent; return self."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"{self.name}: arch {self.arch!r} is not one of {', '.join(ARCHS)}")
+        for field in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{self.name}: {field} must be positive, got {getattr(self, field)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"{self.name}: n_heads {self.n_heads} does not divide d_model {self.d_model}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.name}: n_kv_heads {self.n_kv_heads} does not divide n_heads {self.n_heads}")
+        if self.arch == "gpt" and self.n_kv_heads != self.n_heads:
+            raise ValueError(f"{self.name}: gpt arch uses full multi-head attention (n_kv_heads == n_heads)")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"{self.name}: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError(f"{self.name}: rope_theta and norm_eps must be positive")
+        return self
+
+
+PRESETS: dict[str, ModelConfig] = {
+    c.name: c.validate()
+    for c in (
+        ModelConfig("tiny", "gpt", 2, 64, 4, 4, 256, 512, 256),
+        ModelConfig("tiny-llama", "llama", 2, 64, 4, 2, 256, 512, 256),
+        ModelConfig("gpt-large", "gpt", 48, 8192, 64, 64, 32768, 50257, 2048),
+        ModelConfig("llama-3.1-8b", "llama", 32, 4096, 32, 8, 14336, 128256, 8192, 500000.0, 1e-5),
+        ModelConfig("llama-3.1-70b", "llama", 80, 8192, 64, 8, 28672, 128256, 8192, 500000.0, 1e-5),
+    )
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The preset called ``name``; ValueError naming the known presets otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
