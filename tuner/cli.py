@@ -64,6 +64,15 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     return execute(config, out_dir, json_lines=args.json, telemetry=not args.no_telemetry)
 
 
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from tuner.sweep import plan, run_sweep
+
+    configs = plan(args.workload, extra, timeout=args.timeout, sample_hz=args.sample_hz)
+    out_dir = runs.ensure_writable(runs.runs_dir(args.out))
+    print(f"btune sweep: {len(configs)} runs")
+    return run_sweep(configs, out_dir, sys.stdout, telemetry=not args.no_telemetry)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     rec = _load(args.run, args.out)
     if args.json:
@@ -149,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
     run.add_argument("--json", action="store_true", help="print events as JSON lines instead of a status line")
 
+    sw = sub.add_parser("sweep", help="the cartesian product of comma-separated option values, one run each",
+                        allow_abbrev=False)
+    sw.add_argument("workload")
+    sw.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
+    sw.add_argument("--timeout", type=float, default=0.0, help="seconds per run before it is stopped (0: none)")
+    sw.add_argument("--sample-hz", type=float, default=10.0, help="telemetry samples per second (default 10)")
+    sw.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
+
     for name, helptext in (("show", "one run"),):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("run", help="run file or id")
@@ -176,6 +193,8 @@ def _dispatch(argv: Sequence[str]) -> int:
     args, extra = parser.parse_known_args(list(argv))
     if args.command == "run":
         return cmd_run(args, extra)
+    if args.command == "sweep":
+        return cmd_sweep(args, extra)
     if extra:
         raise CliError(f"btune {args.command}: unrecognized arguments: {' '.join(extra)}")
     return {"list": cmd_list, "show": cmd_show, "compare": cmd_compare, "export": cmd_export,
