@@ -33,7 +33,7 @@ def main() -> None:
                             config={"workload": "bench"}, telemetry=False)
             got = {"n": 0, "first": 0.0, "last": 0.0}
 
-            def count(ev: dict) -> None:
+            def count(ev: dict, got: dict = got) -> None:
                 if ev["type"] == "step":
                     if got["n"] == 0:
                         got["first"] = time.perf_counter()

@@ -70,6 +70,9 @@ class FakeNvml:
     def nvmlDeviceGetName(self, h: int) -> str:
         return "NVIDIA H100 80GB HBM3"
 
+    def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:
+        return (9, 0)
+
     def nvmlDeviceGetUUID(self, h: int) -> str:
         return f"GPU-fake-{h}"
 

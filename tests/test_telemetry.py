@@ -187,7 +187,8 @@ def test_fake_inventory() -> None:
     assert inventory["driver_version"] == "550.54.15" and inventory["nvml_version"] == "12.550.54.15"
     assert inventory["cuda_driver_version"] == "12.4"
     assert inventory["devices"] == [
-        {"index": i, "name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-fake-{i}", "mem_total_mb": 80 * 1024}
+        {"index": i, "name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-fake-{i}", "mem_total_mb": 80 * 1024,
+         "compute_capability": "9.0"}
         for i in range(2)
     ]
     assert fake.inits == fake.shutdowns == 1

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tuner import catalog, runs
-from workloads.options import Machine
 from tuner.report import fmt
 from tuner.runner import Runner, RunResult
+from workloads.options import Machine
 
 
 class LaunchError(Exception):

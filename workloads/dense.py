@@ -61,7 +61,7 @@ def _dry_run(opts: dict[str, Any]) -> int:
 
         if device_type in ("auto", "cuda") and torch.cuda.is_available():
             device_type = "cuda"
-            free, device_bytes = torch.cuda.mem_get_info()
+            _free, device_bytes = torch.cuda.mem_get_info()
             name = torch.cuda.get_device_name()
         elif device_type == "auto":
             device_type = "cpu"
