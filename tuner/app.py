@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,12 +18,13 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from tuner.launch import RunConfig
+from tuner.runner import Runner
 from tuner.screens.base import BtuneScreen
 from tuner.screens.commands import ScreenCommands
 from tuner.screens.dialogs import ConfirmScreen, HelpScreen, bindings_text
 from tuner.screens.launch import LaunchScreen
 from tuner.screens.live import LiveScreen
-from tuner.screens.machine import Machine
+from tuner.screens.machine import MachineInfo
 from tuner.screens.runs import RunsScreen
 
 MAX_REFRESH_HZ = 60.0
@@ -36,7 +41,7 @@ class BtuneApp(App[int]):
     ]
     COMMANDS = App.COMMANDS | {ScreenCommands}
 
-    def __init__(self, runs_dir: Path, refresh_hz: float = 4.0, *, machine: Machine | None = None,
+    def __init__(self, runs_dir: Path, refresh_hz: float = 4.0, *, machine: MachineInfo | None = None,
                  python: str | None = None, telemetry: bool = True, nvml: Any = None) -> None:
         """``machine`` skips GPU detection and ``python`` sets the interpreter in the argv (tests)."""
         super().__init__()
@@ -46,9 +51,18 @@ class BtuneApp(App[int]):
         self.python = python
         self.telemetry = telemetry
         self.nvml = nvml
+        self.live_runner: Runner | None = None  # the run a live screen started and has not seen end
 
     def get_default_screen(self) -> Screen[Any]:
         return LaunchScreen()
+
+    def on_mount(self) -> None:
+        """SIGTERM and SIGHUP (an SSH session dropped) end the app cleanly: a live run is cancelled and
+        its record written before the process exits."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.exit)
 
     # -- navigation ----------------------------------------------------------------------------
     def live_screen(self) -> LiveScreen | None:
@@ -100,4 +114,10 @@ def run_app(runs_dir: Path, refresh_hz: float = 4.0, no_color: bool = False) -> 
         os.environ["NO_COLOR"] = "1"  # Textual reads it when the app is created
     app = BtuneApp(runs_dir, refresh_hz)
     app.run()
+    runner = app.live_runner
+    if runner is not None:  # the app ended some other way (a signal, a crash): the live screen cancelled it
+        runner.cancel()
+        result = runner.wait()
+        print(f"btune-tui: the live run was stopped with the app: {result.status}, {result.record_path}",
+              file=sys.stderr)
     return int(app.return_code or 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from workloads.options import Option, OptionError, WorkloadSpec, parse_args, to_argv, validate
-from workloads.options import build_parser as build_parser_for
 from workloads.specs import ALL
 
 WORKLOADS: dict[str, WorkloadSpec] = {spec.name: spec for spec in ALL}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tuner import catalog, runs
-from tuner.launch import LaunchError, RunConfig, build_config, execute
+from tuner.launch import LaunchError, Nodes, RunConfig, build_config, execute
 from tuner.protocol import SCHEMA_VERSION
 
 EXIT_USAGE = 2
@@ -55,7 +55,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
-    config = build_config(args.workload, extra, timeout=args.timeout, sample_hz=args.sample_hz)
+    nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
+    config = build_config(args.workload, extra, timeout=args.timeout, sample_hz=args.sample_hz, nodes=nodes)
     if config.options.get("dry_run"):
         import subprocess
 
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sample-hz", type=float, default=10.0, help="telemetry samples per second (default 10)")
     run.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
     run.add_argument("--json", action="store_true", help="print events as JSON lines instead of a status line")
+    run.add_argument("--nnodes", type=int, default=1, help="nodes in a multi-node --tp run (torchrun rendezvous)")
+    run.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
+    run.add_argument("--rdzv-endpoint", default="", help="HOST:PORT where the nodes meet (same on every node)")
 
     sw = sub.add_parser("sweep", help="the cartesian product of comma-separated option values, one run each",
                         allow_abbrev=False)

@@ -60,11 +60,39 @@ def probe_machine() -> Machine:
     return Machine(tuple(gpus), modules)
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """Where the ranks run: one node (torchrun --standalone) or several meeting at a rendezvous endpoint."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+
+    def check(self, tp: int) -> None:
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise LaunchError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise LaunchError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        if tp % self.nnodes:
+            raise LaunchError(f"--tp {tp} must be a multiple of --nnodes {self.nnodes}")
+
+    def torchrun(self, python: str, tp: int) -> list[str]:
+        """torchrun's own arguments (run as ``python -m torch.distributed.run``)."""
+        head = [python, "-m", "torch.distributed.run"]
+        if self.nnodes == 1:
+            return [*head, "--standalone", "--nproc-per-node", str(tp)]
+        return [*head, "--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", self.rdzv_endpoint, "--nproc-per-node", str(tp // self.nnodes)]
+
+
 def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float = 0.0,
-                 sample_hz: float = 10.0, python: str | None = None) -> RunConfig:
+                 sample_hz: float = 10.0, python: str | None = None, nodes: Nodes | None = None) -> RunConfig:
     """Validate options against the catalog (raises OptionError/LaunchError) and build the argv."""
     spec = catalog.get(workload)
+    nodes = nodes or Nodes()
     options = catalog.parse_args(spec, args) if isinstance(args, list) else catalog.validate(spec, args)
+    tp = int(options.get("tp") or 1)
+    nodes.check(tp)
     if timeout < 0:
         raise LaunchError("--timeout must be >= 0")
     if not 0 < sample_hz <= 100:
@@ -72,10 +100,12 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
     machine = probe_machine()
     if options.get("device") == "cuda" and not machine.gpus:
         raise LaunchError("--device cuda: no NVIDIA GPU is visible (NVML found none); use --device cpu or auto")
-    problems = spec.checks(options, machine) if spec.checks else []
+    problems = spec.checks({**options, "nnodes": nodes.nnodes}, machine) if spec.checks else []
     if problems:
         raise LaunchError(problems[0][1])
-    argv = (python or sys.executable, "-m", spec.module, *catalog.to_argv(spec, options))
+    python = python or sys.executable
+    launcher = nodes.torchrun(python, tp) if tp > 1 or nodes.nnodes > 1 else [python]
+    argv = (*launcher, "-m", spec.module, *catalog.to_argv(spec, options))
     return RunConfig(workload, options, argv, timeout, sample_hz, spec.defaults())
 
 

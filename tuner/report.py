@@ -102,6 +102,15 @@ def show(rec: dict[str, Any]) -> str:
             f"gpu {gpu}: power mean {fmt(dig(g, ('power_w', 'mean')))} W, max mem {fmt(g.get('mem_used_mb_max'))} MiB, "
             f"util {fmt(g.get('util_gpu_mean'))}%, max temp {fmt(g.get('temp_c_max'))} C"
         )
+    wl = s.get("workload") or {}
+    if "passed" in wl:
+        bad = wl.get("mismatches") or []
+        more = " ..." if len(bad) > 5 else ""
+        detail = f" ({len(bad)} mismatched: {', '.join(bad[:5])}{more})" if bad else ""
+        lines.append(f"validation: {'PASS' if wl['passed'] else 'FAIL'}{detail}")
+        worst = max((t.get("max_rel") or 0.0 for t in wl.get("tensors") or []), default=None)
+        if worst is not None:
+            lines.append(f"  worst relative error {worst:.3e} (tolerance {wl.get('tolerance')})")
     for note in s.get("notes") or []:
         lines.append(f"note: {note}")
     err = rec.get("error")

@@ -76,10 +76,12 @@ def _dry_run(opts: dict[str, Any]) -> int:
     return 0
 
 
-def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """The model on ``device`` with the attention kernel, FP8 and compile applied; and what actually ran."""
+def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
+           mesh: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """The model on ``device`` with the attention kernel, FP8, TP and compile applied; and what actually ran."""
     import torch
 
+    from workloads import parallel
     from workloads.models import fp8
     from workloads.models.attention import make_kernel
     from workloads.models.transformer import Transformer
@@ -95,6 +97,11 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> 
     with torch.device(device):
         model = Transformer(cfg, attention=kernel, activation_checkpointing=opts["activation_checkpointing"])
     model = model.to(dtype=dtype)
+    if mesh is not None:
+        if fp8_choice.library != "off":
+            raise ValueError("--fp8-mode with --tp > 1 is not supported yet; use one or the other")
+        parallel.check_divisible(cfg.n_heads, cfg.n_kv_heads, mesh.size())
+        parallel.apply_tp(model, mesh)
     autocast = fp8.apply(model, fp8_choice)
     if p["mode"] != "train":
         model.eval()
@@ -105,6 +112,7 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> 
                 "reason": fp8_choice.reason},
         "compile": opts["compile_mode"],
         "activation_checkpointing": opts["activation_checkpointing"],
+        "tp": mesh.size() if mesh is not None else 1,
     }
     return model, (fwd, autocast), ran
 
@@ -115,16 +123,23 @@ def run(opts: dict[str, Any]) -> int:
 
     import torch
 
+    from workloads import parallel
     from workloads.loop import LoopSpec, SetupError, device_name, resolve_device, resolve_dtype, run_steps
     from workloads.models.kv_cache import KVCache
 
     em = Emitter()
+    tp = parallel.world_size()
+    mesh = None
     try:
+        if tp != opts["tp"]:
+            raise SetupError(f"--tp {opts['tp']} but {tp} processes: launch through `btune run` (it runs torchrun)")
+        if tp > 1:
+            mesh = parallel.init("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
         device = resolve_device(opts["device"])
         p = plan(opts, device.type)
         dtype = resolve_dtype(p["dtype"], device)
         torch.manual_seed(opts["seed"])
-        model, (fwd, autocast), ran = _build(opts, p, device, dtype)
+        model, (fwd, autocast), ran = _build(opts, p, device, dtype, mesh)
     except (SetupError, ValueError) as exc:
         em.error(str(exc), kind="config")
         print(f"error: {exc}", file=sys.stderr)
@@ -146,14 +161,21 @@ def run(opts: dict[str, Any]) -> int:
             logits = model(tokens)
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-        # Compiled, the loss is compiled with the model so the fp32 upcast fuses into the cross-entropy.
-        train_fwd = loss_of if opts["compile_mode"] == "none" else torch.compile(loss_of, mode=opts["compile_mode"])
+        # Compiled, the loss is compiled with the model so the fp32 upcast fuses into the cross-entropy;
+        # under TP the logits are vocabulary-sharded and the loss runs under loss_parallel, outside compile.
+        if tp > 1 or opts["compile_mode"] == "none":
+            train_fwd = loss_of if tp == 1 else (lambda x, y: torch.nn.functional.cross_entropy(
+                fwd(x).flatten(0, 1).float(), y.flatten()))
+        else:
+            train_fwd = torch.compile(loss_of, mode=opts["compile_mode"])
+        def loss_ctx() -> Any:
+            return parallel.loss_context(tp)
 
         def step(i: int) -> torch.Tensor:
             data = pool[i % len(pool)]
-            with autocast():
+            with autocast(), loss_ctx():
                 loss = train_fwd(data[:, :-1], data[:, 1:])
-            loss.backward()
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
@@ -163,7 +185,8 @@ def run(opts: dict[str, Any]) -> int:
             with torch.inference_mode(), autocast():
                 fwd(pool[i % len(pool)][:, :-1])
     else:
-        cache = KVCache(cfg, batch, seq + 1, device=device, dtype=dtype)
+        cache_cfg = replace(cfg, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp)
+        cache = KVCache(cache_cfg, batch, seq + 1, device=device, dtype=dtype)
         with torch.inference_mode(), autocast():
             model(pool[0][:, :seq], kv_cache=cache, start_pos=0)  # fill the context once, untimed
         nxt = pool[1][:, :1].clone()
@@ -174,8 +197,9 @@ def run(opts: dict[str, Any]) -> int:
                 nxt.copy_(logits[:, -1].argmax(-1, keepdim=True))
 
     precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
-    em.meta(workload="dense", options=opts, plan=p, device=str(device), device_name=device_name(device),
-            n_devices=1, precision=precision, flops_per_token=p["flops_per_token"], params=p["params"],
+    if parallel.rank() == 0:
+        em.meta(workload="dense", options=opts, plan=p, device=str(device), device_name=device_name(device),
+            n_devices=tp, precision=precision, flops_per_token=p["flops_per_token"], params=p["params"],
             torch_version=torch.__version__, backends=ran)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -186,6 +210,10 @@ def run(opts: dict[str, Any]) -> int:
         print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
         return 3
     first = res["first_step_ms"]
+    parallel.shutdown()
+    if parallel.rank() != 0:
+        em.close()
+        return 130 if res["interrupted"] else 0
     em.summary(
         first_step_ms=first,
         compile_s=first / 1000.0 if opts["compile_mode"] != "none" and first else None,

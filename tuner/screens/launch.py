@@ -17,7 +17,7 @@ from textual.widgets.option_list import Option as ListOption
 from tuner import catalog
 from tuner.launch import LaunchError, RunConfig, build_config
 from tuner.screens.base import BtuneScreen, Command
-from tuner.screens.machine import Machine, detect
+from tuner.screens.machine import MachineInfo, detect
 from tuner.widgets.option_form import OptionForm
 from workloads.options import OptionError
 
@@ -28,9 +28,17 @@ if TYPE_CHECKING:
 class MachineDetected(Message):
     """The GPU inventory arrived (from a thread worker)."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: MachineInfo) -> None:
         super().__init__()
         self.machine = machine
+
+
+class ConfigBuilt(Message):
+    """A RunConfig built off the UI thread (build_config may ask NVML), or why it could not be."""
+
+    def __init__(self, token: int, config: RunConfig | None, error: str | None) -> None:
+        super().__init__()
+        self.token, self.config, self.error = token, config, error
 
 
 class LaunchScreen(BtuneScreen):
@@ -51,6 +59,8 @@ class LaunchScreen(BtuneScreen):
         self.spec = next(iter(catalog.WORKLOADS.values()))
         self.form: OptionForm | None = None
         self.config: RunConfig | None = None
+        self._token, self._built = 1, 0  # not ready until the first config is built
+        self._launch_when_built = False
 
     def compose(self) -> ComposeResult:
         yield Static("btune · detecting GPUs…", id="machine")
@@ -68,46 +78,47 @@ class LaunchScreen(BtuneScreen):
     def _workload_item(name: str) -> ListOption:
         return ListOption(Text(name, style="bold"), id=name)
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         if self.app.machine is None:
             self._detect()
         else:
-            self._show_machine()
+            await self._show_machine()
 
     @work(thread=True, exit_on_error=False)
     def _detect(self) -> None:
         self.post_message(MachineDetected(detect()))
 
-    def on_machine_detected(self, message: MachineDetected) -> None:
+    async def on_machine_detected(self, message: MachineDetected) -> None:
         self.app.machine = message.machine
-        self._show_machine()
+        await self._show_machine()
 
-    def _show_machine(self) -> None:
+    async def _show_machine(self) -> None:
         machine = self.app.machine
         assert machine is not None
         self.query_one("#machine", Static).update(Text.assemble(("btune", "bold"), f" · {machine.describe()}"))
-        self._build_form()
+        await self._build_form()
 
-    def _build_form(self) -> None:
+    async def _build_form(self) -> None:
+        """(Re)build the form for the current workload."""
         machine = self.app.machine
         if machine is None:
             return
         if self.form is not None:
-            self.form.remove()
+            await self.form.remove()
         spec = self.spec
         self.query_one("#workload-info", Static).update(Text.assemble((spec.name, "bold"), "  ", spec.description))
         self.query_one("#opt-help", Static).update(
             Text(f"presets: {', '.join(spec.presets)}. Tab moves between fields; Ctrl+R launches.", style="dim"))
         self.form = OptionForm(spec, machine, id="form")
-        self.query_one("#form-area").mount(self.form, before="#opt-help")
-        self.call_after_refresh(self.update_command)
+        await self.query_one("#form-area").mount(self.form, before="#opt-help")
+        self.update_command()
 
     @on(OptionList.OptionHighlighted, "#workloads")
-    def _pick(self, event: OptionList.OptionHighlighted) -> None:
+    async def _pick(self, event: OptionList.OptionHighlighted) -> None:
         name = event.option.id or ""
         if name in catalog.WORKLOADS and catalog.WORKLOADS[name] is not self.spec:
             self.spec = catalog.WORKLOADS[name]
-            self._build_form()
+            await self._build_form()
 
     @on(OptionList.OptionSelected, "#workloads")
     def _enter_form(self) -> None:
@@ -125,38 +136,61 @@ class LaunchScreen(BtuneScreen):
             Text.assemble((opt.flag, "bold"), f"  {opt.help} ", (f"[{opt.describe_allowed()}; default {opt.default}]",
                                                                "dim")))
 
+    @property
+    def ready(self) -> bool:
+        """True when the command shown matches the form (no config being built)."""
+        return self._token == self._built
+
     def update_command(self) -> None:
-        """Rebuild the RunConfig from the form and show its command line (or why it cannot run)."""
-        command = self.query_one("#command", Static)
-        button = self.query_one("#launch", Button)
-        self.config = None
+        """Validate the form, then build its RunConfig off the UI thread; the command line follows."""
         if self.form is None or not self.form.is_mounted:
             return
         values, errors = self.form.collect()
+        self._token += 1
+        self.config = None
+        self.query_one("#launch", Button).disabled = True
         if errors:
-            command.update(Text("\n".join(errors.values()), style="bold red"))
-            button.disabled = True
+            self._built = self._token
+            self.query_one("#command", Static).update(Text("\n".join(errors.values()), style="bold red"))
             return
+        self._build(self._token, self.spec.name, values)
+
+    @work(thread=True, exclusive=True, group="config", exit_on_error=False)
+    def _build(self, token: int, workload: str, values: dict[str, Any]) -> None:
         try:
-            self.config = build_config(self.spec.name, values, python=self.app.python)
+            config, error = build_config(workload, values, python=self.app.python), None
         except (OptionError, LaunchError) as exc:
-            command.update(Text(str(exc), style="bold red"))
-            button.disabled = True
+            config, error = None, str(exc)
+        self.post_message(ConfigBuilt(token, config, error))
+
+    def on_config_built(self, message: ConfigBuilt) -> None:
+        if message.token != self._token:
+            return  # the form changed since
+        self._built = message.token
+        self.config = message.config
+        command = self.query_one("#command", Static)
+        if message.config is None:
+            command.update(Text(message.error or "cannot build the command", style="bold red"))
+            self._launch_when_built = False
             return
-        command.update(Text.assemble(("$ ", "bold"), self.config.command_line))
-        button.disabled = False
+        command.update(Text.assemble(("$ ", "bold"), message.config.command_line))
+        self.query_one("#launch", Button).disabled = False
+        if self._launch_when_built:
+            self._launch_when_built = False
+            self.app.launch(message.config)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "launch":
             self.action_launch()
 
     def action_launch(self) -> None:
-        """Launch the configured run on the live screen."""
-        self.update_command()
-        if self.config is None:
+        """Launch the configured run on the live screen (as soon as its config is built)."""
+        if not self.ready:
+            self._launch_when_built = True
+        elif self.config is None:
             self.notify("fix the options shown in red first", severity="error")
-            return
-        self.app.launch(self.config)
+        else:
+            self.app.launch(self.config)
 
     def action_runs(self) -> None:
         self.app.action_runs()

@@ -91,6 +91,7 @@ class LiveScreen(BtuneScreen):
         else:
             assert self.runner is not None
             self.runner.subscribe(self.feed)
+            self.app.live_runner = self.runner
             self._run(self.runner)
         self.set_interval(1.0 / max(0.1, self.refresh_hz), self.redraw)
         self.call_after_refresh(self.redraw)
@@ -109,6 +110,8 @@ class LiveScreen(BtuneScreen):
 
     def on_run_finished(self, message: RunFinished) -> None:
         self.result, self.error = message.result, message.error
+        if self.app.live_runner is self.runner:
+            self.app.live_runner = None
         if message.result is not None:
             self.status = message.result.status
             self.feed.finish(message.result.record.get("summary") or {})
@@ -125,6 +128,12 @@ class LiveScreen(BtuneScreen):
         self.redraw()
         if self.quit_when_done:
             self.app.exit(0)
+
+    def on_unmount(self) -> None:
+        """The app is ending with the run still live (a signal, a crash): cancel it, so the runner's
+        thread can finish and write the record (Python waits for that thread before exiting)."""
+        if self.runner is not None and self.is_live:
+            self.runner.cancel()
 
     # -- drawing -------------------------------------------------------------------------------
     def elapsed(self) -> float:

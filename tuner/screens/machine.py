@@ -1,88 +1,73 @@
-"""What this machine can run: the NVML GPU inventory and the option values it rules out (with reasons).
+"""What this machine can run, for the launch form: the core's probe (tuner.launch.probe_machine) and checks.
 
-The rules are few and explicit; an option the catalog adds later is matched by name (``device``,
-FP8 mode, tensor-parallel degree) and anything unknown is left allowed.
+The rules themselves live in the catalog (``WorkloadSpec.checks``) and in ``build_config`` (``--device
+cuda`` needs a GPU); this module only asks them, per option value, so the form can disable what this
+machine cannot run and say why. It adds the reason NVML gives when it sees no GPU.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from workloads.options import Option
-
-FP8_OPTIONS = frozenset({"fp8", "fp8_mode"})
-GPU_COUNT_OPTIONS = frozenset({"tp", "tp_degree", "tp_size", "tensor_parallel", "nproc_per_node", "gpus"})
-CUDA_ONLY_ATTENTION = frozenset({"flash", "cudnn", "efficient"})
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+from workloads.options import Machine, Option, WorkloadSpec
 
 
 @dataclass(frozen=True)
-class Machine:
-    """The GPUs NVML reports (none, with the reason, on a machine without them)."""
+class MachineInfo:
+    """The core's Machine (GPUs, optional modules) and, without GPUs, why there are none."""
 
-    gpus: tuple[dict[str, Any], ...] = ()
+    machine: Machine = field(default_factory=Machine)
     reason: str | None = None
-    installed: dict[str, bool] = field(default_factory=dict)
-
-    @classmethod
-    def from_inventory(cls, inventory: dict[str, Any]) -> Machine:
-        gpus = tuple(d for d in inventory.get("devices") or () if isinstance(d, dict))
-        reason = None if gpus else (inventory.get("reason") or "NVML reports no GPU")
-        return cls(gpus, reason, {m: _installed(m) for m in ("transformer_engine", "torchao")})
 
     @property
     def has_gpu(self) -> bool:
-        return bool(self.gpus)
+        return bool(self.machine.gpus)
 
     def describe(self) -> str:
         """One line: the GPUs, or why there are none."""
-        if not self.gpus:
-            return f"no GPU ({self.reason}): CPU-sized defaults"
+        if not self.has_gpu:
+            return f"no GPU ({self.reason or 'none visible'}): CPU-sized defaults"
         names: dict[str, int] = {}
-        for g in self.gpus:
+        for g in self.machine.gpus:
             names[str(g.get("name"))] = names.get(str(g.get("name")), 0) + 1
         return ", ".join(f"{n} × {name}" for name, n in names.items())
 
-    def unavailable(self, opt: Option) -> dict[Any, str]:
-        """Choices of ``opt`` this machine cannot run, each with the reason."""
-        if not opt.choices:
-            return {}
-        out: dict[Any, str] = {}
-        no_gpu = f"no GPU: {self.reason}"
-        for choice in opt.choices:
-            if opt.dest == "device" and choice == "cuda" and not self.has_gpu:
-                out[choice] = no_gpu
-            elif opt.dest == "attention_backend" and choice in CUDA_ONLY_ATTENTION and not self.has_gpu:
-                out[choice] = f"needs a CUDA GPU ({no_gpu})"
-            elif opt.dest in FP8_OPTIONS and choice not in ("off", "auto", None):
-                lib = "transformer_engine" if str(choice).startswith(("te", "transformer")) else "torchao"
-                if not self.has_gpu:
-                    out[choice] = f"FP8 needs a GPU ({no_gpu})"
-                elif not self.installed.get(lib, False):
-                    out[choice] = f"{lib.replace('_', '-')} is not installed"
+    def default_preset(self, spec: WorkloadSpec) -> str:
+        """The workload's preset for this machine: its CPU-sized one when there is no GPU."""
+        default = spec.default_preset or spec.presets[0]
+        return spec.cpu_preset if not self.has_gpu and spec.cpu_preset in spec.presets else default
+
+    def problems(self, spec: WorkloadSpec, values: Mapping[str, Any]) -> dict[str, str]:
+        """Option (dest) -> why this machine cannot run ``values``, from the catalog's checks."""
+        out: dict[str, str] = {}
+        if values.get("device") == "cuda" and not self.has_gpu:
+            out["device"] = f"--device cuda: no GPU: {self.reason or 'NVML sees none'}"
+        if spec.checks is not None:
+            for name, reason in spec.checks(values, self.machine):
+                out.setdefault(name.replace("-", "_"), reason)
         return out
 
-    def problem(self, opt: Option, value: Any) -> str | None:
-        """Why this machine cannot run ``value`` for ``opt`` (None if it can)."""
-        if opt.dest in GPU_COUNT_OPTIONS and self.has_gpu and isinstance(value, int) and value > len(self.gpus):
-            return f"this machine has {len(self.gpus)} GPU(s)"
-        return self.unavailable(opt).get(value)
+    def unavailable(self, spec: WorkloadSpec, values: Mapping[str, Any], opt: Option) -> dict[Any, str]:
+        """The choices of ``opt`` this machine cannot run with the other ``values``, each with the reason."""
+        out: dict[Any, str] = {}
+        for choice in opt.choices or ():
+            reason = self.problems(spec, {**values, opt.dest: choice}).get(opt.dest)
+            if reason is not None:
+                out[choice] = reason.split(": ", 1)[-1] if reason.startswith("--") else reason
+        return out
 
-    def default_preset(self, presets: tuple[str, ...], default: str, cpu_preset: str) -> str:
-        """The workload's preset for this machine: its CPU-sized one when there is no GPU."""
-        return cpu_preset if not self.has_gpu and cpu_preset in presets else default
 
-
-def detect() -> Machine:
-    """The NVML inventory (never raises; may take a moment: call it off the UI thread)."""
+def detect() -> MachineInfo:
+    """Probe through the core (NVML inventory, installed modules); never raises. Call it off the UI thread."""
+    from tuner.launch import probe_machine
     from tuner.telemetry import NvmlSampler
 
-    return Machine.from_inventory(NvmlSampler(lambda e: None).inventory())
+    machine = probe_machine()
+    reason = None
+    if not machine.gpus:
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
+        reason = "CUDA_VISIBLE_DEVICES hides them" if hidden else NvmlSampler(lambda e: None).inventory().get("reason")
+    return MachineInfo(machine, reason)

@@ -1,7 +1,7 @@
 """Replay screen: a recorded run played back through the live panels (tuner.replay.timeline feeds a RunFeed).
 
 Space plays/pauses, n steps to the next training step, + and - change the speed, e jumps to the end,
-home restarts. Nothing from the file is executed: it is data only.
+r restarts. Nothing from the file is executed: it is data only.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ class ReplayScreen(BtuneScreen):
 
     HELP = ("A recorded run replayed through the same panels as a live one, from its saved samples and events. "
             "Space plays or pauses, n advances to the next step, + and - change the speed, e jumps to the end, "
-            "Home restarts, b or Esc goes back.")
+            "r restarts, b or Esc goes back.")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("space", "toggle_play", "Play/pause"),
         Binding("n", "step", "Next step"),
         Binding("plus,equals_sign", "faster", "Faster"),
         Binding("minus", "slower", "Slower"),
         Binding("e", "end", "End"),
-        Binding("home", "restart", "Restart"),
+        Binding("r", "restart", "Restart"),
         Binding("escape,b", "back", "Back"),
     ]
 
@@ -101,9 +101,9 @@ class ReplayScreen(BtuneScreen):
         self.call_after_refresh(self.redraw)
 
     # -- actions -------------------------------------------------------------------------------
-    def action_toggle_play(self) -> None:
+    async def action_toggle_play(self) -> None:
         if self.pos >= len(self.events):
-            self.action_restart()
+            await self.action_restart()
         self.playing = not self.playing
         self._last_tick = time.monotonic()
         self.redraw()
@@ -129,11 +129,12 @@ class ReplayScreen(BtuneScreen):
         self._advance_to(self.t_end)
         self.redraw()
 
-    def action_restart(self) -> None:
+    async def action_restart(self) -> None:
+        """Back to the start, with fresh panels."""
         self._restart()
-        self.query_one(Dashboard).remove()
-        self.mount(Dashboard(id="dashboard"), before=self.query_one(Footer))
-        self.call_after_refresh(self.redraw)
+        await self.query_one(Dashboard).remove()
+        await self.mount(Dashboard(id="dashboard"), before=self.query_one(Footer))
+        self.redraw()
 
     def action_back(self) -> None:
         self.app.pop_screen()

@@ -57,3 +57,20 @@ def heat_cell(ratio: float | None, width: int = 1) -> Text:
     level = max(0, min(len(HEAT_STYLES) - 1, int(ratio * 3)))  # 0, 1/3, ... ; >= 2.33x the mean is the top
     shade = SHADES[min(len(SHADES) - 1, 1 + int(min(ratio, 2.0) * 1.5))] if ratio > 0 else "·"
     return Text(shade * width, style=HEAT_STYLES[level])
+
+
+def heat_row(label: str, ratios: Sequence[float | None], width: int = 1) -> Text:
+    """A heat-map row: ``label`` then one cell per ratio (runs of equal cells share one span)."""
+    out = Text(label)
+    run_text, run_style = "", ""
+    for ratio in ratios:
+        cell = heat_cell(ratio, width)
+        style = str(cell.style)
+        if style != run_style and run_text:
+            out.append(run_text, style=run_style)
+            run_text = ""
+        run_text += cell.plain
+        run_style = style
+    if run_text:
+        out.append(run_text, style=run_style)
+    return out

@@ -7,12 +7,13 @@ layer's mean (1.0 = balanced); when experts outnumber columns, each cell shows t
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from typing import Any
 
 from rich.text import Text
 
 from tuner.report import fmt
-from tuner.widgets.charts import heat_cell, spark
+from tuner.widgets.charts import heat_row, spark
 from tuner.widgets.feed import FeedView
 from tuner.widgets.panel import Panel, dim, row
 
@@ -43,9 +44,11 @@ class ExpertsPanel(Panel):
 
     TITLE = "expert balance"
 
+    def changes(self, view: FeedView) -> Hashable:
+        return view.experts_seen
+
     def show(self, view: FeedView) -> None:
-        self.display = view.experts_seen > 0
-        if self.display:
+        if self.show_if(view.experts_seen > 0):
             super().show(view)
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:
@@ -57,10 +60,7 @@ class ExpertsPanel(Panel):
         cell_width = max(1, min(3, (width - 5) // max(1, n_experts)))
         for i, counts in enumerate(layers[:MAX_ROWS]):
             cells, group = layer_ratios(counts if isinstance(counts, list) else [], (width - 5) // cell_width)
-            line = Text(f"L{i:<3} ")
-            for cell in cells:
-                line.append_text(heat_cell(cell, cell_width))
-            lines.append(line)
+            lines.append(heat_row(f"L{i:<3} ", cells, cell_width))
         if len(layers) > MAX_ROWS:
             lines.append(dim(f"… {len(layers) - MAX_ROWS} more layers"))
         per = f", {group} experts per cell (hottest)" if group > 1 else ""

@@ -28,9 +28,11 @@ class FeedView:
     steps_seen: int = 0
     tokens_total: int = 0
     gpus: dict[int, list[Event]] = field(default_factory=dict)
+    gpu_seen: int = 0
     energy: dict[int, tuple[tuple[float, float], tuple[float, float]]] = field(default_factory=dict)
     energy_tokens: float = 0.0
     host: list[Event] = field(default_factory=list)
+    host_seen: int = 0
     experts: Event | None = None
     experts_history: list[tuple[float | None, float | None, float | None]] = field(default_factory=list)
     experts_seen: int = 0
@@ -64,6 +66,8 @@ class RunFeed:
         self.tokens_total = 0
         self._gpu_history = gpu_history
         self._gpus: dict[int, deque[Event]] = {}
+        self.gpu_seen = 0
+        self.host_seen = 0
         self._energy_first: dict[int, tuple[float, float]] = {}
         self._energy_last: dict[int, tuple[float, float]] = {}
         self._energy_tokens = 0.0
@@ -121,6 +125,7 @@ class RunFeed:
         if buf is None:
             buf = self._gpus[idx] = deque(maxlen=self._gpu_history)
         buf.append(ev)
+        self.gpu_seen += 1
 
     def _energy(self, ev: Event) -> None:
         idx, mj, t = ev.get("gpu"), ev.get("mj"), ev.get("t")
@@ -130,6 +135,7 @@ class RunFeed:
 
     def _host_ev(self, ev: Event) -> None:
         self._host.append(ev)
+        self.host_seen += 1
 
     def _experts_ev(self, ev: Event) -> None:
         self.experts_seen += 1
@@ -186,9 +192,11 @@ class RunFeed:
                 steps_seen=self.steps_seen,
                 tokens_total=self.tokens_total,
                 gpus={k: list(v) for k, v in sorted(self._gpus.items())},
+                gpu_seen=self.gpu_seen,
                 energy={k: (self._energy_first[k], v) for k, v in self._energy_last.items()},
                 energy_tokens=self._energy_tokens,
                 host=list(self._host),
+                host_seen=self.host_seen,
                 experts=self._experts,
                 experts_history=list(self._experts_hist),
                 experts_seen=self.experts_seen,

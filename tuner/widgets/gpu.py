@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from rich.text import Text
 
 from tuner.telemetry import throttle_names
@@ -19,6 +21,9 @@ class GpuPanel(Panel):
     """Utilisation, clocks and temperature."""
 
     TITLE = "util / clocks / temp"
+
+    def changes(self, view: FeedView) -> Hashable:
+        return view.gpu_seen, view.host_seen, len(view.notes)
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         lines: list[Text] = []

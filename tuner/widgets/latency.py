@@ -1,10 +1,13 @@
 """Latency panel (serving): TTFT, TPOT and E2E percentiles from request events, via tuner.stats.describe.
 
-Shown only once ``request`` events arrive; the percentiles cover the most recent requests kept by the feed.
+Shown only once ``request`` events arrive; the percentiles cover the most recent requests kept by the feed
+and are recomputed at most once a second.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Hashable
 from typing import Any
 
 from rich.text import Text
@@ -15,6 +18,7 @@ from tuner.widgets.feed import FeedView
 from tuner.widgets.panel import Panel, row
 
 COLUMNS = ("n", "p50", "p90", "p99", "mean")
+PERIOD_S = 1.0  # percentiles are recomputed at most once a second
 METRICS = (("TTFT ms", 0), ("TPOT ms", 1), ("E2E ms", 2))
 
 
@@ -25,18 +29,24 @@ class LatencyPanel(Panel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._cache: tuple[int, list[dict[str, Any]]] | None = None
+        self._computed_at = -PERIOD_S
+
+    def changes(self, view: FeedView) -> Hashable:
+        """New requests, at most once per PERIOD_S (and always once the run has ended)."""
+        now = time.monotonic()
+        if view.summary is None and now - self._computed_at < PERIOD_S:
+            return self._seen[0] if self._seen else None
+        self._computed_at = now
+        return view.requests_seen
 
     def show(self, view: FeedView) -> None:
-        self.display = view.requests_seen > 0
-        if self.display:
+        if self.show_if(view.requests_seen > 0):
             super().show(view)
 
-    def stats(self, view: FeedView) -> list[dict[str, Any]]:
-        """describe() of each metric, recomputed only when new requests arrived."""
-        if self._cache is None or self._cache[0] != view.requests_seen:
-            self._cache = (view.requests_seen, [describe(r[i] for r in view.requests) for _, i in METRICS])
-        return self._cache[1]
+    @staticmethod
+    def stats(view: FeedView) -> list[dict[str, Any]]:
+        """describe() of each metric over the requests the feed keeps."""
+        return [describe(r[i] for r in view.requests) for _, i in METRICS]
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         lines: list[Text] = [row(Text(f"{'':8}" + "".join(f"{c:>10}" for c in COLUMNS), style="bold"))]

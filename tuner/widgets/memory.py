@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from rich.text import Text
 
 from tuner.report import fmt
@@ -18,6 +20,9 @@ class MemoryPanel(Panel):
     """GPU memory gauges, and the allocator peak the workload reports."""
 
     TITLE = "memory"
+
+    def changes(self, view: FeedView) -> Hashable:
+        return view.gpu_seen, view.steps_seen, view.host_seen, len(view.notes)
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         lines: list[Text] = []

@@ -1,8 +1,8 @@
 """OptionForm: a workload's options as form fields, built from the catalog declaration (never hard-coded).
 
-Choices are Selects (choices this machine cannot run are disabled in the list, with the reason),
-numbers and text are Inputs validated by ``Option.convert``, flags are Checkboxes. An option whose
-``when`` condition does not hold is disabled with the reason.
+Choices are Selects (choices this machine cannot run, by the catalog's checks, are disabled in the list
+with the reason), numbers and text are Inputs validated by ``Option.convert``, flags are Checkboxes. An
+option whose ``when`` condition does not hold is disabled with the reason.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Label, Select
 from textual.widgets._select import SelectOverlay
 
-from tuner.screens.machine import Machine
+from tuner.screens.machine import MachineInfo
 from workloads.options import Option, OptionError, WorkloadSpec
 
 GROUP_TITLES = {"shape": "shape", "run": "run", "knobs": "knobs"}
@@ -37,30 +37,43 @@ def when_reason(opt: Option, values: dict[str, Any]) -> str | None:
 
 
 class OptionValidator(Validator):
-    """Validates an Input's text with the option's own ``convert`` and this machine's limits."""
+    """Validates an Input's text with the option's own ``convert``."""
 
-    def __init__(self, opt: Option, machine: Machine) -> None:
+    def __init__(self, opt: Option) -> None:
         super().__init__()
-        self.opt, self.machine = opt, machine
+        self.opt = opt
 
     def validate(self, value: str) -> ValidationResult:
         if value.strip() == "" and self.opt.default is None:
             return self.success()
         try:
-            converted = self.opt.convert(value)
+            self.opt.convert(value)
         except OptionError as exc:
             return self.failure(str(exc))
-        problem = self.machine.problem(self.opt, converted)
-        return self.failure(f"{self.opt.flag} {converted}: {problem}") if problem else self.success()
+        return self.success()
 
 
 class ChoiceSelect(Select[Any]):
-    """A compact Select whose unavailable choices stay listed but disabled, with the reason."""
+    """A compact Select whose unavailable choices stay listed, disabled, with the reason."""
 
-    def __init__(self, opt: Option, value: Any, unavailable: dict[Any, str], **kwargs: Any) -> None:
+    def __init__(self, opt: Option, value: Any, **kwargs: Any) -> None:
+        self.opt = opt
+        self.unavailable: dict[Any, str] = {}
+        super().__init__(self._items(), value=value, allow_blank=False, compact=True, **kwargs)
+
+    def _items(self) -> list[tuple[str, Any]]:
+        return [(f"{c} — {self.unavailable[c]}" if c in self.unavailable else str(c), c)
+                for c in self.opt.choices or ()]
+
+    def set_unavailable(self, unavailable: dict[Any, str]) -> None:
+        """Mark the choices this machine cannot run (keeps the current value; posts no Changed)."""
+        if unavailable == self.unavailable:
+            return
         self.unavailable = unavailable
-        items = [(f"{c} ({unavailable[c]})" if c in unavailable else str(c), c) for c in opt.choices or ()]
-        super().__init__(items, value=value, allow_blank=False, compact=True, **kwargs)
+        value = self.value
+        with self.prevent(Select.Changed):
+            self.set_options(self._items())
+            self.value = value
 
     def _setup_options_renderables(self) -> None:
         super()._setup_options_renderables()
@@ -87,12 +100,12 @@ class OptionForm(VerticalScroll):
             super().__init__()
             self.opt = opt
 
-    def __init__(self, spec: WorkloadSpec, machine: Machine, **kwargs: Any) -> None:
+    def __init__(self, spec: WorkloadSpec, machine: MachineInfo, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec, self.machine = spec, machine
         self.options = spec.all_options()
         self.initial = {o.dest: o.default for o in self.options}
-        self.initial["preset"] = machine.default_preset(spec.presets, self.initial["preset"], spec.cpu_preset)
+        self.initial["preset"] = machine.default_preset(spec)
         self._by_id = {field_id(o): o for o in self.options}
 
     def compose(self) -> ComposeResult:
@@ -111,14 +124,17 @@ class OptionForm(VerticalScroll):
     def _control(self, opt: Option) -> Widget:
         value = self.initial[opt.dest]
         if opt.choices is not None:
-            return ChoiceSelect(opt, value, self.machine.unavailable(opt), id=field_id(opt))
+            return ChoiceSelect(opt, value, id=field_id(opt))
         if opt.type is bool:
-            return Checkbox("", bool(value), compact=True, id=field_id(opt))
+            return Checkbox("on" if value else "off", bool(value), compact=True, id=field_id(opt))
         text = "" if value is None else str(value)
-        return Input(text, compact=True, id=field_id(opt), validators=[OptionValidator(opt, self.machine)],
+        return Input(text, compact=True, id=field_id(opt), validators=[OptionValidator(opt)],
                      validate_on=["changed", "submitted", "blur"])
 
     def on_mount(self) -> None:
+        width = min(28, max(len(o.flag) for o in self.options) + 1)
+        for label in self.query(".opt-name"):
+            label.styles.width = width
         self.refresh_state()
 
     # -- reading -------------------------------------------------------------------------------
@@ -155,21 +171,24 @@ class OptionForm(VerticalScroll):
             except OptionError as exc:
                 errors[opt.dest] = str(exc)
                 continue
-            problem = self.machine.problem(opt, value)
-            if problem:
-                errors[opt.dest] = f"{opt.flag} {value}: {problem}"
-            elif value != opt.default or opt.name == "preset":
+            if value != opt.default or opt.name == "preset":
                 values[opt.dest] = value
+        for dest, reason in self.machine.problems(self.spec, current).items():
+            if dest in current and when_reason(self.spec.option(dest), current) is None:
+                errors.setdefault(dest, reason)
         return values, errors
 
     # -- updating ------------------------------------------------------------------------------
     def refresh_state(self) -> None:
-        """Enable/disable fields by their ``when`` conditions and show each field's note."""
+        """Enable/disable fields by their ``when`` conditions and this machine, and show each field's note."""
         current = self.current()
         _, errors = self.collect()
         for opt in self.options:
             reason = when_reason(opt, current)
-            self.query_one(f"#{field_id(opt)}").disabled = reason is not None
+            widget = self.query_one(f"#{field_id(opt)}")
+            widget.disabled = reason is not None
+            if isinstance(widget, ChoiceSelect):
+                widget.set_unavailable(self.machine.unavailable(self.spec, current, opt))
             note = self.query_one(f"#note-{opt.dest}", Label)
             if reason is not None:
                 note.update(reason)
@@ -199,6 +218,8 @@ class OptionForm(VerticalScroll):
     @on(Checkbox.Changed)
     def _changed(self, event: Message) -> None:
         event.stop()
+        if isinstance(event, Checkbox.Changed):
+            event.checkbox.label = "on" if event.value else "off"
         self.refresh_state()
         self.post_message(self.Changed(self))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from rich.text import Text
 from textual.widgets import Static
 
@@ -30,7 +32,14 @@ class Panel(Static):
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__("", id=id, classes=classes)
         self.border_title = self.TITLE
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[Hashable, bool, int] | None = None
+        self._height = 0
+
+    def show_if(self, visible: bool) -> bool:
+        """Show or hide the panel (only touching the style when it changes); returns ``visible``."""
+        if self.display != visible:
+            self.display = visible
+        return visible
 
     @property
     def inner_width(self) -> int:
@@ -38,16 +47,22 @@ class Panel(Static):
         width = self.content_size.width
         return width if width > 0 else DEFAULT_WIDTH
 
+    def changes(self, view: FeedView) -> Hashable:
+        """What the panel draws from; it redraws only when this (or its width) changes."""
+        return view.version
+
     def show(self, view: FeedView) -> None:
-        """Redraw from ``view`` if anything (data or width) changed since the last draw."""
-        key = (view.version, self.inner_width)
+        """Redraw from ``view`` if what it draws from (or its width) changed since the last draw."""
+        key = (self.changes(view), view.summary is not None, self.inner_width)
         if key == self._seen:
             return
         self._seen = key
         lines = self.render_view(view, self.inner_width)
         text = Text("\n").join(lines) if lines else dim("waiting for data…")
         text.no_wrap, text.overflow, text.end = True, "ellipsis", ""
-        self.update(text)
+        height = max(1, len(lines))
+        self.update(text, layout=height != self._height)  # lines never wrap: same count, same size
+        self._height = height
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         """The panel's lines for ``view`` at ``width`` columns."""

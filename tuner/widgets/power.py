@@ -5,6 +5,8 @@ Shown only when there is GPU telemetry (without it the util panel says why).
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from rich.text import Text
 
 from tuner.report import fmt
@@ -26,9 +28,11 @@ class PowerPanel(Panel):
 
     TITLE = "power"
 
+    def changes(self, view: FeedView) -> Hashable:
+        return view.gpu_seen, view.steps_seen, tuple(view.energy.values())
+
     def show(self, view: FeedView) -> None:
-        self.display = bool(view.gpus or view.energy)
-        if self.display:
+        if self.show_if(bool(view.gpus or view.energy)):
             super().show(view)
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:

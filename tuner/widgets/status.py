@@ -35,4 +35,4 @@ class StatusLine(Static):
             line.append(f" {extra} ")
         line.append(f" {run_id} ")
         line.append(what, style="dim")
-        self.update(line)
+        self.update(line, layout=False)

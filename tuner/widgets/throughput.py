@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from rich.text import Text
@@ -40,6 +41,9 @@ class ThroughputPanel(Panel):
     """Tokens/s and step time as sparklines, with MFU when the meta event gives FLOPs per token."""
 
     TITLE = "throughput"
+
+    def changes(self, view: FeedView) -> Hashable:
+        return view.steps_seen, view.meta is not None
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         steps = view.steps

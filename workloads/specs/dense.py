@@ -22,6 +22,24 @@ def on_gpu(opts: Mapping[str, Any], machine: Machine) -> bool:
     return opts.get("device") != "cpu" and bool(machine.gpus)
 
 
+def tp_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
+    """--tp against the GPUs visible and the model's heads."""
+    from workloads.models.config import PRESETS
+
+    tp = int(opts.get("tp") or 1)
+    if tp <= 1:
+        return []
+    out: list[tuple[str, str]] = []
+    cfg = PRESETS.get(str(opts.get("preset")))
+    if cfg is not None and (cfg.n_heads % tp or cfg.n_kv_heads % tp):
+        out.append(("tp", f"--tp {tp} must divide the attention heads ({cfg.n_heads}) and KV heads "
+                          f"({cfg.n_kv_heads}) of {cfg.name}"))
+    nnodes = int(opts.get("nnodes") or 1)
+    if on_gpu(opts, machine) and tp // max(nnodes, 1) > len(machine.gpus):
+        out.append(("tp", f"--tp {tp} needs {tp // nnodes} GPUs on this node; {len(machine.gpus)} visible"))
+    return out
+
+
 def transformer_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
     """What this machine cannot run of the transformer knobs, with the reason (shared by dense and MoE)."""
     out: list[tuple[str, str]] = []
@@ -47,6 +65,7 @@ def transformer_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[
         out.append(("attention-backend", "--attention-backend flex: FlexAttention has no backward on CPU"))
     if opts.get("attention_window") and backend == "flash":
         out.append(("attention-window", "--attention-window: the flash kernel takes no mask; use flex or efficient"))
+    out += tp_checks(opts, machine)
     if opts.get("compile_mode", "none") != "none" and opts.get("compile_mode") != "default" and not gpu:
         out.append(("compile-mode", f"--compile-mode {opts.get('compile_mode')}: CUDA graphs and autotuning "
                                     "need a GPU; use default on CPU"))
@@ -66,6 +85,8 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
            min=0, max=1 << 20, group="knobs"),
     Option("compile-mode", str, "none", "torch.compile mode (compile time is reported on its own)",
            ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), group="knobs"),
+    Option("tp", int, 1, "tensor-parallel degree: torchrun, one process per GPU (gloo on CPU)", min=1, max=1024,
+           group="parallel"),
     Option("activation-checkpointing", bool, False, "recompute each block in backward to save memory",
            when=(("mode", ("train",)),), group="knobs"),
 )

@@ -1,0 +1,126 @@
+"""Tensor parallelism on CPU: torchrun with gloo, 2 processes; validation against TP=1; two nodes on 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tuner.runs import load_record
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
+
+
+def btune(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def record_of(res: subprocess.CompletedProcess) -> dict:
+    return load_record(Path(res.stdout.strip().splitlines()[-1]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dense_tp2_runs_and_counts_tokens_once(tmp_path):
+    res = btune("run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "4", "--warmup", "1",
+                "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = record_of(res)
+    assert rec["config"]["argv"][1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    steps = rec["series"]["step"]
+    assert sorted(steps) == ["0", "1"], "per-rank step times are kept"
+    assert steps["0"]["loss"] == pytest.approx(steps["1"]["loss"])
+    s = rec["summary"]
+    assert s["steps"]["steady"] == 4
+    assert s["tokens_total"] == 5 * 8 * 128, "TP ranks share tokens: counted once"
+    slowest = [max(a, b) for a, b in zip(steps["0"]["step_ms"][1:], steps["1"]["step_ms"][1:], strict=True)]
+    assert s["step_ms"]["max"] == pytest.approx(max(slowest))
+    meta = next(e for e in rec["events"] if e["type"] == "meta")
+    assert meta["n_devices"] == 2 and meta["backends"]["tp"] == 2
+    # the same seed at TP=1 gives the same losses (fp32 on CPU)
+    one = record_of(btune("run", "dense", "--preset", "tiny-llama", "--steps", "4", "--warmup", "1",
+                          "--out", str(tmp_path)))
+    assert one["series"]["step"]["0"]["loss"] == pytest.approx(steps["0"]["loss"], rel=1e-4)
+
+
+def test_tp_validate_passes_and_catches_a_wrong_shard(tmp_path):
+    ok = btune("run", "tp-validate", "--preset", "tiny-llama", "--tp", "2", "--out", str(tmp_path))
+    assert ok.returncode == 0, ok.stdout[-3000:]
+    rec = record_of(ok)
+    w = rec["summary"]["workload"]
+    assert w["passed"] is True and w["tp"] == 2 and not w["mismatches"]
+    assert any(t["tensor"] == "grad layers.0.attn.wo.weight" for t in w["tensors"])
+    bad = btune("run", "tp-validate", "--preset", "tiny-llama", "--tp", "2", "--fault", "missing-allreduce",
+                "--out", str(tmp_path))
+    assert bad.returncode == 1
+    rec = record_of(bad)
+    assert rec["status"] == "failed" and rec["summary"]["workload"]["passed"] is False
+    assert "logits" in rec["summary"]["workload"]["mismatches"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["dense", "--preset", "tiny", "--tp", "3"], "--tp 3 must divide the attention heads (4)"),
+        (["dense", "--preset", "tiny-llama", "--tp", "4"], "KV heads (2)"),
+        (["dense", "--tp", "2", "--nnodes", "2"], "needs --rdzv-endpoint"),
+        (["dense", "--tp", "3", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"], "multiple of --nnodes 2"),
+        (["tp-validate", "--tp", "1"], "--tp: '1' is out of range"),
+    ],
+)
+def test_bad_tp_is_refused_before_launch(tmp_path, args, words):
+    res = btune("run", *args, "--out", str(tmp_path))
+    assert res.returncode == 2 and words in res.stderr, res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_two_nodes_meet_on_localhost(tmp_path):
+    port = free_port()
+    procs = [subprocess.Popen([*BTUNE, "run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "3",
+                               "--warmup", "1", "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint",
+                               f"127.0.0.1:{port}", "--out", str(tmp_path / f"node{r}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for r in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-2000:] + err[-2000:]
+    recs = [load_record(Path(out.strip().splitlines()[-1])) for out, _ in outs]
+    assert "--rdzv-endpoint" in recs[0]["config"]["argv"]
+    assert set(recs[0]["series"]["step"]) == {"0"} and set(recs[1]["series"]["step"]) == {"1"}
+    assert recs[0]["series"]["step"]["0"]["loss"] == pytest.approx(recs[1]["series"]["step"]["1"]["loss"])
+
+
+def test_a_rank_that_dies_fails_the_run_without_a_hang(tmp_path):
+    proc = subprocess.Popen([*BTUNE, "run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "100000",
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    deadline = time.time() + 120
+    victim = None
+    while victim is None and time.time() < deadline:
+        journals = list(tmp_path.glob("*.journal.jsonl"))
+        if journals and journals[0].read_bytes().count(b'"type":"step"') >= 4:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if child.environ().get("RANK") == "1" and "workloads.dense" in " ".join(child.cmdline()):
+                        victim = child
+                except psutil.Error:
+                    continue
+        time.sleep(0.1)
+    assert victim is not None
+    t0 = time.time()
+    victim.kill()
+    out, _ = proc.communicate(timeout=120)
+    assert time.time() - t0 < 90
+    assert proc.returncode == 1
+    rec = load_record(Path(out.strip().splitlines()[-1]))
+    assert rec["status"] in ("failed", "killed")
+    assert "rank" in rec["error"]["stderr_tail"].lower() or "signal" in rec["error"]["stderr_tail"].lower()

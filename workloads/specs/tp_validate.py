@@ -1,0 +1,26 @@
+"""The tensor-parallel validation workload's declaration."""
+
+from workloads.options import Option, WorkloadSpec
+from workloads.specs.dense import PRESET_RUN_DEFAULTS, tp_checks
+
+TP_VALIDATE = WorkloadSpec(
+    name="tp-validate",
+    module="workloads.tp_validate",
+    description="Same weights and inputs at TP=1 and TP=N: compares logits, loss and gradients tensor by tensor",
+    presets=tuple(PRESET_RUN_DEFAULTS),
+    default_preset="tiny",
+    cpu_preset="tiny-llama",
+    options=(
+        Option("tp", int, 2, "tensor-parallel degree to validate against TP=1", min=2, max=1024, group="parallel"),
+        Option("mode", str, "train", "train: logits, loss and every gradient; prefill: logits only",
+               ("train", "prefill"), group="shape"),
+        Option("batch-size", int, 2, "sequences", min=1, max=4096, group="shape"),
+        Option("seq-len", int, 64, "tokens per sequence", min=1, max=1 << 20, group="shape"),
+        Option("layers", int, 0, "truncate the preset to N layers (0: all)", min=0, max=1024, group="shape"),
+        Option("dtype", str, "auto", "compute dtype (auto: bf16 on GPU, fp32 on CPU); tolerances follow it",
+               ("auto", "bf16", "fp16", "fp32"), group="knobs"),
+        Option("fault", str, "none", "plant a sharding bug to prove the check catches it (missing-allreduce: "
+               "layer 0's attention output skips its all-reduce)", ("none", "missing-allreduce"), group="knobs"),
+    ),
+    checks=tp_checks,
+)

@@ -1,0 +1,125 @@
+"""Tensor-parallel validation: the same weights and inputs at TP=1 and TP=N, compared tensor by tensor.
+
+Every rank builds the full model from one seed (the TP=1 reference), shards a copy over the TP mesh
+and runs both on the same tokens. Logits, loss and (train) every parameter's gradient are compared
+with dtype-aware tolerances on relative error (max |a - b| / max |reference|). Rank 0 prints the
+table and the run exits 1 on any mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any
+
+from tuner.protocol import Emitter
+from workloads.options import run_main
+from workloads.specs.tp_validate import TP_VALIDATE
+
+#: Allowed relative error per compute dtype (bf16 keeps 8 bits of mantissa; sums are reordered by TP).
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}
+
+
+def compare(name: str, ref: Any, got: Any, tol: float) -> dict[str, Any]:
+    """Max absolute and relative error of ``got`` against ``ref``; ``ok`` when relative error <= tol."""
+    ref32, got32 = ref.detach().float(), got.detach().float()
+    if ref32.shape != got32.shape:
+        return {"tensor": name, "max_abs": None, "max_rel": None, "ok": False,
+                "note": f"shape {tuple(got32.shape)} != {tuple(ref32.shape)}"}
+    abs_err = (ref32 - got32).abs().max().item() if ref32.numel() else 0.0
+    scale = ref32.abs().max().item() if ref32.numel() else 0.0
+    rel = abs_err / scale if scale else abs_err
+    return {"tensor": name, "max_abs": abs_err, "max_rel": rel, "ok": rel <= tol}
+
+
+def table(rows: list[dict[str, Any]], tol: float) -> str:
+    width = max(len(r["tensor"]) for r in rows)
+    lines = [f"{'tensor':<{width}}  {'max abs err':>12}  {'max rel err':>12}  ok (rel <= {tol:g})"]
+    for r in rows:
+        a = "-" if r["max_abs"] is None else f"{r['max_abs']:.3e}"
+        b = "-" if r["max_rel"] is None else f"{r['max_rel']:.3e}"
+        lines.append(f"{r['tensor']:<{width}}  {a:>12}  {b:>12}  {'ok' if r['ok'] else 'MISMATCH'} {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def run(opts: dict[str, Any]) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from workloads import parallel
+    from workloads.dense import plan
+    from workloads.loop import SetupError, device_name, resolve_device, resolve_dtype
+    from workloads.models.config import ModelConfig
+    from workloads.models.transformer import Transformer
+
+    em = Emitter()
+    tp = parallel.world_size()
+    rank = parallel.rank()
+    try:
+        if tp != opts["tp"]:
+            raise SetupError(f"--tp {opts['tp']} but {tp} processes: launch through `btune run` (it runs torchrun)")
+        mesh = parallel.init("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+        device = resolve_device(opts["device"])
+        dense_opts = {**opts, "duration": 0.0, "activation_checkpointing": False}
+        p = plan(dense_opts, device.type)
+        dtype = resolve_dtype(p["dtype"], device)
+        cfg = ModelConfig(**p["model"])
+        parallel.check_divisible(cfg.n_heads, cfg.n_kv_heads, tp)
+    except (SetupError, ValueError) as exc:
+        em.error(str(exc), kind="config")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(opts["seed"])
+    with torch.device(device):
+        ref = Transformer(cfg)
+    ref = ref.to(dtype=dtype)
+    wrong = 0 if opts["fault"] == "missing-allreduce" else None
+    sharded = parallel.apply_tp(copy.deepcopy(ref), mesh, wrong_layer=wrong)
+    gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
+    tokens = torch.randint(0, cfg.vocab_size, (p["batch_size"], p["seq_len"] + 1), generator=gen).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    train = opts["mode"] == "train"
+    tol = TOLERANCE[p["dtype"]]
+
+    with torch.set_grad_enabled(train):
+        ref_logits = ref(x)
+        ref_loss = F.cross_entropy(ref_logits.flatten(0, 1).float(), y.flatten())
+        tp_logits = sharded(x)
+        with parallel.loss_context(tp):
+            tp_loss = F.cross_entropy(tp_logits.flatten(0, 1).float(), y.flatten())
+            if train:
+                tp_loss.backward()
+        if train:
+            ref_loss.backward()
+    rows = [compare("logits", ref_logits, parallel.full(tp_logits), tol),
+            compare("loss", ref_loss, parallel.full(tp_loss), tol)]
+    if train:
+        tp_params = dict(sharded.named_parameters())
+        for name, param in ref.named_parameters():
+            other = tp_params[name].grad
+            if param.grad is None or other is None:
+                rows.append({"tensor": f"grad {name}", "max_abs": None, "max_rel": None, "ok": False,
+                             "note": "no gradient"})
+                continue
+            rows.append(compare(f"grad {name}", param.grad, parallel.full(other), tol))
+    passed = all(r["ok"] for r in rows)
+    if rank == 0:
+        em.meta(workload="tp-validate", options=opts, plan=p, device=str(device), device_name=device_name(device),
+                n_devices=tp, precision=p["dtype"], tolerance=tol)
+        print(table(rows, tol))
+        print(f"tp-validate: TP={tp} vs TP=1, {p['dtype']}, {len(rows)} tensors: "
+              f"{'PASS' if passed else 'FAIL'} (worst rel err {max(r['max_rel'] or 0 for r in rows):.3e})")
+        em.summary(passed=passed, tp=tp, tolerance=tol, tensors=rows,
+                   mismatches=[r["tensor"] for r in rows if not r["ok"]])
+    parallel.shutdown()
+    em.close()
+    return 0 if passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(TP_VALIDATE, argv, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
