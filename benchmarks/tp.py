@@ -1,0 +1,69 @@
+"""Tensor parallelism on several GPUs: tp-validate in bf16, and dense train throughput at TP=1 and TP=N.
+
+usage: python benchmarks/tp.py [--tp 2] [--layers 8]   (prints markdown tables; every figure is a btune record)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tuner.runs import load_record
+
+
+def run(args: list[str], out: str) -> dict:
+    res = subprocess.run([sys.executable, "-m", "tuner", "run", *args, "--out", out], capture_output=True, text=True)
+    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    if not last.endswith(".json"):
+        return {"status": "not launched", "error": {"message": res.stderr.strip()[-300:]}, "summary": {}}
+    return load_record(Path(last))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, nargs="+", default=[2])
+    ap.add_argument("--layers", type=int, default=8)
+    args = ap.parse_args()
+    import torch
+
+    print(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"{datetime.date.today()}\n")
+    with tempfile.TemporaryDirectory() as out:
+        print("| tp-validate | dtype | tensors | worst rel err | tolerance | result |")
+        print("|---|---|---:|---:|---:|---|")
+        for tp in args.tp:
+            for mode in ("train",):
+                rec = run(["tp-validate", "--preset", "llama-3.1-8b", "--layers", "2", "--tp", str(tp), "--mode", mode,
+                           "--seq-len", "1024", "--batch-size", "2", "--dtype", "bf16"], out)
+                w = rec["summary"].get("workload") or {}
+                worst = max((t.get("max_rel") or 0 for t in w.get("tensors") or []), default=None)
+                print(f"| TP={tp} {mode} llama-3.1-8b x2 layers | bf16 | {len(w.get('tensors') or [])} | "
+                      f"{worst if worst is None else f'{worst:.2e}'} | {w.get('tolerance')} | "
+                      f"{'PASS' if w.get('passed') else 'FAIL ' + str(w.get('mismatches'))[:200]} ({rec['status']}) |",
+                      flush=True)
+        print("\n| dense train, llama-3.1-8b shapes | TP | tokens/s | step p50 ms | MFU (of TP x peak) | "
+              "scaling efficiency |")
+        print("|---|---:|---:|---:|---:|---:|")
+        base = None
+        for tp in [1, *args.tp]:
+            rec = run(["dense", "--preset", "llama-3.1-8b", "--layers", str(args.layers), "--seq-len", "8192",
+                       "--batch-size", "1", "--steps", "15", "--warmup", "5", "--tp", str(tp),
+                       "--compile-mode", "default"], out)
+            s = rec["summary"]
+            if rec["status"] != "ok":
+                print(f"| {args.layers} layers seq 8192 | {tp} | {rec['status']}: "
+                      f"{(rec.get('error') or {}).get('message', '')[:200]} | | | |", flush=True)
+                continue
+            tps = s["throughput_tokens_per_s"]
+            base = base or tps
+            eff = tps / (tp * base)
+            print(f"| {args.layers} layers seq 8192 | {tp} | {tps:,.0f} | {s['step_ms']['p50']:.1f} | "
+                  f"{(s['mfu']['bf16']['value'] or 0) * 100:.1f}% | {eff * 100:.0f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
