@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from workloads.options import Option, OptionError, WorkloadSpec, parse_args, to_argv, validate
+from workloads.options import build_parser as build_parser_for
 from workloads.specs import ALL
 
 WORKLOADS: dict[str, WorkloadSpec] = {spec.name: spec for spec in ALL}
@@ -16,4 +17,7 @@ def get(name: str) -> WorkloadSpec:
         raise OptionError(f"unknown workload {name!r}; available: {', '.join(WORKLOADS)}") from None
 
 
-__all__ = ["WORKLOADS", "Option", "OptionError", "WorkloadSpec", "get", "parse_args", "to_argv", "validate"]
+__all__ = [
+    "WORKLOADS", "Option", "OptionError", "WorkloadSpec", "build_parser_for", "get", "parse_args", "to_argv",
+    "validate",
+]

@@ -1,0 +1,93 @@
+"""The dense workload's modes and knobs on CPU, through `btune run` (real subprocesses)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tuner.runs import load_record
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
+
+
+def btune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def run_ok(tmp_path: Path, *args: str) -> dict:
+    res = btune("run", "dense", *args, "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return load_record(Path(res.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_inference_modes_count_their_tokens(tmp_path, mode):
+    rec = run_ok(tmp_path, "--preset", "tiny-llama", "--mode", mode, "--steps", "4", "--warmup", "1",
+                 "--batch-size", "2", "--seq-len", "32")
+    s = rec["summary"]
+    per_step = 2 * (32 if mode == "prefill" else 1)
+    assert s["tokens_total"] == 5 * per_step
+    meta = next(e for e in rec["events"] if e["type"] == "meta")
+    cfg = meta["plan"]["model"]
+    n = meta["params"]["matmul"]
+    expected = 2 * n + 4 * cfg["n_layers"] * cfg["d_model"] * 32
+    assert meta["flops_per_token"] == pytest.approx(expected)
+    assert "loss" not in rec["series"]["step"]["0"]
+
+
+def test_knobs_are_recorded_as_they_ran(tmp_path):
+    rec = run_ok(tmp_path, "--preset", "tiny-llama", "--steps", "3", "--warmup", "1", "--attention-backend", "math",
+                 "--attention-window", "16", "--activation-checkpointing", "--fp8-mode", "auto")
+    b = next(e for e in rec["events"] if e["type"] == "meta")["backends"]
+    assert b["attention"]["requested"] == "math" and "math" in b["attention"]["reason"]
+    assert b["attention"]["window"] == 16 and b["activation_checkpointing"] is True
+    assert b["fp8"]["library"] == "off" and b["fp8"]["reason"].startswith("auto:")
+
+
+def test_compiled_run_reports_its_first_step_apart(tmp_path):
+    rec = run_ok(tmp_path, "--steps", "3", "--warmup", "1", "--compile-mode", "default")
+    s = rec["summary"]
+    assert s["workload"]["compile_s"] > 0
+    assert s["steps"]["warmup"] == 1 and len(s["warmup_step_ms"]) == 1
+    assert s["warmup_step_ms"][0] > s["step_ms"]["max"], "the compile step is excluded from steady state"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--fp8-mode", "te"], "FP8 needs an NVIDIA GPU"),
+        (["--fp8-mode", "torchao"], "FP8 needs an NVIDIA GPU"),
+        (["--attention-backend", "cudnn"], "needs a CUDA GPU"),
+        (["--attention-backend", "flex"], "no backward on CPU"),
+        (["--attention-backend", "flash", "--attention-window", "8"], "takes no mask"),
+        (["--compile-mode", "reduce-overhead"], "need a GPU"),
+        (["--fp8-recipe", "rowwise"], "--fp8-recipe is only valid with --fp8-mode"),
+    ],
+)
+def test_knobs_this_machine_cannot_run_are_refused_before_launch(tmp_path, args, words):
+    res = btune("run", "dense", *args, "--out", str(tmp_path))
+    assert res.returncode == 2 and words in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_dry_run_plan_matches_the_run(tmp_path):
+    plan = orjson.loads(btune("run", "dense", "--preset", "tiny", "--dry-run").stdout)
+    rec = run_ok(tmp_path, "--preset", "tiny", "--steps", "2", "--warmup", "1")
+    meta = next(e for e in rec["events"] if e["type"] == "meta")
+    assert meta["flops_per_token"] == plan["flops_per_token"] and meta["params"] == plan["params"]
+
+
+def test_sweep_runs_the_product_and_compares(tmp_path):
+    res = btune("sweep", "dense", "--steps", "2", "--warmup", "1", "--batch-size", "2,4", "--mode", "train,prefill",
+                "--out", str(tmp_path), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "btune sweep: 4 runs" in res.stdout and res.stdout.count("  ok: ") == 4
+    assert "step time differs (Mann-Whitney)" in res.stdout
+    assert len(list(tmp_path.glob("*.json"))) == 4
+    bad = btune("sweep", "dense", "--mode", "train,bogus", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "'bogus' is not allowed" in bad.stderr
+    assert len(list(tmp_path.glob("*.json"))) == 4, "nothing runs when one combination is invalid"
