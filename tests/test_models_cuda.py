@@ -13,7 +13,18 @@ from workloads.models.config import PRESETS
 from workloads.models.kv_cache import KVCache
 from workloads.models.transformer import Transformer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.filterwarnings("error:flex_attention called without torch.compile"),  # no silent eager flex
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> None:
+    """Each test starts with no compiled code, so one test's shapes do not use up another's recompile limit."""
+    torch._dynamo.reset()
+
+
 LLAMA = {"n_heads": 32, "n_kv_heads": 8, "head_dim": 128}
 
 
@@ -97,7 +108,7 @@ def test_compiled_model_trains(backend: str) -> None:
         ref = eager_model(tokens)
     out = compiled(tokens)
     out.float().logsumexp(-1).mean().backward()
-    torch.testing.assert_close(out.detach().float(), ref.float(), atol=5e-2, rtol=5e-2)
+    assert ((out.detach().float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
 
 
 def test_train_step_throughput_by_backend() -> None:

@@ -10,13 +10,22 @@ from workloads.models.config import PRESETS
 from workloads.models.kv_cache import KVCache
 from workloads.models.transformer import Transformer
 
+pytestmark = pytest.mark.filterwarnings("error:flex_attention called without torch.compile")
 
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> None:
+    """Compiled flex (static shapes on CPU) gets a fresh recompile budget in every test."""
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["auto", "flex"])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
-def test_decode_matches_full_forward(name: str, window: int | None) -> None:
+def test_decode_matches_full_forward(name: str, window: int | None, backend: str) -> None:
     cfg = PRESETS[name]
     torch.manual_seed(0)
-    model = Transformer(cfg, AttentionKernel("auto", window)).eval()
+    model = Transformer(cfg, AttentionKernel(backend, window)).eval()
     tokens = torch.randint(0, cfg.vocab_size, (3, 24))
     prompt = 16
     cache = KVCache(cfg, batch=3, max_len=32, dtype=torch.float32)

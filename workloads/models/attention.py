@@ -30,12 +30,14 @@ _SDPA: dict[str, SDPBackend] = {
     "math": SDPBackend.MATH,
 }
 _CHOICE_NAMES = {int(v): k for k, v in _SDPA.items()}
-_FLEX_BLOCK = 128
+FLEX_BLOCK = 128
 
 Mask = torch.Tensor | BlockMask | None
 
-# Compiled lazily on first call; static shapes (dynamic shapes broke the CPU flex template in torch 2.13).
-_flex = torch.compile(flex_attention, dynamic=False)
+# Compiled lazily on first call. CPU: static shapes (dynamic shapes broke the CPU flex template in torch
+# 2.13). CUDA: automatic dynamic shapes, so decode over a growing cache does not recompile every 128 tokens.
+_flex_static = torch.compile(flex_attention, dynamic=False)
+_flex_dynamic = torch.compile(flex_attention)
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,16 @@ class AttentionKernel:
         if self.window is not None and self.window < 1:
             raise ValueError(f"attention window must be >= 1, got {self.window}")
 
+    @property
+    def kv_multiple(self) -> int:
+        """Key lengths this kernel wants, as a multiple (a KV cache hands out views this long)."""
+        return FLEX_BLOCK if self.backend == "flex" else 1
+
     def mask(self, q_len: int, kv_len: int, device: torch.device) -> Mask:
         """The mask for ``q_len`` queries at the end of ``kv_len`` keys; None where ``is_causal`` suffices."""
         if self.backend == "flex":
-            return _block_mask(q_len, _flex_kv_len(kv_len, device), kv_len, self.window, str(device))
+            q_pad, kv_pad = _flex_lengths(q_len, kv_len, torch.device(device))
+            return _block_mask(q_len, q_pad, kv_len, kv_pad, self.window, str(device))
         if self.window is None and (q_len == kv_len or q_len == 1):
             return None
         return causal_mask(q_len, kv_len, self.window, device)
@@ -65,10 +73,13 @@ class AttentionKernel:
         gqa = q.shape[1] != k.shape[1]
         if self.backend == "flex":
             assert isinstance(mask, BlockMask)
-            pad = mask.seq_lengths[1] - k.shape[2]
-            if pad:
-                k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-            return _flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+            q_len, (q_pad, kv_pad) = q.shape[2], mask.seq_lengths
+            if kv_pad > k.shape[2]:
+                k, v = F.pad(k, (0, 0, 0, kv_pad - k.shape[2])), F.pad(v, (0, 0, 0, kv_pad - v.shape[2]))
+            if q_pad > q_len:
+                q = F.pad(q, (0, 0, 0, q_pad - q_len))
+            flex = _flex_static if q.device.type == "cpu" else _flex_dynamic
+            return flex(q, k, v, block_mask=mask, enable_gqa=gqa)[:, :, :q_len]
         if gqa and self.expand_kv:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -89,17 +100,22 @@ def causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.devic
     return allowed
 
 
-def _flex_kv_len(kv_len: int, device: torch.device) -> int:
-    """Key length flex runs on. On CPU keys are padded to a multiple of 128: torch's compiled CPU flex
-    kernel returns wrong values for some lengths that are not (seen with 8, 24, 40, 56, 72 in 2.13)."""
-    if torch.device(device).type == "cpu":
-        return -(-kv_len // _FLEX_BLOCK) * _FLEX_BLOCK
-    return kv_len
+def _flex_lengths(q_len: int, kv_len: int, device: torch.device) -> tuple[int, int]:
+    """Query and key lengths flex runs on; the padding is masked out (keys) or sliced off (queries).
+
+    Keys are padded up to a multiple of 128: static shapes then change only every 128 tokens during
+    decode, and torch 2.13's compiled CPU flex kernel, which returns wrong values for some other
+    lengths (seen with 8, 24, 40, 56, 72), is avoided. On CUDA, 1 < q_len < 128 is padded to 128:
+    torch 2.11 finds no kernel for such lengths ("NoValidChoicesError"); one-token decode is fine.
+    """
+    kv = -(-kv_len // FLEX_BLOCK) * FLEX_BLOCK
+    q = FLEX_BLOCK if device.type == "cuda" and 1 < q_len < FLEX_BLOCK else q_len
+    return q, kv
 
 
 @torch.compiler.disable
 @functools.lru_cache(maxsize=64)
-def _block_mask(q_len: int, padded_kv: int, kv_len: int, window: int | None, device: str) -> BlockMask:
+def _block_mask(q_len: int, q_pad: int, kv_len: int, kv_pad: int, window: int | None, device: str) -> BlockMask:
     # Offsets live in tensors, not Python ints: compiled flex guards on closure constants and would
     # recompile for every new length (and fall back to eager after the recompile limit).
     offset = torch.tensor(kv_len - q_len, device=device)
@@ -110,7 +126,7 @@ def _block_mask(q_len: int, padded_kv: int, kv_len: int, window: int | None, dev
         q_pos = q_idx + offset
         return (kv_idx <= q_pos) & (kv_idx < limit) & (q_pos - kv_idx < span)
 
-    return create_block_mask(mask_mod, None, None, q_len, padded_kv, device=device)
+    return create_block_mask(mask_mod, None, None, q_pad, kv_pad, device=device)
 
 
 def resolve_backend(
@@ -148,7 +164,6 @@ def make_kernel(
     training: bool = False,
 ) -> tuple[AttentionKernel, str]:
     """An AttentionKernel for ``name`` checked against this device and shape, plus the reason text."""
-    AttentionKernel(name, window)  # validates name and window
     _, reason, expand = _probe(
         name, torch.device(device), dtype, n_heads, n_kv_heads or n_heads, head_dim, seq_len, window, training
     )
@@ -166,7 +181,7 @@ def _probe(
     window: int | None,
     training: bool,
 ) -> tuple[str, str, bool]:
-    AttentionKernel(name, window)
+    AttentionKernel(name, window)  # validates name and window
     shape = f"{device.type} {str(dtype).removeprefix('torch.')} head_dim {head_dim}"
     shape += f", window {window}" if window is not None else ", causal"
     if name == "flex":
@@ -191,11 +206,12 @@ def _probe(
                 choice, caught = -1, [*caught, warnings.WarningMessage(str(e), RuntimeWarning, "", 0)]
         for w in caught:  # torch explains per kernel: "X kernel not used because:" then the reasons
             line = str(w.message).strip().split(" (Triggered internally")[0].strip()
-            if line and not line.endswith(":") and line not in seen:
+            noise = line.endswith(":") or "runtime disabled" in line or line.startswith("No available kernel")
+            if line and not noise and line not in seen:
                 seen.append(line)
         ran = _CHOICE_NAMES.get(int(choice))
         # auto: prefer a fused kernel on expanded heads to math with native GQA
-        if ran is not None and not (name == "auto" and ran == "math" and gqa and not expand):
+        if ran is not None and not (name == "auto" and ran == "math" and gqa):
             how = " (k/v heads expanded for GQA)" if expand else ""
             cpu = " (the CPU kernel)" if device.type == "cpu" and ran == "flash" else ""
             verb = "SDPA picks" if name == "auto" else "SDPA forced to"

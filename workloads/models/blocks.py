@@ -44,7 +44,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(start_pos, k, v)
+            k, v = cache.update(start_pos, k, v, kernel.kv_multiple)
         y = kernel(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 

@@ -88,16 +88,24 @@ def _apply_te(model: nn.Module, recipe: str) -> Callable[[], AbstractContextMana
     from transformer_engine.common import recipe as te_recipe
 
     for parent, name, lin in _block_linears(model):
-        new = te.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                        params_dtype=lin.weight.dtype, device=lin.weight.device)
+        new = te.Linear(
+            lin.in_features,
+            lin.out_features,
+            bias=lin.bias is not None,
+            params_dtype=lin.weight.dtype,
+            device=lin.weight.device,
+        )
         with torch.no_grad():
             new.weight.copy_(lin.weight)
             if lin.bias is not None:
                 new.bias.copy_(lin.bias)
         setattr(parent, name, new)
     fmt = te_recipe.Format.HYBRID
-    rec = (te_recipe.DelayedScaling(fp8_format=fmt, amax_history_len=16, amax_compute_algo="max")
-           if recipe == "delayed" else te_recipe.Float8CurrentScaling(fp8_format=fmt))
+    rec = (
+        te_recipe.DelayedScaling(fp8_format=fmt, amax_history_len=16, amax_compute_algo="max")
+        if recipe == "delayed"
+        else te_recipe.Float8CurrentScaling(fp8_format=fmt)
+    )
     return lambda: te.fp8_autocast(enabled=True, fp8_recipe=rec)
 
 
@@ -105,8 +113,12 @@ def _apply_torchao(model: nn.Module, recipe: str) -> Callable[[], AbstractContex
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     def keep(mod: nn.Module, fqn: str) -> bool:  # block linears only, with FP8-friendly shapes
-        return fqn.startswith("layers.") and isinstance(mod, nn.Linear) \
-            and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+        return (
+            fqn.startswith("layers.")
+            and isinstance(mod, nn.Linear)
+            and mod.in_features % 16 == 0
+            and mod.out_features % 16 == 0
+        )
 
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=keep)
     return nullcontext

@@ -17,14 +17,22 @@ class LayerKVCache:
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, T, D] at positions start_pos..start_pos+T-1; return views of positions 0..end-1."""
+    def update(
+        self, start_pos: int, k: torch.Tensor, v: torch.Tensor, multiple: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, D] at positions start_pos..start_pos+T-1; return views of positions 0..end-1.
+
+        With ``multiple`` > 1 the views extend to the next multiple of it (within the buffer); the extra
+        positions hold stale values the attention mask must hide.
+        """
+        max_len = self.k.shape[2]
         end = start_pos + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked to write up to {end}")
+        if end > max_len:
+            raise ValueError(f"KV cache holds {max_len} positions, asked to write up to {end}")
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        stop = min(-(-end // multiple) * multiple, max_len)
+        return self.k[:, :, :stop], self.v[:, :, :stop]
 
 
 class KVCache:
