@@ -201,10 +201,11 @@ class LaunchScreen(BtuneScreen):
             for opt in self.form.options:
                 out.append((f"Set {opt.flag}", opt.help, partial(self.form.focus_option, opt.name)))
         for name, spec in catalog.WORKLOADS.items():
-            out.append((f"Workload {name}", spec.description, partial(self._select_workload, name)))
+            out.append((f"Workload {name}", spec.description, partial(self.select_workload, name)))
         return out
 
-    def _select_workload(self, name: str) -> None:
+    def select_workload(self, name: str) -> None:
+        """Highlight a workload in the list (its form follows)."""
         listing = self.query_one("#workloads", OptionList)
         listing.highlighted = listing.get_option_index(name)
 

@@ -50,6 +50,7 @@ class ReplayScreen(BtuneScreen):
         self.speed = 1.0
         self.playing = autoplay
         self._at_end = at_end
+        self._swapping = False
         self._restart()
 
     def _restart(self) -> None:
@@ -89,6 +90,8 @@ class ReplayScreen(BtuneScreen):
         self.redraw()
 
     def redraw(self) -> None:
+        if self._swapping:
+            return
         rec = self.record
         state = "playing" if self.playing else "paused" if self.pos < len(self.events) else "end"
         what = f"{(rec.get('config') or {}).get('workload')} {key_options(rec)}"
@@ -131,9 +134,13 @@ class ReplayScreen(BtuneScreen):
 
     async def action_restart(self) -> None:
         """Back to the start, with fresh panels."""
-        self._restart()
-        await self.query_one(Dashboard).remove()
-        await self.mount(Dashboard(id="dashboard"), before=self.query_one(Footer))
+        self._swapping = True  # no redraw while the old panels go and the new ones come
+        try:
+            self._restart()
+            await self.query_one(Dashboard).remove()
+            await self.mount(Dashboard(id="dashboard"), before=self.query_one(Footer))
+        finally:
+            self._swapping = False
         self.redraw()
 
     def action_back(self) -> None:

@@ -34,4 +34,5 @@ class Dashboard(VerticalScroll):
         if charts:
             for panel in self.query(Panel):
                 panel.show(view)
-        self.query_one(LogPanel).show(view)
+        for log in self.query(LogPanel):
+            log.show(view)

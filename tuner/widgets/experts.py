@@ -2,6 +2,7 @@
 
 Shown only once ``experts`` events arrive. A cell's shade and colour say the expert's load over the
 layer's mean (1.0 = balanced); when experts outnumber columns, each cell shows the hottest of its group.
+The figures are the workload's own (workloads.balance), aggregated across layers as it sends them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from rich.text import Text
 
 from tuner.report import fmt
 from tuner.widgets.charts import heat_row, spark
-from tuner.widgets.feed import FeedView
+from tuner.widgets.feed import FeedView, layer_mean
 from tuner.widgets.panel import Panel, dim, row
 
 MAX_ROWS = 12
@@ -34,9 +35,9 @@ def layer_ratios(counts: list[Any], columns: int) -> tuple[list[float | None], i
     return cells, group
 
 
-def _agg(values: Any) -> str:
-    xs = [v for v in values or () if isinstance(v, (int, float))]
-    return f"{fmt(sum(xs) / len(xs))} (max {fmt(max(xs))})" if xs else "-"
+def _fig(ev: dict[str, Any], name: str) -> str:
+    mean, top = layer_mean(ev, name), layer_mean(ev, name, "max")
+    return f"{fmt(mean)} (max {fmt(top)})" if mean is not None else "-"
 
 
 class ExpertsPanel(Panel):
@@ -53,20 +54,27 @@ class ExpertsPanel(Panel):
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         ev = view.experts or {}
-        layers = ev.get("layers") or []
+        layers = ev.get("counts") or ev.get("layers") or []
+        ids = ev.get("layer_ids") or list(range(len(layers)))
         lines: list[Text] = []
         group = 1
         n_experts = max((len(c) for c in layers if isinstance(c, list)), default=0)
         cell_width = max(1, min(3, (width - 5) // max(1, n_experts)))
-        for i, counts in enumerate(layers[:MAX_ROWS]):
+        for layer_id, counts in list(zip(ids, layers, strict=False))[:MAX_ROWS]:
             cells, group = layer_ratios(counts if isinstance(counts, list) else [], (width - 5) // cell_width)
-            lines.append(heat_row(f"L{i:<3} ", cells, cell_width))
+            lines.append(heat_row(f"L{layer_id:<3} ", cells, cell_width))
         if len(layers) > MAX_ROWS:
-            lines.append(dim(f"… {len(layers) - MAX_ROWS} more layers"))
+            lines.append(dim(f"… {len(layers) - MAX_ROWS} more MoE layers"))
         per = f", {group} experts per cell (hottest)" if group > 1 else ""
-        lines.append(dim(f"{len(layers)} layers × {n_experts} experts{per}; shade = load / layer mean"))
-        lines.append(row(f"gini {_agg(ev.get('gini'))}  maxvio {_agg(ev.get('max_vio'))}  "
-                         f"entropy {_agg(ev.get('entropy'))}"))
+        window = ev.get("window")
+        steps = f", steps {window[0]}–{window[1]}" if isinstance(window, list) and len(window) == 2 else ""
+        lines.append(dim(f"{len(layers)} MoE layers × {n_experts} experts{per}{steps}; shade = load / layer mean"))
+        lines.append(row(f"gini {_fig(ev, 'gini')}  maxvio {_fig(ev, 'max_vio')}  entropy {_fig(ev, 'entropy')}"))
+        extra = [f"{label} {_fig(ev, name)}" for name, label in
+                 (("dead", "dead"), ("dropped_frac", "dropped"), ("router_entropy", "router entropy"))
+                 if ev.get(name) is not None]
+        if extra:
+            lines.append(row("  ".join(extra)))
         chart = max(1, width - 9)
         hist = view.experts_history
         for name, idx, style in (("gini    ", 0, "magenta"), ("maxvio  ", 1, "red"), ("entropy ", 2, "green")):

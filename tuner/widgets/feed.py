@@ -45,9 +45,17 @@ class FeedView:
     summary: dict[str, Any] | None = None
 
 
-def _mean(values: Any) -> float | None:
-    xs = [float(v) for v in values or () if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return sum(xs) / len(xs) if xs else None
+def layer_mean(ev: Event, name: str, agg: str = "mean") -> float | None:
+    """An experts event's figure across layers: the workload's own ``mean``/``max`` aggregate when it sent
+    one, else the mean (or max) of the per-layer list."""
+    given = ev.get(agg)
+    if isinstance(given, dict) and name in given:
+        value = given[name]
+        return float(value) if isinstance(value, (int, float)) else None
+    xs = [float(v) for v in ev.get(name) or () if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not xs:
+        return None
+    return max(xs) if agg == "max" else sum(xs) / len(xs)
 
 
 class RunFeed:
@@ -140,7 +148,7 @@ class RunFeed:
     def _experts_ev(self, ev: Event) -> None:
         self.experts_seen += 1
         self._experts = ev
-        self._experts_hist.append((_mean(ev.get("gini")), _mean(ev.get("max_vio")), _mean(ev.get("entropy"))))
+        self._experts_hist.append((layer_mean(ev, "gini"), layer_mean(ev, "max_vio"), layer_mean(ev, "entropy")))
 
     def _request(self, ev: Event) -> None:
         self.requests_seen += 1

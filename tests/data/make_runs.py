@@ -1,0 +1,84 @@
+"""Re-create the recorded runs under tests/data/runs (run from the repository root; takes about a minute).
+
+- two real CPU runs of ``dense`` (tiny preset, different batch sizes);
+- a real CPU run of ``moe`` (tiny, a balance window of 2 steps, so it sends ``experts`` events);
+- a real ``moe`` run that fails: its own option check rejects ``--top-k 64`` (launched through the Runner,
+  since ``btune run`` refuses it before launch);
+- one real ``dense`` run sampled through the fake NVML of tests/fake_nvml.py (8 fake GPUs: the power, memory
+  and util panels are fed by it; the numbers are the fake's, not a GPU's);
+- one synthetic run (``python -c`` with tuner.protocol.Emitter) that sends serving ``request`` events, so
+  the latency panel has data until a serving workload exists; its workload is ``synthetic``;
+- a truncated copy of a run file (``…-dense-bad0.json``), for the runs screen's error row.
+
+The snapshot tests read these files; re-making them changes the snapshots (update with --snapshot-update).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "tests" / "data" / "runs"
+BTUNE = [str(Path(sys.executable).with_name("btune"))]
+
+SYNTHETIC = r"""
+import random, time
+from tuner.protocol import Emitter
+rng = random.Random(7)
+em = Emitter()
+em.meta(workload="synthetic", device="cpu", device_name="cpu", n_devices=1, flops_per_token=None)
+for i in range(24):
+    em.step(i, 40.0 + rng.random() * 4, 512, warmup=i < 2)
+    for _ in range(10):
+        ttft = 20 + rng.random() * 30
+        em.emit("request", ttft_ms=ttft, tpot_ms=5 + rng.random() * 2, e2e_ms=ttft + 300 + rng.random() * 50,
+                output_tokens=64)
+    time.sleep(0.05)
+em.summary(steps_run=24)
+"""
+
+
+def btune_run(workload: str, *args: str) -> None:
+    subprocess.run([*BTUNE, "run", workload, "--out", str(OUT), *args], check=False, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+
+
+def runner_run(name: str, argv: list[str], options: dict[str, object] | None = None,
+               defaults: dict[str, object] | None = None) -> Path:
+    from tuner import runs
+    from tuner.runner import Runner
+
+    config = {"workload": name, "options": options or {}, "argv": argv, "defaults": defaults or {}}
+    runner = Runner(argv, run_id=runs.new_run_id(name), out_dir=OUT, config=config, cwd=str(ROOT))
+    return runner.run().record_path
+
+
+def main() -> None:
+    from tuner.launch import build_config
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_nvml import FakeNvml
+
+    from tuner import catalog
+    from tuner.launch import make_runner
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    btune_run("dense", "--preset", "tiny", "--steps", "6", "--warmup", "2")
+    btune_run("dense", "--preset", "tiny", "--steps", "6", "--warmup", "2", "--batch-size", "4")
+    btune_run("moe", "--preset", "tiny", "--steps", "6", "--warmup", "2", "--balance-window", "2")
+    moe = catalog.get("moe")
+    bad = {"preset": "tiny", "top_k": 64, "steps": 2}
+    runner_run("moe", [sys.executable, "-m", "workloads.moe", "--preset", "tiny", "--top-k", "64", "--steps", "2"],
+               {**moe.defaults(), **bad}, moe.defaults())
+    config = build_config("dense", ["--preset", "tiny", "--steps", "8", "--warmup", "2"])
+    make_runner(config, OUT, nvml=FakeNvml(8)).run()
+    runner_run("synthetic", [sys.executable, "-c", SYNTHETIC])
+    good = sorted(OUT.glob("*-dense-*.json"))[0]
+    data = good.read_bytes()
+    (OUT / "20261121-000000-dense-bad0.json").write_bytes(data[: len(data) // 2])
+
+
+if __name__ == "__main__":
+    main()

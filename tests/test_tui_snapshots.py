@@ -1,0 +1,201 @@
+"""Snapshots of every screen, fed from the recorded runs in tests/data/runs (fixed sizes, no clocks shown).
+
+Update after an intended change with ``pytest tests/test_tui_snapshots.py --snapshot-update`` and review
+the SVGs under tests/__snapshots__/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_tui_support import make_app, recorded, until
+from textual.app import App
+from textual.widgets import DataTable
+
+from tuner.replay import timeline
+from tuner.runner import RunResult
+from tuner.screens import live as live_module
+from tuner.screens.live import LiveScreen
+from tuner.screens.replay import ReplayScreen
+from tuner.screens.runs import RunsScreen
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def _in_tests_dir(monkeypatch):
+    """Relative runs directory (data/runs) so no machine-specific path is drawn; colours on."""
+    monkeypatch.chdir(TESTS)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+
+
+class ScreenApp:
+    """An app that opens ``screen`` over the launch screen."""
+
+    @staticmethod
+    def make(screen_factory: Any, **kwargs: Any) -> App[int]:
+        app = make_app(Path("data/runs"), python="python", **kwargs)
+
+        async def open_screen() -> None:
+            await app.push_screen(screen_factory())
+
+        app.call_later(open_screen)
+        return app
+
+
+class RecordedRunner:
+    """Stands in for the Runner: replays a recorded run's events to subscribers, then returns its record."""
+
+    def __init__(self, rec: dict[str, Any]) -> None:
+        self.rec, self.run_id, self.subs = rec, rec["id"], []
+
+    def subscribe(self, fn: Any) -> None:
+        self.subs.append(fn)
+
+    def start(self) -> None:
+        for ev in timeline(self.rec):
+            for fn in self.subs:
+                fn(ev)
+
+    def wait(self) -> RunResult:
+        rec = self.rec
+        return RunResult(rec["id"], rec["status"], rec["exit_code"], Path(f"data/runs/{rec['id']}.json"), rec)
+
+    def cancel(self) -> None:
+        pass
+
+
+async def _settle(pilot: Any) -> None:
+    await pilot.pause(0.3)
+    await pilot.pause()
+
+
+async def _runs_loaded(pilot: Any) -> None:
+    """The runs screen has its rows, and its table has sized its columns to them (done when idle)."""
+    def ready() -> bool:
+        screen = pilot.app.screen
+        return (isinstance(screen, RunsScreen) and bool(screen.rows)
+                and not screen.query_one(DataTable)._require_update_dimensions)
+
+    await until(pilot, ready, 20, "the runs table")
+
+
+def test_launch_screen(snap_compare):
+    async def ready(pilot: Any) -> None:
+        await until(pilot, lambda: pilot.app.screen.form is not None and pilot.app.screen.ready, 10)
+        await _settle(pilot)
+
+    assert snap_compare(make_app(Path("data/runs"), python="python"), terminal_size=(80, 24), run_before=ready)
+
+
+def test_runs_screen(snap_compare):
+    async def ready(pilot: Any) -> None:
+        await _runs_loaded(pilot)
+        await _settle(pilot)
+
+    app = ScreenApp.make(lambda: RunsScreen(Path("data/runs")))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
+
+
+def test_runs_screen_marked_and_unreadable_row(snap_compare):
+    async def ready(pilot: Any) -> None:
+        await _runs_loaded(pilot)
+        table = pilot.app.screen.query_one(DataTable)
+        await pilot.press("space", "down", "space")
+        table.move_cursor(row=table.row_count - 1)
+        await _settle(pilot)
+
+    app = ScreenApp.make(lambda: RunsScreen(Path("data/runs")))
+    assert snap_compare(app, terminal_size=(120, 24), run_before=ready)
+
+
+def test_replay_eight_gpus_wide(snap_compare):
+    rec = _fake_nvml_run()
+    app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
+    assert snap_compare(app, terminal_size=(130, 48), run_before=_settle)
+
+
+def test_replay_eight_gpus_at_80x24(snap_compare):
+    rec = _fake_nvml_run()
+    app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=_settle)
+
+
+def test_replay_moe_expert_balance(snap_compare):
+    rec = recorded("moe")
+    app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
+    assert snap_compare(app, terminal_size=(100, 40), run_before=_settle)
+
+
+def test_replay_serving_latency_synthetic(snap_compare):
+    rec = recorded("synthetic")
+    app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
+    assert snap_compare(app, terminal_size=(100, 34), run_before=_settle)
+
+
+def test_compare_screen(snap_compare):
+    from tuner.screens.compare import CompareScreen
+
+    recs = [*_all_ok("dense")[:2], recorded("moe", "failed")]
+    app = ScreenApp.make(lambda: CompareScreen(recs))
+
+    async def ready(pilot: Any) -> None:
+        await until(pilot, lambda: isinstance(pilot.app.screen, CompareScreen)
+                    and not pilot.app.screen.query_one(DataTable)._require_update_dimensions, 20)
+        await _settle(pilot)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
+
+
+def test_live_screen_after_a_run(snap_compare, monkeypatch):
+    rec = _all_ok("dense")[0]
+    monkeypatch.setattr(live_module, "make_runner", lambda *a, **k: RecordedRunner(rec))
+    from tuner.launch import build_config
+
+    config = build_config("dense", {"preset": "tiny", "steps": 6, "warmup": 2}, python="python")
+
+    async def ready(pilot: Any) -> None:
+        await until(pilot, lambda: isinstance(pilot.app.screen, LiveScreen) and not pilot.app.screen.is_live, 10)
+        await _settle(pilot)
+
+    app = ScreenApp.make(lambda: LiveScreen(config, Path("data/runs")))
+    assert snap_compare(app, terminal_size=(100, 34), run_before=ready)
+
+
+def test_help_screen(snap_compare):
+    async def ready(pilot: Any) -> None:
+        await _runs_loaded(pilot)
+        await pilot.press("question_mark")
+        await _settle(pilot)
+
+    app = ScreenApp.make(lambda: RunsScreen(Path("data/runs")))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
+
+
+def _all_ok(workload: str) -> list[dict[str, Any]]:
+    from tuner import runs
+
+    out = []
+    for path in sorted((TESTS / "data" / "runs").glob(f"*-{workload}-*.json")):
+        try:
+            rec = runs.load_record(path)
+        except runs.RunFileError:
+            continue
+        if rec["status"] == "ok" and not rec["environment"].get("gpus"):
+            out.append(rec)
+    return out
+
+
+def _fake_nvml_run() -> dict[str, Any]:
+    from tuner import runs
+
+    for path in sorted((TESTS / "data" / "runs").glob("*-dense-*.json")):
+        try:
+            rec = runs.load_record(path)
+        except runs.RunFileError:
+            continue
+        if rec["environment"].get("gpu_count") == 8:
+            return rec
+    raise LookupError("no recorded run with 8 (fake) GPUs")
