@@ -14,9 +14,10 @@ from textual.pilot import Pilot
 from tuner import runs
 from tuner.app import BtuneApp
 from tuner.screens.machine import MachineInfo
+from workloads.options import Machine
 
 DATA = Path(__file__).parent / "data" / "runs"
-NO_GPU = MachineInfo(reason="NVML Shared Library Not Found")
+NO_GPU = MachineInfo(Machine(reason="NVML Shared Library Not Found"))
 
 
 def recorded(workload: str, status: str = "ok") -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from tuner import catalog, runs
 from tuner.report import fmt
 from tuner.runner import Runner, RunResult
-from workloads.options import Machine
+from workloads.options import Machine, machine_checks
 
 
 class LaunchError(Exception):
@@ -52,12 +52,14 @@ def probe_machine() -> Machine:
 
     from tuner.telemetry import NvmlSampler
 
-    gpus = NvmlSampler(lambda _e: None).inventory().get("devices", [])
+    inventory = NvmlSampler(lambda _e: None).inventory()
+    gpus = inventory.get("devices", [])
+    reason = None if gpus else (inventory.get("reason") or "NVML found no GPUs")
     cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if cuda_visible is not None and cuda_visible.strip() in ("", "-1"):
-        gpus = []
+        gpus, reason = [], f"CUDA_VISIBLE_DEVICES={cuda_visible!r} hides every GPU"
     modules = frozenset(m for m in OPTIONAL_MODULES if importlib.util.find_spec(m) is not None)
-    return Machine(tuple(gpus), modules)
+    return Machine(tuple(gpus), modules, reason)
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,12 @@ class Nodes:
 
 
 def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float = 0.0,
-                 sample_hz: float = 10.0, python: str | None = None, nodes: Nodes | None = None) -> RunConfig:
-    """Validate options against the catalog (raises OptionError/LaunchError) and build the argv."""
+                 sample_hz: float = 10.0, python: str | None = None, nodes: Nodes | None = None,
+                 machine: Machine | None = None) -> RunConfig:
+    """Validate options against the catalog (raises OptionError/LaunchError) and build the argv.
+
+    ``machine`` (default: probed now) is what the checks run against; a form can pass the one it shows.
+    """
     spec = catalog.get(workload)
     nodes = nodes or Nodes()
     options = catalog.parse_args(spec, args) if isinstance(args, list) else catalog.validate(spec, args)
@@ -97,10 +103,8 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
         raise LaunchError("--timeout must be >= 0")
     if not 0 < sample_hz <= 100:
         raise LaunchError(f"--sample-hz {sample_hz:g}: expected a number in (0, 100]")
-    machine = probe_machine()
-    if options.get("device") == "cuda" and not machine.gpus:
-        raise LaunchError("--device cuda: no NVIDIA GPU is visible (NVML found none); use --device cpu or auto")
-    problems = spec.checks({**options, "nnodes": nodes.nnodes}, machine) if spec.checks else []
+    machine = machine or probe_machine()
+    problems = machine_checks({**options, "nnodes": nodes.nnodes}, machine, spec)
     if problems:
         raise LaunchError(problems[0][1])
     python = python or sys.executable

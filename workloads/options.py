@@ -104,6 +104,7 @@ class Machine:
 
     gpus: tuple[dict[str, Any], ...] = ()
     modules: frozenset[str] = frozenset()
+    reason: str | None = None  #: why there are no GPUs, when there are none
 
     @property
     def fp8_gpus(self) -> bool:
@@ -116,6 +117,14 @@ class Machine:
 
 #: ``checks(options, machine) -> [(option name, reason)]``: what this machine cannot run.
 Checks = Callable[[Mapping[str, Any], Machine], list[tuple[str, str]]]
+
+
+def device_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
+    """Every workload: ``--device cuda`` needs a visible GPU."""
+    if opts.get("device") == "cuda" and not machine.gpus:
+        why = f" ({machine.reason})" if machine.reason else ""
+        return [("device", f"--device cuda: no NVIDIA GPU is visible{why}; use --device cpu or auto")]
+    return []
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,11 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     Option("seed", int, 0, "random seed", min=0),
     Option("device", str, "auto", "where to run", ("auto", "cuda", "cpu")),
 )
+
+
+def machine_checks(opts: Mapping[str, Any], machine: Machine, spec: WorkloadSpec) -> list[tuple[str, str]]:
+    """What this machine cannot run of ``opts``: the common device rule, then the workload's own checks."""
+    return device_checks(opts, machine) + (spec.checks(opts, machine) if spec.checks else [])
 
 
 def validate(spec: WorkloadSpec, values: Mapping[str, Any]) -> dict[str, Value]:

@@ -158,7 +158,8 @@ class LaunchScreen(BtuneScreen):
     @work(thread=True, exclusive=True, group="config", exit_on_error=False)
     def _build(self, token: int, workload: str, values: dict[str, Any]) -> None:
         try:
-            config, error = build_config(workload, values, python=self.app.python), None
+            machine = self.app.machine.machine if self.app.machine is not None else None
+            config, error = build_config(workload, values, python=self.app.python, machine=machine), None
         except (OptionError, LaunchError) as exc:
             config, error = None, str(exc)
         self.post_message(ConfigBuilt(token, config, error))

@@ -1,18 +1,17 @@
 """What this machine can run, for the launch form: the core's probe (tuner.launch.probe_machine) and checks.
 
-The rules themselves live in the catalog (``WorkloadSpec.checks``) and in ``build_config`` (``--device
-cuda`` needs a GPU); this module only asks them, per option value, so the form can disable what this
-machine cannot run and say why. It adds the reason NVML gives when it sees no GPU.
+The rules themselves live in the catalog (``workloads.options.machine_checks``: the common device rule
+and ``WorkloadSpec.checks``); this module only asks them, per option value, so the form can disable
+what this machine cannot run and say why.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from workloads.options import Machine, Option, WorkloadSpec
+from workloads.options import Machine, Option, WorkloadSpec, machine_checks
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,10 @@ class MachineInfo:
     """The core's Machine (GPUs, optional modules) and, without GPUs, why there are none."""
 
     machine: Machine = field(default_factory=Machine)
-    reason: str | None = None
+
+    @property
+    def reason(self) -> str | None:
+        return self.machine.reason
 
     @property
     def has_gpu(self) -> bool:
@@ -43,11 +45,8 @@ class MachineInfo:
     def problems(self, spec: WorkloadSpec, values: Mapping[str, Any]) -> dict[str, str]:
         """Option (dest) -> why this machine cannot run ``values``, from the catalog's checks."""
         out: dict[str, str] = {}
-        if values.get("device") == "cuda" and not self.has_gpu:
-            out["device"] = f"--device cuda: no GPU: {self.reason or 'NVML sees none'}"
-        if spec.checks is not None:
-            for name, reason in spec.checks(values, self.machine):
-                out.setdefault(name.replace("-", "_"), reason)
+        for name, reason in machine_checks(values, self.machine, spec):
+            out.setdefault(name.replace("-", "_"), reason)
         return out
 
     def unavailable(self, spec: WorkloadSpec, values: Mapping[str, Any], opt: Option) -> dict[Any, str]:
@@ -63,11 +62,5 @@ class MachineInfo:
 def detect() -> MachineInfo:
     """Probe through the core (NVML inventory, installed modules); never raises. Call it off the UI thread."""
     from tuner.launch import probe_machine
-    from tuner.telemetry import NvmlSampler
 
-    machine = probe_machine()
-    reason = None
-    if not machine.gpus:
-        hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
-        reason = "CUDA_VISIBLE_DEVICES hides them" if hidden else NvmlSampler(lambda e: None).inventory().get("reason")
-    return MachineInfo(machine, reason)
+    return MachineInfo(probe_machine())
