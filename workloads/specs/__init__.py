@@ -2,6 +2,7 @@
 
 from workloads.options import WorkloadSpec
 from workloads.specs.dense import DENSE
+from workloads.specs.moe import MOE
 from workloads.specs.tp_validate import TP_VALIDATE
 
-ALL: tuple[WorkloadSpec, ...] = (DENSE, TP_VALIDATE)
+ALL: tuple[WorkloadSpec, ...] = (DENSE, TP_VALIDATE, MOE)

@@ -1,0 +1,184 @@
+"""MoE FFN (router, routed experts, shared experts, capacity), the MoE block and the MoE transformer.
+
+Attention, norms, RoPE, the dense blocks and the embedding/head skeleton come from the dense model
+(``blocks``, ``transformer``); only the FFN of the last ``n_moe_layers`` layers changes.
+
+Each MoE FFN returns its output, its balance loss (Switch: E · Σ_i f_i · P_i, with f_i the fraction of
+the step's assignments routed to expert i and P_i the mean routing probability; 1.0 when balanced)
+and a detached stats row ``[counts (E), dropped, router entropy sum, balance loss, tokens]`` that the
+driver accumulates on the device (see ``moe_stats``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from workloads.models.attention import AttentionKernel, Mask
+from workloads.models.blocks import MLP, Attention, Block, _init_linear
+from workloads.models.moe_config import MoEConfig
+from workloads.models.moe_experts import RoutedExperts, expert_counts
+from workloads.models.moe_router import Router
+from workloads.models.norms import make_norm
+from workloads.models.transformer import Transformer
+
+STATS_EXTRA = 4  # dropped, router entropy sum, balance loss, tokens
+
+
+def capacity_keep(indices: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """Which assignments [N, k] fit in ``capacity`` per expert, earlier tokens first."""
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    counts = expert_counts(flat, n_experts)
+    starts = counts.cumsum(0) - counts
+    pos_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    pos = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)
+    return (pos < capacity).view_as(indices)
+
+
+class MoEFFN(nn.Module):
+    """Router, routed experts, optional shared experts; ``collect_stats`` and ``need_aux`` are attributes."""
+
+    def __init__(self, cfg: MoEConfig, impl: str = "grouped", gemm: str = "bmm") -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.base.d_model
+        self.router = Router(d, cfg.n_experts, cfg.top_k, cfg.router, cfg.route_scale)
+        self.experts = RoutedExperts(cfg.n_experts, d, cfg.expert_d_ff, impl, gemm)
+        shared = replace(cfg.base, d_ff=cfg.n_shared * cfg.expert_d_ff)
+        self.shared = MLP(shared) if cfg.n_shared else None
+        self.collect_stats = True
+        self.need_aux = True
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y [B, T, d], balance loss (scalar, differentiable through P), stats row [E + 4])."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        n, n_exp, k = flat.shape[0], self.cfg.n_experts, self.cfg.top_k
+        r = self.router(flat)
+        counts = expert_counts(r.indices, n_exp).float()
+        indices, dropped = r.indices, counts.new_zeros(1)
+        cap = self.cfg.capacity(n)
+        if cap is not None:
+            keep = capacity_keep(r.indices, n_exp, cap)
+            indices = torch.where(keep, r.indices, n_exp)
+            dropped = (~keep).sum().float().view(1)
+        y = self.experts(flat, indices, r.gates, dropping=cap is not None)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        zero = counts.new_zeros(1)
+        aux = n_exp * (counts / (n * k) * r.probs.mean(0)).sum() if self.need_aux or self.collect_stats else zero[0]
+        ent = zero
+        if self.collect_stats:
+            p = r.probs
+            ent = (-(p * p.clamp_min(1e-30).log()).sum(-1) / math.log(n_exp)).sum().view(1) if n_exp > 1 else zero
+        stats = torch.cat([counts, dropped, ent.detach(), aux.detach().view(1), counts.new_full((1,), n)])
+        return y.view(shape), aux, stats
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.router.reset_parameters()
+        self.experts.reset_parameters(std, out_std)
+        if self.shared is not None:
+            for lin in (self.shared.w1, self.shared.w3):
+                _init_linear(lin, std)
+            _init_linear(self.shared.w2, out_std)
+
+
+class MoEBlock(nn.Module):
+    """Pre-norm residual block with the dense model's attention and an MoE FFN."""
+
+    def __init__(self, cfg: MoEConfig, layer_id: int, impl: str = "grouped", gemm: str = "bmm") -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        base = cfg.base
+        self.attn_norm = make_norm(base.arch, base.d_model, base.norm_eps)
+        self.attn = Attention(base)
+        self.mlp_norm = make_norm(base.arch, base.d_model, base.norm_eps)
+        self.moe = MoEFFN(cfg, impl, gemm)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mask: Mask,
+                kernel: AttentionKernel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), rope, mask, kernel)
+        y, aux, stats = self.moe(self.mlp_norm(x))
+        return x + y, aux, stats
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for norm in (self.attn_norm, self.mlp_norm):
+            norm.reset_parameters()
+        for lin in (self.attn.wq, self.attn.wk, self.attn.wv):
+            _init_linear(lin, std)
+        _init_linear(self.attn.wo, out_std)
+        self.moe.init_weights(std, out_std)
+
+
+class MoEOutput(NamedTuple):
+    """Logits [B, T, V], the summed balance loss of the MoE layers, and their stats [n_moe_layers, E + 4]."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: torch.Tensor
+
+
+class MoETransformer(Transformer):
+    """The dense Transformer's embedding, norm and head around dense blocks then MoE blocks.
+
+    ``impl`` (loop or grouped) and ``gemm`` (grouped_mm or bmm) pick the routed-expert implementation.
+    Decoding with a KV cache is not supported (train and prefill only).
+    """
+
+    def __init__(self, cfg: MoEConfig, attention: AttentionKernel | None = None,
+                 activation_checkpointing: bool = False, impl: str = "grouped", gemm: str = "bmm") -> None:
+        cfg.validate()
+        # The dense skeleton with only the leading dense blocks (at least one, dropped if none are dense).
+        n_dense = cfg.n_dense_layers
+        super().__init__(cfg.base.with_layers(max(n_dense, 1)), attention, activation_checkpointing)
+        self.cfg = cfg.base
+        self.moe_cfg = cfg
+        dense = list(self.layers)[:n_dense]
+        moe = [MoEBlock(cfg, i, impl, gemm) for i in cfg.moe_layer_ids]
+        self.layers = nn.ModuleList([*dense, *moe])
+        self.init_weights()
+
+    @property
+    def moe_layers(self) -> list[MoEFFN]:
+        return [layer.moe for layer in self.layers if isinstance(layer, MoEBlock)]
+
+    def set_experts(self, impl: str | None = None, gemm: str | None = None) -> None:
+        """Switch every MoE layer's expert implementation and/or grouped GEMM."""
+        for m in self.moe_layers:
+            m.experts.impl = impl or m.experts.impl
+            m.experts.gemm = gemm or m.experts.gemm
+
+    def set_collect(self, stats: bool, aux: bool) -> None:
+        """Whether MoE layers compute router entropy (``stats``) and the balance loss (``aux``)."""
+        for m in self.moe_layers:
+            m.collect_stats, m.need_aux = stats, aux
+
+    def forward(self, tokens: torch.Tensor) -> MoEOutput:  # type: ignore[override]
+        """Logits for tokens [B, T] at positions 0..T-1 (causal), with the MoE balance loss and stats."""
+        t = tokens.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {t} exceed max_seq_len {self.cfg.max_seq_len}")
+        h = self.tok_embeddings(tokens)
+        rope = self.rope[:, :t] if self.rope is not None else None
+        kernel = self.attention
+        mask = kernel.mask(t, t, tokens.device)
+        ckpt = self.activation_checkpointing and torch.is_grad_enabled()
+        auxes, stats = [], []
+        for layer in self.layers:
+            if ckpt:
+                out = checkpoint(layer, h, rope, mask, kernel, use_reentrant=False)
+            else:
+                out = layer(h, rope, mask, kernel)
+            if isinstance(layer, Block):
+                h = out
+            else:
+                h, aux, st = out
+                auxes.append(aux)
+                stats.append(st)
+        return MoEOutput(self.output(self.norm(h)), torch.stack(auxes).sum(), torch.stack(stats))

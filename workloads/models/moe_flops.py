@@ -1,0 +1,72 @@
+"""Parameter counts, FLOPs per token and a memory estimate for MoE configs (torch-free).
+
+FLOPs follow design.md with N = *active* matmul parameters: attention, dense MLPs, and per MoE layer
+the router (d·E), the shared experts and ``top_k`` routed experts, plus the LM head (the input
+embedding excluded). train = 6·N + 12·L·d·T, prefill = train / 3. Tokens dropped by a capacity
+factor are still counted (the formula is the model's, not the step's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from workloads.models.flops import memory_estimate, param_counts
+from workloads.models.moe_config import MoEConfig
+
+MODES = ("train", "prefill")
+
+
+def expert_params(cfg: MoEConfig) -> int:
+    """Matmul parameters of one routed (or shared) SwiGLU expert: w1, w3 and w2."""
+    return 3 * cfg.base.d_model * cfg.expert_d_ff
+
+
+def moe_param_counts(cfg: MoEConfig) -> dict[str, int]:
+    """``total`` (all experts), ``active`` (top-k routed, the rest as total), ``matmul`` (N, all experts),
+    ``matmul_active`` (N for FLOPs), ``routed_experts``, ``embedding``, ``other`` (norms)."""
+    dense = param_counts(cfg.base)  # every layer with a dense MLP of width base.d_ff
+    d, n_moe = cfg.base.d_model, cfg.n_moe_layers
+    dense_mlp = 3 * d * cfg.base.d_ff
+    router = d * cfg.n_experts
+    shared = cfg.n_shared * expert_params(cfg)
+    routed_all = cfg.n_experts * expert_params(cfg)
+    routed_active = cfg.top_k * expert_params(cfg)
+    matmul = dense["matmul"] + n_moe * (router + shared + routed_all - dense_mlp)
+    matmul_active = dense["matmul"] + n_moe * (router + shared + routed_active - dense_mlp)
+    total = dense["total"] + n_moe * (router + shared + routed_all - dense_mlp)
+    return {
+        "total": total,
+        "active": total - n_moe * (routed_all - routed_active),
+        "matmul": matmul,
+        "matmul_active": matmul_active,
+        "routed_experts": n_moe * routed_all,
+        "embedding": dense["embedding"],
+        "other": dense["other"],
+    }
+
+
+def moe_flops_per_token(cfg: MoEConfig, seq_len: int, mode: str = "train") -> float:
+    """Training or prefill FLOPs per token counting only active experts."""
+    n = moe_param_counts(cfg)["matmul_active"]
+    attn = cfg.base.n_layers * cfg.base.d_model * seq_len
+    if mode == "train":
+        return 6.0 * n + 12.0 * attn
+    if mode == "prefill":
+        return (6.0 * n + 12.0 * attn) / 3
+    raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+
+
+def moe_memory_estimate(
+    cfg: MoEConfig, batch: int, seq_len: int, mode: str, dtype_bytes: int, activation_checkpointing: bool = False
+) -> dict[str, int]:
+    """Approximate device bytes, as ``flops.memory_estimate`` with every expert's weights (and their grads
+    and AdamW moments) and activations of a dense MLP as wide as the active experts (top_k + shared)."""
+    width = (cfg.top_k + cfg.n_shared) * cfg.expert_d_ff
+    est = memory_estimate(replace(cfg.base, d_ff=width), batch, seq_len, mode, dtype_bytes,
+                          activation_checkpointing=activation_checkpointing)
+    p = moe_param_counts(cfg)["total"]
+    est["weights"] = p * dtype_bytes
+    if mode == "train":
+        est["grads"], est["optimizer"] = p * dtype_bytes, p * 8
+    est["total"] = sum(v for k, v in est.items() if k != "total")
+    return est

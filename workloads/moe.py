@@ -1,0 +1,266 @@
+"""MoE decoder workload: train (forward, backward, AdamW) or prefill on synthetic tokens, with expert balancing
+and expert-balance metrics.
+
+Run alone: ``python -m workloads.moe --preset tiny --steps 20`` (events as JSON lines on stdout).
+Step events carry step_ms, tokens and the cross-entropy loss; ``experts`` events (one per
+``--balance-window`` steps) carry per-layer expert counts and the balance figures of workloads.balance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, replace
+from typing import Any
+
+from tuner.protocol import Emitter
+from workloads.models.config import ModelConfig
+from workloads.models.moe_config import MoEConfig, resolve
+from workloads.models.moe_flops import moe_flops_per_token, moe_memory_estimate, moe_param_counts
+from workloads.options import run_main
+from workloads.specs.moe import MOE, PRESET_RUN_DEFAULTS
+
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
+    """The resolved run: MoE config, shapes, balancing, active parameters, FLOPs per token, memory estimate.
+
+    Torch-free, allocates nothing (``--dry-run`` prints it). ValueError (one line) for an inconsistent shape.
+    """
+    run_defaults = PRESET_RUN_DEFAULTS[opts["preset"]]
+    cfg = resolve(opts)
+    batch = opts["batch_size"] or run_defaults["batch_size"]
+    seq = opts["seq_len"] or run_defaults["seq_len"]
+    mode = opts["mode"]
+    if seq + 1 > cfg.base.max_seq_len:
+        cfg = replace(cfg, base=replace(cfg.base, max_seq_len=seq + 1))
+    steps = opts["steps"] or (0 if opts["duration"] else run_defaults["steps"])
+    dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    balance = opts["balance"]
+    if balance == "auto":
+        balance = run_defaults["balance"] if mode == "train" else "none"
+    aux_on, free_on = balance in ("aux-loss", "both"), balance in ("aux-free", "both")
+    rate = opts["bias_update_rate"] if opts["bias_update_rate"] is not None else run_defaults["bias_update_rate"]
+    return {
+        "model": asdict(cfg),
+        "moe_layer_ids": list(cfg.moe_layer_ids),
+        "mode": mode,
+        "batch_size": batch,
+        "seq_len": seq,
+        "steps": steps,
+        "duration": opts["duration"],
+        "warmup": opts["warmup"],
+        "dtype": dtype,
+        "tokens_per_step": batch * seq,
+        "capacity_per_expert": cfg.capacity(batch * seq),
+        "expert_impl": "grouped" if opts["expert_impl"] == "auto" else opts["expert_impl"],
+        "balance": {"mode": balance, "aux_loss_coef": opts["aux_loss_coef"] if aux_on else None,
+                    "bias_update_rate": rate if free_on else None, "metrics": opts["balance_metrics"],
+                    "window": opts["balance_window"]},
+        "data": {"kind": opts["data"], "zipf_exponent": opts["zipf_exponent"] if opts["data"] == "zipf" else None},
+        "params": moe_param_counts(cfg),
+        "flops_per_token": moe_flops_per_token(cfg, seq, mode),
+        "memory_estimate_bytes": moe_memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
+                                                     activation_checkpointing=opts["activation_checkpointing"]),
+    }
+
+
+def config_of(p: dict[str, Any]) -> MoEConfig:
+    """The MoEConfig a plan describes."""
+    m = dict(p["model"])
+    return MoEConfig(base=ModelConfig(**m.pop("base")), **m)
+
+
+def _dry_run(opts: dict[str, Any]) -> int:
+    device_type, device_bytes, name = opts["device"], None, None
+    try:
+        import torch
+
+        if device_type in ("auto", "cuda") and torch.cuda.is_available():
+            device_type = "cuda"
+            _free, device_bytes = torch.cuda.mem_get_info()
+            name = torch.cuda.get_device_name()
+        elif device_type == "auto":
+            device_type = "cpu"
+    except ImportError:
+        device_type = "cpu" if device_type == "auto" else device_type
+    try:
+        p = plan(opts, device_type)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if device_bytes:
+        need = p["memory_estimate_bytes"]["total"]
+        p["device"] = {"name": name, "memory_bytes": device_bytes, "fits": need < 0.95 * device_bytes,
+                       "note": f"estimate {need / 2**30:.1f} GiB of {device_bytes / 2**30:.1f} GiB"}
+    print(json.dumps(p, indent=2))
+    return 0
+
+
+def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The model on ``device`` with attention kernel, expert GEMM, FP8 and compile applied; and what ran."""
+    import torch
+
+    from workloads.models import fp8
+    from workloads.models.attention import make_kernel
+    from workloads.models.moe import MoETransformer
+    from workloads.models.moe_experts import grouped_gemm_backend
+
+    cfg = config_of(p)
+    kernel, attn_reason = make_kernel(
+        opts["attention_backend"], device, dtype, n_heads=cfg.base.n_heads, n_kv_heads=cfg.base.n_kv_heads,
+        head_dim=cfg.base.head_dim, seq_len=p["seq_len"], window=opts["attention_window"] or None,
+        training=p["mode"] == "train",
+    )
+    impl = p["expert_impl"]
+    if impl == "grouped":
+        gemm, gemm_reason = grouped_gemm_backend(device, dtype, cfg.base.d_model, cfg.expert_d_ff)
+    else:
+        gemm, gemm_reason = "none", "loop: one torch.where and two matmuls per expert (a host sync per expert on GPU)"
+    recipe = None if opts["fp8_recipe"] == "auto" else opts["fp8_recipe"]
+    fp8_choice = fp8.resolve(opts["fp8_mode"], recipe, device)
+    with torch.device(device):
+        model = MoETransformer(cfg, kernel, opts["activation_checkpointing"], impl, "bmm" if gemm == "none" else gemm)
+    model = model.to(dtype=dtype)
+    autocast = fp8.apply(model, fp8_choice)
+    if p["mode"] != "train":
+        model.eval()
+    fwd = model if opts["compile_mode"] == "none" else torch.compile(model, mode=opts["compile_mode"])
+    fp8_reason = fp8_choice.reason
+    if fp8_choice.library != "off":
+        fp8_reason += f"; routed experts and the router stay in {p['dtype']}"
+    ran = {
+        "attention": {"requested": opts["attention_backend"], "reason": attn_reason, "window": kernel.window},
+        "fp8": {"requested": opts["fp8_mode"], "library": fp8_choice.library, "recipe": fp8_choice.recipe,
+                "reason": fp8_reason},
+        "compile": opts["compile_mode"],
+        "activation_checkpointing": opts["activation_checkpointing"],
+        "experts": {"requested": opts["expert_impl"], "impl": impl, "gemm": gemm, "reason": gemm_reason},
+        "router": cfg.router,
+        "balance": p["balance"]["mode"],
+    }
+    return model, fwd, autocast, ran
+
+
+def make_pool(kind: str, exponent: float, vocab: int, batch: int, seq: int, seed: int, n: int = 8) -> list[Any]:
+    """``n`` batches of [batch, seq + 1] tokens: uniform, or zipf (frequency ∝ 1/rank^s over a seeded
+    permutation of the vocabulary), on the CPU."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if kind == "uniform":
+        return [torch.randint(0, vocab, (batch, seq + 1), generator=gen) for _ in range(n)]
+    weights = torch.arange(1, vocab + 1, dtype=torch.float64).pow(-exponent)
+    ids = torch.randperm(vocab, generator=gen)
+    out = []
+    for _ in range(n):
+        ranks = torch.multinomial(weights, batch * (seq + 1), replacement=True, generator=gen)
+        out.append(ids[ranks].view(batch, seq + 1))
+    return out
+
+
+def run(opts: dict[str, Any]) -> int:
+    if opts["dry_run"]:
+        return _dry_run(opts)
+
+    import torch
+
+    from workloads.loop import LoopSpec, SetupError, device_name, resolve_device, resolve_dtype, run_steps
+    from workloads.models.moe_stats import BalanceWindow
+
+    em = Emitter()
+    try:
+        device = resolve_device(opts["device"])
+        p = plan(opts, device.type)
+        dtype = resolve_dtype(p["dtype"], device)
+        torch.manual_seed(opts["seed"])
+        model, fwd, autocast, ran = _build(opts, p, device, dtype)
+    except (SetupError, ValueError) as exc:
+        em.error(str(exc), kind="config")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as exc:
+        em.error(f"out of memory building the model: {str(exc).splitlines()[0]}", kind="oom")
+        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
+        return 3
+
+    cfg = model.moe_cfg
+    mode, batch, seq, bal = p["mode"], p["batch_size"], p["seq_len"], p["balance"]
+    aux_on, free_on = bal["aux_loss_coef"] is not None, bal["bias_update_rate"] is not None
+    metrics_on = bal["metrics"] == "on"
+    model.set_collect(stats=metrics_on, aux=aux_on)
+    layers = model.moe_layers
+    tracker = (BalanceWindow(em.emit, len(layers), cfg.n_experts, bal["window"], device, p["moe_layer_ids"],
+                             cfg.top_k, p["capacity_per_expert"]) if metrics_on else None)
+    pool = [t.to(device) for t in make_pool(p["data"]["kind"], opts["zipf_exponent"], cfg.base.vocab_size,
+                                            batch, seq, opts["seed"])]
+
+    if mode == "train":
+        opt = torch.optim.AdamW(model.parameters(), lr=opts["lr"], fused=device.type == "cuda")
+        coef, rate = bal["aux_loss_coef"], bal["bias_update_rate"]
+
+        def loss_of(tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out = model(tokens)
+            ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+            return (ce + coef * out.aux_loss if aux_on else ce), ce, out.stats
+
+        train_fwd = loss_of if opts["compile_mode"] == "none" else torch.compile(loss_of, mode=opts["compile_mode"])
+
+        def step(i: int) -> torch.Tensor:
+            data = pool[i % len(pool)]
+            with autocast():
+                total, ce, stats = train_fwd(data[:, :-1], data[:, 1:])
+            total.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if free_on:
+                for layer, row in zip(layers, stats, strict=True):
+                    layer.router.update_bias(row[: cfg.n_experts], rate)
+            if tracker is not None:
+                tracker.add(i, stats)
+            return ce.detach().clone()
+    else:
+
+        def step(i: int) -> None:
+            with torch.inference_mode(), autocast():
+                out = fwd(pool[i % len(pool)][:, :-1])
+                if tracker is not None:
+                    tracker.add(i, out.stats)
+
+    precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
+    em.meta(workload="moe", options=opts, plan=p, device=str(device), device_name=device_name(device),
+            n_devices=1, precision=precision, flops_per_token=p["flops_per_token"], params=p["params"],
+            torch_version=torch.__version__, backends=ran)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        res = run_steps(em, device, LoopSpec(opts["warmup"], p["steps"], opts["duration"]), step,
+                        p["tokens_per_step"], extra=tracker.extra if tracker is not None else None)
+    except torch.OutOfMemoryError as exc:
+        em.error(f"out of memory: {str(exc).splitlines()[0]}", kind="oom")
+        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
+        return 3
+    if tracker is not None:
+        tracker.flush()
+    first = res["first_step_ms"]
+    em.summary(
+        first_step_ms=first,
+        compile_s=first / 1000.0 if opts["compile_mode"] != "none" and first else None,
+        memory_estimate_bytes=p["memory_estimate_bytes"],
+        torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        steps_run=res["steps"],
+        interrupted=res["interrupted"],
+        experts_events=tracker.events if tracker is not None else 0,
+        balance_last=tracker.last if tracker is not None else None,
+    )
+    em.close()
+    return 130 if res["interrupted"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(MOE, argv, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

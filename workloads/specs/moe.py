@@ -1,0 +1,89 @@
+"""The MoE workload's declaration and its before-launch checks (torch-free)."""
+
+from collections.abc import Mapping
+from typing import Any
+
+from workloads.models.moe_config import MOE_PRESETS, resolve
+from workloads.options import Machine, Option, WorkloadSpec
+from workloads.specs.dense import TRANSFORMER_KNOBS, transformer_checks
+
+#: Per-preset run shape and balancing defaults, used where the options are left at 0 / auto / unset.
+PRESET_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"batch_size": 8, "seq_len": 128, "steps": 50, "balance": "aux-free", "bias_update_rate": 1e-2},
+    "deepseek-r1": {"batch_size": 1, "seq_len": 4096, "steps": 20, "balance": "aux-free", "bias_update_rate": 1e-3},
+    "mixtral": {"batch_size": 1, "seq_len": 4096, "steps": 20, "balance": "aux-loss", "bias_update_rate": 1e-3},
+    "gpt4-style": {"batch_size": 1, "seq_len": 4096, "steps": 20, "balance": "aux-loss", "bias_update_rate": 1e-3},
+}
+assert set(PRESET_RUN_DEFAULTS) == set(MOE_PRESETS)
+
+BALANCE = ("auto", "none", "aux-loss", "aux-free", "both")
+
+
+def moe_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
+    """The transformer knobs' checks, then the MoE shape: top-k vs experts, MoE layers vs layers, capacity."""
+    out = transformer_checks(opts, machine)
+    cf = opts.get("capacity_factor")
+    if cf is not None and cf <= 0:
+        out.append(("capacity-factor", f"--capacity-factor {cf:g}: a capacity factor must be > 0 "
+                                       "(leave it unset to drop no tokens)"))
+        return out
+    try:
+        resolve(opts)
+    except ValueError as exc:
+        out.append(("shape", str(exc)))
+    if opts.get("mode") == "prefill" and opts.get("balance") not in (None, "auto", "none"):
+        out.append(("balance", f"--balance {opts['balance']}: balancing acts through training; "
+                               "use --mode train or --balance none"))
+    return out
+
+
+MOE = WorkloadSpec(
+    name="moe",
+    module="workloads.moe",
+    description="Mixture-of-Experts decoder: router, routed + shared SwiGLU experts, balancing, expert balance "
+                "metrics; train or prefill on synthetic tokens",
+    presets=tuple(PRESET_RUN_DEFAULTS),
+    default_preset="tiny",
+    cpu_preset="tiny",
+    options=(
+        Option("mode", str, "train", "train: fwd+bwd+AdamW; prefill: no-grad forward", ("train", "prefill"),
+               group="shape"),
+        Option("batch-size", int, 0, "sequences per step (0: the preset's)", min=0, max=65536, group="shape"),
+        Option("seq-len", int, 0, "tokens per sequence (0: the preset's)", min=0, max=1 << 20, group="shape"),
+        Option("layers", int, 0, "truncate the preset to its first N layers, keeping at least one MoE layer "
+               "(0: all)", min=0, max=1024, group="shape"),
+        Option("num-moe-layers", int, None, "how many of the last layers are MoE (the rest dense, first; "
+               "unset: the preset's)", min=1, max=1024, group="shape"),
+        Option("num-experts", int, None, "routed experts per MoE layer (unset: the preset's)", min=1, max=4096,
+               group="shape"),
+        Option("top-k", int, None, "routed experts per token (unset: the preset's)", min=1, max=4096,
+               group="shape"),
+        Option("num-shared-experts", int, None, "always-on shared experts (unset: the preset's)", min=0,
+               max=64, group="shape"),
+        Option("router", str, "auto", "routing scores: softmax (Mixtral) or sigmoid (DeepSeek-V3); auto: the "
+               "preset's", ("auto", "softmax", "sigmoid"), group="shape"),
+        Option("capacity-factor", float, None, "each expert takes at most factor·tokens·k/E assignments per "
+               "step, the rest are dropped (unset: no dropping)", min=0, max=1024, group="shape"),
+        Option("expert-impl", str, "auto", "loop: a per-expert Python loop; grouped: tokens sorted by expert, "
+               "one grouped GEMM (torch._grouped_mm on Hopper/Blackwell bf16, else padded bmm); auto: grouped",
+               ("auto", "loop", "grouped"), group="knobs"),
+        Option("balance", str, "auto", "load balancing: Switch auxiliary loss, DeepSeek-V3 aux-free selection "
+               "bias, both, none (auto: the preset's)", BALANCE, group="knobs"),
+        Option("aux-loss-coef", float, 1e-2, "weight of the Switch balance loss E·Σ f_i·P_i (summed over MoE "
+               "layers)", min=0, max=100, when=(("balance", ("auto", "aux-loss", "both")),), group="knobs"),
+        Option("bias-update-rate", float, None, "aux-free: selection-bias step per training step, sign rule "
+               "(unset: the preset's; 1e-3 for the full-size presets, 1e-2 for tiny)", min=0, max=10,
+               when=(("balance", ("auto", "aux-free", "both")),), group="knobs"),
+        Option("balance-metrics", str, "on", "collect expert-balance figures and emit them once per window",
+               ("on", "off"), group="knobs"),
+        Option("balance-window", int, 10, "steps per expert-balance window", min=1, max=1 << 20, group="knobs"),
+        Option("data", str, "uniform", "synthetic tokens: uniform, or zipf-skewed (seeded) so routing starts "
+               "imbalanced", ("uniform", "zipf"), group="shape"),
+        Option("zipf-exponent", float, 1.2, "zipf: token frequency ∝ 1/rank^s", min=0, max=10,
+               when=(("data", ("zipf",)),), group="shape"),
+        *(o for o in TRANSFORMER_KNOBS if o.name != "tp"),  # no tensor/expert parallelism for MoE yet
+        Option("lr", float, 3e-4, "AdamW learning rate", min=0, max=10, when=(("mode", ("train",)),), group="knobs"),
+        Option("dry-run", bool, False, "print the plan as JSON (config, active parameters, FLOPs, memory) and exit"),
+    ),
+    checks=moe_checks,
+)
