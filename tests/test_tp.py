@@ -127,3 +127,21 @@ def test_a_rank_that_dies_fails_the_run_without_a_hang(tmp_path):
     rec = load_record(Path(out.strip().splitlines()[-1]))
     assert rec["status"] in ("failed", "killed")
     assert "rank" in rec["error"]["stderr_tail"].lower() or "signal" in rec["error"]["stderr_tail"].lower()
+
+
+def test_moe_tp2_runs_with_tp_inside_the_experts_and_validates(tmp_path):
+    res = btune("run", "moe", "--preset", "tiny", "--tp", "2", "--steps", "3", "--warmup", "1", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = record_of(res)
+    meta = next(e for e in rec["events"] if e["type"] == "meta")
+    assert meta["backends"]["tp"] == 2 and "inside the routed experts" in meta["backends"]["parallel"]
+    one = record_of(btune("run", "moe", "--preset", "tiny", "--steps", "3", "--warmup", "1", "--out", str(tmp_path)))
+    assert one["series"]["step"]["0"]["loss"] == pytest.approx(rec["series"]["step"]["0"]["loss"], rel=1e-4)
+    ok = record_of(btune("run", "tp-validate", "--model", "moe", "--preset", "tiny", "--tp", "2",
+                         "--out", str(tmp_path)))
+    w = ok["summary"]["workload"]
+    assert ok["status"] == "ok" and w["passed"] is True
+    assert any(t["tensor"].endswith("experts.w13") for t in w["tensors"])
+    bad = btune("run", "tp-validate", "--model", "moe", "--preset", "tiny", "--tp", "2", "--fault",
+                "missing-allreduce", "--out", str(tmp_path))
+    assert bad.returncode == 1

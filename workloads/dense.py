@@ -155,12 +155,7 @@ def run(opts: dict[str, Any]) -> int:
     pool = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device) for _ in range(4)]
 
     if mode == "train":
-        # Under TP, sharded (DTensor) and replicated (plain) parameters go in separate groups: the fused
-        # AdamW kernel takes one kind per call.
-        params = list(model.parameters())
-        groups = [g for g in ([p for p in params if hasattr(p, "device_mesh")],
-                              [p for p in params if not hasattr(p, "device_mesh")]) if g]
-        opt = torch.optim.AdamW([{"params": g} for g in groups], lr=opts["lr"], fused=device.type == "cuda")
+        opt = torch.optim.AdamW(parallel.param_groups(model), lr=opts["lr"], fused=device.type == "cuda")
 
         def loss_of(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             logits = model(tokens)

@@ -98,10 +98,12 @@ def _dry_run(opts: dict[str, Any]) -> int:
     return 0
 
 
-def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """The model on ``device`` with attention kernel, expert GEMM, FP8 and compile applied; and what ran."""
+def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
+           mesh: Any = None) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The model on ``device`` with attention kernel, expert GEMM, FP8, TP and compile applied; and what ran."""
     import torch
 
+    from workloads import parallel
     from workloads.models import fp8
     from workloads.models.attention import make_kernel
     from workloads.models.moe import MoETransformer
@@ -123,6 +125,11 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> 
     with torch.device(device):
         model = MoETransformer(cfg, kernel, opts["activation_checkpointing"], impl, "bmm" if gemm == "none" else gemm)
     model = model.to(dtype=dtype)
+    if mesh is not None:
+        if fp8_choice.library != "off":
+            raise ValueError("--fp8-mode with --tp > 1 is not supported yet; use one or the other")
+        parallel.check_divisible(cfg.base.n_heads, cfg.base.n_kv_heads, mesh.size())
+        parallel.apply_tp(model, mesh)
     autocast = fp8.apply(model, fp8_choice)
     if p["mode"] != "train":
         model.eval()
@@ -139,6 +146,9 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> 
         "experts": {"requested": opts["expert_impl"], "impl": impl, "gemm": gemm, "reason": gemm_reason},
         "router": cfg.router,
         "balance": p["balance"]["mode"],
+        "tp": mesh.size() if mesh is not None else 1,
+        "parallel": "TP inside the routed experts (router replicated), dense plan for attention and shared experts"
+                    if mesh is not None else None,
     }
     return model, fwd, autocast, ran
 
@@ -166,16 +176,22 @@ def run(opts: dict[str, Any]) -> int:
 
     import torch
 
+    from workloads import parallel
     from workloads.loop import LoopSpec, SetupError, device_name, resolve_device, resolve_dtype, run_steps
     from workloads.models.moe_stats import BalanceWindow
 
     em = Emitter()
+    tp, mesh = parallel.world_size(), None
     try:
+        if tp != opts["tp"]:
+            raise SetupError(f"--tp {opts['tp']} but {tp} processes: launch through `btune run` (it runs torchrun)")
+        if tp > 1:
+            mesh = parallel.init("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
         device = resolve_device(opts["device"])
         p = plan(opts, device.type)
         dtype = resolve_dtype(p["dtype"], device)
         torch.manual_seed(opts["seed"])
-        model, fwd, autocast, ran = _build(opts, p, device, dtype)
+        model, fwd, autocast, ran = _build(opts, p, device, dtype, mesh)
     except (SetupError, ValueError) as exc:
         em.error(str(exc), kind="config")
         print(f"error: {exc}", file=sys.stderr)
@@ -192,12 +208,12 @@ def run(opts: dict[str, Any]) -> int:
     model.set_collect(stats=metrics_on, aux=aux_on)
     layers = model.moe_layers
     tracker = (BalanceWindow(em.emit, len(layers), cfg.n_experts, bal["window"], device, p["moe_layer_ids"],
-                             cfg.top_k, p["capacity_per_expert"]) if metrics_on else None)
+                             cfg.top_k, p["capacity_per_expert"]) if metrics_on and parallel.rank() == 0 else None)
     pool = [t.to(device) for t in make_pool(p["data"]["kind"], opts["zipf_exponent"], cfg.base.vocab_size,
                                             batch, seq, opts["seed"])]
 
     if mode == "train":
-        opt = torch.optim.AdamW(model.parameters(), lr=opts["lr"], fused=device.type == "cuda")
+        opt = torch.optim.AdamW(parallel.param_groups(model), lr=opts["lr"], fused=device.type == "cuda")
         coef, rate = bal["aux_loss_coef"], bal["bias_update_rate"]
 
         def loss_of(tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,13 +221,17 @@ def run(opts: dict[str, Any]) -> int:
             ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
             return (ce + coef * out.aux_loss if aux_on else ce), ce, out.stats
 
-        train_fwd = loss_of if opts["compile_mode"] == "none" else torch.compile(loss_of, mode=opts["compile_mode"])
+        # Under TP the logits are vocabulary-sharded: the loss runs under loss_parallel, outside compile.
+        compiled = opts["compile_mode"] != "none"
+        train_fwd = torch.compile(loss_of, mode=opts["compile_mode"]) if compiled and tp == 1 else loss_of
+        if compiled and tp > 1:
+            model.forward = torch.compile(model.forward, mode=opts["compile_mode"])  # type: ignore[method-assign]
 
         def step(i: int) -> torch.Tensor:
             data = pool[i % len(pool)]
-            with autocast():
+            with autocast(), parallel.loss_context(tp):
                 total, ce, stats = train_fwd(data[:, :-1], data[:, 1:])
-            total.backward()
+                total.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if free_on:
@@ -219,7 +239,7 @@ def run(opts: dict[str, Any]) -> int:
                     layer.router.update_bias(row[: cfg.n_experts], rate)
             if tracker is not None:
                 tracker.add(i, stats)
-            return ce.detach().clone()
+            return parallel.full(ce.detach()).clone()
     else:
 
         def step(i: int) -> None:
@@ -229,8 +249,9 @@ def run(opts: dict[str, Any]) -> int:
                     tracker.add(i, out.stats)
 
     precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
-    em.meta(workload="moe", options=opts, plan=p, device=str(device), device_name=device_name(device),
-            n_devices=1, precision=precision, flops_per_token=p["flops_per_token"], params=p["params"],
+    if parallel.rank() == 0:
+        em.meta(workload="moe", options=opts, plan=p, device=str(device), device_name=device_name(device),
+            n_devices=tp, precision=precision, flops_per_token=p["flops_per_token"], params=p["params"],
             torch_version=torch.__version__, backends=ran)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -244,6 +265,10 @@ def run(opts: dict[str, Any]) -> int:
     if tracker is not None:
         tracker.flush()
     first = res["first_step_ms"]
+    parallel.shutdown()
+    if parallel.rank() != 0:
+        em.close()
+        return 130 if res["interrupted"] else 0
     em.summary(
         first_step_ms=first,
         compile_s=first / 1000.0 if opts["compile_mode"] != "none" and first else None,

@@ -4,6 +4,12 @@ Applied around a model, never written into it. Attention: q/k/v column-wise, o r
 w1/w3 column-wise, w2 row-wise; embedding vocabulary-parallel (row-wise); LM head column-wise with
 its logits sharded over the vocabulary, so the loss runs under ``loss_parallel``. The launcher is
 torchrun (one process per GPU; gloo on CPU).
+
+MoE layers run TP inside the experts (not expert parallelism): every rank routes every token the
+same way (the router is replicated), each rank holds a 1/N slice of every expert's hidden width
+(gate/up rows, down columns), and the experts' partial outputs are summed with one all-reduce
+(Megatron's f/g pair: identity forward and all-reduce backward on the inputs, the reverse on the
+output). Shared experts use the dense MLP plan.
 """
 
 from __future__ import annotations
@@ -59,6 +65,56 @@ def check_divisible(n_heads: int, n_kv_heads: int, tp: int) -> None:
         raise ValueError(f"--tp {tp} must divide the attention heads ({n_heads}) and KV heads ({n_kv_heads})")
 
 
+class _CopyToTP(torch.autograd.Function):
+    """f: identity forward; all-reduce of the gradient backward (a replicated input to sharded work)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """g: all-reduce forward (sum the partial outputs); identity backward."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def shard_experts(experts: nn.Module, rank_: int, world: int) -> None:
+    """Keep this rank's slice of every routed expert's hidden width and sum outputs across ranks."""
+    f = experts.d_ff  # type: ignore[attr-defined]
+    if f % world:
+        raise ValueError(f"--tp {world} must divide the expert width ({f})")
+    lo, hi = rank_ * f // world, (rank_ + 1) * f // world
+    with torch.no_grad():
+        w13 = experts.w13  # type: ignore[attr-defined]
+        local13 = torch.cat([w13[:, lo:hi], w13[:, f + lo : f + hi]], dim=1).clone()
+        local2 = experts.w2[:, :, lo:hi].clone()  # type: ignore[attr-defined]
+    experts.w13 = nn.Parameter(local13)
+    experts.w2 = nn.Parameter(local2)
+    experts.d_ff = hi - lo  # type: ignore[attr-defined]
+
+    def before(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x, indices, gates, *rest = args
+        return (_CopyToTP.apply(x), indices, _CopyToTP.apply(gates), *rest), kwargs
+
+    experts.register_forward_pre_hook(before, with_kwargs=True)
+    experts.register_forward_hook(lambda _m, _a, out: _ReduceFromTP.apply(out))
+
+
 def plan(model: nn.Module, wrong_layer: int | None = None) -> dict[str, object]:
     """The TP plan for a Transformer.
 
@@ -69,20 +125,35 @@ def plan(model: nn.Module, wrong_layer: int | None = None) -> dict[str, object]:
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "output": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
     }
-    for i, _ in enumerate(model.layers):  # type: ignore[attr-defined]
-        for name in ("attn.wq", "attn.wk", "attn.wv", "mlp.w1"):
+    for i, layer in enumerate(model.layers):  # type: ignore[attr-defined]
+        for name in ("attn.wq", "attn.wk", "attn.wv"):
             p[f"layers.{i}.{name}"] = ColwiseParallel()
         p[f"layers.{i}.attn.wo"] = RowwiseParallel(output_layouts=Partial()) if i == wrong_layer \
             else RowwiseParallel()
-        p[f"layers.{i}.mlp.w2"] = RowwiseParallel()
-        if getattr(model.layers[i].mlp, "w3", None) is not None:  # type: ignore[attr-defined,index]
-            p[f"layers.{i}.mlp.w3"] = ColwiseParallel()
+        moe = getattr(layer, "moe", None)
+        mlp, prefix = (layer.mlp, f"layers.{i}.mlp") if moe is None else (moe.shared, f"layers.{i}.moe.shared")
+        if mlp is None:
+            continue
+        p[f"{prefix}.w1"] = ColwiseParallel()
+        p[f"{prefix}.w2"] = RowwiseParallel()
+        if getattr(mlp, "w3", None) is not None:
+            p[f"{prefix}.w3"] = ColwiseParallel()
     return p
 
 
 def apply_tp(model: nn.Module, mesh: DeviceMesh, wrong_layer: int | None = None) -> nn.Module:
-    """Shard ``model`` in place over ``mesh``."""
+    """Shard ``model`` in place over ``mesh`` (MoE layers: TP inside the routed experts)."""
+    for layer in model.layers:  # type: ignore[attr-defined]
+        if getattr(layer, "moe", None) is not None:
+            shard_experts(layer.moe.experts, mesh.get_local_rank(), mesh.size())
     return parallelize_module(model, mesh, plan(model, wrong_layer))  # type: ignore[arg-type]
+
+
+def param_groups(model: nn.Module) -> list[dict[str, list[nn.Parameter]]]:
+    """Optimizer groups: sharded (DTensor) and plain parameters apart, as fused AdamW takes one kind per call."""
+    params = list(model.parameters())
+    groups = ([p for p in params if hasattr(p, "device_mesh")], [p for p in params if not hasattr(p, "device_mesh")])
+    return [{"params": g} for g in groups if g]
 
 
 def loss_context(tp: int) -> AbstractContextManager:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from dataclasses import asdict, replace
 from typing import Any
 
 from tuner.protocol import Emitter
@@ -42,6 +43,23 @@ def table(rows: list[dict[str, Any]], tol: float) -> str:
     return "\n".join(lines)
 
 
+def expert_slice(name: str, ref_grad: Any, local: Any) -> Any:
+    """The reference gradient of a routed-expert weight cut to this rank's slice (plain local shards)."""
+    from workloads import parallel
+
+    if not name.endswith(("experts.w13", "experts.w2")) or local.shape == ref_grad.shape:
+        return ref_grad
+    world, rank = parallel.world_size(), parallel.rank()
+    if name.endswith("w2"):
+        f = ref_grad.shape[2]
+        return ref_grad[:, :, rank * f // world:(rank + 1) * f // world]
+    f = ref_grad.shape[1] // 2
+    lo, hi = rank * f // world, (rank + 1) * f // world
+    import torch
+
+    return torch.cat([ref_grad[:, lo:hi], ref_grad[:, f + lo:f + hi]], dim=1)
+
+
 def run(opts: dict[str, Any]) -> int:
     import torch
     import torch.nn.functional as F
@@ -60,10 +78,21 @@ def run(opts: dict[str, Any]) -> int:
             raise SetupError(f"--tp {opts['tp']} but {tp} processes: launch through `btune run` (it runs torchrun)")
         mesh = parallel.init("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
         device = resolve_device(opts["device"])
-        dense_opts = {**opts, "duration": 0.0, "activation_checkpointing": False}
+        moe = opts["model"] == "moe"
+        dense_opts = {**opts, "duration": 0.0, "activation_checkpointing": False,
+                      "preset": "tiny" if moe else opts["preset"]}
         p = plan(dense_opts, device.type)
         dtype = resolve_dtype(p["dtype"], device)
-        cfg = ModelConfig(**p["model"])
+        if moe:
+            from workloads.models.moe_config import resolve
+
+            mcfg = resolve({"preset": opts["preset"], "layers": opts["layers"]})
+            if p["seq_len"] + 1 > mcfg.base.max_seq_len:
+                mcfg = replace(mcfg, base=replace(mcfg.base, max_seq_len=p["seq_len"] + 1))
+            cfg = mcfg.base
+            p["model"] = {"moe": opts["preset"], "base": asdict(cfg)}
+        else:
+            cfg = ModelConfig(**p["model"])
         parallel.check_divisible(cfg.n_heads, cfg.n_kv_heads, tp)
     except (SetupError, ValueError) as exc:
         em.error(str(exc), kind="config")
@@ -72,7 +101,12 @@ def run(opts: dict[str, Any]) -> int:
 
     torch.manual_seed(opts["seed"])
     with torch.device(device):
-        ref = Transformer(cfg)
+        if moe:
+            from workloads.models.moe import MoETransformer
+
+            ref = MoETransformer(mcfg, impl="grouped", gemm="bmm")
+        else:
+            ref = Transformer(cfg)
     ref = ref.to(dtype=dtype)
     wrong = 0 if opts["fault"] == "missing-allreduce" else None
     sharded = parallel.apply_tp(copy.deepcopy(ref), mesh, wrong_layer=wrong)
@@ -82,10 +116,14 @@ def run(opts: dict[str, Any]) -> int:
     train = opts["mode"] == "train"
     tol = TOLERANCE[p["dtype"]]
 
+    def logits_of(model: Any) -> Any:
+        out = model(x)
+        return out.logits if moe else out
+
     with torch.set_grad_enabled(train):
-        ref_logits = ref(x)
+        ref_logits = logits_of(ref)
         ref_loss = F.cross_entropy(ref_logits.flatten(0, 1).float(), y.flatten())
-        tp_logits = sharded(x)
+        tp_logits = logits_of(sharded)
         with parallel.loss_context(tp):
             tp_loss = F.cross_entropy(tp_logits.flatten(0, 1).float(), y.flatten())
             if train:
@@ -102,8 +140,15 @@ def run(opts: dict[str, Any]) -> int:
                 rows.append({"tensor": f"grad {name}", "max_abs": None, "max_rel": None, "ok": False,
                              "note": "no gradient"})
                 continue
-            rows.append(compare(f"grad {name}", param.grad, parallel.full(other), tol))
+            rows.append(compare(f"grad {name}", expert_slice(name, param.grad, tp_params[name]),
+                                parallel.full(other), tol))
     passed = all(r["ok"] for r in rows)
+    everywhere = torch.tensor([1 if passed else 0], device=device)
+    torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)  # every rank's slices count
+    if not everywhere.item() and passed:
+        rows.append({"tensor": "another rank's shards", "max_abs": None, "max_rel": None, "ok": False,
+                     "note": "a mismatch on another rank"})
+        passed = False
     if rank == 0:
         em.meta(workload="tp-validate", options=opts, plan=p, device=str(device), device_name=device_name(device),
                 n_devices=tp, precision=p["dtype"], tolerance=tol)

@@ -22,25 +22,29 @@ def on_gpu(opts: Mapping[str, Any], machine: Machine) -> bool:
     return opts.get("device") != "cpu" and bool(machine.gpus)
 
 
-def tp_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
-    """--tp against the GPUs visible and the model's heads."""
+def tp_checks(opts: Mapping[str, Any], machine: Machine,
+              divides: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
+    """--tp against the GPUs visible and what it must divide (default: the dense preset's heads)."""
     from workloads.models.config import PRESETS
 
     tp = int(opts.get("tp") or 1)
     if tp <= 1:
         return []
     out: list[tuple[str, str]] = []
-    cfg = PRESETS.get(str(opts.get("preset")))
-    if cfg is not None and (cfg.n_heads % tp or cfg.n_kv_heads % tp):
-        out.append(("tp", f"--tp {tp} must divide the attention heads ({cfg.n_heads}) and KV heads "
-                          f"({cfg.n_kv_heads}) of {cfg.name}"))
+    if divides is None:
+        cfg = PRESETS.get(str(opts.get("preset")))
+        divides = {} if cfg is None else {"attention heads": cfg.n_heads, "KV heads": cfg.n_kv_heads}
+    bad = [f"{what} ({n})" for what, n in divides.items() if n % tp]
+    if bad:
+        out.append(("tp", f"--tp {tp} must divide the {' and '.join(bad)} of {opts.get('preset')}"))
     nnodes = int(opts.get("nnodes") or 1)
     if on_gpu(opts, machine) and tp // max(nnodes, 1) > len(machine.gpus):
         out.append(("tp", f"--tp {tp} needs {tp // nnodes} GPUs on this node; {len(machine.gpus)} visible"))
     return out
 
 
-def transformer_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
+def transformer_checks(opts: Mapping[str, Any], machine: Machine,
+                       tp_divides: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
     """What this machine cannot run of the transformer knobs, with the reason (shared by dense and MoE)."""
     out: list[tuple[str, str]] = []
     gpu = on_gpu(opts, machine)
@@ -65,7 +69,7 @@ def transformer_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[
         out.append(("attention-backend", "--attention-backend flex: FlexAttention has no backward on CPU"))
     if opts.get("attention_window") and backend == "flash":
         out.append(("attention-window", "--attention-window: the flash kernel takes no mask; use flex or efficient"))
-    out += tp_checks(opts, machine)
+    out += tp_checks(opts, machine, tp_divides)
     if opts.get("compile_mode", "none") != "none" and opts.get("compile_mode") != "default" and not gpu:
         out.append(("compile-mode", f"--compile-mode {opts.get('compile_mode')}: CUDA graphs and autotuning "
                                     "need a GPU; use default on CPU"))

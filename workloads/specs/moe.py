@@ -21,7 +21,13 @@ BALANCE = ("auto", "none", "aux-loss", "aux-free", "both")
 
 def moe_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
     """The transformer knobs' checks, then the MoE shape: top-k vs experts, MoE layers vs layers, capacity."""
-    out = transformer_checks(opts, machine)
+    try:
+        cfg = resolve(opts)
+        divides = {"attention heads": cfg.base.n_heads, "KV heads": cfg.base.n_kv_heads,
+                   "expert width": cfg.expert_d_ff}
+    except ValueError:
+        divides = {}
+    out = transformer_checks(opts, machine, divides)
     cf = opts.get("capacity_factor")
     if cf is not None and cf <= 0:
         out.append(("capacity-factor", f"--capacity-factor {cf:g}: a capacity factor must be > 0 "
@@ -81,7 +87,7 @@ MOE = WorkloadSpec(
                "imbalanced", ("uniform", "zipf"), group="shape"),
         Option("zipf-exponent", float, 1.2, "zipf: token frequency ∝ 1/rank^s", min=0, max=10,
                when=(("data", ("zipf",)),), group="shape"),
-        *(o for o in TRANSFORMER_KNOBS if o.name != "tp"),  # no tensor/expert parallelism for MoE yet
+        *TRANSFORMER_KNOBS,
         Option("lr", float, 3e-4, "AdamW learning rate", min=0, max=10, when=(("mode", ("train",)),), group="knobs"),
         Option("dry-run", bool, False, "print the plan as JSON (config, active parameters, FLOPs, memory) and exit"),
     ),

@@ -1,16 +1,33 @@
 """The tensor-parallel validation workload's declaration."""
 
-from workloads.options import Option, WorkloadSpec
+from collections.abc import Mapping
+from typing import Any
+
+from workloads.models.moe_config import MOE_PRESETS
+from workloads.options import Machine, Option, WorkloadSpec
 from workloads.specs.dense import PRESET_RUN_DEFAULTS, tp_checks
+
+
+def validate_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
+    """--tp against the GPUs and the chosen model's heads (and expert width for MoE)."""
+    if opts.get("model") != "moe":
+        return tp_checks(opts, machine)
+    cfg = MOE_PRESETS.get(str(opts.get("preset")))
+    if cfg is None:
+        return [("preset", f"--model moe: --preset must be one of {', '.join(MOE_PRESETS)}")]
+    return tp_checks(opts, machine, {"attention heads": cfg.base.n_heads, "KV heads": cfg.base.n_kv_heads,
+                                     "expert width": cfg.expert_d_ff})
 
 TP_VALIDATE = WorkloadSpec(
     name="tp-validate",
     module="workloads.tp_validate",
     description="Same weights and inputs at TP=1 and TP=N: compares logits, loss and gradients tensor by tensor",
-    presets=tuple(PRESET_RUN_DEFAULTS),
+    presets=tuple(dict.fromkeys((*PRESET_RUN_DEFAULTS, *MOE_PRESETS))),
     default_preset="tiny",
     cpu_preset="tiny-llama",
     options=(
+        Option("model", str, "dense", "which model to shard: the dense decoder, or the MoE decoder (TP inside "
+               "the routed experts)", ("dense", "moe"), group="shape"),
         Option("tp", int, 2, "tensor-parallel degree to validate against TP=1", min=2, max=1024, group="parallel"),
         Option("mode", str, "train", "train: logits, loss and every gradient; prefill: logits only",
                ("train", "prefill"), group="shape"),
@@ -22,5 +39,5 @@ TP_VALIDATE = WorkloadSpec(
         Option("fault", str, "none", "plant a sharding bug to prove the check catches it (missing-allreduce: "
                "layer 0's attention output skips its all-reduce)", ("none", "missing-allreduce"), group="knobs"),
     ),
-    checks=tp_checks,
+    checks=validate_checks,
 )
