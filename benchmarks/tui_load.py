@@ -156,6 +156,7 @@ async def with_app(args: argparse.Namespace, runner: Runner, counter: Counter, p
     from tuner.launch import RunConfig
     from tuner.screens.live import LiveScreen
     from tuner.screens.machine import MachineInfo
+    from workloads.options import Machine
 
     pressed: list[float] = []
 
@@ -165,7 +166,7 @@ async def with_app(args: argparse.Namespace, runner: Runner, counter: Counter, p
             super().action_pause()
 
     config = RunConfig("synthetic-load", {}, tuple(runner.argv))
-    app = BtuneApp(runner.out_dir, args.refresh, machine=MachineInfo(reason="benchmark"))
+    app = BtuneApp(runner.out_dir, args.refresh, machine=MachineInfo(Machine(reason="benchmark")))
     w, h = (int(x) for x in args.size.split("x"))
     latencies: list[float] = []
     async with app.run_test(size=(w, h)) as pilot:
