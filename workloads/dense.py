@@ -5,12 +5,12 @@ Run alone: ``python -m workloads.dense --preset tiny --steps 20`` (events as JSO
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, replace
 from typing import Any
 
 from tuner.protocol import Emitter
+from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import flops_per_token, memory_estimate, param_counts
 from workloads.options import run_main
@@ -52,28 +52,6 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "memory_estimate_bytes": memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
                                                  activation_checkpointing=opts["activation_checkpointing"]),
     }
-
-
-def _dry_run(opts: dict[str, Any]) -> int:
-    device_type, device_bytes, name = opts["device"], None, None
-    try:
-        import torch
-
-        if device_type in ("auto", "cuda") and torch.cuda.is_available():
-            device_type = "cuda"
-            _free, device_bytes = torch.cuda.mem_get_info()
-            name = torch.cuda.get_device_name()
-        elif device_type == "auto":
-            device_type = "cpu"
-    except ImportError:
-        device_type = "cpu" if device_type == "auto" else device_type
-    p = plan(opts, device_type)
-    if device_bytes:
-        need = p["memory_estimate_bytes"]["total"]
-        p["device"] = {"name": name, "memory_bytes": device_bytes, "fits": need < 0.95 * device_bytes,
-                       "note": f"estimate {need / 2**30:.1f} GiB of {device_bytes / 2**30:.1f} GiB"}
-    print(json.dumps(p, indent=2))
-    return 0
 
 
 def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
@@ -119,7 +97,7 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
 
 def run(opts: dict[str, Any]) -> int:
     if opts["dry_run"]:
-        return _dry_run(opts)
+        return print_plan(opts, plan)
 
     import torch
 

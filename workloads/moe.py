@@ -8,12 +8,12 @@ Step events carry step_ms, tokens and the cross-entropy loss; ``experts`` events
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, replace
 from typing import Any
 
 from tuner.protocol import Emitter
+from workloads.dry_run import print_plan
 from workloads.models.config import ModelConfig
 from workloads.models.moe_config import MoEConfig, resolve
 from workloads.models.moe_flops import moe_flops_per_token, moe_memory_estimate, moe_param_counts
@@ -70,32 +70,6 @@ def config_of(p: dict[str, Any]) -> MoEConfig:
     """The MoEConfig a plan describes."""
     m = dict(p["model"])
     return MoEConfig(base=ModelConfig(**m.pop("base")), **m)
-
-
-def _dry_run(opts: dict[str, Any]) -> int:
-    device_type, device_bytes, name = opts["device"], None, None
-    try:
-        import torch
-
-        if device_type in ("auto", "cuda") and torch.cuda.is_available():
-            device_type = "cuda"
-            _free, device_bytes = torch.cuda.mem_get_info()
-            name = torch.cuda.get_device_name()
-        elif device_type == "auto":
-            device_type = "cpu"
-    except ImportError:
-        device_type = "cpu" if device_type == "auto" else device_type
-    try:
-        p = plan(opts, device_type)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if device_bytes:
-        need = p["memory_estimate_bytes"]["total"]
-        p["device"] = {"name": name, "memory_bytes": device_bytes, "fits": need < 0.95 * device_bytes,
-                       "note": f"estimate {need / 2**30:.1f} GiB of {device_bytes / 2**30:.1f} GiB"}
-    print(json.dumps(p, indent=2))
-    return 0
 
 
 def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
@@ -172,7 +146,7 @@ def make_pool(kind: str, exponent: float, vocab: int, batch: int, seq: int, seed
 
 def run(opts: dict[str, Any]) -> int:
     if opts["dry_run"]:
-        return _dry_run(opts)
+        return print_plan(opts, plan)
 
     import torch
 
