@@ -80,14 +80,14 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
             raise ValueError("--fp8-mode with --tp > 1 is not supported yet; use one or the other")
         parallel.check_divisible(cfg.n_heads, cfg.n_kv_heads, mesh.size())
         parallel.apply_tp(model, mesh)
-    autocast = fp8.apply(model, fp8_choice)
+    autocast = fp8.apply(model, fp8_choice, head=opts["fp8_head"])
     if p["mode"] != "train":
         model.eval()
     fwd = model if opts["compile_mode"] == "none" else torch.compile(model, mode=opts["compile_mode"])
     ran = {
         "attention": {"requested": opts["attention_backend"], "reason": attn_reason, "window": kernel.window},
         "fp8": {"requested": opts["fp8_mode"], "library": fp8_choice.library, "recipe": fp8_choice.recipe,
-                "reason": fp8_choice.reason},
+                "reason": fp8_choice.reason, "lm_head": bool(opts["fp8_head"]) and fp8_choice.library != "off"},
         "compile": opts["compile_mode"],
         "activation_checkpointing": opts["activation_checkpointing"],
         "tp": mesh.size() if mesh is not None else 1,

@@ -104,7 +104,7 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
             raise ValueError("--fp8-mode with --tp > 1 is not supported yet; use one or the other")
         parallel.check_divisible(cfg.base.n_heads, cfg.base.n_kv_heads, mesh.size())
         parallel.apply_tp(model, mesh)
-    autocast = fp8.apply(model, fp8_choice)
+    autocast = fp8.apply(model, fp8_choice, head=opts["fp8_head"])
     if p["mode"] != "train":
         model.eval()
     fwd = model if opts["compile_mode"] == "none" else torch.compile(model, mode=opts["compile_mode"])

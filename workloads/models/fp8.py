@@ -2,7 +2,7 @@
 
 ``resolve`` decides what runs (``auto``: TE if importable and the GPU has FP8 tensor cores, else
 torchao, else off) and says why; an explicit mode that cannot run raises ValueError with the reason.
-``apply`` converts the model's block linears (the LM head stays in high precision, as torchtitan
+``apply`` converts the model's block linears (the LM head stays in high precision unless asked, as torchtitan
 does) and returns the context manager each forward pass must run under.
 """
 
@@ -72,9 +72,9 @@ def resolve(mode: str, recipe: str | None, device: torch.device) -> Fp8Choice:
     return Fp8Choice(mode, rec, f"{mode}: requested")
 
 
-def _block_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, linear) for every nn.Linear inside the model's blocks."""
-    out = []
+def _block_linears(model: nn.Module, head: bool = False) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every nn.Linear inside the model's blocks (and the LM head if asked)."""
+    out = [(model, "output", model.output)] if head and type(getattr(model, "output", None)) is nn.Linear else []
     for block in model.layers:  # type: ignore[attr-defined]
         for parent in block.modules():
             for name, child in parent.named_children():
@@ -83,11 +83,11 @@ def _block_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return out
 
 
-def _apply_te(model: nn.Module, recipe: str) -> Callable[[], AbstractContextManager]:
+def _apply_te(model: nn.Module, recipe: str, head: bool) -> Callable[[], AbstractContextManager]:
     import transformer_engine.pytorch as te
     from transformer_engine.common import recipe as te_recipe
 
-    for parent, name, lin in _block_linears(model):
+    for parent, name, lin in _block_linears(model, head):
         new = te.Linear(
             lin.in_features,
             lin.out_features,
@@ -109,12 +109,12 @@ def _apply_te(model: nn.Module, recipe: str) -> Callable[[], AbstractContextMana
     return lambda: te.fp8_autocast(enabled=True, fp8_recipe=rec)
 
 
-def _apply_torchao(model: nn.Module, recipe: str) -> Callable[[], AbstractContextManager]:
+def _apply_torchao(model: nn.Module, recipe: str, head: bool) -> Callable[[], AbstractContextManager]:
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     def keep(mod: nn.Module, fqn: str) -> bool:  # block linears only, with FP8-friendly shapes
         return (
-            fqn.startswith("layers.")
+            (fqn.startswith("layers.") or (head and fqn == "output"))
             and isinstance(mod, nn.Linear)
             and mod.in_features % 16 == 0
             and mod.out_features % 16 == 0
@@ -124,10 +124,10 @@ def _apply_torchao(model: nn.Module, recipe: str) -> Callable[[], AbstractContex
     return nullcontext
 
 
-def apply(model: nn.Module, choice: Fp8Choice) -> Callable[[], AbstractContextManager]:
-    """Convert ``model`` in place for ``choice``; returns a factory of the forward-pass context."""
+def apply(model: nn.Module, choice: Fp8Choice, head: bool = False) -> Callable[[], AbstractContextManager]:
+    """Convert ``model`` in place for ``choice`` (``head``: the LM head too); returns the forward-pass context."""
     if choice.library == "te":
-        return _apply_te(model, choice.recipe or DEFAULT_RECIPE["te"])
+        return _apply_te(model, choice.recipe or DEFAULT_RECIPE["te"], head)
     if choice.library == "torchao":
-        return _apply_torchao(model, choice.recipe or DEFAULT_RECIPE["torchao"])
+        return _apply_torchao(model, choice.recipe or DEFAULT_RECIPE["torchao"], head)
     return nullcontext

@@ -83,6 +83,8 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
            ("off", "auto", "te", "torchao"), group="knobs"),
     Option("fp8-recipe", str, "auto", "te: delayed|current scaling; torchao: tensorwise|rowwise (auto: te delayed, "
            "torchao tensorwise)", FP8_RECIPES, when=(("fp8-mode", ("auto", "te", "torchao")),), group="knobs"),
+    Option("fp8-head", bool, False, "run the LM head in FP8 too (off: high precision, as torchtitan does)",
+           when=(("fp8-mode", ("auto", "te", "torchao")),), group="knobs"),
     Option("attention-backend", str, "auto", "SDPA with a kernel forced, or FlexAttention (compiled, block masks)",
            ("auto", "flash", "cudnn", "efficient", "math", "flex"), group="knobs"),
     Option("attention-window", int, 0, "sliding-window attention over the last N tokens (0: full causal)",
