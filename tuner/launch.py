@@ -98,7 +98,8 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
     nodes = nodes or Nodes()
     options = catalog.parse_args(spec, args) if isinstance(args, list) else catalog.validate(spec, args)
     tp = int(options.get("tp") or 1)
-    nodes.check(tp)
+    nproc = tp * int(options.get("replicas") or 1)  # serving: replicas of a tp-way model
+    nodes.check(nproc)
     if timeout < 0:
         raise LaunchError("--timeout must be >= 0")
     if not 0 < sample_hz <= 100:
@@ -108,7 +109,7 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
     if problems:
         raise LaunchError(problems[0][1])
     python = python or sys.executable
-    launcher = nodes.torchrun(python, tp) if tp > 1 or nodes.nnodes > 1 else [python]
+    launcher = nodes.torchrun(python, nproc) if nproc > 1 or nodes.nnodes > 1 else [python]
     argv = (*launcher, "-m", spec.module, *catalog.to_argv(spec, options))
     return RunConfig(workload, options, argv, timeout, sample_hz, spec.defaults())
 

@@ -13,6 +13,14 @@ from tuner import hardware
 from tuner.stats import describe, finite, trapezoid
 
 
+def replica_steps(step_series: dict[str, dict[str, list[Any]]]) -> list[dict[str, Any]]:
+    """Data-parallel replicas: every rank's steps, each its own row (their tokens add)."""
+    out: list[dict[str, Any]] = []
+    for rank, cols in step_series.items():
+        out += merged_steps({rank: cols})
+    return sorted(out, key=lambda s: s["t_end"] if s["t_end"] is not None else 0.0)
+
+
 def merged_steps(step_series: dict[str, dict[str, list[Any]]]) -> list[dict[str, Any]]:
     """One row per step index: ``step, t_start, t_end, step_ms, tokens, warmup`` (slowest rank's time)."""
     rows: dict[int, dict[str, Any]] = {}
@@ -116,15 +124,23 @@ def _gpu(series: dict[str, Any]) -> dict[str, Any]:
 
 def summarize(series: dict[str, Any], events: list[dict[str, Any]], started: float, ended: float) -> dict[str, Any]:
     """The summary object of a run record."""
-    steps = merged_steps(series.get("step") or {})
+    meta = first_event(events, "meta") or {}
+    step_series = series.get("step") or {}
+    replicas = int(meta.get("replicas") or 1)
+    steps = replica_steps(step_series) if replicas > 1 else merged_steps(step_series)
     steady = [s for s in steps if not s["warmup"]]
     step_ms = [s["step_ms"] for s in steady]
     tok_s = [s["tokens"] / (s["step_ms"] / 1000.0) for s in steady if s["tokens"] and s["step_ms"] > 0]
     steady_tokens = sum(s["tokens"] or 0 for s in steady)
     steady_seconds = sum(step_ms) / 1000.0
     throughput = steady_tokens / steady_seconds if steady_seconds > 0 and steady_tokens else None
-
-    meta = first_event(events, "meta") or {}
+    if replicas > 1:  # replicas run side by side: their rates add (each rank's tokens over its own busy time)
+        rates = []
+        for rank in step_series:
+            own = [s for s in merged_steps({rank: step_series[rank]}) if not s["warmup"]]
+            secs = sum(s["step_ms"] for s in own) / 1000.0
+            rates.append(sum(s["tokens"] or 0 for s in own) / secs if secs > 0 else 0.0)
+        throughput = sum(rates) or None
     workload_summary = first_event(events, "summary")
     out: dict[str, Any] = {
         "steps": {"total": len(steps), "warmup": len(steps) - len(steady), "steady": len(steady)},

@@ -1,0 +1,273 @@
+"""Inference serving load test: the dense model behind a KV-cache engine with continuous batching.
+
+Run alone: ``python -m workloads.serve --preset tiny --num-requests 16`` (events as JSON lines on stdout).
+Several replicas: ``torchrun --nproc-per-node N -m workloads.serve --replicas N ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+from tuner.protocol import Emitter
+from workloads.models.config import PRESETS, ModelConfig
+from workloads.models.flops import flops_per_token, param_counts
+from workloads.options import run_main
+from workloads.specs.serve import SERVE, cache_len, lengths, load_checks, resolved
+
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_POSITION_ROOM = 128  # the cache rounds positions up (scratch column, padded chunks, flex blocks)
+
+
+def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
+    """The resolved run: model, cache, load shape, parameter counts, FLOPs per output token (torch-free)."""
+    cfg: ModelConfig = PRESETS[opts["preset"]]
+    if opts["layers"]:
+        cfg = cfg.with_layers(opts["layers"])
+    prompt, output = lengths(opts)
+    n = cache_len(opts, prompt, output)
+    room = -(-(n + 16) // _POSITION_ROOM) * _POSITION_ROOM
+    if room > cfg.max_seq_len:  # position tables must cover the cache's spare columns
+        cfg = replace(cfg, max_seq_len=room)
+    max_batch = int(resolved(opts, "max_batch"))
+    dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    rate = opts["request_rate"]
+    num = opts["num_requests"] or (0 if opts["duration"] else resolved(opts, "num_requests"))
+    load = {"mode": "open" if rate is not None else "closed", "request_rate": rate,
+            "burstiness": opts["burstiness"] if rate is not None else None,
+            "concurrency": None if rate is not None else (opts["concurrency"] or max_batch * opts["replicas"]),
+            "num_requests": num, "duration_s": opts["duration"], "drain_timeout_s": opts["drain_timeout"],
+            "prompt_len": str(prompt), "output_len": str(output), "seed": opts["seed"]}
+    # FLOPs per output token, the prompt's prefill included (design.md: prefill = train / 3 per token,
+    # decode = 2N + 4·L·d·context), at the mean lengths and the mean decode context.
+    p_mean, o_mean = prompt.mean, output.mean
+    fpt = (p_mean * flops_per_token(cfg, round(p_mean), "prefill")
+           + o_mean * flops_per_token(cfg, round(p_mean + o_mean / 2), "decode")) / o_mean
+    counts = param_counts(cfg)
+    kv_heads = cfg.n_kv_heads
+    return {
+        "model": asdict(cfg),
+        "max_batch": max_batch,
+        "cache_len": n,
+        "max_prefill_tokens": opts["max_prefill_tokens"],
+        "load": load,
+        "slo": {"ttft_ms": opts["slo_ttft_ms"], "tpot_ms": opts["slo_tpot_ms"]},
+        "replicas": opts["replicas"],
+        "dtype": dtype,
+        "params": counts,
+        "flops_per_output_token": fpt,
+        "kv_cache_bytes": 2 * cfg.n_layers * max_batch * n * kv_heads * cfg.head_dim * _DTYPE_BYTES[dtype],
+        "weight_bytes": counts["total"] * _DTYPE_BYTES[dtype],
+    }
+
+
+def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+    """The engine on ``device`` with the attention kernel, FP8 and compile applied; and what actually ran."""
+    import torch
+
+    from workloads.engine.engine import Engine
+    from workloads.models import fp8
+    from workloads.models.attention import make_kernel
+    from workloads.models.transformer import Transformer
+
+    cfg = ModelConfig(**p["model"])
+    kernel, attn_reason = make_kernel(
+        opts["attention_backend"], device, dtype, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, seq_len=min(p["max_prefill_tokens"], p["cache_len"]),
+        window=opts["attention_window"] or None, training=False,
+    )
+    recipe = None if opts["fp8_recipe"] == "auto" else opts["fp8_recipe"]
+    fp8_choice = fp8.resolve(opts["fp8_mode"], recipe, device)
+    with torch.device(device):
+        model = Transformer(cfg, attention=kernel)
+    model = model.to(dtype=dtype)
+    autocast = fp8.apply(model, fp8_choice, head=opts.get("fp8_head", False))
+    model.eval()
+    engine = Engine(model, kernel, p["max_batch"], p["cache_len"], device, dtype, opts["compile_mode"], autocast,
+                    pad_multiple=16 if fp8_choice.library == "te" else 1)
+    decode_attn = "flex (block mask over slot positions)" if kernel.backend == "flex" else \
+        f"SDPA {kernel.backend} with a per-slot length mask, grouped queries"
+    ran = {
+        "attention": {"requested": opts["attention_backend"], "prefill": attn_reason, "decode": decode_attn,
+                      "window": kernel.window},
+        "fp8": {"requested": opts["fp8_mode"], "library": fp8_choice.library, "recipe": fp8_choice.recipe,
+                "reason": fp8_choice.reason},
+        "compile": {"decode": opts["compile_mode"], "prefill": "none (eager)",
+                    "cuda_graphs": opts["compile_mode"] == "reduce-overhead"},
+        "decode_buckets": engine.buckets,
+        "cache_positions": engine.cache.positions,
+        "kv_cache_bytes": engine.cache.nbytes(),
+        "tp": 1,
+    }
+    return engine, ran
+
+
+def _dry_run(opts: dict[str, Any]) -> int:
+    problems = load_checks(opts)
+    if problems:
+        print(f"error: {problems[0][1]}", file=sys.stderr)
+        return 2
+    try:
+        import torch
+
+        cuda = opts["device"] != "cpu" and torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    print(json.dumps(plan(opts, "cuda" if cuda else "cpu"), indent=2, default=str))
+    return 0
+
+
+def _generator(p: dict[str, Any], replica: int, replicas: int) -> Any:
+    from workloads.engine.loadgen import ClosedLoop, LengthDist, OpenLoop
+
+    load = p["load"]
+    prompt, output = LengthDist.parse(load["prompt_len"]), LengthDist.parse(load["output_len"])
+    common = {"num_requests": load["num_requests"], "duration": load["duration_s"], "replica": replica,
+              "replicas": replicas}
+    if load["mode"] == "open":
+        return OpenLoop(load["request_rate"], load["burstiness"], prompt, output, load["seed"], **common)
+    return ClosedLoop(load["concurrency"], prompt, output, load["seed"], **common)
+
+
+def run(opts: dict[str, Any]) -> int:
+    if opts["dry_run"]:
+        return _dry_run(opts)
+
+    import torch
+
+    from workloads import parallel
+    from workloads.engine import metrics
+    from workloads.engine.driver import Hooks, run_load
+    from workloads.engine.loadgen import RequestSpec, prompt_tokens
+    from workloads.engine.request import Request
+    from workloads.engine.scheduler import Scheduler
+    from workloads.loop import SetupError, device_name, memory_fields, resolve_device, resolve_dtype
+
+    em = Emitter()
+    world, replicas = parallel.world_size(), opts["replicas"]
+    rank = parallel.rank()
+    try:
+        problems = load_checks(opts)
+        if problems:
+            raise SetupError(problems[0][1])
+        if world != replicas:
+            raise SetupError(f"--replicas {replicas} but {world} processes: launch with torchrun --nproc-per-node "
+                             f"{replicas} -m workloads.serve --replicas {replicas} ...")
+        if opts["tp"] > 1:
+            raise SetupError("--tp: tensor-parallel replicas are not supported by serve yet; use --replicas")
+        if world > 1:
+            parallel.init("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+        device = resolve_device(opts["device"])
+        p = plan(opts, device.type)
+        dtype = resolve_dtype(p["dtype"], device)
+        torch.manual_seed(opts["seed"])
+        engine, ran = _build(opts, p, device, dtype)
+        gen = _generator(p, rank, replicas)
+    except (SetupError, ValueError) as exc:
+        em.error(str(exc), kind="config")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as exc:
+        em.error(f"out of memory building the engine: {str(exc).splitlines()[0]}", kind="oom")
+        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
+        return 3
+
+    precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
+    if rank == 0:
+        em.meta(workload="serve", options=opts, plan=p, device=str(device), device_name=device_name(device),
+                n_devices=world, precision=precision, flops_per_token=p["flops_per_output_token"],
+                flops_per_token_note="per output token, the prompt's prefill included, at the mean lengths",
+                params=p["params"], torch_version=torch.__version__, backends=ran, replicas=world,
+                step_tokens="output tokens produced by one engine step of this rank's replica")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_idx = 0
+    cuda = device.type == "cuda"
+
+    def warm_step(ms: float, fields: dict[str, Any]) -> None:
+        nonlocal step_idx
+        em.step(step_idx, ms, 0, warmup=True, first=step_idx == 0, **fields, **memory_fields(device))
+        step_idx += 1
+
+    decode_ms: list[float] = []
+    decode_batch: list[int] = []
+
+    def on_step(i: int, ms: float, tokens: int, plan_: Any, t: float) -> None:
+        nonlocal step_idx
+        prefill = plan_.prefill_tokens
+        if not prefill:
+            decode_ms.append(ms)
+            decode_batch.append(len(plan_.decode))
+        extra = memory_fields(device) if cuda and i % 16 == 0 else {}
+        em.step(step_idx, ms, tokens, warmup=False, prefill_tokens=prefill, decode_batch=len(plan_.decode),
+                t_load=t, **extra)
+        step_idx += 1
+
+    vocab = engine.model.cfg.vocab_size
+
+    def make_request(spec: RequestSpec) -> Request:
+        prompt = torch.from_numpy(prompt_tokens(p["load"]["seed"], spec.rid, spec.prompt_len, vocab)).to(device)
+        return Request(spec, prompt, replica=rank)
+
+    # compiled: at least compile, CUDA-graph capture and one replay per shape before the load starts
+    rounds = max(opts["warmup"], 3) if opts["compile_mode"] != "none" else opts["warmup"]
+    hooks = Hooks(step=on_step, finished=lambda r: em.emit("request", **r.record()),
+                  series=lambda f: em.emit("series", name="engine", replica=rank, **f))
+    sched = Scheduler(p["max_batch"], p["max_prefill_tokens"], p["cache_len"])
+    try:
+        warm_s = engine.warmup(rounds, warm_step)
+        if world > 1:
+            torch.distributed.barrier()
+        res = run_load(engine, sched, gen, make_request, time.perf_counter, time.sleep, hooks,
+                       max_steps=opts["steps"], drain_timeout=opts["drain_timeout"])
+    except torch.OutOfMemoryError as exc:
+        em.error(f"out of memory: {str(exc).splitlines()[0]}", kind="oom")
+        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
+        return 3
+    except RuntimeError as exc:  # e.g. a forced SDPA kernel that cannot run the decode shapes
+        em.error(f"engine failed: {str(exc).splitlines()[0]}", kind="error")
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for r in res.unfinished:
+        em.emit("request", **r.record())
+    records = [r.record() for r in res.requests]
+    ends = [res.end]
+    interrupted = res.stopped == "interrupted"
+    if world > 1:
+        gathered: list[Any] = [None] * world if rank == 0 else []
+        torch.distributed.gather_object((records, res.end, interrupted), gathered if rank == 0 else None, dst=0)
+        if rank == 0:
+            records = [r for recs, _, _ in gathered for r in recs]
+            ends = [end for _, end, _ in gathered]
+            interrupted = any(i for _, _, i in gathered)
+    parallel.shutdown()
+    if rank != 0:
+        em.close()
+        return 130 if interrupted else 0
+    serving = metrics.serving_summary(sorted(records, key=lambda r: r["rid"]), max(ends), opts["slo_ttft_ms"],
+                                      opts["slo_tpot_ms"])
+    em.summary(
+        serving=serving,
+        warmup_s=warm_s,
+        warmup_rounds=rounds,
+        compile_s=warm_s if opts["compile_mode"] != "none" else None,
+        engine={"steps": res.steps, "stopped": res.stopped, "decode_step_ms": metrics.describe(decode_ms),
+                "decode_batch_mean": sum(decode_batch) / len(decode_batch) if decode_batch else None,
+                "buckets": ran["decode_buckets"], "kv_cache_bytes": ran["kv_cache_bytes"]},
+        replicas=world,
+        torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+        interrupted=interrupted,
+    )
+    em.close()
+    return 130 if interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(SERVE, argv, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

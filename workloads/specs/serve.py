@@ -1,0 +1,128 @@
+"""The serving load test's declaration and its before-launch checks (torch-free)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from workloads.engine.loadgen import LengthDist
+from workloads.options import Machine, Option, WorkloadSpec
+from workloads.specs.dense import TRANSFORMER_KNOBS, on_gpu, transformer_checks
+
+#: Per-preset defaults used where --max-batch, --num-requests, --prompt-len, --output-len are left unset.
+SERVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"max_batch": 8, "num_requests": 32, "prompt_len": "uniform:4,48", "output_len": "uniform:2,32"},
+    "tiny-llama": {"max_batch": 8, "num_requests": 32, "prompt_len": "uniform:4,48", "output_len": "uniform:2,32"},
+    "gpt-large": {"max_batch": 32, "num_requests": 256, "prompt_len": "uniform:128,1024",
+                  "output_len": "uniform:32,256"},
+    "llama-3.1-8b": {"max_batch": 32, "num_requests": 256, "prompt_len": "uniform:128,1024",
+                     "output_len": "uniform:32,256"},
+    "llama-3.1-70b": {"max_batch": 32, "num_requests": 256, "prompt_len": "uniform:128,1024",
+                      "output_len": "uniform:32,256"},
+}
+
+
+def resolved(opts: Mapping[str, Any], key: str) -> Any:
+    """An option's value, or the preset's default where it is unset (None, 0 or empty)."""
+    value = opts.get(key)
+    return value if value not in (None, 0, "") else SERVE_DEFAULTS[str(opts.get("preset") or "tiny")][key]
+
+
+def lengths(opts: Mapping[str, Any]) -> tuple[LengthDist, LengthDist]:
+    """The prompt and output length distributions (ValueError with the reason when malformed)."""
+    return LengthDist.parse(resolved(opts, "prompt_len")), LengthDist.parse(resolved(opts, "output_len"))
+
+
+def cache_len(opts: Mapping[str, Any], prompt: LengthDist, output: LengthDist) -> int:
+    """KV-cache positions per sequence: --max-seq-len, or the longest prompt plus the longest output."""
+    return int(opts.get("max_seq_len") or prompt.high + output.high)
+
+
+def load_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Load and shape options that contradict each other or cannot fit, whatever the machine."""
+    from workloads.models.config import PRESETS
+
+    out: list[tuple[str, str]] = []
+    rate, conc = opts.get("request_rate"), opts.get("concurrency")
+    if rate is not None and conc is not None:
+        out.append(("concurrency", "--request-rate (open loop) and --concurrency (closed loop) contradict each "
+                                   "other; give one"))
+    if rate is not None and not rate > 0:
+        out.append(("request-rate", f"--request-rate {rate:g}: a request rate must be > 0 (inf: all at once)"))
+    burst = opts.get("burstiness", 1.0)
+    if burst is not None and not (burst > 0 and math.isfinite(burst)):
+        out.append(("burstiness", f"--burstiness {burst:g}: the gamma shape must be a finite number > 0"))
+    elif burst not in (None, 1.0) and rate is None:
+        out.append(("burstiness", "--burstiness shapes open-loop arrivals: it needs --request-rate"))
+    try:
+        prompt, output = lengths(opts)
+    except ValueError as exc:
+        out.append(("prompt-len", str(exc)))
+        return out
+    cfg = PRESETS.get(str(opts.get("preset")))
+    n = cache_len(opts, prompt, output)
+    if prompt.high + output.high > n:
+        out.append(("max-seq-len", f"prompt up to {prompt.high} plus output up to {output.high} tokens is longer "
+                                   f"than the KV cache (--max-seq-len {n})"))
+    elif cfg is not None and n > cfg.max_seq_len:
+        out.append(("max-seq-len", f"{n} positions per sequence exceed {cfg.name}'s context of {cfg.max_seq_len}"))
+    return out
+
+
+def serve_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
+    """What the load test cannot run as asked on this machine, with the reason (one line each)."""
+    out = load_checks(opts)
+    backend = opts.get("attention_backend", "auto")
+    if backend == "flash":
+        out.append(("attention-backend", "--attention-backend flash: the flash kernel takes no mask, and decoding "
+                                         "sequences of different lengths in one batch needs one; use auto, efficient, "
+                                         "cudnn, math or flex"))
+    if int(opts.get("tp") or 1) > 1:
+        out.append(("tp", "--tp: tensor-parallel replicas are not supported by serve yet; use --replicas"))
+    replicas = int(opts.get("replicas") or 1)
+    if on_gpu(opts, machine) and replicas > len(machine.gpus):
+        out.append(("replicas", f"--replicas {replicas} needs {replicas} GPUs; {len(machine.gpus)} visible"))
+    out += [c for c in transformer_checks({**opts, "mode": "decode"}, machine) if c[0] != "tp"]
+    return out
+
+
+SERVE = WorkloadSpec(
+    name="serve",
+    module="workloads.serve",
+    description="Inference serving load test: KV-cache engine with continuous batching and chunked prefill, "
+                "open- or closed-loop load; TTFT, TPOT, ITL, E2E percentiles and goodput",
+    presets=tuple(SERVE_DEFAULTS),
+    default_preset="tiny",
+    cpu_preset="tiny",
+    options=(
+        Option("layers", int, 0, "truncate the preset to N layers (0: all)", min=0, max=1024, group="shape"),
+        Option("max-batch", int, 0, "KV-cache slots: sequences decoded together (0: the preset's)", min=0,
+               max=4096, group="shape"),
+        Option("max-seq-len", int, 0, "KV-cache positions per sequence (0: longest prompt + longest output)",
+               min=0, max=1 << 20, group="shape"),
+        Option("max-prefill-tokens", int, 2048, "prompt tokens prefilled per engine step (longer prompts are "
+               "chunked over steps)", min=1, max=1 << 20, group="shape"),
+        Option("prompt-len", str, "", "prompt lengths: fixed:N, uniform:A,B or normal:MEAN,STD (empty: the "
+               "preset's)", group="load"),
+        Option("output-len", str, "", "output lengths, same forms (empty: the preset's)", group="load"),
+        Option("request-rate", float, None, "open loop: requests/s, gamma-distributed gaps (Poisson at "
+               "burstiness 1; inf: all at once)", min=0, group="load"),
+        Option("burstiness", float, 1.0, "open loop: gamma shape of the gaps (<1 burstier, >1 more regular)",
+               min=0, group="load"),
+        Option("concurrency", int, None, "closed loop: clients each sending its next request when the last "
+               "finishes (neither this nor --request-rate: --max-batch clients per replica)", min=1, max=1 << 20,
+               group="load"),
+        Option("num-requests", int, 0, "requests to send (0: until --duration; both 0: the preset's)", min=0,
+               group="load"),
+        Option("drain-timeout", float, 0.0, "seconds to wait for unfinished requests once sending stops (0: wait "
+               "for all)", min=0, group="load"),
+        Option("slo-ttft-ms", float, 2000.0, "goodput SLO on time to first token", min=0, group="load"),
+        Option("slo-tpot-ms", float, 100.0, "goodput SLO on time per output token", min=0, group="load"),
+        Option("replicas", int, 1, "model replicas, one process per GPU (torchrun): one request stream shared "
+               "round-robin, reported once by rank 0", min=1, max=1024, group="parallel"),
+        *(o for o in TRANSFORMER_KNOBS if o.name != "activation-checkpointing"),
+        Option("dry-run", bool, False, "print the plan as JSON (config, cache, load, FLOPs) and exit"),
+    ),
+    checks=serve_checks,
+)
