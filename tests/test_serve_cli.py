@@ -1,7 +1,6 @@
 """`btune run serve` on CPU: a real record, its serving summary against tuner.stats, refusals before launch,
 and two replicas through torchrun counting every request once."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -119,8 +118,7 @@ def test_the_workload_alone_refuses_bad_load_flags():
 
 def test_two_replicas_count_each_request_once(tmp_path):
     config = build_config("serve", [*SMALL, "--num-requests", "9", "--replicas", "2", "--device", "cpu"])
-    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    config = dataclasses.replace(config, argv=(*head, *config.argv[1:]))  # until btune launches --replicas itself
+    assert list(config.argv[1:6]) == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = make_runner(config, tmp_path, telemetry=False).run()
     rec = result.record
     assert rec["status"] == "ok", rec.get("error")
@@ -133,3 +131,9 @@ def test_two_replicas_count_each_request_once(tmp_path):
     summaries = [e for e in rec["events"] if e["type"] == "summary"]
     assert len(summaries) == 1 and summaries[0]["rank"] == 0
     assert sorted(rec["series"]["step"]) == ["0", "1"]
+    # replicas' rates add in the console's summary: the sum of each rank's tokens over its own busy time
+    rates = []
+    for cols in rec["series"]["step"].values():
+        keep = [i for i, w in enumerate(cols["warmup"]) if not w]
+        rates.append(sum(cols["tokens"][i] for i in keep) / (sum(cols["step_ms"][i] for i in keep) / 1000))
+    assert rec["summary"]["throughput_tokens_per_s"] == pytest.approx(sum(rates))
