@@ -165,12 +165,17 @@ def test_live_screen_after_a_run(snap_compare, monkeypatch):
 
 
 def test_help_screen(snap_compare):
+    """The help over an empty runs screen (no table rows whose column sizing could race the modal)."""
+    from tuner.screens.dialogs import HelpScreen
+
     async def ready(pilot: Any) -> None:
-        await _runs_loaded(pilot)
+        await until(pilot, lambda: isinstance(pilot.app.screen, RunsScreen), 10, "the runs screen")
+        await _settle(pilot)
         await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(pilot.app.screen, HelpScreen), 10, "the help screen")
         await _settle(pilot)
 
-    app = ScreenApp.make(lambda: RunsScreen(Path("data/runs")))
+    app = ScreenApp.make(lambda: RunsScreen(Path("data/no-runs-here")))
     assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
 
 
