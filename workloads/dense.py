@@ -102,7 +102,7 @@ def run(opts: dict[str, Any]) -> int:
     import torch
 
     from workloads import parallel
-    from workloads.loop import LoopSpec, SetupError, device_name, resolve_device, resolve_dtype, run_steps
+    from workloads.loop import LoopSpec, SetupError, device_name, finish, resolve_device, resolve_dtype, run_steps
     from workloads.models.kv_cache import KVCache
 
     em = Emitter()
@@ -187,21 +187,7 @@ def run(opts: dict[str, Any]) -> int:
         em.error(f"out of memory: {str(exc).splitlines()[0]}", kind="oom")
         print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
         return 3
-    first = res["first_step_ms"]
-    parallel.shutdown()
-    if parallel.rank() != 0:
-        em.close()
-        return 130 if res["interrupted"] else 0
-    em.summary(
-        first_step_ms=first,
-        compile_s=first / 1000.0 if opts["compile_mode"] != "none" and first else None,
-        memory_estimate_bytes=p["memory_estimate_bytes"],
-        torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        steps_run=res["steps"],
-        interrupted=res["interrupted"],
-    )
-    em.close()
-    return 130 if res["interrupted"] else 0
+    return finish(em, device, opts, p, res)
 
 
 def main(argv: list[str] | None = None) -> int:

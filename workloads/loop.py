@@ -146,3 +146,27 @@ def run_steps(
         print("btune: interrupted; stopping after the last complete step", file=sys.stderr)
     return {"steps": i, "steady_steps": steady_steps, "steady_seconds": steady_seconds, "first_step_ms": first_ms,
             "interrupted": interrupted}
+
+
+def finish(em: Emitter, device: torch.device, opts: dict[str, Any], p: dict[str, Any], res: dict[str, Any],
+           **extra: Any) -> int:
+    """End a run the same way everywhere: leave the process group, rank 0 sends the summary; exit code."""
+    from workloads import parallel
+
+    parallel.shutdown()
+    code = 130 if res["interrupted"] else 0
+    if parallel.rank() != 0:
+        em.close()
+        return code
+    first = res["first_step_ms"]
+    em.summary(
+        first_step_ms=first,
+        compile_s=first / 1000.0 if opts["compile_mode"] != "none" and first else None,
+        memory_estimate_bytes=p["memory_estimate_bytes"],
+        torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        steps_run=res["steps"],
+        interrupted=res["interrupted"],
+        **extra,
+    )
+    em.close()
+    return code

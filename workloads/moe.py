@@ -151,7 +151,7 @@ def run(opts: dict[str, Any]) -> int:
     import torch
 
     from workloads import parallel
-    from workloads.loop import LoopSpec, SetupError, device_name, resolve_device, resolve_dtype, run_steps
+    from workloads.loop import LoopSpec, SetupError, device_name, finish, resolve_device, resolve_dtype, run_steps
     from workloads.models.moe_stats import BalanceWindow
 
     em = Emitter()
@@ -238,23 +238,8 @@ def run(opts: dict[str, Any]) -> int:
         return 3
     if tracker is not None:
         tracker.flush()
-    first = res["first_step_ms"]
-    parallel.shutdown()
-    if parallel.rank() != 0:
-        em.close()
-        return 130 if res["interrupted"] else 0
-    em.summary(
-        first_step_ms=first,
-        compile_s=first / 1000.0 if opts["compile_mode"] != "none" and first else None,
-        memory_estimate_bytes=p["memory_estimate_bytes"],
-        torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        steps_run=res["steps"],
-        interrupted=res["interrupted"],
-        experts_events=tracker.events if tracker is not None else 0,
-        balance_last=tracker.last if tracker is not None else None,
-    )
-    em.close()
-    return 130 if res["interrupted"] else 0
+    return finish(em, device, opts, p, res, experts_events=tracker.events if tracker is not None else 0,
+                  balance_last=tracker.last if tracker is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
