@@ -162,7 +162,8 @@ class WorkloadSpec:
 
 
 COMMON_OPTIONS: tuple[Option, ...] = (
-    Option("steps", int, 0, "steps to run (0: until --duration; both 0: the preset's default)", min=0),
+    Option("steps", int, 0, "measured steps after the warm-up (0: until --duration; both 0: the preset's default)",
+           min=0),
     Option("duration", float, 0.0, "seconds to run after warm-up (0: until --steps)", min=0),
     Option("warmup", int, 3, "warm-up steps excluded from steady-state statistics", min=0),
     Option("seed", int, 0, "random seed", min=0),
