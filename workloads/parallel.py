@@ -55,7 +55,10 @@ def init(device_type: str) -> DeviceMesh:
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done with it (a rank that leaves early breaks a peer's
+    last receive, e.g. a gather's)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
