@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tuner import catalog, runs
-from tuner.launch import LaunchError, Nodes, RunConfig, build_config, execute
-from tuner.protocol import SCHEMA_VERSION
+from tuner.launch import LaunchError, Nodes, build_config, execute
 
 EXIT_USAGE = 2
 
@@ -250,4 +249,4 @@ def tui_main(argv: Sequence[str] | None = None) -> int:
     return _guarded(_tui, sys.argv[1:] if argv is None else argv)
 
 
-__all__ = ["SCHEMA_VERSION", "RunConfig", "main", "tui_main"]
+__all__ = ["main", "tui_main"]

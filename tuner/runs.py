@@ -13,8 +13,6 @@ from typing import Any
 
 import orjson
 
-from tuner.protocol import SCHEMA_VERSION
-
 RECORD_SCHEMA_VERSION = 1
 ENV_RUNS_DIR = "BTUNE_RUNS_DIR"
 DEFAULT_RUNS_DIR = "btune_runs"
@@ -223,7 +221,6 @@ def orphan_journals(directory: Path) -> list[Path]:
 
 __all__ = [
     "RECORD_SCHEMA_VERSION",
-    "SCHEMA_VERSION",
     "Journal",
     "RunFileError",
     "RunsDirError",
