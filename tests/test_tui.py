@@ -349,7 +349,7 @@ def test_real_btune_tui_in_tmux_launch_to_finished_run(tmp_path):
         keys("-l", "--", "--steps")
         wait_for("Set --steps", 15)
         keys("Enter")
-        wait_for("--steps  steps to run", 15)  # the field's own help line: the steps field has the focus
+        wait_for("--steps  measured steps", 15)  # the field's own help line: the steps field has the focus
         assert "🔎" not in pane()
         keys("-l", "2")
         wait_for("--steps 2", 20)

@@ -80,6 +80,8 @@ async def _runs_loaded(pilot: Any) -> None:
                 and not screen.query_one(DataTable)._require_update_dimensions)
 
     await until(pilot, ready, 20, "the runs table")
+    await pilot.pause(0.5)  # a load can re-flag the table's sizing once more: it must hold after a pause
+    await until(pilot, ready, 20, "the runs table, settled")
 
 
 def test_launch_screen(snap_compare):
