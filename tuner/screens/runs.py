@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 COLUMNS = (("mark", " "), ("time", "time (UTC)"), ("workload", "workload"), ("status", "status"),
            ("tok_s", "tok/s"), ("mfu", "MFU"), ("energy", "energy J"), ("options", "options / error"))
+#: Fixed widths (the options column takes the rest): the table looks the same however fast it fills.
+WIDTHS = {"mark": 1, "time": 16, "workload": 11, "status": 11, "tok_s": 9, "mfu": 6, "energy": 8}
 SORTABLE = ("time", "workload", "status", "tok_s", "mfu", "energy")
 NUMERIC = frozenset({"tok_s", "mfu", "energy"})
 
@@ -123,7 +125,7 @@ class RunsScreen(BtuneScreen):
         yield Static(Text.assemble(("runs", "bold"), f" in {self.runs_dir}  (loading…)"), id="runs-title")
         table: DataTable[Any] = DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
         for key, label in COLUMNS:
-            table.add_column(label, key=key)
+            table.add_column(label, key=key, width=WIDTHS.get(key))
         yield table
         yield Static("", id="run-detail")
         yield Footer()
