@@ -157,10 +157,7 @@ def run(opts: dict[str, Any]) -> int:
     em = Emitter()
     tp, mesh = parallel.world_size(), None
     try:
-        if tp != opts["tp"]:
-            raise SetupError(f"--tp {opts['tp']} but {tp} processes: launch through `btune run` (it runs torchrun)")
-        if tp > 1:
-            mesh = parallel.init("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+        mesh = parallel.join(opts["tp"], opts["device"])
         device = resolve_device(opts["device"])
         p = plan(opts, device.type)
         dtype = resolve_dtype(p["dtype"], device)

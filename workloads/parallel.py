@@ -54,6 +54,17 @@ def init(device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))
 
 
+def join(tp: int, device: str) -> DeviceMesh | None:
+    """The TP mesh for ``--tp`` (None at 1) under torchrun's WORLD_SIZE; ValueError when they disagree."""
+    import torch
+
+    if world_size() != tp:
+        raise ValueError(f"--tp {tp} but {world_size()} processes: launch through `btune run` (it runs torchrun)")
+    if tp == 1:
+        return None
+    return init("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def shutdown() -> None:
     """Leave the process group once every rank is done with it (a rank that leaves early breaks a peer's
     last receive, e.g. a gather's)."""

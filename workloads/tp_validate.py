@@ -74,9 +74,7 @@ def run(opts: dict[str, Any]) -> int:
     tp = parallel.world_size()
     rank = parallel.rank()
     try:
-        if tp != opts["tp"]:
-            raise SetupError(f"--tp {opts['tp']} but {tp} processes: launch through `btune run` (it runs torchrun)")
-        mesh = parallel.init("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+        mesh = parallel.join(opts["tp"], opts["device"])
         device = resolve_device(opts["device"])
         moe = opts["model"] == "moe"
         dense_opts = {**opts, "duration": 0.0, "activation_checkpointing": False,
