@@ -170,3 +170,14 @@ def finish(em: Emitter, device: torch.device, opts: dict[str, Any], p: dict[str,
     )
     em.close()
     return code
+
+
+def setup_failed(em: Emitter, exc: BaseException, what: str = "the model") -> int:
+    """Report a setup failure the same way everywhere (an error event, one line); the exit code: 3 OOM, else 2."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        em.error(f"out of memory building {what}: {str(exc).splitlines()[0]}", kind="oom")
+        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
+        return 3
+    em.error(str(exc), kind="config")
+    print(f"error: {exc}", file=sys.stderr)
+    return 2

@@ -151,7 +151,16 @@ def run(opts: dict[str, Any]) -> int:
     import torch
 
     from workloads import parallel
-    from workloads.loop import LoopSpec, SetupError, device_name, finish, resolve_device, resolve_dtype, run_steps
+    from workloads.loop import (
+        LoopSpec,
+        SetupError,
+        device_name,
+        finish,
+        resolve_device,
+        resolve_dtype,
+        run_steps,
+        setup_failed,
+    )
     from workloads.models.moe_stats import BalanceWindow
 
     em = Emitter()
@@ -163,14 +172,8 @@ def run(opts: dict[str, Any]) -> int:
         dtype = resolve_dtype(p["dtype"], device)
         torch.manual_seed(opts["seed"])
         model, fwd, autocast, ran = _build(opts, p, device, dtype, mesh)
-    except (SetupError, ValueError) as exc:
-        em.error(str(exc), kind="config")
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError as exc:
-        em.error(f"out of memory building the model: {str(exc).splitlines()[0]}", kind="oom")
-        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
-        return 3
+    except (SetupError, ValueError, torch.OutOfMemoryError) as exc:
+        return setup_failed(em, exc)
 
     cfg = model.moe_cfg
     mode, batch, seq, bal = p["mode"], p["batch_size"], p["seq_len"], p["balance"]

@@ -144,7 +144,7 @@ def run(opts: dict[str, Any]) -> int:
     from workloads.engine.loadgen import RequestSpec, prompt_tokens
     from workloads.engine.request import Request
     from workloads.engine.scheduler import Scheduler
-    from workloads.loop import SetupError, device_name, memory_fields, resolve_device, resolve_dtype
+    from workloads.loop import SetupError, device_name, memory_fields, resolve_device, resolve_dtype, setup_failed
 
     em = Emitter()
     world, replicas = parallel.world_size(), opts["replicas"]
@@ -166,14 +166,8 @@ def run(opts: dict[str, Any]) -> int:
         torch.manual_seed(opts["seed"])
         engine, ran = _build(opts, p, device, dtype)
         gen = _generator(p, rank, replicas)
-    except (SetupError, ValueError) as exc:
-        em.error(str(exc), kind="config")
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError as exc:
-        em.error(f"out of memory building the engine: {str(exc).splitlines()[0]}", kind="oom")
-        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
-        return 3
+    except (SetupError, ValueError, torch.OutOfMemoryError) as exc:
+        return setup_failed(em, exc, "the engine")
 
     precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
     if rank == 0:
