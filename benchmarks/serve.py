@@ -116,8 +116,9 @@ def lengths_args(batch: int, prompt: int, output: int, reps: int) -> list[str]:
 def part_roofline(b: Bench) -> dict[str, dict[str, Any]]:
     bw = copy_bandwidth(b.device)
     print(f"device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s (read + write, median of 20 copies)\n")
-    print("| batch-1 decode | engine decode step p50 ms | roofline ms | % of HBM roofline | output tok/s (run) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| batch-1 decode | engine decode step p50 ms | roofline ms | % of HBM roofline | TPOT p50 ms "
+          "| roofline / TPOT | output tok/s (run) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     recs = {}
     modes = {"eager": "none", "reduce-overhead (CUDA graphs)": b.graphs}
     for label, mode in modes.items() if b.device == "cuda" else [("eager", "none")]:
@@ -125,12 +126,13 @@ def part_roofline(b: Bench) -> dict[str, dict[str, Any]]:
         recs[mode] = rec
         why = failed(rec)
         if why:
-            print(f"| {label} | {why} | | | |")
+            print(f"| {label} | {why} | | | | | |")
             continue
         step = rec["summary"]["workload"]["engine"]["decode_step_ms"]["p50"]
         roof = decode_bytes(rec) / bw * 1000.0
-        print(f"| {label} | {step:.3f} | {roof:.3f} | {roof / step * 100:.1f}% | "
-              f"{serving(rec)['output_tokens_per_s']:,.1f} |", flush=True)
+        tpot = serving(rec)["tpot_ms"]["p50"]
+        print(f"| {label} | {step:.3f} | {roof:.3f} | {roof / step * 100:.1f}% | {tpot:.3f} | "
+              f"{roof / tpot * 100:.1f}% | {serving(rec)['output_tokens_per_s']:,.1f} |", flush=True)
     return recs
 
 

@@ -4,8 +4,10 @@ arrive at different times, through continuous batching, chunked prefill and slot
 import pytest
 import torch
 
+from workloads.engine.cache import SlotKVCache
 from workloads.engine.driver import Hooks, run_load
 from workloads.engine.engine import Engine, buckets
+from workloads.engine.forward import DecodeStep, greedy
 from workloads.engine.loadgen import LengthDist, OpenLoop, prompt_tokens
 from workloads.engine.request import Request
 from workloads.engine.scheduler import Scheduler
@@ -33,26 +35,35 @@ def greedy_by_recompute(model: Transformer, prompt: torch.Tensor, n: int) -> lis
     seq = prompt.tolist()
     with torch.no_grad():
         for _ in range(n):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            seq.append(int(model(torch.tensor([seq], device=prompt.device))[0, -1].argmax()))
     return seq[len(prompt):]
 
 
 def serve(model: Transformer, kernel: AttentionKernel, n: int = 9, max_batch: int = 3, budget: int = 7,
-          compile_mode: str = "none", prompt: str = "uniform:1,20", output: str = "uniform:1,12", pad: int = 1):
+          compile_mode: str = "none", prompt: str = "uniform:1,20", output: str = "uniform:1,12", pad: int = 1,
+          device: str = "cpu", fuse: bool = True):
     cache_len = 32
-    eng = Engine(model, kernel, max_batch, cache_len, torch.device("cpu"), torch.float32, compile_mode,
+    eng = Engine(model, kernel, max_batch, cache_len, torch.device(device), torch.float32, compile_mode,
                  pad_multiple=pad)
+    if not fuse:
+        eng.step_module.qkv = [None] * model.cfg.n_layers
+        eng.step_module.gate_up = [None] * model.cfg.n_layers
+    if compile_mode != "none":
+        eng.warmup(2)
     sched = Scheduler(max_batch, budget, cache_len)
     gen = OpenLoop(300.0, 1.0, LengthDist.parse(prompt), LengthDist.parse(output), seed=4, num_requests=n)
     steps = []
     clock = FakeClock()
 
     def make(spec):
-        return Request(spec, torch.from_numpy(prompt_tokens(4, spec.rid, spec.prompt_len, model.cfg.vocab_size)))
+        prompt = torch.from_numpy(prompt_tokens(4, spec.rid, spec.prompt_len, model.cfg.vocab_size))
+        return Request(spec, prompt.to(device))
 
     hooks = Hooks(step=lambda i, ms, tokens, plan, t: steps.append((len(plan.decode), plan.prefill_tokens,
                                                                      [(r.rid, s, k) for r, s, k in plan.prefill])))
     res = run_load(eng, sched, gen, make, clock, clock.sleep, hooks)
+    if compile_mode in ("reduce-overhead", "max-autotune") and device == "cuda":
+        assert sorted(eng._graphs) == eng.buckets, "warm-up captured a CUDA graph for every bucket"
     return res, steps
 
 
@@ -115,3 +126,60 @@ def test_decode_buckets():
     assert buckets(24) == [1, 2, 4, 8, 16, 24]
     assert buckets(8, smallest=16) == [8]
     assert buckets(40, smallest=16) == [16, 32, 40]
+
+
+def test_separate_projections_give_the_same_tokens():
+    """Decode with q, k, v and gate, up as separate GEMMs (what FP8-swapped layers run) equals recompute."""
+    torch.manual_seed(0)
+    kernel = AttentionKernel("auto")
+    model = Transformer(PRESETS["tiny-llama"], kernel).eval()
+    res, _ = serve(model, kernel, n=5, fuse=False)
+    for r in res.requests:
+        assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len)
+
+
+def test_fused_projections_share_the_model_weights():
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny-llama"]).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bytes_before = sum(p.numel() for p in model.parameters())
+    step = DecodeStep(model, SlotKVCache(model.cfg.n_layers, 2, model.cfg.n_kv_heads, 16, model.cfg.head_dim,
+                                         dtype=torch.float32))
+    assert step.fused
+    for name, p in model.named_parameters():  # same values, under the same names
+        assert torch.equal(p, before[name]), name
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    qkv, _ = step.qkv[0]
+    gate_up, _ = step.gate_up[0]
+    assert attn.wk.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert mlp.w3.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
+    assert torch.equal(qkv, torch.cat([before[f"layers.0.attn.{w}.weight"] for w in ("wq", "wk", "wv")]))
+    assert sum(p.numel() for p in model.parameters()) == bytes_before
+
+
+def test_greedy_is_argmax_with_ties():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 128256).to(torch.bfloat16)
+    logits[1, 7] = logits[1, 90000] = 50.0  # a tie across chunks: the first index wins
+    logits[2, 300] = logits[2, 301] = 50.0  # within a chunk
+    logits[3] = 0.0  # all equal
+    assert torch.equal(greedy(logits), logits.argmax(-1))
+    assert greedy(logits)[1] == 7 and greedy(logits)[3] == 0
+    small = torch.randn(3, 1000)
+    assert torch.equal(greedy(small), small.argmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "math"])
+def test_cuda_graph_decode_equals_full_recompute(backend):
+    """On a GPU with reduce-overhead: inductor code captured as one CUDA graph per bucket, replayed with
+    continuous batching, gives the tokens of full recompute (fp32)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kernel = AttentionKernel(backend)
+    with torch.device("cuda"):
+        model = Transformer(PRESETS["tiny-llama"], kernel).eval()
+    res, _ = serve(model, kernel, n=9, max_batch=3, compile_mode="reduce-overhead", device="cuda")
+    assert res.stopped == "drained" and not res.unfinished
+    for r in res.requests:
+        assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len), f"request {r.rid}"

@@ -1,6 +1,6 @@
 """The serving KV cache: per layer, keys and values [max_batch, kv_heads, positions, head_dim], one row per slot.
 
-Preallocated and fixed in shape, so decode steps keep static shapes (CUDA graphs). Column ``cache_len``
+Preallocated and fixed in shape and address, so decode steps keep static shapes (CUDA graphs). Column ``cache_len``
 is scratch: decode steps write the keys of idle slots there, and no query ever attends it. ``positions``
 is ``cache_len + spare`` (spare >= 1: the scratch column, and room for padded prefill chunks) rounded up
 to ``multiple`` (aligned masks; whole FlexAttention blocks).
@@ -42,11 +42,6 @@ class SlotKVCache(nn.Module):
     def slot(self, layer: int, slot: int) -> LayerKVCache:
         """One slot of one layer as a batch-1 cache (views: writes land in this cache)."""
         return LayerKVCache(self.k[layer][slot:slot + 1], self.v[layer][slot:slot + 1])
-
-    def mark_static(self) -> None:
-        """Tell torch.compile the buffers never move (CUDA graphs then read them in place)."""
-        for t in (*self.k, *self.v):
-            torch._dynamo.mark_static_address(t)
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.k, *self.v))

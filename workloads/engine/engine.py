@@ -3,7 +3,12 @@
 Prefill runs eager, one request's chunk at a time (chunks are long and compute-bound). The decode step
 is compiled with the requested mode (``reduce-overhead``: CUDA graphs) and runs on slots 0..b-1, b the
 smallest bucket (powers of two, then ``max_batch``) that covers every decoding slot, so its shapes come
-from a short fixed list that warm-up compiles and captures before the load starts.
+from a short fixed list that warm-up compiles and captures before the load starts. Each bucket reads its
+inputs from one device buffer that never moves (filled by one copy from pinned host memory).
+
+CUDA graphs (``reduce-overhead``, ``max-autotune``) are captured here, one per bucket over inductor's
+graph-free code, in one shared memory pool: a step is then one copy and one ``CUDAGraph.replay``, with no
+guard checks or graph-tree bookkeeping on the host while the GPU waits.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from workloads.engine.request import Request
 from workloads.engine.scheduler import Plan
 from workloads.models.attention import AttentionKernel
 from workloads.models.transformer import Transformer
+
+# compile modes whose decode runs as CUDA graphs, and the inductor mode each graph is captured over
+GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def buckets(max_batch: int, smallest: int = 1) -> list[int]:
@@ -53,15 +61,20 @@ class Engine:
                              f"{cfg.max_seq_len}")
         self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window)
         self.compiled = compile_mode != "none"
+        self.buckets = buckets(rows, pad_multiple)
+        cuda = device.type == "cuda"
+        # per bucket: the decode inputs (tokens, positions, write positions) on the device, and a host stage
+        self._io = {b: torch.zeros(3, b, dtype=torch.long, device=device) for b in self.buckets}
+        self._stage = {b: torch.zeros(3, b, dtype=torch.long, pin_memory=cuda) for b in self.buckets}
+        self.graphs = cuda and compile_mode in GRAPH_MODES
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         if self.compiled:
-            if device.type == "cuda":  # CUDA graphs then read and write them in place
-                self.cache.mark_static()
-                for buf in self.step_module.buffers(recurse=False):
-                    torch._dynamo.mark_static_address(buf)
-            self._decode: Any = torch.compile(self.step_module, mode=compile_mode)
+            # specialised per bucket; the graphs are captured below, so inductor makes none of its own
+            mode = GRAPH_MODES.get(compile_mode, compile_mode)
+            self._decode: Any = torch.compile(self.step_module, mode=mode, dynamic=False)
         else:
             self._decode = self.step_module
-        self.buckets = buckets(rows, pad_multiple)
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -78,18 +91,45 @@ class Engine:
         assert req.slot is not None
         return prefill_chunk(self.model, self.kernel, self.cache, req.slot, tokens[None], start, n - 1)
 
-    def _decode_rows(self, rows: list[list[int]]) -> torch.Tensor:
-        t = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-        bm = self.step_module.block_mask(len(rows[0])) if self.kernel.backend == "flex" else None
-        return self._decode(t[0], t[1], t[2], bm)
+    def _decode_bucket(self, b: int) -> torch.Tensor:
+        """Decode bucket b from its host stage (the previous step has finished: the stage is free to refill)."""
+        io = self._io[b]
+        io.copy_(self._stage[b], non_blocking=True)
+        if b in self._graphs:
+            graph, out = self._graphs[b]
+            graph.replay()
+            return out
+        bm = self.step_module.block_mask(b) if self.kernel.backend == "flex" else None
+        if not self.graphs:
+            return self._decode(io, bm)
+        # compile and warm up on a side stream (as torch.cuda.graphs asks), then capture
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode(io, bm)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._decode(io, bm)
+        self._graphs[b] = (graph, out)
+        graph.replay()
+        return out
+
+    def _stage_idle(self, b: int) -> Any:
+        stage = self._stage[b].numpy()
+        stage[0:2] = 0
+        stage[2] = self.cache.scratch
+        return stage
 
     def _decode_step(self, reqs: list[Request]) -> torch.Tensor:
         b = self.bucket(max(r.slot for r in reqs if r.slot is not None) + 1)
-        rows = [[0] * b, [0] * b, [self.cache.scratch] * b]
+        stage = self._stage_idle(b)
         for r in reqs:
             assert r.slot is not None
-            rows[0][r.slot], rows[1][r.slot], rows[2][r.slot] = r.tokens[-1], r.position, r.position
-        return self._decode_rows(rows)
+            pos = r.position
+            stage[0, r.slot], stage[1, r.slot], stage[2, r.slot] = r.tokens[-1], pos, pos
+        return self._decode_bucket(b)
 
     def run(self, plan: Plan) -> list[tuple[Request, int]]:
         """One step: the decode of ``plan.decode``, then its prefill chunks; waits for the device."""
@@ -125,7 +165,8 @@ class Engine:
                         tokens = F.pad(dummy, (0, -n % self.pad_multiple))
                         prefill_chunk(self.model, self.kernel, self.cache, 0, tokens[None], 0, n - 1).tolist()
                     else:
-                        self._decode_rows([[0] * size, [0] * size, [self.cache.scratch] * size]).tolist()
+                        self._stage_idle(size)
+                        self._decode_bucket(size).tolist()
                 self._sync()
                 if on_step is not None:
                     on_step((time.perf_counter() - t0) * 1000.0, {"phase": f"warmup-{kind}", "batch": size})

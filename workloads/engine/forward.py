@@ -5,14 +5,17 @@ model's blocks with a batch-1 view of that slot's cache (the model's attention k
 
 ``DecodeStep``: one token for each of slots 0..b-1, each at its own position (sequences of different
 lengths in one batch). Keys and values are written at ``write_pos`` (the scratch column for idle slots);
-each slot attends its cache up to its position through a length mask. SDPA runs on grouped queries (the
-query heads of one KV head stacked as queries), so GQA needs no copy of the cache; ``flex`` runs
-FlexAttention with a block mask whose mask function reads the slots' positions.
+each slot attends its cache up to its position through a length mask. Attention runs on grouped queries
+(the query heads of one KV head stacked as queries), so GQA needs no copy of the cache: as two batched
+matmuls around a masked fp32 softmax (``auto``: decode reads the cache once either way and this is the
+fastest on H100, docs/benchmarks.md), as SDPA with the forced kernel, or as FlexAttention (``flex``) with a
+block mask whose mask function reads the slots' positions.
+
+Where q, k, v (and the MLP's gate and up) are plain ``nn.Linear`` layers, the step runs each group as one
+GEMM over a fused weight; the model's own weights become views of it, so prefill and decode share memory.
 """
 
 from __future__ import annotations
-
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +45,18 @@ def prefill_chunk(model: Transformer, kernel: AttentionKernel, cache: SlotKVCach
     mask = kernel.mask(n, end, tokens.device)
     for i, layer in enumerate(model.layers):
         h = layer(h, rope, mask, kernel, cache.slot(i, slot), start)
-    return model.output(model.norm(h[:, last])).argmax(-1)
+    return greedy(model.output(model.norm(h[:, last])))
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of [b, V] (the first index on ties), in two stages where V splits in 256
+    (a one-pass argmax over a 128k vocabulary is one thread block per row: tens of microseconds)."""
+    b, v = logits.shape
+    if v % 256 or v < 65536:
+        return logits.argmax(-1)
+    vals, idx = logits.view(b, 256, v // 256).max(-1)  # [b, 256]: each chunk's max and its first index
+    chunk = vals.argmax(-1, keepdim=True)  # the first chunk holding the row's max
+    return (chunk * (v // 256) + idx.gather(-1, chunk)).squeeze(-1)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -52,11 +66,36 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
+def fuse_linears(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One weight (and bias) stacking ``linears``' outputs, each linear's own parameters becoming views of it;
+    None unless all are plain ``nn.Linear`` of one dtype and device (FP8-swapped layers keep their own)."""
+    if not linears or any(type(m) is not nn.Linear for m in linears):
+        return None
+    ws = [m.weight for m in linears]
+    if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
+        return None
+    has_bias = [m.bias is not None for m in linears]
+    if any(has_bias) and not all(has_bias):
+        return None
+    with torch.no_grad():
+        weight = torch.cat([w.detach() for w in ws])
+        bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
+        row = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight = nn.Parameter(weight[row:row + n], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
+            row += n
+    return weight, bias
+
+
 class DecodeStep(nn.Module):
-    """Greedy next tokens [b] for tokens, pos, write_pos [b] (slots 0..b-1); see the module docstring."""
+    """Greedy next tokens [b] for ``io`` [3, b]: tokens, positions, write positions of slots 0..b-1; see the
+    module docstring."""
 
     def __init__(self, model: Transformer, cache: SlotKVCache, backend: str = "auto", window: int | None = None,
-                 ) -> None:
+                 fuse: bool = True) -> None:
         super().__init__()
         self.model, self.cache = model, cache
         self.backend, self.window = backend, window
@@ -68,6 +107,17 @@ class DecodeStep(nn.Module):
         self.register_buffer("flex_pos", torch.zeros(n, dtype=torch.long, device=cache.k[0].device),
                              persistent=False)
         self._block_masks: dict[int, BlockMask] = {}
+        self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
+        self.gate_up: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
+        for layer in model.layers:
+            attn, mlp = layer.attn, layer.mlp
+            self.qkv.append(fuse_linears([attn.wq, attn.wk, attn.wv]) if fuse else None)
+            gated = getattr(mlp, "w3", None) is not None
+            self.gate_up.append(fuse_linears([mlp.w1, mlp.w3]) if fuse and gated else None)
+
+    @property
+    def fused(self) -> bool:
+        return any(f is not None for f in self.qkv)
 
     def block_mask(self, b: int) -> BlockMask:
         """A block mask for b slots that leaves every block partial, so the mask function decides per key."""
@@ -104,13 +154,18 @@ class DecodeStep(nn.Module):
             y = _flex_compiled(q[:, :, None], k, v, block_mask=block_mask, enable_gqa=h != hkv)
             return y.reshape(b, h * d)
         qg = q.view(b, hkv, h // hkv, d)  # query head j uses KV head j // (h / hkv), as repeat_interleave
-        ctx = sdpa_kernel(_SDPA[self.backend]) if self.backend in _SDPA else nullcontext()
-        with ctx:
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :])
+        assert mask is not None
+        if self.backend in _SDPA:
+            with sdpa_kernel(_SDPA[self.backend]):
+                y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :])
+            return y.reshape(b, h * d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * d ** -0.5  # [b, hkv, g, P]
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        y = torch.matmul(torch.softmax(scores, dim=-1).type_as(v), v)
         return y.reshape(b, h * d)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, write_pos: torch.Tensor,
-                block_mask: BlockMask | None = None) -> torch.Tensor:
+    def forward(self, io: torch.Tensor, block_mask: BlockMask | None = None) -> torch.Tensor:
+        tokens, pos, write_pos = io[0], io[1], io[2]
         m = self.model
         b = tokens.shape[0]
         h = m.tok_embeddings(tokens)
@@ -125,14 +180,26 @@ class DecodeStep(nn.Module):
         for i, layer in enumerate(m.layers):
             attn = layer.attn
             x = layer.attn_norm(h)
-            q = attn.wq(x).view(b, -1, self.head_dim)
-            k = attn.wk(x).view(b, -1, self.head_dim)
-            v = attn.wv(x).view(b, -1, self.head_dim)
+            qkv = self.qkv[i]
+            if qkv is not None:
+                nq, nkv = attn.wq.weight.shape[0], attn.wk.weight.shape[0]
+                q, k, v = F.linear(x, *qkv).split([nq, nkv, nkv], dim=-1)
+                q, k, v = (t.reshape(b, -1, self.head_dim) for t in (q, k, v))
+            else:
+                q = attn.wq(x).view(b, -1, self.head_dim)
+                k = attn.wk(x).view(b, -1, self.head_dim)
+                v = attn.wv(x).view(b, -1, self.head_dim)
             if m.rope is not None:
                 q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kc, vc = self.cache.k[i], self.cache.v[i]
             kc[rows, :, write_pos] = k
             vc[rows, :, write_pos] = v
             h = h + attn.wo(self._attend(q, kc[:b], vc[:b], mask, block_mask))
-            h = h + layer.mlp(layer.mlp_norm(h))
-        return m.output(m.norm(h)).argmax(-1)
+            x = layer.mlp_norm(h)
+            gate_up = self.gate_up[i]
+            if gate_up is not None:
+                g, u = F.linear(x, *gate_up).chunk(2, dim=-1)
+                h = h + layer.mlp.w2(F.silu(g) * u)
+            else:
+                h = h + layer.mlp(x)
+        return greedy(m.output(m.norm(h)))

@@ -1,0 +1,156 @@
+"""Where a serving decode step's time goes: the engine's decode variants side by side, against the HBM roofline.
+
+For each variant (fused or separate projections; decode attention as matmuls, SDPA efficient, or flex;
+``-autotune``: inductor's max-autotune) and batch, on the llama-3.1-8b shapes truncated to ``--layers``,
+with the engine's CUDA graphs:
+
+- ``gpu ms``: the decode graph alone, 100 replays back to back timed by CUDA events (the host stays ahead);
+- ``step ms``: ``Engine.run`` on a decode-only plan, one step at a time, host clock after the device sync
+  (what the serving loop pays per step: staging inputs, the replay, copying the tokens back);
+- roofline: bytes a step must read (every weight but the input embedding, plus the live KV cache) over the
+  device-to-device copy bandwidth measured here.
+
+usage: python benchmarks/serve_decode.py [--layers 8] [--batches 1,32] [--variants fused-matmul,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import torch
+
+from workloads.engine.engine import Engine
+from workloads.engine.loadgen import RequestSpec
+from workloads.engine.request import Request
+from workloads.engine.scheduler import Plan
+from workloads.models.attention import AttentionKernel
+from workloads.models.config import PRESETS
+from workloads.models.transformer import Transformer
+
+VARIANTS = ("fused-matmul", "separate-matmul", "fused-efficient", "fused-flex")  # and "fused-matmul-autotune"
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of 20 copies of 2 GiB."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for i in range(25):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        if i >= 5:
+            times.append(s.elapsed_time(e) / 1000.0)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * (2 << 30) / statistics.median(times)
+
+
+def build(layers: int, variant: str, max_batch: int, cache_len: int) -> Engine:
+    cfg = PRESETS["llama-3.1-8b"].with_layers(layers)
+    fuse, attn, *tune = variant.split("-")
+    mode = "max-autotune" if tune == ["autotune"] else "reduce-overhead"
+    backend = {"matmul": "auto", "efficient": "efficient", "flex": "flex"}[attn]
+    kernel = AttentionKernel(backend)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg, attention=kernel)
+    model = model.to(torch.bfloat16).eval()
+    engine = Engine(model, kernel, max_batch, cache_len, torch.device("cuda"), torch.bfloat16, mode)
+    if fuse == "separate":
+        step = engine.step_module
+        step.qkv = [None] * layers
+        step.gate_up = [None] * layers
+    return engine
+
+
+def decode_plan(engine: Engine, b: int, context: int) -> Plan:
+    reqs = []
+    for i in range(b):
+        r = Request(RequestSpec(i, context, 10**6, 0.0), torch.zeros(context, dtype=torch.long), slot=i,
+                    prefilled=context)
+        r.tokens.append(1)
+        reqs.append(r)
+    return Plan(decode=reqs)
+
+
+def read_bytes(engine: Engine, b: int, context: int) -> int:
+    m = engine.model
+    weights = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n != "tok_embeddings.weight")
+    kv = 2 * len(engine.cache.k) * b * engine.cache.k[0].shape[1] * context * engine.cache.k[0].shape[3] * 2
+    return weights + kv
+
+
+def measure(engine: Engine, b: int, context: int) -> tuple[float, float, float]:
+    """(compile + capture s, gpu ms per replay, step ms) for a decode-only batch of b at ``context``."""
+    plan = decode_plan(engine, b, context)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        engine.run(plan)
+    compile_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        engine._decode_step(plan.decode)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(100):
+            engine._decode_bucket(engine.bucket(b))
+        e.record()
+        e.synchronize()
+    gpu = s.elapsed_time(e) / 100
+    steps = []
+    for _ in range(200):
+        t = time.perf_counter()
+        engine.run(plan)
+        steps.append((time.perf_counter() - t) * 1000.0)
+    return compile_s, gpu, statistics.median(steps)
+
+
+def kernel_table(engine: Engine, b: int, context: int, top: int = 12) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    plan = decode_plan(engine, b, context)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine.run(plan)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--context", type=int, default=640, help="every slot's position (prompt 512 + half of 256)")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of the first variant")
+    ap.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate-descent tuning")
+    args = ap.parse_args()
+    if args.coordinate_descent:
+        torch._inductor.config.coordinate_descent_tuning = True
+    batches = [int(x) for x in args.batches.split(",")]
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, "
+          f"llama-3.1-8b x {args.layers} layers, context {args.context}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+          f"coordinate descent {args.coordinate_descent}\n")
+    print("| variant | batch | compile s | gpu ms | step ms | roofline ms | gpu % roof | step % roof | tok/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for i, variant in enumerate(args.variants.split(",")):
+        engine = build(args.layers, variant, max(batches), 1024)
+        for b in batches:
+            c, gpu, step = measure(engine, b, args.context)
+            roof = read_bytes(engine, b, args.context) / bw * 1000.0
+            print(f"| {variant} | {b} | {c:.1f} | {gpu:.3f} | {step:.3f} | {roof:.3f} | {roof / gpu * 100:.1f}% | "
+                  f"{roof / step * 100:.1f}% | {b / step * 1000:,.0f} |", flush=True)
+            if args.profile and i == 0:
+                print(kernel_table(engine, b, args.context))
+        del engine
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()
