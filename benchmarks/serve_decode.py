@@ -30,7 +30,7 @@ from workloads.models.attention import AttentionKernel
 from workloads.models.config import PRESETS
 from workloads.models.transformer import Transformer
 
-VARIANTS = ("fused-matmul", "separate-matmul", "fused-efficient", "fused-flex")  # and "fused-matmul-autotune"
+VARIANTS = ("fused-flex", "fused-matmul", "separate-flex", "fused-efficient")  # and "fused-matmul-autotune"
 
 
 def copy_bandwidth() -> float:
@@ -55,13 +55,14 @@ def build(layers: int, variant: str, max_batch: int, cache_len: int) -> Engine:
     cfg = PRESETS["llama-3.1-8b"].with_layers(layers)
     fuse, attn, *tune = variant.split("-")
     mode = "max-autotune" if tune == ["autotune"] else "reduce-overhead"
-    backend = {"matmul": "auto", "efficient": "efficient", "flex": "flex"}[attn]
+    backend = {"matmul": "auto", "efficient": "efficient", "flex": "auto"}[attn]
     kernel = AttentionKernel(backend)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(cfg, attention=kernel)
     model = model.to(torch.bfloat16).eval()
     engine = Engine(model, kernel, max_batch, cache_len, torch.device("cuda"), torch.bfloat16, mode)
+    engine.step_module.flex = attn == "flex"  # auto decodes with flex on a GPU; "matmul" forces the matmuls
     if fuse == "separate":
         step = engine.step_module
         step.qkv = [None] * layers

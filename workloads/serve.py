@@ -88,8 +88,12 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> 
     model.eval()
     engine = Engine(model, kernel, p["max_batch"], p["cache_len"], device, dtype, opts["compile_mode"], autocast,
                     pad_multiple=16 if fp8_choice.library == "te" else 1)
-    decode_attn = "flex (block mask over slot positions)" if kernel.backend == "flex" else \
-        f"SDPA {kernel.backend} with a per-slot length mask, grouped queries"
+    if engine.step_module.flex:
+        decode_attn = "flex decoding over each slot's live key blocks"
+    elif kernel.backend == "auto":
+        decode_attn = "matmul + masked fp32 softmax over the cache, grouped queries"
+    else:
+        decode_attn = f"SDPA {kernel.backend} with a per-slot length mask, grouped queries"
     ran = {
         "attention": {"requested": opts["attention_backend"], "prefill": attn_reason, "decode": decode_attn,
                       "window": kernel.window},

@@ -50,7 +50,9 @@ class Engine:
         cfg = model.cfg
         self.model, self.kernel, self.device, self.autocast = model, kernel, device, autocast
         self.pad_multiple = pad_multiple
-        multiple = FLEX_BLOCK if kernel.backend == "flex" else 64
+        # decode attention: flex where asked, and by default on a GPU (it reads only the live cache blocks)
+        flex = kernel.backend == "flex" or (kernel.backend == "auto" and device.type == "cuda")
+        multiple = FLEX_BLOCK if flex else 64
         kv_heads = model.layers[0].attn.wk.weight.shape[0] // cfg.head_dim
         # padded GEMMs (FP8 via Transformer Engine) decode at least `pad_multiple` rows; rows past max_batch idle
         rows = max(max_batch, pad_multiple)
@@ -59,7 +61,7 @@ class Engine:
         if self.cache.positions > cfg.max_seq_len:
             raise ValueError(f"the KV cache's {self.cache.positions} positions exceed the model's max_seq_len "
                              f"{cfg.max_seq_len}")
-        self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window)
+        self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window, flex=flex)
         self.compiled = compile_mode != "none"
         self.buckets = buckets(rows, pad_multiple)
         cuda = device.type == "cuda"
@@ -99,19 +101,18 @@ class Engine:
             graph, out = self._graphs[b]
             graph.replay()
             return out
-        bm = self.step_module.block_mask(b) if self.kernel.backend == "flex" else None
         if not self.graphs:
-            return self._decode(io, bm)
+            return self._decode(io)
         # compile and warm up on a side stream (as torch.cuda.graphs asks), then capture
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._decode(io, bm)
+                self._decode(io)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._decode(io, bm)
+            out = self._decode(io)
         self._graphs[b] = (graph, out)
         graph.replay()
         return out

@@ -6,10 +6,10 @@ model's blocks with a batch-1 view of that slot's cache (the model's attention k
 ``DecodeStep``: one token for each of slots 0..b-1, each at its own position (sequences of different
 lengths in one batch). Keys and values are written at ``write_pos`` (the scratch column for idle slots);
 each slot attends its cache up to its position through a length mask. Attention runs on grouped queries
-(the query heads of one KV head stacked as queries), so GQA needs no copy of the cache: as two batched
-matmuls around a masked fp32 softmax (``auto``: decode reads the cache once either way and this is the
-fastest on H100, docs/benchmarks.md), as SDPA with the forced kernel, or as FlexAttention (``flex``) with a
-block mask whose mask function reads the slots' positions.
+(the query heads of one KV head stacked as queries), so GQA needs no copy of the cache. With ``flex`` (and
+``auto`` on a GPU) it is FlexAttention's decoding kernel over a block mask built in the step from the slots'
+positions, so each slot reads only its live key blocks; otherwise two batched matmuls around a masked fp32
+softmax (``auto`` on CPU), or SDPA with the forced kernel, over the whole cache under a length mask.
 
 Where q, k, v (and the MLP's gate and up) are plain ``nn.Linear`` layers, the step runs each group as one
 GEMM over a fused weight; the model's own weights become views of it, so prefill and decode share memory.
@@ -95,7 +95,7 @@ class DecodeStep(nn.Module):
     module docstring."""
 
     def __init__(self, model: Transformer, cache: SlotKVCache, backend: str = "auto", window: int | None = None,
-                 fuse: bool = True) -> None:
+                 fuse: bool = True, flex: bool = False) -> None:
         super().__init__()
         self.model, self.cache = model, cache
         self.backend, self.window = backend, window
@@ -106,7 +106,9 @@ class DecodeStep(nn.Module):
         # flex: the slots' positions, read by the block mask's mask function at run time
         self.register_buffer("flex_pos", torch.zeros(n, dtype=torch.long, device=cache.k[0].device),
                              persistent=False)
-        self._block_masks: dict[int, BlockMask] = {}
+        self.register_buffer("blocks", torch.arange(cache.positions // FLEX_BLOCK, device=cache.k[0].device),
+                             persistent=False)
+        self.flex = flex
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         self.gate_up: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         for layer in model.layers:
@@ -119,23 +121,25 @@ class DecodeStep(nn.Module):
     def fused(self) -> bool:
         return any(f is not None for f in self.qkv)
 
-    def block_mask(self, b: int) -> BlockMask:
-        """A block mask for b slots that leaves every block partial, so the mask function decides per key."""
-        if b not in self._block_masks:
-            dev = self.rows.device
-            nblocks = self.cache.positions // FLEX_BLOCK
-            num = torch.full((b, 1, 1), nblocks, dtype=torch.int32, device=dev)
-            idx = torch.arange(nblocks, dtype=torch.int32, device=dev).expand(b, 1, 1, nblocks).contiguous()
-            pos, window = self.flex_pos, self.window
+    def block_mask(self, pos: torch.Tensor) -> BlockMask:
+        """The flex block mask of slots at ``pos`` [b]: each slot visits only the key blocks from its window's
+        first to the one holding its position, so attention reads the live cache, not all of it; the mask
+        function cuts the last block (and the window's first) per key."""
+        b = pos.shape[0]
+        nblocks = self.cache.positions // FLEX_BLOCK
+        last = pos // FLEX_BLOCK
+        first = (pos - self.window + 1).clamp(min=0) // FLEX_BLOCK if self.window is not None else torch.zeros_like(pos)
+        num = (last - first + 1).to(torch.int32).view(b, 1, 1)
+        idx = (first[:, None] + self.blocks[None, :]).clamp(max=nblocks - 1).to(torch.int32).view(b, 1, 1, nblocks)
+        at, window = self.flex_pos, self.window
 
-            def mask_mod(bi: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-                p = pos[bi]
-                allowed = kv <= p
-                return allowed & (p - kv < window) if window is not None else allowed
+        def mask_mod(bi: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            p = at[bi]
+            allowed = kv <= p
+            return allowed & (p - kv < window) if window is not None else allowed
 
-            self._block_masks[b] = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
-                                                            seq_lengths=(1, self.cache.positions))
-        return self._block_masks[b]
+        return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                        seq_lengths=(1, self.cache.positions), compute_q_blocks=False)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:
         keys = self.keys[None, :]
@@ -164,7 +168,7 @@ class DecodeStep(nn.Module):
         y = torch.matmul(torch.softmax(scores, dim=-1).type_as(v), v)
         return y.reshape(b, h * d)
 
-    def forward(self, io: torch.Tensor, block_mask: BlockMask | None = None) -> torch.Tensor:
+    def forward(self, io: torch.Tensor) -> torch.Tensor:
         tokens, pos, write_pos = io[0], io[1], io[2]
         m = self.model
         b = tokens.shape[0]
@@ -173,9 +177,12 @@ class DecodeStep(nn.Module):
             h = h + m.pos_embeddings(pos)
         if m.rope is not None:
             cos, sin = m.rope[0][pos][:, None, :], m.rope[1][pos][:, None, :]
-        if block_mask is not None:
+        block_mask, mask = None, None
+        if self.flex:
             self.flex_pos[:b].copy_(pos)
-        mask = self._mask(pos) if block_mask is None else None
+            block_mask = self.block_mask(pos)
+        else:
+            mask = self._mask(pos)
         rows = self.rows[:b]
         for i, layer in enumerate(m.layers):
             attn = layer.attn
