@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from serve import copy_bandwidth  # benchmarks/serve.py
 
 from workloads.engine.engine import Engine
 from workloads.engine.loadgen import RequestSpec
@@ -31,24 +32,6 @@ from workloads.models.config import PRESETS
 from workloads.models.transformer import Transformer
 
 VARIANTS = ("fused-flex", "fused-matmul", "separate-flex", "fused-efficient")  # and "fused-matmul-autotune"
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), median of 20 copies of 2 GiB."""
-    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    times = []
-    for i in range(25):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        if i >= 5:
-            times.append(s.elapsed_time(e) / 1000.0)
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * (2 << 30) / statistics.median(times)
 
 
 def build(layers: int, variant: str, max_batch: int, cache_len: int) -> Engine:
@@ -133,7 +116,7 @@ def main() -> None:
     if args.coordinate_descent:
         torch._inductor.config.coordinate_descent_tuning = True
     batches = [int(x) for x in args.batches.split(",")]
-    bw = copy_bandwidth()
+    bw = copy_bandwidth("cuda")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, "
           f"llama-3.1-8b x {args.layers} layers, context {args.context}, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"coordinate descent {args.coordinate_descent}\n")

@@ -8,27 +8,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
+from typing import Any
 
 import torch
+from serve import Bench, btune_run, failed, serving  # benchmarks/serve.py
 
-from tuner.runs import load_record
 
-
-def run(replicas: int, args: argparse.Namespace, out: str) -> dict:
-    cmd = [sys.executable, "-m", "tuner", "run", "serve", "--preset", "llama-3.1-8b", "--layers", str(args.layers),
-           "--replicas", str(replicas), "--max-batch", str(args.max_batch),
-           "--concurrency", str(2 * args.max_batch * replicas), "--duration", str(args.duration),
-           "--drain-timeout", "0", "--prompt-len", "uniform:128,1024", "--output-len", "uniform:32,256",
-           "--compile-mode", "reduce-overhead", "--seed", "0", "--out", out]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    if not last.endswith(".json"):
-        sys.exit(f"{replicas} replicas: not launched: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
-    return load_record(Path(last))
+def run(replicas: int, args: argparse.Namespace, out: str) -> dict[str, Any]:
+    bench = Bench(layers=args.layers, out=out)
+    return btune_run(bench, ["--replicas", str(replicas), "--max-batch", str(args.max_batch),
+                             "--concurrency", str(2 * args.max_batch * replicas), "--duration", str(args.duration),
+                             "--drain-timeout", "0", "--prompt-len", "uniform:128,1024",
+                             "--output-len", "uniform:32,256", "--compile-mode", "reduce-overhead"])
 
 
 def main() -> None:
@@ -49,11 +41,11 @@ def main() -> None:
         base = None
         for n in (1, args.replicas):
             rec = run(n, args, out)
-            s = (rec.get("summary") or {}).get("workload", {}).get("serving")
-            if rec.get("status") != "ok" or not s:
-                print(f"| {n} | {rec.get('status')}: {(rec.get('error') or {}).get('message', '')[:120]} |"
-                      " | | | | | | | |", flush=True)
+            why = failed(rec)
+            if why:
+                print(f"| {n} | {why} | | | | | | | | |", flush=True)
                 continue
+            s = serving(rec)
             per = {}
             for e in rec["events"]:
                 if e["type"] == "request" and e.get("finished"):

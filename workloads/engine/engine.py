@@ -62,7 +62,6 @@ class Engine:
             raise ValueError(f"the KV cache's {self.cache.positions} positions exceed the model's max_seq_len "
                              f"{cfg.max_seq_len}")
         self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window, flex=flex)
-        self.compiled = compile_mode != "none"
         self.buckets = buckets(rows, pad_multiple)
         cuda = device.type == "cuda"
         # per bucket: the decode inputs (tokens, positions, write positions) on the device, and a host stage
@@ -71,7 +70,7 @@ class Engine:
         self.graphs = cuda and compile_mode in GRAPH_MODES
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        if self.compiled:
+        if compile_mode != "none":
             # specialised per bucket; the graphs are captured below, so inductor makes none of its own
             mode = GRAPH_MODES.get(compile_mode, compile_mode)
             self._decode: Any = torch.compile(self.step_module, mode=mode, dynamic=False)

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from workloads.engine.cache import SlotKVCache
-from workloads.models.attention import AttentionKernel
+from workloads.models.attention import AttentionKernel, visible
 from workloads.models.transformer import Transformer
 
 _SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -134,20 +134,13 @@ class DecodeStep(nn.Module):
         at, window = self.flex_pos, self.window
 
         def mask_mod(bi: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            p = at[bi]
-            allowed = kv <= p
-            return allowed & (p - kv < window) if window is not None else allowed
+            return visible(at[bi], kv, window)
 
         return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
                                         seq_lengths=(1, self.cache.positions), compute_q_blocks=False)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:
-        keys = self.keys[None, :]
-        p = pos[:, None]
-        allowed = keys <= p
-        if self.window is not None:
-            allowed = allowed & (p - keys < self.window)
-        return allowed
+        return visible(pos[:, None], self.keys[None, :], self.window)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 block_mask: BlockMask | None) -> torch.Tensor:

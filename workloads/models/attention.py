@@ -90,14 +90,16 @@ class AttentionKernel:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
 
 
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | torch.Tensor | None) -> torch.Tensor:
+    """Whether a query at ``q_pos`` attends the key at ``k_pos`` (broadcast): causal, within the window if any."""
+    allowed = k_pos <= q_pos
+    return allowed & (q_pos - k_pos < window) if window is not None else allowed
+
+
 def causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.device | str) -> torch.Tensor:
     """Boolean [q_len, kv_len] mask, True where a query may attend (bottom-right aligned, optional window)."""
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed = allowed & (q_pos - k_pos < window)
-    return allowed
+    return visible(q_pos, torch.arange(kv_len, device=device)[None, :], window)
 
 
 def _flex_lengths(q_len: int, kv_len: int, device: torch.device) -> tuple[int, int]:
@@ -123,8 +125,7 @@ def _block_mask(q_len: int, q_pad: int, kv_len: int, kv_pad: int, window: int | 
     span = torch.tensor(window if window is not None else kv_len + 1, device=device)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        q_pos = q_idx + offset
-        return (kv_idx <= q_pos) & (kv_idx < limit) & (q_pos - kv_idx < span)
+        return visible(q_idx + offset, kv_idx, span) & (kv_idx < limit)
 
     return create_block_mask(mask_mod, None, None, q_pad, kv_pad, device=device)
 
