@@ -77,12 +77,12 @@ def measure(engine: Engine, b: int, context: int) -> tuple[float, float, float]:
     for _ in range(3):
         engine.run(plan)
     compile_s = time.perf_counter() - t0
+    work = engine._work(plan)
     with torch.inference_mode():
-        engine._decode_step(plan.decode)
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         for _ in range(100):
-            engine._decode_bucket(engine.bucket(b))
+            engine._decode_bucket(work.bucket, work.stage)
         e.record()
         e.synchronize()
     gpu = s.elapsed_time(e) / 100

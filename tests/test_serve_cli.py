@@ -99,7 +99,7 @@ def test_a_step_cap_reports_unfinished_requests(tmp_path):
         (["--prompt-len", "uniform:9,2"], "uniform:A,B needs 1 <= A <= B"),
         (["--attention-backend", "flash"], "the flash kernel takes no mask"),
         (["--compile-mode", "reduce-overhead"], "CUDA graphs and autotuning need a GPU"),
-        (["--tp", "2"], "not supported by serve yet"),
+        (["--tp", "3"], "--tp 3 must divide the attention heads (4) and KV heads (4)"),
     ],
 )
 def test_bad_input_is_refused_before_launch(tmp_path, args, words):

@@ -54,6 +54,16 @@ def init(device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))
 
 
+def replica_groups(device_type: str, replicas: int, tp: int) -> dist.ProcessGroup | None:
+    """Serving: join torchrun's group as one of ``replicas`` x ``tp`` ranks (replica r holds ranks r*tp ..
+    r*tp + tp - 1) and return this rank's tensor-parallel group (None at tp 1)."""
+    init(device_type)
+    if tp == 1:
+        return None
+    mesh = init_device_mesh(device_type, (replicas, tp), mesh_dim_names=("replica", "tp"))
+    return mesh.get_group("tp")
+
+
 def join(tp: int, device: str) -> DeviceMesh | None:
     """The TP mesh for ``--tp`` (None at 1) under torchrun's WORLD_SIZE; ValueError when they disagree."""
     import torch

@@ -56,6 +56,7 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "load": load,
         "slo": {"ttft_ms": opts["slo_ttft_ms"], "tpot_ms": opts["slo_tpot_ms"]},
         "replicas": opts["replicas"],
+        "tp": opts["tp"],
         "dtype": dtype,
         "params": counts,
         "flops_per_output_token": fpt,
@@ -64,18 +65,24 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     }
 
 
-def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
-    """The engine on ``device`` with the attention kernel, FP8 and compile applied; and what actually ran."""
+def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
+           group: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The engine on ``device`` with the attention kernel, FP8 and compile applied, sharded over ``group`` (a
+    tensor-parallel replica's ranks) when given; and what actually ran."""
     import torch
+    import torch.distributed as dist
 
+    from workloads.engine import tensor_parallel
     from workloads.engine.engine import Engine
+    from workloads.engine.work import StepChannel
     from workloads.models import fp8
     from workloads.models.attention import make_kernel
     from workloads.models.transformer import Transformer
 
     cfg = ModelConfig(**p["model"])
+    tp = opts["tp"]
     kernel, attn_reason = make_kernel(
-        opts["attention_backend"], device, dtype, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+        opts["attention_backend"], device, dtype, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp,
         head_dim=cfg.head_dim, seq_len=min(p["max_prefill_tokens"], p["cache_len"]),
         window=opts["attention_window"] or None, training=False,
     )
@@ -84,10 +91,15 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> 
     with torch.device(device):
         model = Transformer(cfg, attention=kernel)
     model = model.to(dtype=dtype)
+    channel = None
+    if group is not None:  # every rank built the same seeded weights; each keeps its slice
+        tensor_parallel.shard(model, dist.get_rank(group), tp, group)
+        channel = StepChannel(group, max(p["max_batch"], 16 if fp8_choice.library == "te" else 1),
+                              p["max_prefill_tokens"], device)
     autocast = fp8.apply(model, fp8_choice, head=opts.get("fp8_head", False))
     model.eval()
     engine = Engine(model, kernel, p["max_batch"], p["cache_len"], device, dtype, opts["compile_mode"], autocast,
-                    pad_multiple=16 if fp8_choice.library == "te" else 1)
+                    pad_multiple=16 if fp8_choice.library == "te" else 1, channel=channel)
     if engine.step_module.flex:
         decode_attn = "flex decoding over each slot's live key blocks"
     elif kernel.backend == "auto":
@@ -104,8 +116,12 @@ def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any) -> 
         "decode_buckets": engine.buckets,
         "cache_positions": engine.cache.positions,
         "kv_cache_bytes": engine.cache.nbytes(),
-        "tp": 1,
+        "tp": tp,
     }
+    if tp > 1:
+        ran["tensor_parallel"] = ("q/k/v, gate/up and the LM head split by output rows, wo and down by input "
+                                  "columns with one all-reduce each; greedy over the vocabulary shards; embedding "
+                                  "replicated; the leader broadcasts each step's plan to its group")
     return engine, ran
 
 
@@ -144,32 +160,33 @@ def run(opts: dict[str, Any]) -> int:
 
     from workloads import parallel
     from workloads.engine import metrics
-    from workloads.engine.driver import Hooks, run_load
+    from workloads.engine.driver import Hooks, LoadResult, run_load
     from workloads.engine.loadgen import RequestSpec, prompt_tokens
     from workloads.engine.request import Request
     from workloads.engine.scheduler import Scheduler
     from workloads.loop import SetupError, device_name, memory_fields, resolve_device, resolve_dtype, setup_failed
 
     em = Emitter()
-    world, replicas = parallel.world_size(), opts["replicas"]
+    world, replicas, tp = parallel.world_size(), opts["replicas"], opts["tp"]
     rank = parallel.rank()
+    replica, leader = rank // tp, rank % tp == 0
     try:
         problems = load_checks(opts)
         if problems:
             raise SetupError(problems[0][1])
-        if world != replicas:
-            raise SetupError(f"--replicas {replicas} but {world} processes: launch with torchrun --nproc-per-node "
-                             f"{replicas} -m workloads.serve --replicas {replicas} ...")
-        if opts["tp"] > 1:
-            raise SetupError("--tp: tensor-parallel replicas are not supported by serve yet; use --replicas")
+        if world != replicas * tp:
+            raise SetupError(f"--replicas {replicas} x --tp {tp} but {world} processes: launch with torchrun "
+                             f"--nproc-per-node {replicas * tp} -m workloads.serve --replicas {replicas} --tp {tp} ...")
+        group = None
         if world > 1:
-            parallel.init("cuda" if opts["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+            group = parallel.replica_groups("cuda" if opts["device"] != "cpu" and torch.cuda.is_available()
+                                            else "cpu", replicas, tp)
         device = resolve_device(opts["device"])
         p = plan(opts, device.type)
         dtype = resolve_dtype(p["dtype"], device)
         torch.manual_seed(opts["seed"])
-        engine, ran = _build(opts, p, device, dtype)
-        gen = _generator(p, rank, replicas)
+        engine, ran = _build(opts, p, device, dtype, group)
+        gen = _generator(p, replica, replicas)
     except (SetupError, ValueError, torch.OutOfMemoryError) as exc:
         return setup_failed(em, exc, "the engine")
 
@@ -178,7 +195,7 @@ def run(opts: dict[str, Any]) -> int:
         em.meta(workload="serve", options=opts, plan=p, device=str(device), device_name=device_name(device),
                 n_devices=world, precision=precision, flops_per_token=p["flops_per_output_token"],
                 flops_per_token_note="per output token, the prompt's prefill included, at the mean lengths",
-                params=p["params"], torch_version=torch.__version__, backends=ran, replicas=world,
+                params=p["params"], torch_version=torch.__version__, backends=ran, replicas=replicas, tp=tp,
                 step_tokens="output tokens produced by one engine step of this rank's replica")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -208,19 +225,26 @@ def run(opts: dict[str, Any]) -> int:
 
     def make_request(spec: RequestSpec) -> Request:
         prompt = torch.from_numpy(prompt_tokens(p["load"]["seed"], spec.rid, spec.prompt_len, vocab)).to(device)
-        return Request(spec, prompt, replica=rank)
+        return Request(spec, prompt, replica=replica)
 
     # compiled: at least compile, CUDA-graph capture and one replay per shape before the load starts
     rounds = max(opts["warmup"], 3) if opts["compile_mode"] != "none" else opts["warmup"]
     hooks = Hooks(step=on_step, finished=lambda r: em.emit("request", **r.record()),
-                  series=lambda f: em.emit("series", name="engine", replica=rank, **f))
+                  series=lambda f: em.emit("series", name="engine", replica=replica, **f))
     sched = Scheduler(p["max_batch"], p["max_prefill_tokens"], p["cache_len"])
     try:
         warm_s = engine.warmup(rounds, warm_step)
         if world > 1:
             torch.distributed.barrier()
-        res = run_load(engine, sched, gen, make_request, time.perf_counter, time.sleep, hooks,
-                       max_steps=opts["steps"], drain_timeout=opts["drain_timeout"])
+        if leader:
+            try:
+                res = run_load(engine, sched, gen, make_request, time.perf_counter, time.sleep, hooks,
+                               max_steps=opts["steps"], drain_timeout=opts["drain_timeout"])
+            finally:
+                engine.stop_followers()
+        else:  # a tensor-parallel follower: the leader's steps, then nothing of its own to report
+            engine.follow()
+            res = LoadResult()
     except torch.OutOfMemoryError as exc:
         em.error(f"out of memory: {str(exc).splitlines()[0]}", kind="oom")
         print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
@@ -255,7 +279,8 @@ def run(opts: dict[str, Any]) -> int:
         engine={"steps": res.steps, "stopped": res.stopped, "decode_step_ms": metrics.describe(decode_ms),
                 "decode_batch_mean": sum(decode_batch) / len(decode_batch) if decode_batch else None,
                 "buckets": ran["decode_buckets"], "kv_cache_bytes": ran["kv_cache_bytes"]},
-        replicas=world,
+        replicas=replicas,
+        tp=tp,
         torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
         interrupted=interrupted,
     )

@@ -25,6 +25,7 @@ from workloads.engine.cache import SlotKVCache
 from workloads.engine.forward import FLEX_BLOCK, DecodeStep, prefill_chunk
 from workloads.engine.request import Request
 from workloads.engine.scheduler import Plan
+from workloads.engine.work import StepChannel, Work
 from workloads.models.attention import AttentionKernel
 from workloads.models.transformer import Transformer
 
@@ -46,10 +47,11 @@ class Engine:
 
     def __init__(self, model: Transformer, kernel: AttentionKernel, max_batch: int, cache_len: int,
                  device: torch.device, dtype: torch.dtype, compile_mode: str = "none",
-                 autocast: Callable[[], AbstractContextManager] = nullcontext, pad_multiple: int = 1) -> None:
+                 autocast: Callable[[], AbstractContextManager] = nullcontext, pad_multiple: int = 1,
+                 channel: StepChannel | None = None) -> None:
         cfg = model.cfg
         self.model, self.kernel, self.device, self.autocast = model, kernel, device, autocast
-        self.pad_multiple = pad_multiple
+        self.pad_multiple, self.channel = pad_multiple, channel
         # decode attention: flex where asked, and by default on a GPU (it reads only the live cache blocks)
         flex = kernel.backend == "flex" or (kernel.backend == "auto" and device.type == "cuda")
         multiple = FLEX_BLOCK if flex else 64
@@ -84,18 +86,17 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _prefill(self, req: Request, start: int, n: int) -> torch.Tensor:
-        tokens = req.prompt[start:start + n]
+    def _prefill(self, slot: int, start: int, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.numel()
         pad = -n % self.pad_multiple
         if pad:
             tokens = F.pad(tokens, (0, pad))
-        assert req.slot is not None
-        return prefill_chunk(self.model, self.kernel, self.cache, req.slot, tokens[None], start, n - 1)
+        return prefill_chunk(self.model, self.kernel, self.cache, slot, tokens[None], start, n - 1)
 
-    def _decode_bucket(self, b: int) -> torch.Tensor:
-        """Decode bucket b from its host stage (the previous step has finished: the stage is free to refill)."""
+    def _decode_bucket(self, b: int, inputs: torch.Tensor) -> torch.Tensor:
+        """Decode bucket b from ``inputs`` [3, b] (host stage or device; the previous step has finished)."""
         io = self._io[b]
-        io.copy_(self._stage[b], non_blocking=True)
+        io.copy_(inputs, non_blocking=True)
         if b in self._graphs:
             graph, out = self._graphs[b]
             graph.replay()
@@ -116,39 +117,67 @@ class Engine:
         graph.replay()
         return out
 
-    def _stage_idle(self, b: int) -> Any:
-        stage = self._stage[b].numpy()
-        stage[0:2] = 0
-        stage[2] = self.cache.scratch
+    def _stage_idle(self, b: int) -> torch.Tensor:
+        """Bucket b's host stage with every slot idle (token 0 at position 0, keys to the scratch column)."""
+        stage = self._stage[b]
+        view = stage.numpy()
+        view[0:2] = 0
+        view[2] = self.cache.scratch
         return stage
 
-    def _decode_step(self, reqs: list[Request]) -> torch.Tensor:
-        b = self.bucket(max(r.slot for r in reqs if r.slot is not None) + 1)
-        stage = self._stage_idle(b)
-        for r in reqs:
-            assert r.slot is not None
-            pos = r.position
-            stage[0, r.slot], stage[1, r.slot], stage[2, r.slot] = r.tokens[-1], pos, pos
-        return self._decode_bucket(b)
+    def _work(self, plan: Plan) -> Work:
+        """The plan as device work: the decode bucket's inputs staged on the host, the prompt chunks' tokens."""
+        work = Work(prefill=[(r.slot, start, r.prompt[start:start + n]) for r, start, n in plan.prefill])
+        if plan.decode:
+            b = self.bucket(max(r.slot for r in plan.decode if r.slot is not None) + 1)
+            stage = self._stage_idle(b)
+            view = stage.numpy()
+            for r in plan.decode:
+                pos = r.position
+                view[0, r.slot], view[1, r.slot], view[2, r.slot] = r.tokens[-1], pos, pos
+            work.bucket, work.stage = b, stage
+        return work
+
+    def _execute(self, work: Work) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Run ``work``: the decode's next tokens [b] (None without one) and each prefill chunk's next token."""
+        with torch.inference_mode(), self.autocast():
+            nxt = self._decode_bucket(work.bucket, work.stage) if work.stage is not None else None
+            firsts = [self._prefill(slot, start, tokens) for slot, start, tokens in work.prefill]
+        return nxt, firsts
 
     def run(self, plan: Plan) -> list[tuple[Request, int]]:
-        """One step: the decode of ``plan.decode``, then its prefill chunks; waits for the device."""
-        firsts: list[tuple[Request, torch.Tensor]] = []
-        with torch.inference_mode(), self.autocast():
-            nxt = self._decode_step(plan.decode) if plan.decode else None
-            for r, start, n in plan.prefill:
-                tok = self._prefill(r, start, n)
-                if start + n == r.prompt_len:
-                    firsts.append((r, tok))
+        """One step: the decode of ``plan.decode``, then its prefill chunks; waits for the device. In a
+        tensor-parallel replica only the leader calls this; it shares the step with the ranks in ``follow``."""
+        work = self._work(plan)
+        if self.channel is not None:
+            work = self.channel.send(work)
+        nxt, firsts = self._execute(work)
         out: list[tuple[Request, int]] = []
         if nxt is not None:
             values = nxt.tolist()
             out += [(r, int(values[r.slot])) for r in plan.decode if r.slot is not None]
-        if firsts:
-            values = torch.cat([t for _, t in firsts]).tolist()
-            out += [(r, int(v)) for (r, _), v in zip(firsts, values, strict=True)]
+        done = [(r, tok) for (r, start, n), tok in zip(plan.prefill, firsts, strict=True) if start + n == r.prompt_len]
+        if done:
+            values = torch.cat([t for _, t in done]).tolist()
+            out += [(r, int(v)) for (r, _), v in zip(done, values, strict=True)]
         self._sync()
         return out
+
+    def follow(self) -> int:
+        """A tensor-parallel follower: run the leader's steps until it says stop; returns the step count."""
+        assert self.channel is not None and not self.channel.leader
+        steps = 0
+        while (work := self.channel.recv()) is not None:
+            self._execute(work)
+            steps += 1
+        self._sync()
+        return steps
+
+    def stop_followers(self) -> None:
+        """The leader's last word to its followers (no-op without a tensor-parallel group)."""
+        if self.channel is not None and self.channel.leader:
+            self.channel.stop()
+            self._sync()
 
     def warmup(self, rounds: int, on_step: Callable[[float, dict[str, Any]], None] | None = None) -> float:
         """Compile and capture every decode bucket, and run a prefill chunk, ``rounds`` times each (idle
@@ -162,11 +191,9 @@ class Engine:
                 t0 = time.perf_counter()
                 with torch.inference_mode(), self.autocast():
                     if kind == "prefill":
-                        tokens = F.pad(dummy, (0, -n % self.pad_multiple))
-                        prefill_chunk(self.model, self.kernel, self.cache, 0, tokens[None], 0, n - 1).tolist()
+                        self._prefill(0, 0, dummy).tolist()
                     else:
-                        self._stage_idle(size)
-                        self._decode_bucket(size).tolist()
+                        self._decode_bucket(size, self._stage_idle(size)).tolist()
                 self._sync()
                 if on_step is not None:
                     on_step((time.perf_counter() - t0) * 1000.0, {"phase": f"warmup-{kind}", "batch": size})

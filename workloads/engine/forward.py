@@ -45,18 +45,30 @@ def prefill_chunk(model: Transformer, kernel: AttentionKernel, cache: SlotKVCach
     mask = kernel.mask(n, end, tokens.device)
     for i, layer in enumerate(model.layers):
         h = layer(h, rope, mask, kernel, cache.slot(i, slot), start)
-    return greedy(model.output(model.norm(h[:, last])))
+    return next_tokens(model.output, model.norm(h[:, last]))
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dim of [b, V] (the first index on ties), in two stages where V splits in 256
+def max_and_index(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, first index of the max) over the last dim of [b, V], in two stages where V splits in 256
     (a one-pass argmax over a 128k vocabulary is one thread block per row: tens of microseconds)."""
     b, v = logits.shape
     if v % 256 or v < 65536:
-        return logits.argmax(-1)
+        return logits.max(-1)
     vals, idx = logits.view(b, 256, v // 256).max(-1)  # [b, 256]: each chunk's max and its first index
     chunk = vals.argmax(-1, keepdim=True)  # the first chunk holding the row's max
-    return (chunk * (v // 256) + idx.gather(-1, chunk)).squeeze(-1)
+    return vals.gather(-1, chunk).squeeze(-1), (chunk * (v // 256) + idx.gather(-1, chunk)).squeeze(-1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of [b, V] (the first index on ties)."""
+    return max_and_index(logits)[1]
+
+
+def next_tokens(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Greedy next tokens [b] from final hidden states [b, d] through the LM head, whole or sharded over the
+    vocabulary (a head with a ``greedy`` method: workloads.engine.tensor_parallel)."""
+    sharded = getattr(head, "greedy", None)
+    return sharded(x) if sharded is not None else greedy(head(x))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -202,4 +214,4 @@ class DecodeStep(nn.Module):
                 h = h + layer.mlp.w2(F.silu(g) * u)
             else:
                 h = h + layer.mlp(x)
-        return greedy(m.output(m.norm(h)))
+        return next_tokens(m.output, m.norm(h))

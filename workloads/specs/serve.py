@@ -72,18 +72,26 @@ def load_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def serve_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
     """What the load test cannot run as asked on this machine, with the reason (one line each)."""
+    from workloads.models.config import PRESETS
+
     out = load_checks(opts)
     backend = opts.get("attention_backend", "auto")
     if backend == "flash":
         out.append(("attention-backend", "--attention-backend flash: the flash kernel takes no mask, and decoding "
                                          "sequences of different lengths in one batch needs one; use auto, efficient, "
                                          "cudnn, math or flex"))
-    if int(opts.get("tp") or 1) > 1:
-        out.append(("tp", "--tp: tensor-parallel replicas are not supported by serve yet; use --replicas"))
-    replicas = int(opts.get("replicas") or 1)
-    if on_gpu(opts, machine) and replicas > len(machine.gpus):
-        out.append(("replicas", f"--replicas {replicas} needs {replicas} GPUs; {len(machine.gpus)} visible"))
-    out += [c for c in transformer_checks({**opts, "mode": "decode"}, machine) if c[0] != "tp"]
+    tp, replicas = int(opts.get("tp") or 1), int(opts.get("replicas") or 1)
+    if tp > 1 and opts.get("fp8_head"):
+        out.append(("fp8-head", "--fp8-head: the LM head is split over the vocabulary with --tp and stays in the "
+                                "compute dtype; drop one of them"))
+    if on_gpu(opts, machine) and replicas * tp > len(machine.gpus):
+        out.append(("replicas", f"--replicas {replicas} x --tp {tp} needs {replicas * tp} GPUs; "
+                                f"{len(machine.gpus)} visible"))
+    cfg = PRESETS.get(str(opts.get("preset")))
+    divides = None if cfg is None else {"attention heads": cfg.n_heads, "KV heads": cfg.n_kv_heads,
+                                        "MLP width": cfg.d_ff, "vocabulary": cfg.vocab_size}
+    checks = transformer_checks({**opts, "mode": "decode"}, machine, divides)
+    out += [c for c in checks if not (c[0] == "tp" and "GPUs on this node" in c[1])]  # counted above with replicas
     return out
 
 
@@ -119,8 +127,8 @@ SERVE = WorkloadSpec(
                "for all)", min=0, group="load"),
         Option("slo-ttft-ms", float, 2000.0, "goodput SLO on time to first token", min=0, group="load"),
         Option("slo-tpot-ms", float, 100.0, "goodput SLO on time per output token", min=0, group="load"),
-        Option("replicas", int, 1, "model replicas, one process per GPU (torchrun): one request stream shared "
-               "round-robin, reported once by rank 0", min=1, max=1024, group="parallel"),
+        Option("replicas", int, 1, "model replicas, --tp processes each (torchrun, one per GPU): one request "
+               "stream shared round-robin, reported once by rank 0", min=1, max=1024, group="parallel"),
         *(o for o in TRANSFORMER_KNOBS if o.name != "activation-checkpointing"),
         Option("dry-run", bool, False, "print the plan as JSON (config, cache, load, FLOPs) and exit"),
     ),

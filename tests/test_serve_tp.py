@@ -1,0 +1,66 @@
+"""Tensor-parallel serving replicas: a 2-way replica's tokens equal full recompute on the whole model (gloo on
+CPU; NCCL with CUDA graphs where two GPUs are visible), and `btune run serve --tp 2 --replicas 2` runs four
+ranks as two replicas, counting each request once."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuner.launch import build_config, make_runner
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+PROGRAM = Path(__file__).parent / "programs" / "tp_serve_tokens.py"
+
+
+def run_program(*args: str) -> list[dict]:
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(PROGRAM), *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def check(lines: list[dict]) -> dict:
+    leader = next(x for x in lines if "requests" in x)
+    follower = next(x for x in lines if "follower_steps" in x)
+    assert leader["requests"] == leader["finished"] == 9
+    assert leader["mismatched"] == [], "requests whose tokens differ from full recompute"
+    assert follower["follower_steps"] == leader["steps"], "the follower ran every step the leader ran"
+    for x in lines:
+        assert x["logits_max_diff"] < 1e-4, "sharded logits equal the whole model's"
+    return leader
+
+
+@pytest.mark.parametrize(("preset", "backend", "compile_mode"),
+                         [("tiny-llama", "auto", "none"), ("tiny", "math", "default")])
+def test_tp2_replica_tokens_equal_full_recompute(preset, backend, compile_mode):
+    check(run_program(preset, backend, compile_mode))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tp2_replica_with_cuda_graphs_equals_full_recompute():
+    leader = check(run_program("tiny-llama", "auto", "reduce-overhead", "cuda"))
+    assert leader["graphs"] == leader["buckets"], "every decode bucket ran as a captured CUDA graph"
+
+
+def test_two_tp2_replicas_count_each_request_once(tmp_path):
+    args = ["--preset", "tiny-llama", "--warmup", "1", "--max-batch", "4", "--prompt-len", "uniform:2,24",
+            "--output-len", "uniform:1,12", "--num-requests", "9", "--replicas", "2", "--tp", "2",
+            "--device", "cpu"]
+    config = build_config("serve", args)
+    assert list(config.argv[1:6]) == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    rec = make_runner(config, tmp_path, telemetry=False).run().record
+    assert rec["status"] == "ok", rec.get("error")
+    reqs = [e for e in rec["events"] if e["type"] == "request"]
+    assert sorted(r["rid"] for r in reqs) == list(range(9))
+    assert {r["rank"] for r in reqs} == {0, 2}, "each replica's leader (ranks 0 and 2) reports its requests"
+    assert all(r["replica"] == r["rank"] // 2 for r in reqs)
+    meta = next(e for e in rec["events"] if e["type"] == "meta")
+    assert meta["n_devices"] == 4 and meta["replicas"] == 2 and meta["tp"] == 2 and meta["backends"]["tp"] == 2
+    s = rec["summary"]["workload"]
+    assert s["replicas"] == 2 and s["tp"] == 2 and s["serving"]["requests"]["finished"] == 9
+    assert s["serving"]["output_tokens"] == sum(r["output_len"] for r in reqs)
