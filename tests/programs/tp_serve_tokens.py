@@ -76,7 +76,8 @@ if dist.get_rank() == 0:
             if r.tokens != seq[r.prompt_len:]:
                 bad.append(r.rid)
     print(json.dumps({"requests": len(res.requests), "finished": sum(r.finished for r in res.requests),
-                      "steps": res.steps, "graphs": sorted(engine._graphs), "buckets": engine.buckets, "mismatched": bad, "logits_max_diff": logits_diff}), flush=True)
+                      "steps": res.steps, "graphs": sorted(engine._graphs), "buckets": engine.buckets,
+                      "mismatched": bad, "logits_max_diff": logits_diff}), flush=True)
 else:
     steps = engine.follow()
     print(json.dumps({"follower_steps": steps, "logits_max_diff": logits_diff}), flush=True)

@@ -14,12 +14,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import nn
 
 from workloads.engine.forward import max_and_index
 from workloads.models.transformer import Transformer
-
 
 # all_gather_single replaces all_gather_tensor in newer torch (same arguments)
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
