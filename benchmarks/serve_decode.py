@@ -112,14 +112,16 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=640, help="every slot's position (prompt 512 + half of 256)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of the first variant")
     ap.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate-descent tuning")
+    ap.add_argument("--blas", default="cublas", choices=("cublas", "cublaslt"), help="torch's preferred BLAS library")
     args = ap.parse_args()
     if args.coordinate_descent:
         torch._inductor.config.coordinate_descent_tuning = True
+    torch.backends.cuda.preferred_blas_library(args.blas)
     batches = [int(x) for x in args.batches.split(",")]
     bw = copy_bandwidth("cuda")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, "
           f"llama-3.1-8b x {args.layers} layers, context {args.context}, copy bandwidth {bw / 1e12:.2f} TB/s, "
-          f"coordinate descent {args.coordinate_descent}\n")
+          f"coordinate descent {args.coordinate_descent}, BLAS {args.blas}\n")
     print("| variant | batch | compile s | gpu ms | step ms | roofline ms | gpu % roof | step % roof | tok/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, variant in enumerate(args.variants.split(",")):
