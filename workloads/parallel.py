@@ -15,6 +15,8 @@ output). Shared experts use the dense MLP plan.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 
@@ -75,12 +77,23 @@ def join(tp: int, device: str) -> DeviceMesh | None:
     return init("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def shutdown() -> None:
+def shutdown(exit_code: int = 0, stuck_s: float = 60.0) -> None:
     """Leave the process group once every rank is done with it (a rank that leaves early breaks a peer's
-    last receive, e.g. a gather's)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    last receive, e.g. a gather's). Teardown that is still stuck after ``stuck_s`` seconds (NCCL after CUDA
+    graph capture can be) ends the process with ``exit_code``: everything was reported before this point."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+
+    def stuck() -> None:
+        print(f"warning: process-group teardown stuck for {stuck_s:g} s; exiting", file=sys.stderr, flush=True)
+        os._exit(exit_code)
+
+    timer = threading.Timer(stuck_s, stuck)
+    timer.daemon = True
+    timer.start()
+    dist.destroy_process_group()
+    timer.cancel()
 
 
 def check_divisible(n_heads: int, n_kv_heads: int, tp: int) -> None:

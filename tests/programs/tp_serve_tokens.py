@@ -9,6 +9,7 @@ usage: torchrun --nproc-per-node 2 tp_serve_tokens.py PRESET BACKEND COMPILE_MOD
 """
 
 import copy
+import faulthandler
 import json
 import sys
 
@@ -27,6 +28,7 @@ from workloads.models.attention import AttentionKernel
 from workloads.models.config import PRESETS
 from workloads.models.transformer import Transformer
 
+faulthandler.dump_traceback_later(300, exit=True)  # a hang shows where, then ends the process
 preset, backend, compile_mode = sys.argv[1], sys.argv[2], sys.argv[3]
 kind = sys.argv[4] if len(sys.argv) > 4 else "cpu"
 group = parallel.replica_groups(kind, 1, 2)
@@ -81,4 +83,5 @@ if dist.get_rank() == 0:
 else:
     steps = engine.follow()
     print(json.dumps({"follower_steps": steps, "logits_max_diff": logits_diff}), flush=True)
+engine.close()
 parallel.shutdown()

@@ -179,6 +179,12 @@ class Engine:
             self.channel.stop()
             self._sync()
 
+    def close(self) -> None:
+        """Release the captured CUDA graphs (NCCL cannot tear down a communicator that live graphs still use)."""
+        self._sync()
+        self._graphs.clear()
+        self._pool = None
+
     def warmup(self, rounds: int, on_step: Callable[[float, dict[str, Any]], None] | None = None) -> float:
         """Compile and capture every decode bucket, and run a prefill chunk, ``rounds`` times each (idle
         slots only: nothing live in the cache is touched). Returns the seconds it took."""
