@@ -228,7 +228,7 @@ def hf_child(b: Bench, batch: int, reps: int, compiled: bool) -> None:
           f"{how}; {agree}")
 
 
-def part_hf(b: Bench, batches: tuple[int, ...]) -> dict[int, Any]:
+def part_hf(b: Bench, batches: tuple[int, ...], modes: tuple[bool, ...] = (False, True)) -> dict[int, Any]:
     print("\n| batch | btune output tok/s | HF eager tok/s | HF compiled tok/s | btune / best HF | HF setup |")
     print("|---:|---:|---:|---:|---:|---|")
     recs = {}
@@ -240,6 +240,9 @@ def part_hf(b: Bench, batches: tuple[int, ...]) -> dict[int, Any]:
         hf: dict[bool, float | None] = {}
         note = ""
         for compiled in (False, True):
+            if compiled not in modes:
+                hf[compiled] = None
+                continue
             res = subprocess.run([sys.executable, __file__, "--hf-child", str(batch), str(int(compiled)), "--layers",
                                   str(b.layers), "--prompt", str(b.prompt), "--output", str(b.output), "--preset",
                                   b.preset, "--device", b.device], capture_output=True, text=True)
@@ -260,7 +263,8 @@ def part_hf(b: Bench, batches: tuple[int, ...]) -> dict[int, Any]:
     return recs
 
 
-def part_sweep(b: Bench, duration: float) -> None:
+def part_sweep(b: Bench, duration: float,
+               fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)) -> None:
     gpu = b.device == "cuda"
     load = ["--max-batch", "32" if gpu else "4", "--prompt-len", "uniform:128,1024" if gpu else "uniform:8,64",
             "--output-len", "uniform:32,256" if gpu else "uniform:4,32", "--compile-mode", b.graphs]
@@ -279,7 +283,7 @@ def part_sweep(b: Bench, duration: float) -> None:
     print("| rate req/s | x capacity | req/s done | goodput req/s | good % | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
           "| ITL p99 ms | E2E p99 ms | output tok/s | peak conc. | unfinished |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for frac in (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0):
+    for frac in fractions:
         rate = capacity * frac
         rec = btune_run(b, [*load, "--request-rate", f"{rate:.4f}", "--duration", str(duration),
                             "--drain-timeout", str(duration)])
@@ -310,6 +314,9 @@ def main() -> None:
     ap.add_argument("--sweep-duration", type=float, default=30.0)
     ap.add_argument("--part", default="all", choices=("all", "roofline", "hf", "sweep"))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test, no figures")
+    ap.add_argument("--hf-modes", default="eager,compiled", help="which Hugging Face generate setups to run")
+    ap.add_argument("--fractions", default="0.25,0.5,0.75,0.9,1.0,1.1,1.25,1.5,2.0",
+                    help="sweep rates as fractions of the measured capacity")
     ap.add_argument("--hf-child", nargs=2, metavar=("BATCH", "COMPILED"))
     args = ap.parse_args()
     bench = Bench(args.preset, args.layers, args.prompt, args.output, args.device)
@@ -326,9 +333,10 @@ def main() -> None:
         if args.part in ("all", "roofline"):
             part_roofline(bench)
         if args.part in ("all", "hf"):
-            part_hf(bench, tuple(int(x) for x in args.batches.split(",")))
+            modes = tuple(m == "compiled" for m in args.hf_modes.split(","))
+            part_hf(bench, tuple(int(x) for x in args.batches.split(",")), modes)
         if args.part in ("all", "sweep"):
-            part_sweep(bench, args.sweep_duration)
+            part_sweep(bench, args.sweep_duration, tuple(float(x) for x in args.fractions.split(",")))
 
 
 if __name__ == "__main__":
