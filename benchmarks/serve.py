@@ -8,8 +8,7 @@ device-to-device copy bandwidth measured here, and compares it with the median p
 (transformers) with the same config, layers, dtype and weights (btune's seeded initialisation copied in,
 checked by comparing logits), the same prompts (btune's seeded load generator) and lengths, generating with
 a static cache, compiled where transformers supports it; output tokens/s = batch x output tokens / time of
-one generate call (median, after warm-up), against btune's closed-loop run of the same batch (its prefill
-budget set to the batch's prompt tokens, so each wave of requests is prefilled in one engine step as HF does).
+one generate call (median, after warm-up), against btune's closed-loop run of the same batch.
 usage: python benchmarks/serve.py [--layers 32] [--part all|roofline|hf|sweep] [--sweep-duration 30]
 Prints markdown tables. `--device cpu --preset tiny-llama` smoke-tests the script without a GPU (eager, fp32).
 """
@@ -109,11 +108,12 @@ def decode_bytes(rec: dict[str, Any]) -> int:
 
 
 def lengths_args(batch: int, prompt: int, output: int, reps: int) -> list[str]:
-    """A closed loop of ``batch`` clients sending ``reps`` equal requests each; the prefill budget takes the
-    whole batch's prompts in one step, as Hugging Face's ``generate`` prefills its batch in one forward."""
+    """A closed loop of ``batch`` clients sending ``reps`` equal requests each, at the engine's default prefill
+    budget (2048 tokens a step; a budget of the whole batch's prompts, prefilling each wave in one step as
+    Hugging Face's ``generate`` does, measured slower at batch 32: docs/benchmarks.md)."""
     return ["--max-batch", str(batch), "--concurrency", str(batch), "--num-requests", str(batch * reps),
             "--prompt-len", f"fixed:{prompt}", "--output-len", f"fixed:{output}",
-            "--max-prefill-tokens", str(max(2048, batch * prompt))]
+            "--max-prefill-tokens", str(max(2048, prompt))]
 
 
 def part_roofline(b: Bench) -> dict[str, dict[str, Any]]:
