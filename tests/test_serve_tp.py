@@ -4,6 +4,7 @@ ranks as two replicas, counting each request once."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,24 @@ def test_two_tp2_replicas_count_each_request_once(tmp_path):
     s = rec["summary"]["workload"]
     assert s["replicas"] == 2 and s["tp"] == 2 and s["serving"]["requests"]["finished"] == 9
     assert s["serving"]["output_tokens"] == sum(r["output_len"] for r in reqs)
+
+
+def test_a_stuck_teardown_ends_the_process_with_its_exit_code():
+    """NCCL teardown can hang after CUDA graph capture (pytorch#115388): shutdown ends the process once it has
+    been stuck for its limit, with the run's exit code. Only the hang is faked, as this machine has no NCCL."""
+    code = (
+        "import os, time, torch.distributed as dist\n"
+        "from workloads import parallel\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['PORT'], RANK='0', WORLD_SIZE='1')\n"
+        "parallel.init('cpu')\n"
+        "dist.destroy_process_group = lambda *a, **k: time.sleep(600)\n"
+        "parallel.shutdown(exit_code=7, stuck_s=1.0)\n"
+        "print('not reached')\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "PORT": str(port)},
+                         timeout=120)
+    assert res.returncode == 7, res.stdout + res.stderr
+    assert "teardown stuck for 1 s" in res.stderr and "not reached" not in res.stdout
