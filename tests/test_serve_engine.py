@@ -190,3 +190,24 @@ def test_cuda_graph_decode_equals_full_recompute(backend):
     assert res.stopped == "drained" and not res.unfinished
     for r in res.requests:
         assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len), f"request {r.rid}"
+
+
+def test_stop_ends_the_load_between_steps_with_the_rest_unfinished():
+    torch.manual_seed(0)
+    kernel = AttentionKernel("auto")
+    model = Transformer(PRESETS["tiny-llama"], kernel).eval()
+    eng = Engine(model, kernel, 3, 32, torch.device("cpu"), torch.float32)
+    gen = OpenLoop(300.0, 1.0, LengthDist.parse("uniform:1,20"), LengthDist.parse("uniform:4,12"), seed=4,
+                   num_requests=9)
+    clock = FakeClock()
+    steps: list[int] = []
+
+    def make(spec):
+        return Request(spec, torch.from_numpy(prompt_tokens(4, spec.rid, spec.prompt_len, model.cfg.vocab_size)))
+
+    res = run_load(eng, Scheduler(3, 7, 32), gen, make, clock, clock.sleep,
+                   Hooks(step=lambda i, ms, tokens, plan, t: steps.append(i)), stop=lambda: len(steps) >= 4)
+    assert res.stopped == "interrupted" and res.steps == 4 == len(steps)
+    assert res.unfinished and all(not r.finished for r in res.unfinished)
+    done = {r.rid for r in res.requests if r.finished}
+    assert {r.rid for r in res.unfinished} | done == {r.rid for r in res.requests}

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,33 @@ def test_a_stuck_teardown_ends_the_process_with_its_exit_code():
                          timeout=120)
     assert res.returncode == 7, res.stdout + res.stderr
     assert "teardown stuck for 1 s" in res.stderr and "not reached" not in res.stdout
+
+
+def test_stopping_a_tp2_replica_ends_cleanly_with_its_requests_and_summary(tmp_path):
+    """Stop (SIGINT to every rank, as the console's stop does): the leader ends the load and releases its
+    follower, and the record keeps the requests served so far and the summary, unfinished ones counted."""
+    args = ["--preset", "tiny-llama", "--warmup", "1", "--max-batch", "4", "--prompt-len", "uniform:2,24",
+            "--output-len", "uniform:1,12", "--request-rate", "50", "--duration", "120", "--tp", "2",
+            "--device", "cpu"]
+    runner = make_runner(build_config("serve", args), tmp_path, telemetry=False)
+    finished = threading.Event()
+    seen: list[int] = []
+
+    def on_event(e: dict) -> None:
+        if e.get("type") == "request":
+            seen.append(e["rid"])
+            if len(seen) >= 5:
+                finished.set()
+
+    runner.subscribe(on_event)
+    runner.start()
+    assert finished.wait(120), "requests were served"
+    runner.cancel()
+    t0 = time.monotonic()
+    rec = runner.wait().record
+    assert time.monotonic() - t0 < 4.5, "both ranks ended inside the first grace period (no SIGTERM needed)"
+    assert rec["status"] == "cancelled", rec.get("error")
+    s = rec["summary"]["workload"]
+    assert s["interrupted"] is True and s["tp"] == 2
+    n = s["serving"]["requests"]
+    assert n["finished"] >= 5 and n["finished"] + n["unfinished"] == n["total"]

@@ -7,7 +7,9 @@ Several replicas: ``torchrun --nproc-per-node N -m workloads.serve --replicas N 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from typing import Any
@@ -236,13 +238,25 @@ def run(opts: dict[str, Any]) -> int:
         if world > 1:
             torch.distributed.barrier()
         if leader:
+            # Ctrl+C ends the load between steps, never inside one: a tensor-parallel step is a broadcast
+            # and then collectives that every rank of the replica must join
+            stop = threading.Event()
+            previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
             try:
-                res = run_load(engine, sched, gen, make_request, time.perf_counter, time.sleep, hooks,
-                               max_steps=opts["steps"], drain_timeout=opts["drain_timeout"])
+                res = run_load(engine, sched, gen, make_request, time.perf_counter,
+                               lambda s: stop.wait(min(s, 0.1)), hooks, max_steps=opts["steps"],
+                               drain_timeout=opts["drain_timeout"], stop=stop.is_set)
             finally:
+                signal.signal(signal.SIGINT, previous)
                 engine.stop_followers()
         else:  # a tensor-parallel follower: the leader's steps, then nothing of its own to report
-            engine.follow()
+            # Ctrl+C reaches every rank: the leader stops the load and then tells its followers, so a
+            # follower keeps following (leaving early would strand the leader's next broadcast)
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                engine.follow()
+            finally:
+                signal.signal(signal.SIGINT, previous)
             res = LoadResult()
     except torch.OutOfMemoryError as exc:
         em.error(f"out of memory: {str(exc).splitlines()[0]}", kind="oom")

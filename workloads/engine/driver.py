@@ -4,7 +4,8 @@ No fixed tick: the loop steps as fast as the engine goes and sleeps only while n
 running, until the next arrival. Every token of a step is stamped with the host clock when the step
 ends (after the device finished it), since request latencies are wall time. Stops when the generator has
 nothing more to send and every request has finished, or when ``drain_timeout`` seconds have passed since
-it stopped sending, or after ``max_steps`` steps, or on Ctrl+C; requests still unfinished are returned.
+it stopped sending, or after ``max_steps`` steps, or on Ctrl+C (or ``stop``); requests still unfinished are
+returned.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def engine_state(sched: Scheduler, now: float) -> dict[str, Any]:
 
 def run_load(engine: Runs, sched: Scheduler, gen: LoadGenerator, make_request: Callable[[RequestSpec], Request],
              clock: Callable[[], float], sleep: Callable[[float], None], hooks: Hooks | None = None,
-             max_steps: int = 0, drain_timeout: float = 0.0) -> LoadResult:
-    """Serve ``gen``'s requests on ``engine`` until done; times are seconds since the call began."""
+             max_steps: int = 0, drain_timeout: float = 0.0,
+             stop: Callable[[], bool] = lambda: False) -> LoadResult:
+    """Serve ``gen``'s requests on ``engine`` until done; times are seconds since the call began. ``stop()``
+    true (checked between steps) ends the load as interrupted, as Ctrl+C does."""
     hooks = hooks or Hooks()
     res = LoadResult()
     t0 = clock()
@@ -64,6 +67,9 @@ def run_load(engine: Runs, sched: Scheduler, gen: LoadGenerator, make_request: C
     now = 0.0
     try:
         while True:
+            if stop():
+                res.stopped = "interrupted"
+                break
             now = clock() - t0
             for spec in gen.due(now):
                 req = make_request(spec)
