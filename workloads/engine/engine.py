@@ -9,6 +9,9 @@ inputs from one device buffer that never moves (filled by one copy from pinned h
 CUDA graphs (``reduce-overhead``, ``max-autotune``) are captured here, one per bucket over inductor's
 graph-free code, in one shared memory pool: a step is then one copy and one ``CUDAGraph.replay``, with no
 guard checks or graph-tree bookkeeping on the host while the GPU waits.
+
+In a tensor-parallel replica (a ``StepChannel``) the leader's ``run`` broadcasts each step's work before
+running it, and the other ranks run the same work in ``follow`` until the leader stops them.
 """
 
 from __future__ import annotations
