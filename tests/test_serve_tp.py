@@ -118,3 +118,18 @@ def test_stopping_a_tp2_replica_ends_cleanly_with_its_requests_and_summary(tmp_p
     assert s["interrupted"] is True and s["tp"] == 2
     n = s["serving"]["requests"]
     assert n["finished"] >= 5 and n["finished"] + n["unfinished"] == n["total"]
+
+
+def test_replicas_times_tp_are_checked_against_the_gpus_before_launch():
+    """One check serves dense's --tp and serve's --replicas x --tp (a two-GPU machine as the console sees it)."""
+    from workloads.options import Machine
+    from workloads.specs.serve import serve_checks
+
+    two = Machine(tuple({"index": i, "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"} for i in (0, 1)))
+    base = {"preset": "llama-3.1-8b", "device": "auto", "prompt_len": "fixed:8", "output_len": "fixed:8"}
+    assert serve_checks({**base, "tp": 2, "replicas": 1}, two) == []
+    assert ("replicas", "--replicas 2 x --tp 2 needs 4 GPUs on this node; 2 visible") in \
+        serve_checks({**base, "tp": 2, "replicas": 2}, two)
+    assert ("replicas", "--replicas 3 x --tp 1 needs 3 GPUs on this node; 2 visible") in \
+        serve_checks({**base, "tp": 1, "replicas": 3}, two)
+    assert ("tp", "--tp 4 needs 4 GPUs on this node; 2 visible") in serve_checks({**base, "tp": 4}, two)

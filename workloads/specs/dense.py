@@ -24,22 +24,24 @@ def on_gpu(opts: Mapping[str, Any], machine: Machine) -> bool:
 
 def tp_checks(opts: Mapping[str, Any], machine: Machine,
               divides: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
-    """--tp against the GPUs visible and what it must divide (default: the dense preset's heads)."""
+    """--tp against what it must divide (default: the dense preset's heads), and the processes (--tp, times
+    --replicas where the workload serves replicas) against the GPUs visible on this node."""
     from workloads.models.config import PRESETS
 
-    tp = int(opts.get("tp") or 1)
-    if tp <= 1:
-        return []
+    tp, replicas = int(opts.get("tp") or 1), int(opts.get("replicas") or 1)
     out: list[tuple[str, str]] = []
-    if divides is None:
-        cfg = PRESETS.get(str(opts.get("preset")))
-        divides = {} if cfg is None else {"attention heads": cfg.n_heads, "KV heads": cfg.n_kv_heads}
-    bad = [f"{what} ({n})" for what, n in divides.items() if n % tp]
-    if bad:
-        out.append(("tp", f"--tp {tp} must divide the {' and '.join(bad)} of {opts.get('preset')}"))
-    nnodes = int(opts.get("nnodes") or 1)
-    if on_gpu(opts, machine) and tp // max(nnodes, 1) > len(machine.gpus):
-        out.append(("tp", f"--tp {tp} needs {tp // nnodes} GPUs on this node; {len(machine.gpus)} visible"))
+    if tp > 1:
+        if divides is None:
+            cfg = PRESETS.get(str(opts.get("preset")))
+            divides = {} if cfg is None else {"attention heads": cfg.n_heads, "KV heads": cfg.n_kv_heads}
+        bad = [f"{what} ({n})" for what, n in divides.items() if n % tp]
+        if bad:
+            out.append(("tp", f"--tp {tp} must divide the {' and '.join(bad)} of {opts.get('preset')}"))
+    nnodes = max(int(opts.get("nnodes") or 1), 1)
+    per_node = tp * replicas // nnodes
+    if on_gpu(opts, machine) and per_node > len(machine.gpus):
+        what, key = (f"--replicas {replicas} x --tp {tp}", "replicas") if replicas > 1 else (f"--tp {tp}", "tp")
+        out.append((key, f"{what} needs {per_node} GPUs on this node; {len(machine.gpus)} visible"))
     return out
 
 

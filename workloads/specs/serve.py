@@ -8,7 +8,7 @@ from typing import Any
 
 from workloads.engine.loadgen import LengthDist
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import TRANSFORMER_KNOBS, on_gpu, transformer_checks
+from workloads.specs.dense import TRANSFORMER_KNOBS, transformer_checks
 
 #: Per-preset defaults used where --max-batch, --num-requests, --prompt-len, --output-len are left unset.
 SERVE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -80,19 +80,13 @@ def serve_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, s
         out.append(("attention-backend", "--attention-backend flash: the flash kernel takes no mask, and decoding "
                                          "sequences of different lengths in one batch needs one; use auto, efficient, "
                                          "cudnn, math or flex"))
-    tp, replicas = int(opts.get("tp") or 1), int(opts.get("replicas") or 1)
-    if tp > 1 and opts.get("fp8_head"):
+    if int(opts.get("tp") or 1) > 1 and opts.get("fp8_head"):
         out.append(("fp8-head", "--fp8-head: the LM head is split over the vocabulary with --tp and stays in the "
                                 "compute dtype; drop one of them"))
-    if on_gpu(opts, machine) and replicas * tp > len(machine.gpus):
-        out.append(("replicas", f"--replicas {replicas} x --tp {tp} needs {replicas * tp} GPUs; "
-                                f"{len(machine.gpus)} visible"))
     cfg = PRESETS.get(str(opts.get("preset")))
     divides = None if cfg is None else {"attention heads": cfg.n_heads, "KV heads": cfg.n_kv_heads,
                                         "MLP width": cfg.d_ff, "vocabulary": cfg.vocab_size}
-    checks = transformer_checks({**opts, "mode": "decode"}, machine, divides)
-    out += [c for c in checks if not (c[0] == "tp" and "GPUs on this node" in c[1])]  # counted above with replicas
-    return out
+    return out + transformer_checks({**opts, "mode": "decode"}, machine, divides)
 
 
 SERVE = WorkloadSpec(
