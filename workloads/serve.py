@@ -161,6 +161,7 @@ def run(opts: dict[str, Any]) -> int:
     import torch
 
     from workloads import parallel
+    from workloads.engine import metrics
     from workloads.engine.driver import Hooks, LoadResult, run_load
     from workloads.engine.loadgen import RequestSpec, prompt_tokens
     from workloads.engine.request import Request
@@ -279,36 +280,26 @@ def run(opts: dict[str, Any]) -> int:
             ends = [end for _, end, _ in gathered]
             interrupted = any(i for _, _, i in gathered)
     code = 130 if interrupted else 0
-    if rank == 0:
-        _summarize(em, opts, records, max(ends), res, decode_ms, decode_batch, ran, warm_s, rounds, interrupted,
-                   torch.cuda.max_memory_allocated(device) if cuda else None)
+    if rank == 0:  # reported before the teardown, which NCCL can stall
+        serving = metrics.serving_summary(sorted(records, key=lambda r: r["rid"]), max(ends), opts["slo_ttft_ms"],
+                                          opts["slo_tpot_ms"])
+        em.summary(
+            serving=serving,
+            warmup_s=warm_s,
+            warmup_rounds=rounds,
+            compile_s=warm_s if opts["compile_mode"] != "none" else None,
+            engine={"steps": res.steps, "stopped": res.stopped, "decode_step_ms": metrics.describe(decode_ms),
+                    "decode_batch_mean": sum(decode_batch) / len(decode_batch) if decode_batch else None,
+                    "buckets": ran["decode_buckets"], "kv_cache_bytes": ran["kv_cache_bytes"]},
+            replicas=replicas,
+            tp=tp,
+            torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+            interrupted=interrupted,
+        )
     em.close()
     engine.close()
     parallel.shutdown(code)
     return code
-
-
-def _summarize(em: Emitter, opts: dict[str, Any], records: list[dict[str, Any]], end: float, res: Any,
-               decode_ms: list[float], decode_batch: list[int], ran: dict[str, Any], warm_s: float, rounds: int,
-               interrupted: bool, mem_peak: int | None) -> None:
-    """Rank 0's summary event: the serving metrics over every replica's requests, and the engine's figures."""
-    from workloads.engine import metrics
-
-    serving = metrics.serving_summary(sorted(records, key=lambda r: r["rid"]), end, opts["slo_ttft_ms"],
-                                      opts["slo_tpot_ms"])
-    em.summary(
-        serving=serving,
-        warmup_s=warm_s,
-        warmup_rounds=rounds,
-        compile_s=warm_s if opts["compile_mode"] != "none" else None,
-        engine={"steps": res.steps, "stopped": res.stopped, "decode_step_ms": metrics.describe(decode_ms),
-                "decode_batch_mean": sum(decode_batch) / len(decode_batch) if decode_batch else None,
-                "buckets": ran["decode_buckets"], "kv_cache_bytes": ran["kv_cache_bytes"]},
-        replicas=opts["replicas"],
-        tp=opts["tp"],
-        torch_mem_peak_bytes=mem_peak,
-        interrupted=interrupted,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
