@@ -10,7 +10,12 @@ with the engine's CUDA graphs:
 - roofline: bytes a step must read (every weight but the input embedding, plus the live KV cache) over the
   device-to-device copy bandwidth measured here.
 
+``--settings``: the same variants under each of several library settings, '+'-joined: ``lt`` (cuBLASLt as torch's
+BLAS), ``cd`` (inductor's coordinate-descent tuning of its Triton kernels), ``pdl`` (programmatic dependent
+launch between inductor's Triton kernels), ``base`` (none of them).
+
 usage: python benchmarks/serve_decode.py [--layers 8] [--batches 1,32] [--variants fused-matmul,...]
+       [--settings base,lt,cd,pdl,cd+pdl]
 """
 
 from __future__ import annotations
@@ -104,6 +109,16 @@ def kernel_table(engine: Engine, b: int, context: int, top: int = 12) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
 
 
+def apply(setting: str) -> None:
+    """Set torch's BLAS and inductor's options for ``setting`` ('+'-joined names; see the module docstring)."""
+    names = set(setting.split("+")) - {"base"}
+    if names - {"lt", "cd", "pdl"}:
+        raise SystemExit(f"unknown setting in {setting!r}")
+    torch.backends.cuda.preferred_blas_library("cublaslt" if "lt" in names else "cublas")
+    torch._inductor.config.coordinate_descent_tuning = "cd" in names
+    torch._inductor.config.triton.enable_pdl = "pdl" in names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
@@ -111,26 +126,24 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--context", type=int, default=640, help="every slot's position (prompt 512 + half of 256)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of the first variant")
-    ap.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate-descent tuning")
-    ap.add_argument("--blas", default="cublas", choices=("cublas", "cublaslt"), help="torch's preferred BLAS library")
+    ap.add_argument("--settings", default="base", help="library settings to run each variant under (docstring)")
     args = ap.parse_args()
-    if args.coordinate_descent:
-        torch._inductor.config.coordinate_descent_tuning = True
-    torch.backends.cuda.preferred_blas_library(args.blas)
     batches = [int(x) for x in args.batches.split(",")]
     bw = copy_bandwidth("cuda")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, "
-          f"llama-3.1-8b x {args.layers} layers, context {args.context}, copy bandwidth {bw / 1e12:.2f} TB/s, "
-          f"coordinate descent {args.coordinate_descent}, BLAS {args.blas}\n")
-    print("| variant | batch | compile s | gpu ms | step ms | roofline ms | gpu % roof | step % roof | tok/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for i, variant in enumerate(args.variants.split(",")):
+          f"llama-3.1-8b x {args.layers} layers, context {args.context}, copy bandwidth {bw / 1e12:.2f} TB/s\n")
+    print("| variant | settings | batch | compile s | gpu ms | step ms | roofline ms | gpu % roof | step % roof "
+          "| tok/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    runs = [(v, s) for s in args.settings.split(",") for v in args.variants.split(",")]
+    for i, (variant, setting) in enumerate(runs):
+        apply(setting)
         engine = build(args.layers, variant, max(batches), 1024)
         for b in batches:
             c, gpu, step = measure(engine, b, args.context)
             roof = read_bytes(engine, b, args.context) / bw * 1000.0
-            print(f"| {variant} | {b} | {c:.1f} | {gpu:.3f} | {step:.3f} | {roof:.3f} | {roof / gpu * 100:.1f}% | "
-                  f"{roof / step * 100:.1f}% | {b / step * 1000:,.0f} |", flush=True)
+            print(f"| {variant} | {setting} | {b} | {c:.1f} | {gpu:.3f} | {step:.3f} | {roof:.3f} | "
+                  f"{roof / gpu * 100:.1f}% | {roof / step * 100:.1f}% | {b / step * 1000:,.0f} |", flush=True)
             if args.profile and i == 0:
                 print(kernel_table(engine, b, args.context))
         del engine

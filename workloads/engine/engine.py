@@ -1,6 +1,8 @@
 """The KV-cache engine: runs a scheduler plan on the model and returns the tokens it produced.
 
-Prefill runs eager, one request's chunk at a time (chunks are long and compute-bound). The decode step
+Prefill runs one request's chunk at a time (chunks are long and compute-bound): with a compile mode, its norms,
+RoPE and activations compiled around fused GEMMs where the model allows (``prefill.CompiledPrefill``), else
+eager. The decode step
 is compiled with the requested mode (``reduce-overhead``: CUDA graphs) and runs on slots 0..b-1, b the
 smallest bucket (powers of two, then ``max_batch``) that covers every decoding slot, so its shapes come
 from a short fixed list that warm-up compiles and captures before the load starts. Each bucket reads its
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from workloads.engine.cache import SlotKVCache
 from workloads.engine.forward import FLEX_BLOCK, DecodeStep, prefill_chunk
+from workloads.engine.prefill import CompiledPrefill
 from workloads.engine.request import Request
 from workloads.engine.scheduler import Plan
 from workloads.engine.work import StepChannel, Work
@@ -68,6 +71,10 @@ class Engine:
                              f"{cfg.max_seq_len}")
         self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window, flex=flex)
         self.buckets = buckets(rows, pad_multiple)
+        step = self.step_module
+        self._compiled_prefill = None
+        if compile_mode != "none" and pad_multiple == 1 and CompiledPrefill.supports(model, step.qkv, step.gate_up):
+            self._compiled_prefill = CompiledPrefill(model, kernel, self.cache, step.qkv, step.gate_up)
         cuda = device.type == "cuda"
         # per bucket: the decode inputs (tokens, positions, write positions) on the device, and a host stage
         self._io = {b: torch.zeros(3, b, dtype=torch.long, device=device) for b in self.buckets}
@@ -82,6 +89,13 @@ class Engine:
         else:
             self._decode = self.step_module
 
+    @property
+    def prefill_mode(self) -> str:
+        """How prefill runs, for the run record."""
+        if self._compiled_prefill is not None:
+            return "compiled: norms, RoPE and SiLU fused around one q/k/v and one gate/up GEMM"
+        return "none (eager)"
+
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
@@ -94,6 +108,8 @@ class Engine:
         pad = -n % self.pad_multiple
         if pad:
             tokens = F.pad(tokens, (0, pad))
+        if self._compiled_prefill is not None:
+            return self._compiled_prefill(slot, tokens[None], start, n - 1)
         return prefill_chunk(self.model, self.kernel, self.cache, slot, tokens[None], start, n - 1)
 
     def _decode_bucket(self, b: int, inputs: torch.Tensor) -> torch.Tensor:
@@ -189,18 +205,17 @@ class Engine:
         self._pool = None
 
     def warmup(self, rounds: int, on_step: Callable[[float, dict[str, Any]], None] | None = None) -> float:
-        """Compile and capture every decode bucket, and run a prefill chunk, ``rounds`` times each (idle
-        slots only: nothing live in the cache is touched). Returns the seconds it took."""
+        """Compile and capture every decode bucket, and run a 16-token and a one-token prefill chunk, ``rounds``
+        times each (idle slots only: nothing live in the cache is touched). Returns the seconds it took."""
         t_all = time.perf_counter()
         n = min(16, self.cache.cache_len)
-        dummy = torch.zeros(n, dtype=torch.long, device=self.device)
-        shapes: list[tuple[str, int]] = [("prefill", n)] + [("decode", b) for b in self.buckets]
+        shapes: list[tuple[str, int]] = [("prefill", n), ("prefill", 1)] + [("decode", b) for b in self.buckets]
         for kind, size in shapes:
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 with torch.inference_mode(), self.autocast():
                     if kind == "prefill":
-                        self._prefill(0, 0, dummy).tolist()
+                        self._prefill(0, 0, torch.zeros(size, dtype=torch.long, device=self.device)).tolist()
                     else:
                         self._decode_bucket(size, self._stage_idle(size)).tolist()
                 self._sync()

@@ -25,6 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from workloads.engine.cache import SlotKVCache
 from workloads.models.attention import AttentionKernel, visible
+from workloads.models.rope import rotate
 from workloads.models.transformer import Transformer
 
 _SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -69,13 +70,6 @@ def next_tokens(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     vocabulary (a head with a ``greedy`` method: workloads.engine.tensor_parallel)."""
     sharded = getattr(head, "greedy", None)
     return sharded(x) if sharded is not None else greedy(head(x))
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [b, heads, D] by per-row tables [b, 1, D] (rotate-half layout, as workloads.models.rope)."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
 def fuse_linears(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -202,7 +196,7 @@ class DecodeStep(nn.Module):
                 k = attn.wk(x).view(b, -1, self.head_dim)
                 v = attn.wv(x).view(b, -1, self.head_dim)
             if m.rope is not None:
-                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             kc, vc = self.cache.k[i], self.cache.v[i]
             kc[rows, :, write_pos] = k
             vc[rows, :, write_pos] = v

@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of ``x`` over its last dim: statistics in float32, output in x's dtype, times ``weight``."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale; statistics in float32, output in the input dtype."""
 
@@ -19,7 +24,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(arch: str, dim: int, eps: float) -> nn.Module:

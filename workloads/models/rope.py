@@ -22,9 +22,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, T, H, D] by ``table`` [2, T, D] (already sliced to the positions of x)."""
-    cos = table[0][None, :, None, :]
-    sin = table[1][None, :, None, :]
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` by ``cos`` and ``sin`` tables already shaped to broadcast against it; in float32, returned in
+    x's dtype."""
     xf = x.float()
     return (xf * cos + _rotate_half(xf) * sin).type_as(x)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, T, H, D] by ``table`` [2, T, D] (already sliced to the positions of x)."""
+    return rotate(x, table[0][None, :, None, :], table[1][None, :, None, :])

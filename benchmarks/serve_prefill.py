@@ -1,0 +1,87 @@
+"""Prefill chunk time: the eager prefill against the compiled one (norms, RoPE and SiLU compiled around one q/k/v
+and one gate/up GEMM), side by side on the same model and cache.
+
+The llama-3.1-8b shapes truncated to ``--layers``, bf16. For each chunk (length, start), the GPU time of one chunk
+(CUDA events over ``--reps`` chunks after warm-up), the GEMM throughput that implies (2 x tokens x the blocks'
+matmul weights, over the chunk time), and how far the compiled chunk's keys and next token are from the eager one's.
+
+usage: python benchmarks/serve_prefill.py [--layers 32] [--chunks 512@0,2048@0,512@512] [--reps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from functools import partial
+
+import torch
+
+from workloads.engine.engine import Engine
+from workloads.engine.forward import prefill_chunk
+from workloads.models.attention import AttentionKernel
+from workloads.models.config import PRESETS
+from workloads.models.transformer import Transformer
+
+
+def gpu_ms(fn, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        fn()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--chunks", default="512@0,2048@0,512@512", help="length@start, comma-separated")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    cfg = PRESETS["llama-3.1-8b"].with_layers(args.layers)
+    kernel = AttentionKernel("auto")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg, attention=kernel)
+    model = model.to(torch.bfloat16).eval()
+    engine = Engine(model, kernel, 2, 4096, torch.device("cuda"), torch.bfloat16, "reduce-overhead")
+    compiled = engine._compiled_prefill
+    assert compiled is not None
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        compiled(1, torch.zeros(1, 16, dtype=torch.long, device="cuda"), 0, 15)
+        compiled(1, torch.zeros(1, 1, dtype=torch.long, device="cuda"), 0, 0)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    matmul = sum(p.numel() for n, p in model.layers.named_parameters() if p.dim() == 2)
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, llama-3.1-8b x "
+          f"{args.layers} layers, bf16, SDPA; compiled prefill's compile: {compile_s:.1f} s\n")
+    print("| chunk tokens | start | eager ms | compiled ms | speed-up | eager TFLOP/s | compiled TFLOP/s "
+          "| keys max abs diff | same next token |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for chunk in args.chunks.split(","):
+        n, start = (int(x) for x in chunk.split("@"))
+        tokens = torch.randint(0, cfg.vocab_size, (1, start + n), device="cuda", generator=gen)
+        with torch.inference_mode():
+            if start:  # the earlier part of the prompt, in both slots
+                prefill_chunk(model, kernel, engine.cache, 0, tokens[:, :start], 0, start - 1)
+                compiled(1, tokens[:, :start], 0, start - 1)
+            piece = tokens[:, start:]
+            eager_tok = prefill_chunk(model, kernel, engine.cache, 0, piece, start, n - 1)
+            comp_tok = compiled(1, piece, start, n - 1)
+            diff = max((k[1, :, start:start + n].float() - k[0, :, start:start + n].float()).abs().max().item()
+                       for k in engine.cache.k)
+            e_ms = gpu_ms(partial(prefill_chunk, model, kernel, engine.cache, 0, piece, start, n - 1), args.reps)
+            c_ms = gpu_ms(partial(compiled, 1, piece, start, n - 1), args.reps)
+        flop = 2 * n * matmul
+        print(f"| {n} | {start} | {e_ms:.3f} | {c_ms:.3f} | {e_ms / c_ms:.3f}x | {flop / e_ms / 1e9:.0f} | "
+              f"{flop / c_ms / 1e9:.0f} | {diff:.3g} | {eager_tok.item() == comp_tok.item()} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
