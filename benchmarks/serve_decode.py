@@ -11,8 +11,9 @@ with the engine's CUDA graphs:
   device-to-device copy bandwidth measured here.
 
 ``--settings``: the same variants under each of several library settings, '+'-joined: ``lt`` (cuBLASLt as torch's
-BLAS), ``cd`` (inductor's coordinate-descent tuning of its Triton kernels), ``pdl`` (programmatic dependent
-launch between inductor's Triton kernels), ``base`` (none of them).
+BLAS), ``cd`` (inductor's coordinate-descent tuning of its Triton kernels everywhere: the engine already turns it
+on for its decode step), ``pdl`` (programmatic dependent launch between inductor's Triton kernels), ``base``
+(none of them).
 
 usage: python benchmarks/serve_decode.py [--layers 8] [--batches 1,32] [--variants fused-matmul,...]
        [--settings base,lt,cd,pdl,cd+pdl]
