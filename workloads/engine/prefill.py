@@ -1,17 +1,18 @@
-"""Prefill of one slot's prompt chunk with its elementwise work compiled (llama-arch models, fused weights).
+"""Prefill of one slot's prompt chunk with everything but attention compiled (llama-arch models, fused weights).
 
 Eager prefill (``forward.prefill_chunk``) runs each norm, RoPE and activation as several kernels over the
-whole chunk, and q, k, v (and gate, up) as separate GEMMs. Here each layer is:
+whole chunk, q, k, v (and gate, up) as separate GEMMs, and issues some 30 operations a layer from Python: at
+512-token chunks of llama-3.1-8b the host, not the GPU, sets the pace. Here a chunk is
 
-1. compiled: the residual add, RMSNorm, one GEMM over the fused q/k/v weight, RoPE;
-2. eager: the cache write and attention (the model's kernel and mask), then the output projection;
-3. compiled: the residual add, RMSNorm, one GEMM over the fused gate/up weight, SiLU times up;
-4. eager: the down projection.
+- compiled ``first``: RMSNorm, one GEMM over the fused q/k/v weight, RoPE (layer 0);
+- per layer, eager: the cache write and attention (the model's kernel and mask); then compiled ``middle``: the
+  output projection, residual add, RMSNorm, one GEMM over the fused gate/up weight, SiLU times up, the down
+  projection, residual add, and the next layer's RMSNorm, q/k/v GEMM and RoPE (``last`` stops after the MLP).
 
-The projections that end in a sum over tensor-parallel ranks (2 and 4) stay the model's own modules, so a
-sharded model prefills through the same code. The compiled pieces take each layer's weights as arguments, so
-one graph serves every layer, with the chunk length dynamic: warm-up compiles them once (a one-token chunk
-apart).
+Under tensor parallelism the output and down projections sum their partial products over the replica's
+ranks with one all-reduce each inside the compiled code. The compiled pieces take each layer's weights as
+arguments, so one graph serves every layer, with the chunk length dynamic: warm-up compiles them once (a
+one-token chunk apart).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
+from torch import nn
 
 from workloads.engine.cache import SlotKVCache
 from workloads.engine.forward import next_tokens
+from workloads.engine.tensor_parallel import RowParallelLinear
 from workloads.models.attention import AttentionKernel
 from workloads.models.norms import RMSNorm, rms_norm
 from workloads.models.rope import rotate
@@ -31,32 +36,55 @@ from workloads.models.transformer import Transformer
 Fused = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def _mark_tokens_dynamic(*tensors: torch.Tensor | None) -> None:
-    """Compile the token dim (dim 1) of each tensor for any length (a length of 1 stays its own graph)."""
+def _mark_tokens_dynamic(*tensors: torch.Tensor, dim: int = 1) -> None:
+    """Compile dim ``dim`` (the tokens) of each tensor for any length (a length of 1 stays its own graph)."""
     for t in tensors:
-        if t is not None and t.shape[1] > 1:
-            torch._dynamo.maybe_mark_dynamic(t, 1)
+        if t.shape[dim] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
-def _pieces(eps: float, nq: int, nkv: int, head_dim: int) -> tuple[Callable, Callable]:
-    """The two compiled per-layer pieces for a model's constants (see the module docstring)."""
+def _projection(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, dist.ProcessGroup | None] | None:
+    """(weight, bias, tensor-parallel group) of a plain or row-parallel linear; None for any other layer."""
+    if type(lin) is nn.Linear:
+        return lin.weight, lin.bias, None
+    if isinstance(lin, RowParallelLinear) and type(lin.local) is nn.Linear:
+        return lin.local.weight, lin.bias, lin.group
+    return None
 
-    def attention_in(h: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, qkv_w: torch.Tensor,
-                     qkv_b: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
-        if delta is not None:
-            h = h + delta
+
+def _pieces(eps: float, nq: int, nkv: int, head_dim: int,
+            group: dist.ProcessGroup | None) -> tuple[Callable, Callable, Callable]:
+    """The compiled pieces ``first``, ``middle`` and ``last`` for a model's constants (module docstring)."""
+
+    def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if group is None:
+            return F.linear(x, w, b)
+        y = funcol.all_reduce(F.linear(x, w), "sum", group)
+        return y if b is None else y + b
+
+    def first(h: torch.Tensor, norm_w: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
+              cos: torch.Tensor, sin: torch.Tensor):
         b, n, _ = h.shape
         q, k, v = F.linear(rms_norm(h, norm_w, eps), qkv_w, qkv_b).split([nq, nkv, nkv], dim=-1)
         q, k = rotate(q.view(b, n, -1, head_dim), cos, sin), rotate(k.view(b, n, -1, head_dim), cos, sin)
-        return h, q.transpose(1, 2), k.transpose(1, 2), v.view(b, n, -1, head_dim).transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.view(b, n, -1, head_dim).transpose(1, 2)
 
-    def mlp_in(h: torch.Tensor, o: torch.Tensor, norm_w: torch.Tensor, gate_up_w: torch.Tensor,
-               gate_up_b: torch.Tensor | None):
-        h = h + o
+    def last(h: torch.Tensor, y: torch.Tensor, wo_w: torch.Tensor, wo_b: torch.Tensor | None,
+             norm_w: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, w2_w: torch.Tensor,
+             w2_b: torch.Tensor | None) -> torch.Tensor:
+        b, n, _ = h.shape
+        h = h + project(y.transpose(1, 2).reshape(b, n, -1), wo_w, wo_b)
         g, u = F.linear(rms_norm(h, norm_w, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
-        return h, F.silu(g) * u
+        return h + project(F.silu(g) * u, w2_w, w2_b)
 
-    return torch.compile(attention_in), torch.compile(mlp_in)
+    def middle(h: torch.Tensor, y: torch.Tensor, wo_w: torch.Tensor, wo_b: torch.Tensor | None,
+               norm_w: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, w2_w: torch.Tensor,
+               w2_b: torch.Tensor | None, next_norm_w: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
+               cos: torch.Tensor, sin: torch.Tensor):
+        h = last(h, y, wo_w, wo_b, norm_w, gate_up_w, gate_up_b, w2_w, w2_b)
+        return (h, *first(h, next_norm_w, qkv_w, qkv_b, cos, sin))
+
+    return torch.compile(first), torch.compile(middle), torch.compile(last)
 
 
 class CompiledPrefill:
@@ -67,33 +95,44 @@ class CompiledPrefill:
                  gate_up: list[Fused]) -> None:
         self.model, self.kernel, self.cache = model, kernel, cache
         self.qkv, self.gate_up = qkv, gate_up
+        projections = [(_projection(layer.attn.wo), _projection(layer.mlp.w2)) for layer in model.layers]
+        self.wo = [wo[:2] for wo, _ in projections if wo is not None]
+        self.w2 = [w2[:2] for _, w2 in projections if w2 is not None]
         attn = model.layers[0].attn
         nq, nkv = attn.wq.weight.shape[0], attn.wk.weight.shape[0]  # this rank's heads under tensor parallelism
-        self._attention_in, self._mlp_in = _pieces(model.cfg.norm_eps, nq, nkv, model.cfg.head_dim)
+        group = projections[0][0][2] if projections and projections[0][0] is not None else None
+        self._first, self._middle, self._last = _pieces(model.cfg.norm_eps, nq, nkv, model.cfg.head_dim, group)
 
     @staticmethod
     def supports(model: Transformer, qkv: list[Fused | None], gate_up: list[Fused | None]) -> bool:
-        """Whether ``model`` has what the compiled pieces compute: RMSNorm, RoPE, fused q/k/v and gate/up."""
+        """Whether ``model`` has what the compiled pieces compute: RMSNorm, RoPE, fused q/k/v and gate/up, plain
+        or row-parallel output and down projections (all in one tensor-parallel group)."""
         norms = [m for layer in model.layers for m in (layer.attn_norm, layer.mlp_norm)] + [model.norm]
+        projections = [_projection(m) for layer in model.layers for m in (layer.attn.wo, layer.mlp.w2)]
         return (model.rope is not None and model.pos_embeddings is None and all(type(m) is RMSNorm for m in norms)
-                and all(f is not None for f in qkv) and all(f is not None for f in gate_up))
+                and all(f is not None for f in qkv) and all(f is not None for f in gate_up)
+                and all(p is not None for p in projections) and len({id(p[2]) for p in projections if p}) == 1)
 
     def __call__(self, slot: int, tokens: torch.Tensor, start: int, last: int) -> torch.Tensor:
-        m, kernel = self.model, self.kernel
+        m, kernel, cache = self.model, self.kernel, self.cache
         n = tokens.shape[1]
         end = start + n
         h = m.tok_embeddings(tokens)
         table = m.rope[:, start:end]
         cos, sin = table[0][None, :, None, :], table[1][None, :, None, :]
         mask = kernel.mask(n, end, tokens.device)
-        delta = None
+        _mark_tokens_dynamic(h, cos, sin)
+        q, k, v = self._first(h, m.layers[0].attn_norm.weight, *self.qkv[0], cos, sin)
+        final = len(m.layers) - 1
         for i, layer in enumerate(m.layers):
-            _mark_tokens_dynamic(h, delta, cos, sin)
-            h, q, k, v = self._attention_in(h, delta, layer.attn_norm.weight, *self.qkv[i], cos, sin)
-            k, v = self.cache.slot(i, slot).update(start, k, v, kernel.kv_multiple)
-            y = kernel(q, k, v, mask)
-            o = layer.attn.wo(y.transpose(1, 2).reshape(1, n, -1))
-            _mark_tokens_dynamic(h, o)
-            h, act = self._mlp_in(h, o, layer.mlp_norm.weight, *self.gate_up[i])
-            delta = layer.mlp.w2(act)
-        return next_tokens(m.output, m.norm(h[:, last] + delta[:, last]))
+            kc, vc = cache.slot(i, slot).update(start, k, v, kernel.kv_multiple)
+            y = kernel(q, kc, vc, mask)
+            _mark_tokens_dynamic(h)
+            _mark_tokens_dynamic(y, dim=2)
+            weights = (*self.wo[i], layer.mlp_norm.weight, *self.gate_up[i], *self.w2[i])
+            if i < final:
+                nxt = m.layers[i + 1].attn_norm.weight
+                h, q, k, v = self._middle(h, y, *weights, nxt, *self.qkv[i + 1], cos, sin)
+            else:
+                h = self._last(h, y, *weights)
+        return next_tokens(m.output, m.norm(h[:, last]))
