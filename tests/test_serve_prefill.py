@@ -6,6 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from workloads.engine.cache import SlotKVCache
+from workloads.engine.engine import Engine
 from workloads.engine.forward import DecodeStep, prefill_chunk
 from workloads.engine.prefill import CompiledPrefill
 from workloads.models.attention import AttentionKernel
@@ -55,3 +56,30 @@ def test_compiled_prefill_needs_rmsnorm_rope_and_fused_weights():
         step = DecodeStep(model, SlotKVCache(cfg.n_layers, 2, cfg.n_kv_heads, 16, cfg.head_dim, "cpu", torch.float32))
         assert CompiledPrefill.supports(model, step.qkv, step.gate_up) is ok, name
         assert not CompiledPrefill.supports(model, [None] * cfg.n_layers, step.gate_up)
+
+
+@pytest.mark.slow
+def test_a_load_after_warmup_compiles_nothing_new(monkeypatch):
+    """Warm-up compiles every graph a load needs: first, continuation and one-token chunks, every decode bucket."""
+    from test_serve_engine import greedy_by_recompute, serve
+
+    torch._dynamo.reset()
+    counters.clear()
+    kernel = AttentionKernel("auto")
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny-llama"], kernel).eval()
+    warmed: dict[str, int] = {}
+    real_warmup = Engine.warmup
+
+    def warmup(self, rounds, on_step=None):  # the real warm-up, then a count of the graphs it compiled
+        out = real_warmup(self, rounds, on_step)
+        warmed.update(counters["stats"])
+        return out
+
+    monkeypatch.setattr(Engine, "warmup", warmup)
+    res, steps = serve(model, kernel, n=8, compile_mode="default", prompt="uniform:1,20")
+    assert any(s > 0 for _, _, chunks in steps for _, s, _ in chunks), "a prompt was chunked"
+    assert any(k == 1 for _, _, chunks in steps for _, _, k in chunks), "a one-token chunk ran"
+    assert counters["stats"]["unique_graphs"] == warmed["unique_graphs"], (warmed, dict(counters["stats"]))
+    for r in res.requests:
+        assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len)

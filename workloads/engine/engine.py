@@ -212,20 +212,26 @@ class Engine:
         self._pool = None
 
     def warmup(self, rounds: int, on_step: Callable[[float, dict[str, Any]], None] | None = None) -> float:
-        """Compile and capture every decode bucket, and run a 16-token and a one-token prefill chunk, ``rounds``
-        times each (idle slots only: nothing live in the cache is touched). Returns the seconds it took."""
+        """Compile and capture every decode bucket, and run a first, a continuation and a one-token prefill chunk,
+        ``rounds`` times each (idle slots only: nothing live in the cache is touched). Returns the seconds it
+        took."""
         t_all = time.perf_counter()
-        n = min(16, self.cache.cache_len)
-        shapes: list[tuple[str, int]] = [("prefill", n), ("prefill", 1)] + [("decode", b) for b in self.buckets]
+        n = max(1, min(16, self.cache.cache_len // 2))
+        # prefill: a first chunk, a continuation (attention under a mask) and a one-token chunk, on slot 0
+        prefills = [("prefill", (0, n)), ("prefill", (n, n)), ("prefill", (0, 1))]
+        shapes: list[tuple[str, Any]] = prefills + [("decode", b) for b in self.buckets]
         for kind, size in shapes:
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 with torch.inference_mode(), self.autocast():
                     if kind == "prefill":
-                        self._prefill(0, 0, torch.zeros(size, dtype=torch.long, device=self.device)).tolist()
+                        start, length = size
+                        self._prefill(0, start, torch.zeros(length, dtype=torch.long, device=self.device)).tolist()
                     else:
                         self._decode_bucket(size, self._stage_idle(size)).tolist()
                 self._sync()
                 if on_step is not None:
-                    on_step((time.perf_counter() - t0) * 1000.0, {"phase": f"warmup-{kind}", "batch": size})
+                    on_step((time.perf_counter() - t0) * 1000.0,
+                            {"phase": f"warmup-{kind}", "batch": size} if kind == "decode"
+                            else {"phase": "warmup-prefill", "start": size[0], "prefill_tokens": size[1]})
         return time.perf_counter() - t_all

@@ -72,8 +72,7 @@ def _pieces(eps: float, nq: int, nkv: int, head_dim: int,
     def last(h: torch.Tensor, y: torch.Tensor, wo_w: torch.Tensor, wo_b: torch.Tensor | None,
              norm_w: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, w2_w: torch.Tensor,
              w2_b: torch.Tensor | None) -> torch.Tensor:
-        b, n, _ = h.shape
-        h = h + project(y.transpose(1, 2).reshape(b, n, -1), wo_w, wo_b)
+        h = h + project(y, wo_w, wo_b)
         g, u = F.linear(rms_norm(h, norm_w, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
         return h + project(F.silu(g) * u, w2_w, w2_b)
 
@@ -126,9 +125,9 @@ class CompiledPrefill:
         final = len(m.layers) - 1
         for i, layer in enumerate(m.layers):
             kc, vc = cache.slot(i, slot).update(start, k, v, kernel.kv_multiple)
-            y = kernel(q, kc, vc, mask)
-            _mark_tokens_dynamic(h)
-            _mark_tokens_dynamic(y, dim=2)
+            # [1, n, heads x head_dim], contiguous whichever kernel ran (their output layouts differ: one graph)
+            y = kernel(q, kc, vc, mask).transpose(1, 2).reshape(1, n, -1).contiguous()
+            _mark_tokens_dynamic(h, y)
             weights = (*self.wo[i], layer.mlp_norm.weight, *self.gate_up[i], *self.w2[i])
             if i < final:
                 nxt = m.layers[i + 1].attn_norm.weight
