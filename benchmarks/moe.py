@@ -90,7 +90,8 @@ def part_metrics(base: list[str], out: str, repeats: int = 3) -> None:
     print(f"\ncost of balance metrics: {(on / off - 1) * 100:+.2f}% of step time (target <= 2%)")
 
 
-def _time(fn: Callable[[], Any], warmup: int = 5, iters: int = 20) -> float:
+def median_event_ms(fn: Callable[[], Any], warmup: int = 5, iters: int = 20) -> float:
+    """Median ms of ``fn`` on the GPU over ``iters`` calls, each timed by CUDA events, after ``warmup`` calls."""
     import torch
 
     for _ in range(warmup):
@@ -158,8 +159,8 @@ def part_gemm(tokens: int) -> None:
 
         try:
             with torch.no_grad():
-                g_ms, d_ms = _time(grouped_fwd), _time(dense_fwd)
-            gb_ms, db_ms = _time(grouped_fb), _time(dense_fb)
+                g_ms, d_ms = median_event_ms(grouped_fwd), median_event_ms(dense_fwd)
+            gb_ms, db_ms = median_event_ms(grouped_fb), median_event_ms(dense_fb)
         except RuntimeError as exc:
             print(f"| {label} | failed: {str(exc).splitlines()[0][:100]} | | | | | |")
             continue
@@ -196,7 +197,7 @@ def part_layer(tokens: int) -> None:
             y.sum().backward()
 
         try:
-            ms = _time(fb, warmup=3, iters=10)
+            ms = median_event_ms(fb, warmup=3, iters=10)
         except RuntimeError as exc:
             print(f"| {impl} | {g} | failed: {str(exc).splitlines()[0][:100]} | |")
             continue

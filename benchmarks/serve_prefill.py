@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import time
 from functools import partial
 
 import torch
+from moe import median_event_ms  # benchmarks/moe.py
 
 from workloads.engine.engine import Engine
 from workloads.engine.forward import prefill_chunk
@@ -30,22 +30,13 @@ def gpu_ms(fn, reps: int) -> tuple[float, float]:
     """(median ms of one chunk by CUDA events, host gaps included; ms of GPU kernels per chunk, by the profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
+    median = median_event_ms(fn, warmup=3, iters=reps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
     kernels = sum(evt.self_device_time_total for evt in prof.key_averages()) / 1000.0 / reps
-    return statistics.median(times), kernels
+    return median, kernels
 
 
 def kernel_table(fn, top: int = 12) -> str:

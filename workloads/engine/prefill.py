@@ -21,13 +21,12 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
 from workloads.engine.cache import SlotKVCache
 from workloads.engine.forward import next_tokens
-from workloads.engine.tensor_parallel import RowParallelLinear
+from workloads.engine.tensor_parallel import RowParallelLinear, sum_partials
 from workloads.models.attention import AttentionKernel
 from workloads.models.norms import RMSNorm, rms_norm
 from workloads.models.rope import rotate
@@ -57,10 +56,7 @@ def _pieces(eps: float, nq: int, nkv: int, head_dim: int,
     """The compiled pieces ``first``, ``middle`` and ``last`` for a model's constants (module docstring)."""
 
     def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if group is None:
-            return F.linear(x, w, b)
-        y = funcol.all_reduce(F.linear(x, w), "sum", group)
-        return y if b is None else y + b
+        return F.linear(x, w, b) if group is None else sum_partials(F.linear(x, w), b, group)
 
     def first(h: torch.Tensor, norm_w: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
               cos: torch.Tensor, sin: torch.Tensor):
@@ -94,12 +90,12 @@ class CompiledPrefill:
                  gate_up: list[Fused]) -> None:
         self.model, self.kernel, self.cache = model, kernel, cache
         self.qkv, self.gate_up = qkv, gate_up
-        projections = [(_projection(layer.attn.wo), _projection(layer.mlp.w2)) for layer in model.layers]
-        self.wo = [wo[:2] for wo, _ in projections if wo is not None]
-        self.w2 = [w2[:2] for _, w2 in projections if w2 is not None]
+        # (weight, bias) of each layer's output and down projections; ``supports`` saw one group for all
+        self.wo = [_projection(layer.attn.wo)[:2] for layer in model.layers]
+        self.w2 = [_projection(layer.mlp.w2)[:2] for layer in model.layers]
         attn = model.layers[0].attn
         nq, nkv = attn.wq.weight.shape[0], attn.wk.weight.shape[0]  # this rank's heads under tensor parallelism
-        group = projections[0][0][2] if projections and projections[0][0] is not None else None
+        group = _projection(attn.wo)[2]
         self._first, self._middle, self._last = _pieces(model.cfg.norm_eps, nq, nkv, model.cfg.head_dim, group)
 
     @staticmethod

@@ -34,6 +34,12 @@ def _rows(lin: nn.Linear, rank: int, world: int) -> nn.Linear:
     return out.requires_grad_(False)
 
 
+def sum_partials(y: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup) -> torch.Tensor:
+    """A row-parallel layer's output: the ranks' partial products ``y`` summed by one all-reduce, then the bias."""
+    y = funcol.all_reduce(y, "sum", group)
+    return y if bias is None else y + bias
+
+
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_r @ W_r^T) + b: this rank's slice of the input features (``local``, a plain Linear
     that FP8 conversion may swap), the bias added once after the sum."""
@@ -49,8 +55,7 @@ class RowParallelLinear(nn.Module):
         self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = funcol.all_reduce(self.local(x), "sum", self.group)
-        return y if self.bias is None else y + self.bias
+        return sum_partials(self.local(x), self.bias, self.group)
 
 
 class VocabParallelHead(nn.Module):
