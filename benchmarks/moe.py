@@ -58,8 +58,7 @@ def part_runs(base: list[str], out: str) -> dict[str, dict[str, Any]]:
         meta = next(e for e in rec["events"] if e["type"] == "meta")
         gemm = meta["backends"]["experts"]["gemm"]
         mfu = s["mfu"]["bf16"]["value"]
-        last = (s.get("workload") or {}).get("balance_last") or {}
-        gini = (last.get("mean") or {}).get("gini")
+        gini = ((s.get("experts") or {}).get("mean") or {}).get("gini")
         print(f"| {label} | {gemm} | {s['throughput_tokens_per_s']:,.0f} | {s['step_ms']['p50']:.1f} | "
               f"{f'{mfu * 100:.1f}%' if mfu else '-'} | {(s.get('torch_mem_peak_mb') or 0) / 1024:.1f} | "
               f"{f'{gini:.3f}' if gini is not None else '-'} |", flush=True)

@@ -65,7 +65,7 @@ def failed(rec: dict[str, Any]) -> str | None:
 
 
 def serving(rec: dict[str, Any]) -> dict[str, Any]:
-    return rec["summary"]["workload"]["serving"]
+    return rec["summary"]["serving"]
 
 
 def copy_bandwidth(device: str) -> float:
@@ -131,7 +131,7 @@ def part_roofline(b: Bench) -> dict[str, dict[str, Any]]:
         if why:
             print(f"| {label} | {why} | | | | | |")
             continue
-        step = rec["summary"]["workload"]["engine"]["decode_step_ms"]["p50"]
+        step = rec["summary"]["engine"]["decode_step_ms"]["p50"]
         roof = decode_bytes(rec) / bw * 1000.0
         tpot = serving(rec)["tpot_ms"]["p50"]
         print(f"| {label} | {step:.3f} | {roof:.3f} | {roof / step * 100:.1f}% | {tpot:.3f} | "

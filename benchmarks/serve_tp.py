@@ -43,7 +43,7 @@ def main() -> None:
                 if why:
                     print(f"| {batch} | {tp} | {why} | | | | |", flush=True)
                     continue
-                step = rec["summary"]["workload"]["engine"]["decode_step_ms"]["p50"]
+                step = rec["summary"]["engine"]["decode_step_ms"]["p50"]
                 base = step if tp == 1 else base
                 s = serving(rec)
                 up = f"{base / step:.2f}x" if base and tp > 1 else "-"

@@ -1,4 +1,4 @@
-"""Expert-balance figures (workloads.balance) against hand values and direct recomputation."""
+"""Expert-balance figures (tuner.balance) against hand values and direct recomputation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workloads import balance
+from tuner import balance
 
 counts_st = st.lists(st.integers(0, 10_000), min_size=1, max_size=64)
 

@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
+from tuner import balance
 from tuner.launch import LaunchError, build_config
 from tuner.runs import load_record
 from workloads import moe
@@ -47,7 +48,7 @@ def moe_run(tmp_path_factory) -> dict:
 
 
 def _recompute(counts: list[int], dropped: int) -> dict[str, float | None]:
-    """The design.md formulas, written out again with numpy (independent of workloads.balance)."""
+    """The design.md formulas, written out again with numpy (independent of tuner.balance)."""
     c = np.array(counts, dtype=np.float64)
     e, mu = len(c), c.mean()
     p = c / c.sum()
@@ -72,19 +73,28 @@ def test_every_balance_figure_matches_a_recomputation_from_the_recorded_counts(m
     tokens_per_step = 2 * 32
     for ev in experts:
         assert ev["layer_ids"] == list(cfg.moe_layer_ids) and ev["capacity"] == meta["plan"]["capacity_per_expert"]
+        assert not {"cv", "gini", "mean", "max"} & ev.keys(), "the workload sends raw sums; the console computes"
+        figs = balance.window_figures(ev["counts"], ev["dropped"],
+                                      {"router_entropy": ev["router_entropy"], "aux_loss": ev["aux_loss"]})
         per_layer = {name: [] for name in ("cv", "max_vio", "max_mean", "gini", "entropy", "dead", "dropped_frac")}
         for li, (counts, dropped) in enumerate(zip(ev["counts"], ev["dropped"], strict=True)):
             assert len(counts) == cfg.n_experts and sum(counts) == ev["steps"] * tokens_per_step * cfg.top_k
             for name, value in _recompute(counts, dropped).items():
-                assert ev[name][li] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, ev["window"])
+                assert figs[name][li] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, ev["window"])
                 per_layer[name].append(value)
             assert 0 < ev["router_entropy"][li] <= 1 and ev["aux_loss"][li] > 0
         for name, values in per_layer.items():
-            assert ev["mean"][name] == pytest.approx(sum(values) / len(values), rel=1e-9, abs=1e-12)
-            assert ev["max"][name] == pytest.approx(max(values), rel=1e-9, abs=1e-12)
-        for name in ("router_entropy", "aux_loss"):
-            assert ev["mean"][name] == pytest.approx(sum(ev[name]) / len(ev[name]))
-            assert ev["max"][name] == pytest.approx(max(ev[name]))
+            assert figs["mean"][name] == pytest.approx(sum(values) / len(values), rel=1e-9, abs=1e-12)
+            assert figs["max"][name] == pytest.approx(max(values), rel=1e-9, abs=1e-12)
+    # the run's block: every window's counts summed per layer, then the same formulas
+    total = [np.sum([ev["counts"][li] for ev in experts], axis=0) for li in range(len(experts[0]["counts"]))]
+    dropped = [sum(ev["dropped"][li] for ev in experts) for li in range(len(total))]
+    block = moe_run["summary"]["experts"]
+    assert block["windows"] == 4
+    for name in ("cv", "max_vio", "gini", "entropy", "dead", "dropped_frac"):
+        values = [_recompute(list(c), d)[name] for c, d in zip(total, dropped, strict=True)]
+        assert block["mean"][name] == pytest.approx(sum(values) / len(values), rel=1e-9, abs=1e-12), name
+        assert block["max"][name] == pytest.approx(max(values), rel=1e-9, abs=1e-12), name
     assert any(d > 0 for ev in experts for d in ev["dropped"])  # capacity 1.0 on zipf data drops some
 
 
@@ -99,6 +109,7 @@ def test_step_events_and_active_flops(moe_run):
     assert s["steps"] == {"total": 10, "warmup": 1, "steady": 9} and s["tokens_per_s"]["mean"] > 0
     assert s["mfu"]["bf16"]["value"] is None and math.isfinite(s["loss_last"])
     assert s["workload"]["experts_events"] == 4 and s["workload"]["balance_last"]["window"] == [9, 9]
+    assert s["experts"]["experts"] == cfg.n_experts and s["experts"]["mean"]["router_entropy"] > 0
 
 
 def test_loop_and_grouped_give_the_same_losses_and_counts(capsys):

@@ -108,3 +108,46 @@ def test_btune_run_serve_prints_the_serving_block(tmp_path):
     for label in ("requests finished", "request throughput", "output tokens/s", "goodput", "TTFT p50", "TPOT p99",
                   "ITL p90", "E2E latency p50", "engine steps (the engine's own steps, not requests)"):
         assert label in res.stdout, label
+
+
+def test_compare_of_two_serve_runs_shows_latency_and_goodput_deltas_and_csv_has_them():
+    from tuner.export import to_csv
+
+    a, b = serve_record(seed=3), serve_record(seed=4)
+    b["id"] = "srv2"
+    text = compare([a, b])
+    for label in ("TTFT p50", "TPOT p50", "ITL p90", "goodput (requests within the SLOs)"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(label))
+        assert "%)" in line, line  # the second run's relative delta
+    ttft = (b["summary"]["serving"]["ttft_ms"]["p50"] / a["summary"]["serving"]["ttft_ms"]["p50"] - 1) * 100
+    assert f"({ttft:+.1f}%)" in next(ln for ln in text.splitlines() if ln.startswith("TTFT p50"))
+    csv = to_csv([a, b])
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "goodput", "request_throughput"):
+        assert f",{metric}," in csv, metric
+
+
+def test_one_throughput_figure_everywhere():
+    """Steady tokens over steady time is the only tokens/s a dense run shows; the mean of per-step rates
+    (which weights short steps up) is kept in the record but shown nowhere."""
+    b = RecordBuilder("d", 0.0, {"workload": "dense", "options": {}}, {})
+    b.add({"v": 1, "type": "meta", "t": 0.5, "rank": 0, "workload": "dense", "n_devices": 2})
+    for i, (ms, tokens) in enumerate([(500.0, 100), (10.0, 100), (30.0, 100), (10.0, 100)]):
+        b.add({"v": 1, "type": "step", "t": 1.0 + i, "rank": 0, "step": i, "step_ms": ms, "tokens": tokens,
+               "warmup": False, "first": i == 0})
+    rec = b.finish("ok", 0, 5.0)
+    s = rec["summary"]
+    assert s["throughput_tokens_per_s"] == pytest.approx(300 / 0.050)
+    assert s["tokens_per_s"]["mean"] != pytest.approx(s["throughput_tokens_per_s"])  # the two would disagree
+    assert s["throughput_per_gpu"] == pytest.approx(300 / 0.050 / 2)
+    for text in (show(rec), compare([rec, rec])):
+        rates = [ln for ln in text.splitlines() if "tok/s" in ln or "tokens/s" in ln]
+        assert [ln.split("  ")[0].split(" [")[0] for ln in rates] == ["throughput (steady tokens / steady time)",
+                                                                        "throughput per GPU"], rates
+
+
+def test_the_serving_headline_shows_mbu_not_mfu():
+    rec = serve_record()
+    rec["summary"]["mbu"] = {"value": 0.41, "achieved_tb_s": 1.968, "peak_tb_s": 4.8, "reason": None}
+    rec["summary"]["mfu"] = {"bf16": {"value": 0.02, "peak_tflops": 989.0, "reason": None}}
+    text = show(rec)
+    assert "MBU (HBM peak)" in text and "41.0%" in text and "MFU" not in text

@@ -10,8 +10,10 @@ import pytest
 
 from tuner.launch import build_config, make_runner
 from tuner.runs import load_record
+from tuner.serving import itl_ms
 from tuner.stats import describe
-from workloads.engine.request import itl_ms
+from workloads.models.config import PRESETS
+from workloads.models.flops import param_counts
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
@@ -44,7 +46,8 @@ def test_record_holds_every_request_and_the_summary_matches_tuner_stats(open_loo
     assert rec["status"] == "ok" and rec["config"]["argv"][1:3] == ["-m", "workloads.serve"]
     reqs = requests_of(rec)
     assert sorted(r["rid"] for r in reqs) == list(range(14)) and all(r["finished"] for r in reqs)
-    s = rec["summary"]["workload"]["serving"]
+    assert "serving" not in rec["summary"]["workload"], "the workload sends raw events; the console computes"
+    s = rec["summary"]["serving"]
     assert s["requests"] == {"total": 14, "finished": 14, "unfinished": 0, "unfinished_started": 0,
                              "good": s["requests"]["good"]}
     for key, values in (("ttft_ms", [r["ttft_ms"] for r in reqs]), ("e2e_ms", [r["e2e_ms"] for r in reqs]),
@@ -66,7 +69,7 @@ def test_steps_and_engine_series(open_loop):
     rec = open_loop
     steps = rec["series"]["step"]["0"]
     measured = [i for i, w in enumerate(steps["warmup"]) if not w]
-    assert sum(steps["tokens"][i] for i in measured) == rec["summary"]["workload"]["serving"]["tokens_generated"]
+    assert sum(steps["tokens"][i] for i in measured) == rec["summary"]["serving"]["tokens_generated"]
     assert all(steps["prefill_tokens"][i] <= 16 for i in measured)
     assert rec["summary"]["tokens_total"] == sum(steps["tokens"][i] for i in measured)
     engine = rec["series"]["series"]["engine"]
@@ -75,16 +78,27 @@ def test_steps_and_engine_series(open_loop):
     meta = next(e for e in rec["events"] if e["type"] == "meta")
     assert meta["workload"] == "serve" and meta["plan"]["load"]["mode"] == "open"
     assert meta["flops_per_token"] > 0 and meta["backends"]["compile"]["decode"] == "none"
+    # MBU's bytes, recomputed from the raw steps: the weights once per pass, each attended position once
+    cfg = PRESETS["tiny"]
+    weights = (param_counts(cfg)["matmul"] + param_counts(cfg)["other"]) * 4  # fp32 on CPU
+    per_pos = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+    assert (meta["weight_bytes"], meta["kv_bytes_per_token"]) == (weights, per_pos)
+    moved = sum(steps["weight_passes"][i] * weights + steps["kv_tokens"][i] * per_pos for i in measured)
+    secs = sum(steps["step_ms"][i] for i in measured) / 1000  # every load step is steady (warm-up is its own)
+    mbu = rec["summary"]["mbu"]
+    assert mbu["value"] is None and "CPU" in mbu["reason"]
+    assert mbu["achieved_tb_s"] == pytest.approx(moved / secs / 1e12, rel=1e-9)
+    assert all(steps["kv_tokens"][i] > 0 and steps["weight_passes"][i] >= 1 for i in measured)
 
 
 def test_a_step_cap_reports_unfinished_requests(tmp_path):
     rec = record_of(btune("run", "serve", *SMALL, "--concurrency", "3", "--num-requests", "6",
                           "--output-len", "fixed:20", "--steps", "4", "--out", str(tmp_path)))
     reqs = requests_of(rec)
-    s = rec["summary"]["workload"]
-    assert s["engine"]["stopped"] == "steps"
+    assert rec["summary"]["workload"]["engine"]["stopped"] == "steps"
     assert len(reqs) == 3 and not any(r["finished"] for r in reqs)
-    assert s["serving"]["requests"]["unfinished"] == 3 and s["serving"]["goodput"] == 0
+    s = rec["summary"]["serving"]
+    assert s["requests"]["unfinished"] == 3 and s["goodput"] == 0
 
 
 @pytest.mark.parametrize(
@@ -125,9 +139,9 @@ def test_two_replicas_count_each_request_once(tmp_path):
     reqs = requests_of(rec)
     assert sorted(r["rid"] for r in reqs) == list(range(9))
     assert {r["rank"] for r in reqs} == {0, 1} and all(r["replica"] == r["rank"] for r in reqs)
-    s = rec["summary"]["workload"]
-    assert s["replicas"] == 2 and s["serving"]["requests"]["finished"] == 9
-    assert s["serving"]["output_tokens"] == sum(r["output_len"] for r in reqs)
+    assert rec["summary"]["workload"]["replicas"] == 2
+    s = rec["summary"]["serving"]
+    assert s["requests"]["finished"] == 9 and s["output_tokens"] == sum(r["output_len"] for r in reqs)
     summaries = [e for e in rec["events"] if e["type"] == "summary"]
     assert len(summaries) == 1 and summaries[0]["rank"] == 0
     assert sorted(rec["series"]["step"]) == ["0", "1"]

@@ -1,7 +1,8 @@
 """The metric registry: every figure btune shows, declared once.
 
 Each metric names where its value lies in a run's summary (computed by tuner.summary from the raw
-record), its unit, which direction is better, the block it belongs to and the workloads it applies to.
+record), its unit, which direction is better, the block it belongs to and the workloads it applies to
+(the serving block applies to any run that sent ``request`` events, a user's own command included).
 ``btune run``'s closing summary, ``show``, ``compare``, ``export`` and the app's compare screen all read
 this table, so a metric added here appears in every view.
 """
@@ -31,8 +32,11 @@ class Metric:
     workloads: tuple[str, ...] | None = None  #: None: every workload except those with a block of their own
     stats: tuple[str, ...] = SHOWN_STATS
     shown: bool = True  #: False: exported only (show's header already says it)
+    everywhere: bool = False  #: any workload's (a run of any kind can send the events it is computed from)
 
     def applies(self, workload: Any) -> bool:
+        if self.everywhere:
+            return True
         if self.workloads is None:
             return workload != "serve"
         return workload in self.workloads
@@ -49,30 +53,39 @@ REGISTRY: tuple[Metric, ...] = (
     Metric("tflops", "TFLOP/s", ("tflops",), "TFLOP/s", True, "steps"),
     Metric("mfu_bf16", "MFU (bf16 peak)", ("mfu", "bf16", "value"), "%", True, "steps"),
     Metric("mfu_fp8", "MFU (fp8 peak)", ("mfu", "fp8", "value"), "%", True, "steps"),
+    Metric("mbu", "MBU (HBM peak; decode)", ("mbu", "value"), "%", True, "steps"),
+    Metric("bandwidth", "bytes moved per second", ("mbu", "achieved_tb_s"), "TB/s", True, "steps"),
     Metric("loss_last", "final loss", ("loss_last",), "", False, "steps"),
     # serving: the result block as serving benchmarks print it
     Metric("requests_finished", "requests finished", ("serving", "requests", "finished"), "", True, "serving",
-           workloads=_ENGINE),
+           everywhere=True),
     Metric("requests_unfinished", "requests unfinished", ("serving", "requests", "unfinished"), "", False,
-           "serving", workloads=_ENGINE),
-    Metric("load_duration", "load duration", ("serving", "duration_s"), "s", False, "serving", workloads=_ENGINE),
+           "serving", everywhere=True),
+    Metric("load_duration", "load duration", ("serving", "duration_s"), "s", False, "serving", everywhere=True),
     Metric("request_throughput", "request throughput", ("serving", "request_throughput"), "req/s", True, "serving",
-           workloads=_ENGINE),
+           everywhere=True),
     Metric("output_tokens_per_s", "output tokens/s", ("serving", "output_tokens_per_s"), "tok/s", True, "serving",
-           workloads=_ENGINE),
+           everywhere=True),
     Metric("total_tokens_per_s", "total tokens/s", ("serving", "total_tokens_per_s"), "tok/s", True, "serving",
-           workloads=_ENGINE),
+           everywhere=True),
     Metric("goodput", "goodput (requests within the SLOs)", ("serving", "goodput"), "req/s", True, "serving",
-           workloads=_ENGINE),
-    Metric("ttft_ms", "TTFT", ("serving", "ttft_ms"), "ms", False, "serving", described=True, workloads=_ENGINE),
-    Metric("tpot_ms", "TPOT", ("serving", "tpot_ms"), "ms", False, "serving", described=True, workloads=_ENGINE),
-    Metric("itl_ms", "ITL", ("serving", "itl_ms"), "ms", False, "serving", described=True, workloads=_ENGINE),
+           everywhere=True),
+    Metric("ttft_ms", "TTFT", ("serving", "ttft_ms"), "ms", False, "serving", described=True, everywhere=True),
+    Metric("tpot_ms", "TPOT", ("serving", "tpot_ms"), "ms", False, "serving", described=True, everywhere=True),
+    Metric("itl_ms", "ITL", ("serving", "itl_ms"), "ms", False, "serving", described=True, everywhere=True),
     Metric("e2e_ms", "E2E latency", ("serving", "e2e_ms"), "ms", False, "serving", described=True,
+           everywhere=True),
+    Metric("engine_mbu", "MBU (HBM peak)", ("mbu", "value"), "%", True, "serving", workloads=_ENGINE),
+    Metric("engine_bandwidth", "bytes moved per second", ("mbu", "achieved_tb_s"), "TB/s", True, "serving",
            workloads=_ENGINE),
     Metric("engine_step_ms", "engine step time", ("step_ms",), "ms", False, "engine steps", described=True,
            workloads=_ENGINE, stats=("p50", "p90", "p99")),
     Metric("engine_tokens_per_s", "engine tokens / busy time", ("throughput_tokens_per_s",), "tok/s", True,
            "engine steps", workloads=_ENGINE),
+    Metric("decode_step_ms", "decode-only step time", ("engine", "decode_step_ms"), "ms", False, "engine steps",
+           described=True, workloads=_ENGINE, stats=("p50", "p90", "p99")),
+    Metric("decode_batch", "decode-only step batch", ("engine", "decode_batch"), "", True, "engine steps",
+           described=True, workloads=_ENGINE, stats=("mean",)),
     # expert balance over the whole run (MoE)
     Metric("expert_gini", "Gini (mean of layers)", ("experts", "mean", "gini"), "", False, "expert balance"),
     Metric("expert_gini_max", "Gini (worst layer)", ("experts", "max", "gini"), "", False, "expert balance"),

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from tuner.report import fmt
+from tuner.report import blocks, fmt
 
 _SERIES_GROUP_FIELD = {"step": "rank", "gpu": "gpu", "energy": "gpu", "series": "name"}
 
@@ -98,8 +98,9 @@ def replay(rec: dict[str, Any], out: TextIO, speed: float = 0.0, as_json: bool =
     if as_json:
         out.write(orjson.dumps(end, default=str).decode() + "\n")
     else:
-        step = rec["summary"].get("step_ms") or {}
-        out.write(f"end: {rec['status']}, steady step {fmt(step.get('p50'))} ms p50, "
-                  f"{fmt(rec['summary'].get('throughput_tokens_per_s'))} tok/s\n")
+        out.write(f"end: {rec['status']} (exit {rec['exit_code']})\n")
+        figures = blocks(rec["summary"], rec["config"].get("workload"))
+        if figures:
+            out.write(figures + "\n")
     out.flush()
     return n

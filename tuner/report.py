@@ -82,10 +82,15 @@ def show(rec: dict[str, Any]) -> str:
         "",
     ]
     lines.append(blocks(s, dig(rec, ("config", "workload"))))
+    stepped = bool(dig(s, ("steps", "total")))
     for precision in ("bf16", "fp8"):
         reason = dig(s, ("mfu", precision, "reason"))
-        if reason and dig(s, ("mfu", precision, "value")) is None and dig(rec, ("config", "workload")) != "serve":
+        if (reason and stepped and dig(s, ("mfu", precision, "value")) is None
+                and dig(rec, ("config", "workload")) != "serve"):
             lines.append(f"MFU ({precision}): n/a ({reason})")
+    mbu = s.get("mbu") if isinstance(s.get("mbu"), dict) else {}
+    if mbu.get("value") is None and mbu.get("achieved_tb_s") is not None:
+        lines.append(f"MBU: n/a ({mbu.get('reason')})")
     for gpu, g in (s.get("gpu") or {}).items():
         lines.append(
             f"gpu {gpu}: power mean {fmt(dig(g, ('power_w', 'mean')))} W, max mem {fmt(g.get('mem_used_mb_max'))} MiB, "

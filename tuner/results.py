@@ -1,9 +1,8 @@
 """Workload results the console computes from a record's raw events: the serving block (from ``request``
 events) and expert balance over the whole run (from ``experts`` events).
 
-The arithmetic is the one implementation each (workloads.engine.metrics, workloads.balance: torch-free);
-this module only picks the raw data out of the record, checking each value, so any record that loads
-gives a block or none, never an error.
+The arithmetic is the one implementation each (tuner.serving, tuner.balance); this module only picks the raw
+data out of the record, checking each value, so any record that loads gives a block or none, never an error.
 """
 
 from __future__ import annotations
@@ -11,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from workloads import balance
-from workloads.engine.metrics import serving_summary
+from tuner import balance
+from tuner.serving import serving_summary
 
 
 def _num(v: Any) -> bool:
@@ -47,7 +46,7 @@ def serving(events: list[dict[str, Any]], options: dict[str, Any], workload: dic
     if not _num(duration) or duration <= 0:
         ends = [r.get("finish_s") or (r.get("token_s") or [r["arrival_s"]])[-1] for r in reqs]
         duration = max(ends) if ends else 0.0
-    slo = given.get("slo") if isinstance(given.get("slo"), dict) else {}
+    slo = next((v for v in (workload.get("slo"), given.get("slo")) if isinstance(v, dict)), {})
     ttft = next((v for v in (options.get("slo_ttft_ms"), slo.get("ttft_ms")) if _num(v)), math.inf)
     tpot = next((v for v in (options.get("slo_tpot_ms"), slo.get("tpot_ms")) if _num(v)), math.inf)
     out = serving_summary(sorted(reqs, key=lambda r: r["arrival_s"]), float(duration), ttft, tpot)

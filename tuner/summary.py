@@ -27,8 +27,13 @@ def replica_steps(step_series: dict[str, dict[str, list[Any]]]) -> list[dict[str
     return sorted(out, key=lambda s: s["t_end"] if s["t_end"] is not None else 0.0)
 
 
+#: Step fields a row keeps as the first rank reported them (what the engine's step did: MBU, decode-only steps).
+_CARRIED = ("kv_tokens", "weight_passes", "prefill_tokens", "decode_batch")
+
+
 def merged_steps(step_series: dict[str, dict[str, list[Any]]]) -> list[dict[str, Any]]:
-    """One row per step index: ``step, t_start, t_end, step_ms, tokens, warmup`` (slowest rank's time)."""
+    """One row per step index: ``step, t_start, t_end, step_ms, tokens, warmup, first`` (slowest rank's time)
+    and the _CARRIED fields the workload sent."""
     rows: dict[int, dict[str, Any]] = {}
     for rank in sorted(step_series, key=lambda r: int(r) if r.lstrip("-").isdigit() else 0):
         cols = step_series[rank]
@@ -39,6 +44,7 @@ def merged_steps(step_series: dict[str, dict[str, list[Any]]]) -> list[dict[str,
         warm = cols.get("warmup") or [False] * n
         first = cols.get("first") or [False] * n
         ts = cols.get("t") or [None] * n
+        extra = {k: cols[k] for k in _CARRIED if isinstance(cols.get(k), list) and len(cols[k]) == n}
         for i in range(n):
             if not isinstance(ms[i], (int, float)) or steps[i] is None:
                 continue
@@ -47,7 +53,8 @@ def merged_steps(step_series: dict[str, dict[str, list[Any]]]) -> list[dict[str,
             row = rows.get(steps[i])
             if row is None:
                 rows[steps[i]] = {"step": steps[i], "t_start": t_start, "t_end": t_end, "step_ms": float(ms[i]),
-                                  "tokens": toks[i], "warmup": bool(warm[i]), "first": bool(first[i])}
+                                  "tokens": toks[i], "warmup": bool(warm[i]), "first": bool(first[i]),
+                                  **{k: v[i] for k, v in extra.items()}}
             else:  # another rank of the same step: slowest time, tokens already counted
                 if ms[i] > row["step_ms"]:
                     row["step_ms"] = float(ms[i])
@@ -234,6 +241,56 @@ def _gpu(series: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _per_s(step_series: dict[str, dict[str, list[Any]]], replicas: int, steps: list[dict[str, Any]],
+           amount: Any) -> float | None:
+    """``amount(row)`` summed over the steady steps, per second of their time; data-parallel replicas run side
+    by side, so their rates add (each rank's amount over its own busy time). None when any steady step has
+    no amount."""
+    groups = ([[s for s in merged_steps({r: step_series[r]}) if is_steady(s)] for r in step_series]
+              if replicas > 1 else [[s for s in steps if is_steady(s)]])
+    total = 0.0
+    for rows in groups:
+        secs = sum(s["step_ms"] for s in rows) / 1000.0
+        amounts = [amount(s) for s in rows]
+        if any(a is None for a in amounts):
+            return None
+        total += sum(amounts) / secs if secs > 0 else 0.0
+    return total or None
+
+
+def step_bytes(meta: dict[str, Any], row: dict[str, Any]) -> float | None:
+    """The bytes one step must move (design.md, MBU): the weights once per forward pass (``weight_passes``,
+    default 1) and each attended cached position once (``kv_tokens``, else the meta's fixed count); None
+    when the workload reports no byte figures."""
+    weights, per_token = meta.get("weight_bytes"), meta.get("kv_bytes_per_token")
+    kv = row.get("kv_tokens", meta.get("kv_tokens_per_step"))
+    if not all(isinstance(v, (int, float)) for v in (weights, per_token, kv)):
+        return None
+    passes = row.get("weight_passes", 1)
+    return (passes if isinstance(passes, (int, float)) else 1) * weights + kv * per_token
+
+
+def _mbu(meta: dict[str, Any], step_series: dict[str, Any], replicas: int,
+         steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Memory-bandwidth utilisation: the bytes the steady steps must move per second, over the devices' peak
+    HBM bandwidth."""
+    n_dev = int(meta.get("n_devices") or 1)
+    if not isinstance(meta.get("weight_bytes"), (int, float)):
+        return hardware.mbu(None, meta.get("device_name"), n_dev,
+                            "the workload reports no bytes per step (MBU is for decode and serving)")
+    return hardware.mbu(_per_s(step_series, replicas, steps, lambda row: step_bytes(meta, row)),
+                        meta.get("device_name"), n_dev, "a steady step without its attended positions")
+
+
+def _engine(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Serving engine steps that only decoded (no prompt chunk): their time and batch."""
+    decode = [s for s in steps if is_steady(s) and s.get("prefill_tokens") == 0]
+    if not any("prefill_tokens" in s for s in steps):
+        return None
+    return {"decode_step_ms": describe(s["step_ms"] for s in decode),
+            "decode_batch": describe(s.get("decode_batch") for s in decode)}
+
+
 def summarize(series: dict[str, Any], events: list[dict[str, Any]], started: float, ended: float,
               environment: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary object of a run record (``environment``: the record's, for CUDA_VISIBLE_DEVICES;
@@ -246,15 +303,7 @@ def summarize(series: dict[str, Any], events: list[dict[str, Any]], started: flo
     step_ms = [s["step_ms"] for s in steady]
     tok_s = [s["tokens"] / (s["step_ms"] / 1000.0) for s in steady if s["tokens"] and s["step_ms"] > 0]
     steady_tokens = sum(s["tokens"] or 0 for s in steady)
-    steady_seconds = sum(step_ms) / 1000.0
-    throughput = steady_tokens / steady_seconds if steady_seconds > 0 and steady_tokens else None
-    if replicas > 1:  # replicas run side by side: their rates add (each rank's tokens over its own busy time)
-        rates = []
-        for rank in step_series:
-            own = [s for s in merged_steps({rank: step_series[rank]}) if is_steady(s)]
-            secs = sum(s["step_ms"] for s in own) / 1000.0
-            rates.append(sum(s["tokens"] or 0 for s in own) / secs if secs > 0 else 0.0)
-        throughput = sum(rates) or None
+    throughput = _per_s(step_series, replicas, steps, lambda s: s["tokens"] or 0) if steady_tokens else None
     workload_summary = first_event(events, "summary")
     out: dict[str, Any] = {
         "steps": {"total": len(steps), "warmup": len(steps) - len(steady), "steady": len(steady)},
@@ -281,6 +330,10 @@ def summarize(series: dict[str, Any], events: list[dict[str, Any]], started: flo
     out["mfu"] = {"bf16": hardware.mfu(achieved, device_name, "bf16", n_dev)}
     if precision == "fp8":
         out["mfu"]["fp8"] = hardware.mfu(achieved, device_name, "fp8", n_dev)
+    out["mbu"] = _mbu(meta, step_series, replicas, steps)
+    engine = _engine(steps)
+    if engine is not None:
+        out["engine"] = engine
 
     out.update(_energy(series, steady, steps, events, environment))
     out["gpu"] = _gpu(series)

@@ -12,7 +12,7 @@ from typing import Any
 from tuner.protocol import Emitter
 from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
-from workloads.models.flops import flops_per_token, memory_estimate, param_counts
+from workloads.models.flops import bytes_moved, flops_per_token, memory_estimate, param_counts
 from workloads.options import run_main
 from workloads.specs.dense import DENSE, PRESET_RUN_DEFAULTS
 
@@ -51,6 +51,9 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "flops_per_token": flops_per_token(cfg, seq, mode),
         "memory_estimate_bytes": memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
                                                  activation_checkpointing=opts["activation_checkpointing"]),
+        # decode moves the weights once a step and reads every sequence's seq + 1 cached positions (MBU)
+        "moved": ({**bytes_moved(cfg, _DTYPE_BYTES[dtype]), "kv_tokens_per_step": batch * (seq + 1)}
+                  if mode == "decode" else None),
     }
 
 
@@ -164,7 +167,8 @@ def run(opts: dict[str, Any]) -> int:
             with torch.inference_mode(), autocast():
                 fwd(pool[i % len(pool)][:, :-1])
     else:
-        cache_cfg = replace(cfg, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp)
+        # this rank's heads: the width shrinks with them, so head_dim stays the model's
+        cache_cfg = replace(cfg, d_model=cfg.d_model // tp, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp)
         cache = KVCache(cache_cfg, batch, seq + 1, device=device, dtype=dtype)
         with torch.inference_mode(), autocast():
             model(pool[0][:, :seq], kv_cache=cache, start_pos=0)  # fill the context once, untimed
@@ -173,13 +177,13 @@ def run(opts: dict[str, Any]) -> int:
         def step(i: int) -> None:  # greedy: each step's token feeds the next
             with torch.inference_mode(), autocast():
                 logits = fwd(nxt, kv_cache=cache, start_pos=seq)
-                nxt.copy_(logits[:, -1].argmax(-1, keepdim=True))
+                nxt.copy_(parallel.full(logits[:, -1]).argmax(-1, keepdim=True))  # TP: the vocab-sharded logits
 
     precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
     # every rank: each names its GPU, whose energy the summary counts (design.md, "Energy")
     em.meta(workload="dense", options=opts, plan=p, device=str(device), device_name=device_name(device),
         n_devices=tp, precision=precision, flops_per_token=p["flops_per_token"], params=p["params"],
-        torch_version=torch.__version__, backends=ran, device_uuid=device_uuid(device))
+        torch_version=torch.__version__, backends=ran, device_uuid=device_uuid(device), **(p["moved"] or {}))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:

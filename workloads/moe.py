@@ -3,7 +3,8 @@ and expert-balance metrics.
 
 Run alone: ``python -m workloads.moe --preset tiny --steps 20`` (events as JSON lines on stdout).
 Step events carry step_ms, tokens and the cross-entropy loss; ``experts`` events (one per
-``--balance-window`` steps) carry per-layer expert counts and the balance figures of workloads.balance.
+``--balance-window`` steps) carry per-layer expert counts, drops, router entropy and balance loss; the
+console computes the balance figures (tuner.balance).
 """
 
 from __future__ import annotations

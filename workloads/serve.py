@@ -16,7 +16,7 @@ from typing import Any
 
 from tuner.protocol import Emitter
 from workloads.models.config import PRESETS, ModelConfig
-from workloads.models.flops import param_counts, serve_flops
+from workloads.models.flops import bytes_moved, param_counts, serve_flops
 from workloads.options import run_main
 from workloads.specs.serve import SERVE, cache_len, lengths, load_checks, resolved
 
@@ -161,7 +161,6 @@ def run(opts: dict[str, Any]) -> int:
     import torch
 
     from workloads import parallel
-    from workloads.engine import metrics
     from workloads.engine.driver import Hooks, LoadResult, run_load
     from workloads.engine.loadgen import RequestSpec, prompt_tokens
     from workloads.engine.request import Request
@@ -207,7 +206,7 @@ def run(opts: dict[str, Any]) -> int:
             flops_per_token_note="per output token, the prompt's prefill included, at the mean lengths",
             params=p["params"], torch_version=torch.__version__, backends=ran, replicas=replicas, tp=tp,
             step_tokens="output tokens produced by one engine step of this rank's replica",
-            device_uuid=device_uuid(device))
+            device_uuid=device_uuid(device), **bytes_moved(ModelConfig(**p["model"]), _DTYPE_BYTES[p["dtype"]]))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_idx = 0
@@ -218,18 +217,13 @@ def run(opts: dict[str, Any]) -> int:
         em.step(step_idx, ms, 0, warmup=True, first=step_idx == 0, **fields, **memory_fields(device))
         step_idx += 1
 
-    decode_ms: list[float] = []
-    decode_batch: list[int] = []
 
     def on_step(i: int, ms: float, tokens: int, plan_: Any, t: float) -> None:
         nonlocal step_idx
-        prefill = plan_.prefill_tokens
-        if not prefill:
-            decode_ms.append(ms)
-            decode_batch.append(len(plan_.decode))
         extra = memory_fields(device) if cuda and i % 16 == 0 else {}
-        em.step(step_idx, ms, tokens, warmup=False, prefill_tokens=prefill, decode_batch=len(plan_.decode),
-                t_load=t, **extra)
+        em.step(step_idx, ms, tokens, warmup=False, prefill_tokens=plan_.prefill_tokens,
+                decode_batch=len(plan_.decode), kv_tokens=plan_.kv_tokens,
+                weight_passes=plan_.weight_passes, t_load=t, **extra)
         step_idx += 1
 
     vocab = engine.model.cfg.vocab_size
@@ -278,28 +272,24 @@ def run(opts: dict[str, Any]) -> int:
         return 1
     for r in res.unfinished:
         em.emit("request", **r.record())
-    records = [r.record() for r in res.requests]
     ends = [res.end]
     interrupted = res.stopped == "interrupted"
     if world > 1:
         gathered: list[Any] = [None] * world if rank == 0 else []
-        torch.distributed.gather_object((records, res.end, interrupted), gathered if rank == 0 else None, dst=0)
+        torch.distributed.gather_object((res.end, interrupted), gathered if rank == 0 else None, dst=0)
         if rank == 0:
-            records = [r for recs, _, _ in gathered for r in recs]
-            ends = [end for _, end, _ in gathered]
-            interrupted = any(i for _, _, i in gathered)
+            ends = [end for end, _ in gathered]
+            interrupted = any(i for _, i in gathered)
     code = 130 if interrupted else 0
-    if rank == 0:  # reported before the teardown, which NCCL can stall
-        serving = metrics.serving_summary(sorted(records, key=lambda r: r["rid"]), max(ends), opts["slo_ttft_ms"],
-                                          opts["slo_tpot_ms"])
+    if rank == 0:  # reported before the teardown, which NCCL can stall; the console computes the figures
         em.summary(
-            serving=serving,
+            load_duration_s=max(ends),
+            slo={"ttft_ms": opts["slo_ttft_ms"], "tpot_ms": opts["slo_tpot_ms"]},
             warmup_s=warm_s,
             warmup_rounds=rounds,
             compile_s=warm_s if opts["compile_mode"] != "none" else None,
-            engine={"steps": res.steps, "stopped": res.stopped, "decode_step_ms": metrics.describe(decode_ms),
-                    "decode_batch_mean": sum(decode_batch) / len(decode_batch) if decode_batch else None,
-                    "buckets": ran["decode_buckets"], "kv_cache_bytes": ran["kv_cache_bytes"]},
+            engine={"steps": res.steps, "stopped": res.stopped, "buckets": ran["decode_buckets"],
+                    "kv_cache_bytes": ran["kv_cache_bytes"]},
             replicas=replicas,
             tp=tp,
             torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,

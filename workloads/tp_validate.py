@@ -109,7 +109,7 @@ def run(opts: dict[str, Any]) -> int:
 
     from workloads import parallel
     from workloads.dense import plan
-    from workloads.loop import SetupError, device_name, resolve_device, resolve_dtype
+    from workloads.loop import SetupError, device_name, device_uuid, resolve_device, resolve_dtype
     from workloads.models.config import ModelConfig
     from workloads.models.transformer import Transformer
 
@@ -156,6 +156,9 @@ def run(opts: dict[str, Any]) -> int:
     x, y = tokens[:, :-1], tokens[:, 1:]
     train = opts["mode"] == "train"
     tol = TOLERANCE[p["dtype"]]
+    # every rank: each names its GPU, whose energy the summary counts (design.md, "Energy")
+    em.meta(workload="tp-validate", options=opts, plan=p, device=str(device), device_name=device_name(device),
+            n_devices=tp, precision=p["dtype"], tolerance=tol, device_uuid=device_uuid(device))
 
     def logits_of(model: Any) -> Any:
         out = model(x)
@@ -195,8 +198,6 @@ def run(opts: dict[str, Any]) -> int:
                      "note": "a mismatch on another rank"})
         passed = False
     if rank == 0:
-        em.meta(workload="tp-validate", options=opts, plan=p, device=str(device), device_name=device_name(device),
-                n_devices=tp, precision=p["dtype"], tolerance=tol)
         print(table(rows, tol, floor))
         print(f"tp-validate: TP={tp} vs TP=1, {p['dtype']}, {len(rows)} tensors: "
               f"{'PASS' if passed else 'FAIL'} (worst rel err {max(r['max_rel'] or 0 for r in rows):.3e})")

@@ -6,8 +6,8 @@
   since ``btune run`` refuses it before launch);
 - one real ``dense`` run sampled through the fake NVML of tests/fake_nvml.py (8 fake GPUs: the power, memory
   and util panels are fed by it; the numbers are the fake's, not a GPU's);
-- one synthetic run (``python -c`` with tuner.protocol.Emitter) that sends serving ``request`` events, so
-  the latency panel has data until a serving workload exists; its workload is ``synthetic``;
+- one synthetic run (``python -c`` with tuner.protocol.Emitter) that sends steps and serving ``request`` events
+  with fixed timelines (its figures do not depend on the machine); its workload is ``synthetic``;
 - a truncated copy of a run file (``…-dense-bad0.json``), for the runs screen's error row.
 
 The snapshot tests read these files; re-making them changes the snapshots (update with --snapshot-update).
@@ -29,14 +29,22 @@ from tuner.protocol import Emitter
 rng = random.Random(7)
 em = Emitter()
 em.meta(workload="synthetic", device="cpu", device_name="cpu", n_devices=1, flops_per_token=None)
+rid = 0
 for i in range(24):
     em.step(i, 40.0 + rng.random() * 4, 512, warmup=i < 2)
     for _ in range(10):
-        ttft = 20 + rng.random() * 30
-        em.emit("request", ttft_ms=ttft, tpot_ms=5 + rng.random() * 2, e2e_ms=ttft + 300 + rng.random() * 50,
-                output_tokens=64)
+        arrival = i * 0.05 + rng.random() * 0.05
+        first = arrival + (20 + rng.random() * 30) / 1000
+        tokens = [first]
+        for _ in range(63):
+            tokens.append(tokens[-1] + (5 + rng.random() * 2) / 1000)
+        e2e, ttft = (tokens[-1] - arrival) * 1000, (first - arrival) * 1000
+        em.emit("request", rid=rid, replica=0, finished=True, prompt_len=128, output_len=64, output_tokens=64,
+                arrival_s=arrival, first_token_s=first, finish_s=tokens[-1], token_s=tokens, ttft_ms=ttft,
+                tpot_ms=(e2e - ttft) / 63, e2e_ms=e2e)
+        rid += 1
     time.sleep(0.05)
-em.summary(steps_run=24)
+em.summary(load_duration_s=24 * 0.05 + 0.5, slo={"ttft_ms": 40.0, "tpot_ms": 6.5})
 """
 
 

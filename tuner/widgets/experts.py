@@ -2,7 +2,8 @@
 
 Shown only once ``experts`` events arrive. A cell's shade and colour say the expert's load over the
 layer's mean (1.0 = balanced); when experts outnumber columns, each cell shows the hottest of its group.
-The figures are the workload's own (workloads.balance), aggregated across layers as it sends them.
+The figures are tuner.balance's on the latest window's counts (mean and worst layer); once the run has ended,
+the registry's expert-balance block over the whole run follows.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from rich.text import Text
 
 from tuner.report import fmt
 from tuner.widgets.charts import heat_row, spark
-from tuner.widgets.feed import FeedView, layer_mean
-from tuner.widgets.panel import Panel, dim, row
+from tuner.widgets.feed import FeedView
+from tuner.widgets.panel import Panel, block_figures, dim, figure_rows, row
 
 MAX_ROWS = 12
 
@@ -35,8 +36,8 @@ def layer_ratios(counts: list[Any], columns: int) -> tuple[list[float | None], i
     return cells, group
 
 
-def _fig(ev: dict[str, Any], name: str) -> str:
-    mean, top = layer_mean(ev, name), layer_mean(ev, name, "max")
+def _fig(figs: dict[str, Any] | None, name: str) -> str:
+    mean, top = ((figs or {}).get("mean") or {}).get(name), ((figs or {}).get("max") or {}).get(name)
     return f"{fmt(mean)} (max {fmt(top)})" if mean is not None else "-"
 
 
@@ -69,14 +70,20 @@ class ExpertsPanel(Panel):
         window = ev.get("window")
         steps = f", steps {window[0]}–{window[1]}" if isinstance(window, list) and len(window) == 2 else ""
         lines.append(dim(f"{len(layers)} MoE layers × {n_experts} experts{per}{steps}; shade = load / layer mean"))
-        lines.append(row(f"gini {_fig(ev, 'gini')}  maxvio {_fig(ev, 'max_vio')}  entropy {_fig(ev, 'entropy')}"))
-        extra = [f"{label} {_fig(ev, name)}" for name, label in
+        figs = view.experts_figures
+        lines.append(row(f"gini {_fig(figs, 'gini')}  maxvio {_fig(figs, 'max_vio')}  entropy {_fig(figs, 'entropy')}"))
+        extra = [f"{label} {_fig(figs, name)}" for name, label in
                  (("dead", "dead"), ("dropped_frac", "dropped"), ("router_entropy", "router entropy"))
-                 if ev.get(name) is not None]
+                 if _fig(figs, name) != "-"]
         if extra:
             lines.append(row("  ".join(extra)))
         chart = max(1, width - 9)
         hist = view.experts_history
         for name, idx, style in (("gini    ", 0, "magenta"), ("maxvio  ", 1, "red"), ("entropy ", 2, "green")):
             lines.append(row(Text(name, style="bold"), Text(spark([h[idx] for h in hist], chart), style=style)))
+        if view.summary is not None:
+            run = block_figures(view.summary, "moe", "expert balance")
+            if run:
+                lines.append(Text("whole run", style="bold"))
+                lines += figure_rows(run, width)
         return lines

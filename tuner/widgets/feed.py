@@ -12,7 +12,13 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuner import balance
+from tuner.summary import is_steady
+
 Event = dict[str, Any]
+#: The request fields the serving block reads (tuner.results.serving).
+REQUEST_FIELDS = ("rid", "arrival_s", "finish_s", "finished", "prompt_len", "output_tokens", "token_s", "ttft_ms",
+                  "tpot_ms", "e2e_ms")
 
 
 @dataclass
@@ -30,13 +36,17 @@ class FeedView:
     gpus: dict[int, list[Event]] = field(default_factory=dict)
     gpu_seen: int = 0
     energy: dict[int, tuple[tuple[float, float], tuple[float, float]]] = field(default_factory=dict)
-    energy_tokens: float = 0.0
+    energy_boards: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    steady_energy: dict[int, tuple[tuple[float, float], tuple[float, float]]] = field(default_factory=dict)
+    steady_tokens: float = 0.0
+    metas: list[Event] = field(default_factory=list)
     host: list[Event] = field(default_factory=list)
     host_seen: int = 0
     experts: Event | None = None
+    experts_figures: dict[str, Any] | None = None
     experts_history: list[tuple[float | None, float | None, float | None]] = field(default_factory=list)
     experts_seen: int = 0
-    requests: list[tuple[Any, Any, Any]] = field(default_factory=list)
+    requests: list[Event] = field(default_factory=list)
     requests_seen: int = 0
     logs: list[tuple[int, str, str]] = field(default_factory=list)
     log_seq: int = 0
@@ -45,17 +55,18 @@ class FeedView:
     summary: dict[str, Any] | None = None
 
 
-def layer_mean(ev: Event, name: str, agg: str = "mean") -> float | None:
-    """An experts event's figure across layers: the workload's own ``mean``/``max`` aggregate when it sent
-    one, else the mean (or max) of the per-layer list."""
-    given = ev.get(agg)
-    if isinstance(given, dict) and name in given:
-        value = given[name]
-        return float(value) if isinstance(value, (int, float)) else None
-    xs = [float(v) for v in ev.get(name) or () if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if not xs:
+def figures_of(ev: Event) -> dict[str, Any] | None:
+    """The balance figures of one ``experts`` window (tuner.balance, per layer and their mean and max); None
+    when its counts are unusable."""
+    counts = ev.get("counts")
+    if not isinstance(counts, list) or not counts or not all(isinstance(c, list) and c for c in counts):
         return None
-    return max(xs) if agg == "max" else sum(xs) / len(xs)
+    dropped = ev.get("dropped") if isinstance(ev.get("dropped"), list) and len(ev["dropped"]) == len(counts) else None
+    extra = {k: ev[k] for k in ("router_entropy",) if isinstance(ev.get(k), list) and len(ev[k]) == len(counts)}
+    try:
+        return balance.window_figures(counts, dropped, extra)
+    except (TypeError, ValueError):
+        return None
 
 
 class RunFeed:
@@ -78,12 +89,16 @@ class RunFeed:
         self.host_seen = 0
         self._energy_first: dict[int, tuple[float, float]] = {}
         self._energy_last: dict[int, tuple[float, float]] = {}
-        self._energy_tokens = 0.0
+        self._boards: dict[str, dict[str, list[Any]]] = {}
+        self._steady_base: dict[int, tuple[float, float]] | None = None  # readings when steady steps began
+        self._steady_tokens = 0.0
+        self._metas: list[Event] = []
         self._host: deque[Event] = deque(maxlen=gpu_history)
         self._experts: Event | None = None
+        self._experts_figs: dict[str, Any] | None = None
         self._experts_hist: deque[tuple[float | None, float | None, float | None]] = deque(maxlen=history)
         self.experts_seen = 0
-        self._requests: deque[tuple[Any, Any, Any]] = deque(maxlen=requests)
+        self._requests: deque[Event] = deque(maxlen=requests)
         self.requests_seen = 0
         self._logs: deque[tuple[int, str, str]] = deque(maxlen=logs)
         self._log_seq = 0
@@ -117,8 +132,11 @@ class RunFeed:
             tokens = ev.get("tokens")
             if isinstance(tokens, int):
                 self.tokens_total += tokens
-                if self._energy_first:
-                    self._energy_tokens += tokens
+            if is_steady(ev):  # joules per token: from the counter readings at the first steady step on
+                if self._steady_base is None:
+                    self._steady_base = dict(self._energy_last)
+                elif isinstance(tokens, int):
+                    self._steady_tokens += tokens
             self._steps[idx] = dict(ev)
             if len(self._steps) > self._history:
                 self._steps.popitem(last=False)
@@ -140,6 +158,10 @@ class RunFeed:
         if isinstance(idx, int) and isinstance(mj, (int, float)) and isinstance(t, (int, float)):
             self._energy_first.setdefault(idx, (t, float(mj)))
             self._energy_last[idx] = (t, float(mj))
+            board = self._boards.setdefault(str(idx), {"uuid": [], "mig": []})
+            if "uuid" in ev:
+                board["uuid"].append(ev.get("uuid"))
+                board["mig"].append(ev.get("mig"))
 
     def _host_ev(self, ev: Event) -> None:
         self._host.append(ev)
@@ -148,11 +170,13 @@ class RunFeed:
     def _experts_ev(self, ev: Event) -> None:
         self.experts_seen += 1
         self._experts = ev
-        self._experts_hist.append((layer_mean(ev, "gini"), layer_mean(ev, "max_vio"), layer_mean(ev, "entropy")))
+        figs = self._experts_figs = figures_of(ev)
+        mean = (figs or {}).get("mean") or {}
+        self._experts_hist.append((mean.get("gini"), mean.get("max_vio"), mean.get("entropy")))
 
     def _request(self, ev: Event) -> None:
         self.requests_seen += 1
-        self._requests.append((ev.get("ttft_ms"), ev.get("tpot_ms"), ev.get("e2e_ms")))
+        self._requests.append({k: ev[k] for k in REQUEST_FIELDS if k in ev})
 
     def _log(self, ev: Event) -> None:
         self._add_log(str(ev.get("stream") or ev.get("level") or "log"), str(ev.get("message", "")))
@@ -162,6 +186,7 @@ class RunFeed:
         self._logs.append((self._log_seq, kind, text))
 
     def _meta(self, ev: Event) -> None:
+        self._metas.append({"type": "meta", "rank": ev.get("rank"), "device_uuid": ev.get("device_uuid")})
         if self.meta is None or ev.get("rank", 0) < self.meta.get("rank", 0):
             self.meta = ev
 
@@ -202,10 +227,15 @@ class RunFeed:
                 gpus={k: list(v) for k, v in sorted(self._gpus.items())},
                 gpu_seen=self.gpu_seen,
                 energy={k: (self._energy_first[k], v) for k, v in self._energy_last.items()},
-                energy_tokens=self._energy_tokens,
+                energy_boards={k: {c: list(v) for c, v in cols.items()} for k, cols in self._boards.items()},
+                steady_energy={k: (self._steady_base[k], v) for k, v in self._energy_last.items()
+                               if self._steady_base is not None and k in self._steady_base},
+                steady_tokens=self._steady_tokens,
+                metas=list(self._metas),
                 host=list(self._host),
                 host_seen=self.host_seen,
                 experts=self._experts,
+                experts_figures=self._experts_figs,
                 experts_history=list(self._experts_hist),
                 experts_seen=self.experts_seen,
                 requests=list(self._requests),

@@ -1,7 +1,7 @@
-"""Latency panel (serving): TTFT, TPOT and E2E percentiles from request events, via tuner.stats.describe.
+"""Latency panel (serving): the registry's serving block (TTFT, TPOT, ITL, E2E, throughputs, goodput).
 
-Shown only once ``request`` events arrive; the percentiles cover the most recent requests kept by the feed
-and are recomputed at most once a second.
+Shown once ``request`` events arrive. Live, the block is tuner.results.serving over the requests the feed
+keeps (under the run's SLOs), recomputed at most once a second; once the run has ended it is the summary's.
 """
 
 from __future__ import annotations
@@ -12,20 +12,32 @@ from typing import Any
 
 from rich.text import Text
 
-from tuner.report import fmt
-from tuner.stats import describe
+from tuner import results
 from tuner.widgets.feed import FeedView
-from tuner.widgets.panel import Panel, row
+from tuner.widgets.panel import Panel, block_figures, dim, figure_rows, stats_table
 
-COLUMNS = ("n", "p50", "p90", "p99", "mean")
-PERIOD_S = 1.0  # percentiles are recomputed at most once a second
-METRICS = (("TTFT ms", 0), ("TPOT ms", 1), ("E2E ms", 2))
+COLUMNS = ("p50", "p90", "p99", "mean")
+PERIOD_S = 1.0  # the live block is recomputed at most once a second
+
+
+def live_block(view: FeedView) -> dict[str, Any] | None:
+    """The serving block of the requests the feed keeps: over the span they cover when older ones were
+    dropped, else from the start of the load."""
+    options = (view.meta or {}).get("options") or {}
+    reqs = [dict(r, type="request") for r in view.requests]
+    workload: dict[str, Any] = {}
+    if reqs and len(view.requests) < view.requests_seen:
+        arrivals = [r["arrival_s"] for r in reqs if isinstance(r.get("arrival_s"), (int, float))]
+        ends = [r["finish_s"] for r in reqs if isinstance(r.get("finish_s"), (int, float))]
+        if arrivals and ends and max(ends) > min(arrivals):
+            workload["load_duration_s"] = max(ends) - min(arrivals)
+    return results.serving(reqs, options if isinstance(options, dict) else {}, workload)
 
 
 class LatencyPanel(Panel):
-    """Request latency percentiles."""
+    """Serving latency percentiles, throughputs and goodput."""
 
-    TITLE = "latency"
+    TITLE = "serving"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -43,17 +55,16 @@ class LatencyPanel(Panel):
         if self.show_if(view.requests_seen > 0):
             super().show(view)
 
-    @staticmethod
-    def stats(view: FeedView) -> list[dict[str, Any]]:
-        """describe() of each metric over the requests the feed keeps."""
-        return [describe(r[i] for r in view.requests) for _, i in METRICS]
-
     def render_view(self, view: FeedView, width: int) -> list[Text]:
-        lines: list[Text] = [row(Text(f"{'':8}" + "".join(f"{c:>10}" for c in COLUMNS), style="bold"))]
-        for (name, _), d in zip(METRICS, self.stats(view), strict=True):
-            cells = [f"{d['n']:>10}"] + [f"{fmt(d[c]):>10}" for c in COLUMNS[1:]]
-            lines.append(row(f"{name:<8}" + "".join(cells)))
+        final = view.summary is not None and isinstance(view.summary.get("serving"), dict)
+        summary = view.summary if final else {"serving": live_block(view)}
+        figs = block_figures(summary or {}, "serve", "serving")
+        lines = stats_table([f for f in figs if f.stat is not None], COLUMNS)
+        lines += figure_rows([f for f in figs if f.stat is None], width)
+        slo = (summary or {}).get("serving", {}) or {}
+        slo = slo.get("slo") or {}
         window = len(view.requests)
-        scope = "all" if window == view.requests_seen else f"last {window:,}"
-        lines.append(row(Text(f"{view.requests_seen:,} requests (percentiles over {scope})", style="dim")))
+        scope = "the run" if final else "all requests" if window == view.requests_seen else f"the last {window:,}"
+        lines.append(dim(f"{view.requests_seen:,} requests; figures over {scope}; SLOs TTFT <= "
+                         f"{slo.get('ttft_ms')} ms, TPOT <= {slo.get('tpot_ms')} ms"))
         return lines

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
+from typing import Any
 
 from rich.text import Text
 from textual.widgets import Static
 
+from tuner.metrics import Figure, figures, number
+from tuner.report import fmt
 from tuner.widgets.feed import FeedView
 
 DEFAULT_WIDTH = 60
@@ -22,6 +25,45 @@ def row(*parts: str | Text) -> Text:
 
 def dim(text: str) -> Text:
     return Text(text, style="dim")
+
+
+def block_figures(summary: dict[str, Any], workload: Any, block: str) -> list[Figure]:
+    """The registry's figures of one block (tuner.metrics) that have a value in ``summary``."""
+    return [f for f in figures(summary, workload) if f.metric.block == block and number(f.value)]
+
+
+def figure_text(f: Figure) -> str:
+    unit = f" {f.unit}" if f.unit and f.unit != "%" else ""
+    return f"{f.label} {fmt(f.value, f.unit)}{unit}"
+
+
+def figure_rows(figs: list[Figure], width: int, style: str = "") -> list[Text]:
+    """Figures as ``label value unit`` items, as many to a line as ``width`` holds."""
+    lines: list[Text] = []
+    line = ""
+    for item in map(figure_text, figs):
+        if line and len(line) + 3 + len(item) > width:
+            lines.append(Text(line, style=style))
+            line = ""
+        line = f"{line}  ·  {item}" if line else item
+    if line:
+        lines.append(Text(line, style=style))
+    return lines
+
+
+def stats_table(figs: list[Figure], columns: tuple[str, ...]) -> list[Text]:
+    """Described figures (one metric per line, a statistic per column) as a small table."""
+    by_metric: dict[str, dict[str, Any]] = {}
+    for f in figs:
+        if f.stat is not None:
+            by_metric.setdefault(f.metric.label, {})[f.stat] = f.value
+    if not by_metric:
+        return []
+    width = max(len(name) for name in by_metric) + 1
+    lines = [Text(f"{'':{width}}" + "".join(f"{c:>10}" for c in columns), style="bold")]
+    for name, values in by_metric.items():
+        lines.append(row(f"{name:<{width}}" + "".join(f"{fmt(values.get(c)):>10}" for c in columns)))
+    return lines
 
 
 class Panel(Static):

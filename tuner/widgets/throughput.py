@@ -9,10 +9,10 @@ from rich.text import Text
 
 from tuner import hardware
 from tuner.report import fmt
-from tuner.summary import is_steady
+from tuner.summary import is_steady, step_bytes
 from tuner.widgets.charts import spark
 from tuner.widgets.feed import FeedView
-from tuner.widgets.panel import Panel, dim, row
+from tuner.widgets.panel import Panel, block_figures, dim, figure_rows, row
 
 WINDOW = 20  # steady steps in the live throughput window
 
@@ -36,6 +36,23 @@ def mfu_text(result: dict[str, Any]) -> str:
     if result.get("value") is not None:
         return f"{result['value'] * 100:.1f}% of {fmt(result.get('peak_tflops'))} TFLOP/s"
     return f"n/a ({result.get('reason') or 'no data'})"
+
+
+def window_mbu(steps: list[dict[str, Any]], meta: dict[str, Any], window: int = WINDOW) -> dict[str, Any]:
+    """MBU over the last ``window`` steady steps (tuner.summary.step_bytes per step, over their time)."""
+    steady = [s for s in steps if is_steady(s) and isinstance(s.get("step_ms"), (int, float))][-window:]
+    moved = [step_bytes(meta, s) for s in steady]
+    seconds = sum(s["step_ms"] for s in steady) / 1000.0
+    rate = sum(moved) / seconds if steady and seconds > 0 and None not in moved else None
+    return hardware.mbu(rate, meta.get("device_name"), int(meta.get("n_devices") or 1))
+
+
+def mbu_text(result: dict[str, Any]) -> str:
+    """An MBU result (tuner.hardware.mbu) as text."""
+    if result.get("value") is not None:
+        return f"{result['value'] * 100:.1f}% of {fmt(result.get('peak_tb_s'))} TB/s"
+    moved = f"{fmt(result['achieved_tb_s'])} TB/s moved; " if result.get("achieved_tb_s") is not None else ""
+    return f"n/a ({moved}{result.get('reason') or 'no data'})"
 
 
 class ThroughputPanel(Panel):
@@ -66,18 +83,18 @@ class ThroughputPanel(Panel):
         if meta.get("precision") == "fp8":
             fp8 = f"  MFU fp8 {mfu_text(hardware.mfu(achieved, meta.get('device_name'), 'fp8', n_dev))}"
         tflops = f"{fmt(achieved / 1e12)} TFLOP/s  " if achieved else ""
-        lines.append(row(f"last {n} steady: {fmt(tok_s)} tok/s  {tflops}MFU bf16 {mfu_text(mfu)}{fp8}"))
+        if meta.get("workload") == "serve":  # bandwidth-bound: MBU is the lens, not MFU
+            lines.append(row(f"last {n} engine steps: {fmt(tok_s)} tok/s  MBU {mbu_text(window_mbu(steps, meta))}"))
+        else:
+            lines.append(row(f"last {n} steady: {fmt(tok_s)} tok/s  {tflops}MFU bf16 {mfu_text(mfu)}{fp8}"))
+            if isinstance(meta.get("weight_bytes"), (int, float)):
+                lines.append(row(f"last {n} steady: MBU {mbu_text(window_mbu(steps, meta))}"))
         chart = max(1, width - 9)
         lines.append(row(Text("tok/s   ", style="bold"), Text(spark([step_rate(s) for s in steps], chart), "green")))
         lines.append(row(Text("step ms ", style="bold"), Text(spark([s.get("step_ms") for s in steps], chart), "cyan")))
         if view.summary is not None:
-            lines.append(self._final(view.summary))
+            workload = meta.get("workload")
+            final = block_figures(view.summary, workload, "engine steps" if workload == "serve" else "steps")
+            lines.append(Text("whole run", style="bold"))
+            lines += figure_rows(final, width)
         return lines
-
-    @staticmethod
-    def _final(s: dict[str, Any]) -> Text:
-        mfu = s.get("mfu") or {}
-        p50 = (s.get("step_ms") or {}).get("p50")
-        text = "  ".join(f"MFU {k} {mfu_text(v)}" for k, v in mfu.items() if isinstance(v, dict))
-        return row(Text("final ", style="bold"), f"{fmt(s.get('throughput_tokens_per_s'))} tok/s  "
-                   f"step p50 {fmt(p50)} ms  {text}")

@@ -7,7 +7,6 @@ ITL = each gap between consecutive tokens; E2E = finish - arrival.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any
 
 from workloads.engine.loadgen import RequestSpec
@@ -95,9 +94,3 @@ def timeline(rid: int, arrival: float, token_times: list[float], finish: float |
         "tpot_ms": _ms(tpot),
         "e2e_ms": _ms(e2e),
     }
-
-
-def itl_ms(record: dict[str, Any]) -> list[float]:
-    """The gaps between consecutive tokens of a request record, in ms."""
-    ts = record.get("token_s") or []
-    return [(b - a) * 1000.0 for a, b in pairwise(ts)]

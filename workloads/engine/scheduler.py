@@ -22,6 +22,15 @@ class Plan:
     decode: list[Request] = field(default_factory=list)
     prefill: list[tuple[Request, int, int]] = field(default_factory=list)
 
+    #: Cached positions the step's attention must read, taken when the plan is made: a decoded sequence's
+    #: keys up to the fed token, a prompt chunk's up to its last token (each read once: what MBU counts).
+    kv_tokens: int = 0
+
+    @property
+    def weight_passes(self) -> int:
+        """Forward passes over the weights: one for the decode batch, one per prompt chunk."""
+        return (1 if self.decode else 0) + len(self.prefill)
+
     @property
     def empty(self) -> bool:
         return not self.decode and not self.prefill
@@ -83,6 +92,7 @@ class Scheduler:
             n = min(r.prompt_len, budget)
             plan.prefill.append((r, 0, n))
             budget -= n
+        plan.kv_tokens = sum(r.position + 1 for r in plan.decode) + sum(start + n for _, start, n in plan.prefill)
         return plan
 
     def commit(self, plan: Plan, outputs: list[tuple[Request, int]], t: float) -> list[Request]:

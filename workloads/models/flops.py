@@ -81,6 +81,16 @@ def serve_flops(cfg: ModelConfig, prompt_len: int, output_len: int, chunk: int |
     return {"prefill": prefill, "decode": decode, "total": total, "per_output_token": total / output_len}
 
 
+def bytes_moved(cfg: ModelConfig, dtype_bytes: int) -> dict[str, int]:
+    """What an inference forward must move from memory (MBU, design.md): ``weight_bytes`` read once per
+    forward pass (every matmul weight, the LM head included even when tied, norms and biases; of the input
+    embedding only the looked-up rows, left out) and ``kv_bytes_per_token``, the keys and values of one
+    position across the layers, read once for each position a query attends."""
+    counts = param_counts(cfg)
+    return {"weight_bytes": (counts["matmul"] + counts["other"]) * dtype_bytes,
+            "kv_bytes_per_token": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes}
+
+
 def memory_estimate(
     cfg: ModelConfig,
     batch: int,

@@ -3,8 +3,9 @@
 Each step ``add`` sums the model's stats rows ([layers, E + 4]: counts, dropped, router entropy sum,
 balance loss, tokens) into a device tensor. When a window of ``window`` steps closes, the sums are
 copied to (pinned) host memory asynchronously and the accumulator is zeroed; the step loop's
-``extra(step)`` callback, which runs after that step's end has synchronised, reads the copy, computes
-the figures (``workloads.balance``) and emits one ``experts`` event. No extra host-device sync.
+``extra(step)`` callback, which runs after that step's end has synchronised, reads the copy and emits one
+``experts`` event of raw per-layer sums (the console computes the balance figures: tuner.balance). No extra
+host-device sync.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from workloads import balance
 
 Emit = Callable[..., None]
 
@@ -73,9 +72,8 @@ class BalanceWindow:
         tokens = [r[e + 3] for r in rows]
         router_entropy = [r[e + 1] / t if t else None for r, t in zip(rows, tokens, strict=True)]
         aux = [r[e + 2] / n_steps for r in rows]
-        figs = balance.window_figures(counts, dropped, {"router_entropy": router_entropy, "aux_loss": aux})
-        self.last = {"window": [start, end], "mean": figs["mean"], "max": figs["max"]}
+        self.last = {"window": [start, end]}
         self.events += 1
         self.emit("experts", step=end, window=[start, end], steps=n_steps, layer_ids=self.layer_ids,
                   n_experts=e, top_k=self.top_k, capacity=self.capacity, tokens=round(tokens[0]),
-                  counts=counts, dropped=dropped, **figs)
+                  counts=counts, dropped=dropped, router_entropy=router_entropy, aux_loss=aux)

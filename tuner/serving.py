@@ -1,7 +1,6 @@
-"""The serving summary, from request records (design.md, "Metric definitions").
+"""The serving summary, from request records (design.md, "Metric definitions"): the one implementation.
 
-Percentiles use numpy's linear interpolation, the same definition as ``tuner.stats`` (workloads may not
-import it; a test checks the two agree). Latency statistics cover the finished requests; requests still
+Percentiles are tuner.stats'. Latency statistics cover the finished requests; requests still
 unfinished when the run stopped are counted and never meet an SLO. Throughputs divide by the duration
 from the start of the load to the moment the engine stopped (the last finish when every request
 finished), as vLLM's bench serve does.
@@ -9,36 +8,17 @@ finished), as vLLM's bench serve does.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
+from itertools import pairwise
 from typing import Any
 
-import numpy as np
-
-from workloads.engine.request import itl_ms
-
-PERCENTILES = (50, 90, 95, 99)
+from tuner.stats import describe
 
 
-def describe(values: Iterable[Any]) -> dict[str, float | int | None]:
-    """``n, mean, p50, p90, p95, p99, stdev, cv, min, max`` of the finite values (None when empty)."""
-    xs = np.array([float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(v)], dtype=np.float64)
-    if xs.size == 0:
-        return {"n": 0, "mean": None, **{f"p{p}": None for p in PERCENTILES}, "stdev": None, "cv": None,
-                "min": None, "max": None}
-    mean = float(xs.mean())
-    stdev = float(xs.std(ddof=1)) if xs.size > 1 else 0.0
-    pct = np.percentile(xs, PERCENTILES)  # method="linear"
-    return {
-        "n": int(xs.size),
-        "mean": mean,
-        **{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
-        "stdev": stdev,
-        "cv": stdev / mean if mean else None,
-        "min": float(xs.min()),
-        "max": float(xs.max()),
-    }
+def itl_ms(record: dict[str, Any]) -> list[float]:
+    """The gaps between consecutive tokens of a request record, in ms."""
+    ts = record.get("token_s") or []
+    return [(b - a) * 1000.0 for a, b in pairwise(ts)]
 
 
 def meets_slo(record: dict[str, Any], slo_ttft_ms: float, slo_tpot_ms: float) -> bool:
