@@ -1,11 +1,8 @@
-"""Shared fixtures: the runs directory, and the path of the test programs."""
+"""Shared fixtures. Helpers shared by the test modules are in support.py."""
 
-import sys
-from pathlib import Path
+from __future__ import annotations
 
 import pytest
-
-PROGRAMS = Path(__file__).parent / "programs"
 
 
 @pytest.fixture
@@ -15,6 +12,10 @@ def runs_dir(tmp_path, monkeypatch):
     return d
 
 
-def program(name: str, *args: str) -> list[str]:
-    """argv for a test program under tests/programs."""
-    return [sys.executable, str(PROGRAMS / name), *args]
+@pytest.fixture
+def fresh_dynamo() -> None:
+    """Compiled code starts afresh (a fresh recompile budget), so one test's shapes do not use up another's;
+    use it with ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``."""
+    import torch
+
+    torch._dynamo.reset()

@@ -10,27 +10,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import orjson
 import psutil
 import pytest
-from conftest import program
+from support import ROOT, btune, live_journal, program, program_runner, start_btune, wait_until
 from test_fuzz import read_everything
 
 from tuner import cli
 from tuner.record import MAX_COLUMNS, RecordBuilder
-from tuner.runner import Runner, clean_stale_sockdirs, failure_line
+from tuner.runner import clean_stale_sockdirs, failure_line
 from tuner.runs import JOURNAL_SUFFIX, RunFileError, load_record, read_bounded
 from tuner.sweep import expand
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def btune(*args: str, env: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuner", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=timeout, **kw)
 
 
 def one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -40,15 +32,11 @@ def one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
     return lines[0]
 
 
-def runner(tmp_path: Path, argv: list[str], **kw) -> Runner:
-    return Runner(argv, run_id=f"f-{time.monotonic_ns()}", out_dir=tmp_path, config={"workload": "test"},
-                  telemetry=False, **kw)
-
-
 # -- 1. typed events -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_malformed_events_drop_their_bad_fields_and_the_run_goes_on(tmp_path):
     seen = []
-    r = runner(tmp_path, program("emit_steps.py", "4", "0.0", "malformed"))
+    r = program_runner(tmp_path, program("emit_steps.py", "4", "0.0", "malformed"), telemetry=False)
     r.subscribe(seen.append)
     res = r.run()
     assert res.status == "ok"
@@ -69,8 +57,9 @@ def test_malformed_events_drop_their_bad_fields_and_the_run_goes_on(tmp_path):
     read_everything(rec, res.record_path)
 
 
+@pytest.mark.slow
 def test_a_journal_of_malformed_events_recovers(tmp_path, monkeypatch):
-    r = runner(tmp_path, program("emit_steps.py", "3", "0.0", "malformed"))
+    r = program_runner(tmp_path, program("emit_steps.py", "3", "0.0", "malformed"), telemetry=False)
     res = r.run()
     journal = tmp_path / f"{res.run_id}{JOURNAL_SUFFIX}"
     raw = [orjson.dumps(o) for o in (
@@ -101,21 +90,13 @@ def test_keys_that_change_every_event_cannot_grow_the_record_quadratically():
 
 # -- 2. every way the console ends leaves a record --------------------------------------------------------
 def start_console(tmp_path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tuner", "run", "dense", "--preset", "tiny", "--device", "cpu", "--duration", "300",
-         "--out", str(tmp_path), "--no-telemetry", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_btune("run", "dense", "--preset", "tiny", "--device", "cpu", "--duration", "300",
+                       "--out", str(tmp_path), "--no-telemetry", *extra)
 
 
-def wait_steps(tmp_path: Path, n: int = 2, timeout: float = 120) -> Path:
+def wait_steps(tmp_path: Path, n: int = 2) -> Path:
     """The live journal, once it holds ``n`` steady steps."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for j in tmp_path.glob(f"*{JOURNAL_SUFFIX}"):
-            if j.read_bytes().count(b'"warmup":false') >= n:
-                return j
-        time.sleep(0.1)
-    raise AssertionError("the run never reached steady steps")
+    return live_journal(tmp_path, n, b'"warmup":false')
 
 
 def workload_pids(console: subprocess.Popen) -> list[int]:
@@ -158,6 +139,7 @@ def test_sigkill_of_the_console_ends_the_workload_and_the_journal_recovers(tmp_p
     assert rec["status"] == "interrupted" and rec["summary"]["steps"]["steady"] >= 2
 
 
+@pytest.mark.slow
 def test_a_full_disk_gives_one_line_keeps_the_journal_and_recovers_later(tmp_path):
     limit = 150_000  # bytes per file: the journal outgrows it mid-run (EFBIG, as a full disk gives ENOSPC)
 
@@ -190,6 +172,7 @@ def journal_doc(run_id: str, steps: int = 3) -> bytes:
     return b"".join(orjson.dumps(o) + b"\n" for o in lines)
 
 
+@pytest.mark.slow
 def test_recovery_ignores_the_id_inside_the_journal(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -204,6 +187,7 @@ def test_recovery_ignores_the_id_inside_the_journal(tmp_path):
     assert load_record(runs / "evil.json")["id"] == "evil"
 
 
+@pytest.mark.slow
 def test_recovery_never_replaces_a_record_and_never_touches_a_live_run(tmp_path):
     (tmp_path / f"done{JOURNAL_SUFFIX}").write_bytes(journal_doc("done"))
     (tmp_path / f"live{JOURNAL_SUFFIX}").write_bytes(journal_doc("live"))
@@ -243,8 +227,9 @@ def test_recovery_refuses_to_replace_a_record_that_appears_meanwhile(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
 
 
+@pytest.mark.slow
 def test_a_live_run_holds_its_journal_lock(tmp_path):
-    r = runner(tmp_path, program("emit_steps.py", "2", "0.0", "hang"))
+    r = program_runner(tmp_path, program("emit_steps.py", "2", "0.0", "hang"), telemetry=False)
     r.start()
     try:
         journal = tmp_path / f"{r.run_id}{JOURNAL_SUFFIX}"
@@ -262,6 +247,7 @@ def test_a_live_run_holds_its_journal_lock(tmp_path):
 
 
 # -- 7/8. bounded reads; recovery that continues -----------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["show"], ["compare", "{p}", "{p}"], ["export"]])
 def test_special_files_are_refused_in_one_line(tmp_path, command):
     zero = tmp_path / "zero.json"
@@ -280,9 +266,16 @@ def test_a_run_file_over_the_size_bound_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("BTUNE_MAX_RUN_FILE_MB", "2")
     with pytest.raises(RunFileError, match="too large"):
         read_bounded(p)
+
+
+@pytest.mark.slow
+def test_btune_show_refuses_a_run_file_over_the_size_bound_in_one_line(tmp_path):
+    p = tmp_path / "big.json"
+    p.write_bytes(b" " * (3 << 20))
     assert "too large" in one_line_error(btune("show", str(p), env={"BTUNE_MAX_RUN_FILE_MB": "2"}))
 
 
+@pytest.mark.slow
 def test_recovery_reports_each_bad_journal_and_recovers_the_others(tmp_path):
     (tmp_path / f"a-empty{JOURNAL_SUFFIX}").write_bytes(b"")
     (tmp_path / f"b-notime{JOURNAL_SUFFIX}").write_bytes(b'{"journal": "start", "id": "b", "started": "soon"}\n')
@@ -298,12 +291,14 @@ def test_recovery_reports_each_bad_journal_and_recovers_the_others(tmp_path):
 
 
 # -- 9. the smaller items --------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("ref", ["2026*", "x" * 300, "[", "a/../../etc/passwd"])
 def test_odd_run_references_get_one_line(tmp_path, ref):
     (tmp_path / "20261130-000000-dense-0000.json").write_text("{}")
     one_line_error(btune("show", ref, "--out", str(tmp_path)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [0, -1, True, 2])
 def test_schema_versions_out_of_range_are_refused(tmp_path, version):
     rec = RecordBuilder("v", 1.0, {}, {}).finish("ok", 0, 2.0)
@@ -313,6 +308,7 @@ def test_schema_versions_out_of_range_are_refused(tmp_path, version):
     one_line_error(btune("show", str(p)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["run", "dense", "--timeout", "nan"], ["run", "dense", "--timeout", "inf"], ["run", "dense", "--step", "3"],
     ["run", "dense", "--duration", "nan"], ["run", "dense", "--sample-hz", "nan"],
@@ -347,6 +343,7 @@ def test_torchruns_banner_is_not_the_error_line():
     assert failure_line(stderr) == "ValueError: --tp 2 must divide the attention heads (3) and KV heads (3)"
 
 
+@pytest.mark.slow
 def test_json_output_that_nobody_reads_never_stalls_the_workload(tmp_path):
     # --json to a pipe this test does not read until the record exists: 5,000 step events are far more than
     # the pipe and the socket hold, so a console that wrote them in line would hold up the workload for good
@@ -359,11 +356,8 @@ def test_json_output_that_nobody_reads_never_stalls_the_workload(tmp_path):
     th = threading.Thread(target=lambda: codes.append(execute(config, tmp_path, json_lines=True, out=out)))
     th.start()
     try:
-        deadline = time.time() + 240
-        while not list(tmp_path.glob("*.json")):
-            assert time.time() < deadline, "the run stalled behind its stdout"
-            time.sleep(0.1)
-        rec = load_record(next(tmp_path.glob("*.json")))
+        (path,) = wait_until(lambda: list(tmp_path.glob("*.json")), 240, "the record (stalled behind its stdout?)")
+        rec = load_record(path)
         assert rec["status"] == "ok" and rec["summary"]["steps"]["total"] == 5000
     finally:
         chunks: list[bytes] = []
@@ -377,6 +371,7 @@ def test_json_output_that_nobody_reads_never_stalls_the_workload(tmp_path):
     assert printed.count(b'"type":"step"') > 100  # the events were still printed, behind the run
 
 
+@pytest.mark.slow
 def test_stale_socket_folders_of_dead_consoles_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -389,13 +384,15 @@ def test_stale_socket_folders_of_dead_consoles_are_removed(tmp_path):
     assert not stale.exists() and mine.exists()
 
 
+@pytest.mark.slow
 def test_the_console_removes_its_socket_folder(tmp_path):
-    r = runner(tmp_path, program("emit_steps.py", "1", "0.0", "ok"))
+    r = program_runner(tmp_path, program("emit_steps.py", "1", "0.0", "ok"), telemetry=False)
     folder = Path(r._sockdir)
     assert r.run().status == "ok"
     assert not folder.exists()
 
 
+@pytest.mark.slow
 def test_a_workload_whose_console_is_gone_ends_itself(tmp_path):
     # a console that died before the workload connected leaves a socket path nobody listens on
     path = tmp_path / "events.sock"

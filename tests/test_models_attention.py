@@ -11,13 +11,10 @@ from workloads.models.attention import BACKENDS, AttentionKernel, causal_mask, m
 from workloads.models.config import PRESETS
 from workloads.models.transformer import Transformer
 
-pytestmark = pytest.mark.filterwarnings("error:flex_attention called without torch.compile")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> None:
-    """Compiled flex (static shapes on CPU) gets a fresh recompile budget in every test."""
-    torch._dynamo.reset()
+pytestmark = [
+    pytest.mark.filterwarnings("error:flex_attention called without torch.compile"),
+    pytest.mark.usefixtures("fresh_dynamo"),  # compiled flex (static shapes on CPU): a fresh recompile budget
+]
 
 
 SHAPE = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16}

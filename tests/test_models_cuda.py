@@ -16,13 +16,8 @@ from workloads.models.transformer import Transformer
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.filterwarnings("error:flex_attention called without torch.compile"),  # no silent eager flex
+    pytest.mark.usefixtures("fresh_dynamo"),  # no test's shapes use up another's recompile limit
 ]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> None:
-    """Each test starts with no compiled code, so one test's shapes do not use up another's recompile limit."""
-    torch._dynamo.reset()
 
 
 LLAMA = {"n_heads": 32, "n_kv_heads": 8, "head_dim": 128}

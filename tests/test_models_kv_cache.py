@@ -10,13 +10,10 @@ from workloads.models.config import PRESETS
 from workloads.models.kv_cache import KVCache
 from workloads.models.transformer import Transformer
 
-pytestmark = pytest.mark.filterwarnings("error:flex_attention called without torch.compile")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> None:
-    """Compiled flex (static shapes on CPU) gets a fresh recompile budget in every test."""
-    torch._dynamo.reset()
+pytestmark = [
+    pytest.mark.filterwarnings("error:flex_attention called without torch.compile"),
+    pytest.mark.usefixtures("fresh_dynamo"),  # compiled flex (static shapes on CPU): a fresh recompile budget
+]
 
 
 @pytest.mark.parametrize("backend", ["auto", "flex"])

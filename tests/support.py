@@ -1,0 +1,100 @@
+"""What the test modules share (no tests here): the real commands run as subprocesses, the records they print,
+test programs under tests/programs, waiting on a live run, free ports. Fixtures are in conftest.py.
+
+Tests that use the process helpers start processes: mark them ``@pytest.mark.slow`` (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tuner.runner import Runner
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = Path(__file__).parent / "programs"
+
+#: ``btune`` and ``btune-tui`` as their installed scripts run them, on this test run's interpreter.
+BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
+TUI = [sys.executable, "-c", "import sys; from tuner.cli import tui_main; sys.exit(tui_main())"]
+#: The environment of every command the tests run: unbuffered, so the lines of a process killed mid-run arrive.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+#: Extra variables for runs of several processes on a small machine (--tp, --replicas): one thread each.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def btune(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120,
+          **kw: Any) -> subprocess.CompletedProcess:
+    """``btune ARGS`` in a subprocess, its output captured as text. ``env``: variables added to ``ENV``;
+    ``timeout`` only guards against a hang."""
+    return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=cwd,
+                          timeout=timeout, **kw)
+
+
+def tui(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``btune-tui ARGS`` in a subprocess (``--replay`` runs headless)."""
+    return subprocess.run([*TUI, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def start_btune(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen:
+    """``btune ARGS`` started and left running; stdout and stderr are text pipes unless ``kw`` says otherwise."""
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kw}
+    return subprocess.Popen([*BTUNE, *args], env={**ENV, **(env or {})}, **kw)
+
+
+def record_of(res: subprocess.CompletedProcess, code: int | None = 0) -> dict:
+    """The record of a ``btune run``: the path is its last line of output. Asserts the exit code first
+    (``code=None``: any)."""
+    from tuner.runs import load_record
+
+    if code is not None:
+        assert res.returncode == code, res.stdout[-3000:] + res.stderr[-3000:]
+    return load_record(Path(res.stdout.strip().splitlines()[-1]))
+
+
+def program(name: str, *args: str) -> list[str]:
+    """argv for a test program under tests/programs."""
+    return [sys.executable, str(PROGRAMS / name), *args]
+
+
+def program_runner(out_dir: Path, argv: list[str], **kw: Any) -> Runner:
+    """A console Runner of ``argv`` (a test program, usually) writing its record to ``out_dir``."""
+    from tuner.runner import Runner
+
+    return Runner(argv, run_id=f"t-{time.monotonic_ns()}", out_dir=out_dir, config={"workload": "test"}, **kw)
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    """Poll ``cond()`` until it returns something true, and return that (AssertionError after ``timeout`` s:
+    a guard against a hang, not a bound being tested)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def live_journal(directory: Path, n: int, marker: bytes = b'"type":"step"', timeout: float = 120) -> Path:
+    """The journal of the run live in ``directory``, once ``marker`` occurs ``n`` times in it (steps, by default)."""
+    from tuner.runs import JOURNAL_SUFFIX
+
+    def found() -> Path | None:
+        return next((j for j in directory.glob(f"*{JOURNAL_SUFFIX}") if j.read_bytes().count(marker) >= n), None)
+
+    return wait_until(found, timeout, f"{n} x {marker.decode()} in a journal under {directory}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
