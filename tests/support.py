@@ -30,7 +30,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-def btune(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120,
+def btune(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300,
           **kw: Any) -> subprocess.CompletedProcess:
     """``btune ARGS`` in a subprocess, its output captured as text. ``env``: variables added to ``ENV``;
     ``timeout`` only guards against a hang."""

@@ -1,7 +1,7 @@
 """The `btune` and `btune-tui --replay` commands, run as real subprocesses."""
 
+import contextlib
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -9,21 +9,11 @@ import time
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
+from support import ENV, btune, live_journal, start_btune, tui
 
 from tuner.runs import RECORD_SCHEMA_VERSION, load_record
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
-TUI = [sys.executable, "-c", "import sys; from tuner.cli import tui_main; sys.exit(tui_main())"]
-
-
-def btune(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout)
-
-
-def tui(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*TUI, *args], capture_output=True, text=True, env=ENV, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +27,7 @@ def tiny_run(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_tiny_dense_run_end_to_end(tiny_run):
     rec = load_record(tiny_run)
     assert rec["status"] == "ok" and rec["exit_code"] == 0
@@ -52,6 +43,7 @@ def test_tiny_dense_run_end_to_end(tiny_run):
     assert rec["config"]["workload"] == "dense" and rec["config"]["argv"][1:3] == ["-m", "workloads.dense"]
 
 
+@pytest.mark.slow
 def test_list_shows_workloads_and_options():
     res = btune("list")
     assert res.returncode == 0 and "dense" in res.stdout and "--attention-backend" in res.stdout
@@ -60,6 +52,7 @@ def test_list_shows_workloads_and_options():
     assert "tiny" in dense["presets"] and any(o["name"] == "steps" for o in dense["options"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -82,18 +75,21 @@ def test_bad_input_is_one_line_exit_2_and_launches_nothing(tmp_path, args, words
     assert not (tmp_path / "btune_runs").exists()
 
 
+@pytest.mark.slow
 def test_unwritable_runs_directory_is_exit_2(tmp_path):
     (tmp_path / "file").write_text("x")
     res = btune("run", "dense", "--steps", "1", "--out", str(tmp_path / "file" / "runs"))
     assert res.returncode == 2 and "not writable" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_device_cuda_without_a_gpu_is_refused_before_launch(tmp_path):
     res = btune("run", "dense", "--device", "cuda", "--out", str(tmp_path))
     assert res.returncode == 2 and "no NVIDIA GPU is visible" in res.stderr
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_without_a_record(tmp_path):
     res = btune("run", "dense", "--preset", "llama-3.1-8b", "--layers", "4", "--dry-run", "--out", str(tmp_path))
     plan = orjson.loads(res.stdout)
@@ -102,6 +98,7 @@ def test_dry_run_prints_the_plan_without_a_record(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_exits_nonzero_with_the_path_last(tmp_path):
     res = btune("run", "dense", "--steps", "100000", "--timeout", "4", "--out", str(tmp_path))
     assert res.returncode == 1
@@ -111,6 +108,7 @@ def test_a_run_that_fails_exits_nonzero_with_the_path_last(tmp_path):
     assert "status    timeout" in res.stdout
 
 
+@pytest.mark.slow
 def test_show_compare_export(tiny_run, tmp_path):
     show = btune("show", str(tiny_run))
     assert show.returncode == 0 and "step time p50" in show.stdout and "status    ok" in show.stdout
@@ -134,6 +132,7 @@ def test_show_compare_export(tiny_run, tmp_path):
     assert out.read_text() == csv_text
 
 
+@pytest.mark.slow
 def test_replay_text_json_and_speed(tiny_run):
     text = tui("--replay", str(tiny_run))
     assert text.returncode == 0 and "step 5" in text.stdout
@@ -147,14 +146,23 @@ def test_replay_text_json_and_speed(tiny_run):
     assert lines[-1]["type"] == "end" and lines[-1]["status"] == "ok"
 
 
-def test_replay_speed_paces_the_timeline(tmp_path):
+def paced_record(tmp_path: Path) -> Path:
     rec = {"schema_version": RECORD_SCHEMA_VERSION, "id": "paced", "status": "ok", "exit_code": 0,
            "started": "s", "ended": "e", "started_ts": 1000.0, "config": {"workload": "dense"}, "environment": {},
            "series": {"step": {"0": {"t": [1000.5, 1001.0, 1002.0], "step": [0, 1, 2], "step_ms": [1.0] * 3,
                                      "tokens": [1] * 3}}}, "events": [], "summary": {}}
     path = tmp_path / "paced.json"
     path.write_bytes(orjson.dumps(rec))
-    assert tui("--replay", str(path), "--speed", "4").returncode == 0
+    return path
+
+
+@pytest.mark.slow
+def test_replay_speed_is_an_option_of_the_command(tmp_path):
+    assert tui("--replay", str(paced_record(tmp_path)), "--speed", "4").returncode == 0
+
+
+def test_replay_speed_paces_the_timeline(tmp_path):
+    path = paced_record(tmp_path)
     # The pacing itself, on a clock the test owns: each event is due at (t - started) / speed.
     from tuner.replay import replay
 
@@ -174,6 +182,7 @@ def test_replay_speed_paces_the_timeline(tmp_path):
     assert clock[0] == 0.0
 
 
+@pytest.mark.slow
 def test_replay_never_imports_textual(tiny_run):
     code = ("import sys; sys.modules['textual'] = None\n"
             "from tuner.cli import tui_main\n"
@@ -184,6 +193,7 @@ def test_replay_never_imports_textual(tiny_run):
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["corrupt", "truncated", "newer", "missing"])
 def test_bad_run_files_to_show_compare_replay_are_exit_2(tiny_run, tmp_path, kind):
     path = tmp_path / f"{kind}.json"
@@ -200,24 +210,21 @@ def test_bad_run_files_to_show_compare_replay_are_exit_2(tiny_run, tmp_path, kin
         assert len(err) == 1 and "Traceback" not in res.stderr and str(path) in err[0]
 
 
+@pytest.mark.slow
 def test_console_killed_mid_run_is_recovered_as_interrupted(tmp_path):
-    proc = subprocess.Popen([*BTUNE, "run", "dense", "--steps", "100000", "--out", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 60
-    journal = None
-    while time.time() < deadline:
-        journals = list(tmp_path.glob("*.journal.jsonl"))
-        if journals and journals[0].read_bytes().count(b'"type":"step"') >= 3:
-            journal = journals[0]
-            break
-        time.sleep(0.1)
-    assert journal is not None, "no steps journalled"
+    proc = start_btune("run", "dense", "--steps", "100000", "--out", str(tmp_path),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = live_journal(tmp_path, 3, timeout=60)
+    workload = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()
     proc.wait()
     # the workload is in its own process group: stop it as its console would have
     for line in journal.read_bytes().splitlines()[:1]:
         assert b'"journal":"start"' in line
-    subprocess.run(["pkill", "-f", "workloads.dense --preset tiny --steps 100000"], check=False)
+    for child in workload:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(workload, timeout=60)
     listing = btune("runs", "--out", str(tmp_path))
     assert "btune runs recover" in listing.stdout
     res = btune("runs", "recover", "--out", str(tmp_path))
@@ -228,6 +235,7 @@ def test_console_killed_mid_run_is_recovered_as_interrupted(tmp_path):
     assert not list(tmp_path.glob("*.journal.jsonl"))
 
 
+@pytest.mark.slow
 def test_runs_listing_marks_an_unreadable_file(tiny_run, tmp_path):
     (tmp_path / "broken.json").write_bytes(b"{")
     (tmp_path / tiny_run.name).write_bytes(tiny_run.read_bytes())
@@ -235,16 +243,11 @@ def test_runs_listing_marks_an_unreadable_file(tiny_run, tmp_path):
     assert res.returncode == 0 and "unreadable" in res.stdout and tiny_run.stem in res.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_and_still_writes_the_record(tmp_path):
-    proc = subprocess.Popen([*BTUNE, "run", "dense", "--steps", "100000", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal has it
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        journals = list(tmp_path.glob("*.journal.jsonl"))
-        if journals and journals[0].read_bytes().count(b'"type":"step"') >= 2:
-            break
-        time.sleep(0.1)
+    proc = start_btune("run", "dense", "--steps", "100000", "--out", str(tmp_path),
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal has it
+    live_journal(tmp_path, 2, timeout=60)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
