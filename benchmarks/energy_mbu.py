@@ -64,13 +64,13 @@ class CounterReader:
 
 
 def run(workload: str, args: list[str], out: Path) -> dict:
-    return make_runner(build_config(workload, [*args, "--out", str(out)]), out).run().record
+    return make_runner(build_config(workload, args), out).run().record
 
 
 def energy_row(label: str, rec: dict, reader: CounterReader) -> str:
     s = rec["summary"]
     cols = (rec["series"].get("energy") or {}).get("0") or {}
-    ts, mj = cols.get("t") or [], cols.get("mj") or []
+    ts = cols.get("t") or []
     if rec["status"] != "ok" or len(ts) < 2:
         return f"| {label} | {rec['status']}: {(rec.get('error') or {}).get('message')} | | | | | |"
     mine = reader.at(ts[-1]) - reader.at(ts[0])
@@ -122,6 +122,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--parts", nargs="+", default=["dense", "serve", "decode"], choices=["dense", "serve", "decode"])
+    ap.add_argument("--request-rate", default="2")
     a = ap.parse_args()
     out = a.out or Path(tempfile.mkdtemp(prefix="btune-energy-"))
     import torch
@@ -131,15 +133,20 @@ def main() -> None:
           "GPUs charged | J/token (steady) |")
     print("|---|---:|---:|---:|---:|---|---:|")
     with CounterReader(0) as reader:
-        dense = run("dense", ["--preset", "gpt-large", "--duration", "20", "--warmup", "3"], out)
-        print(energy_row("dense gpt-large train, 20 s", dense, reader), flush=True)
-        serve = run("serve", ["--preset", a.preset, "--duration", "20", "--request-rate", "8"], out)
-        print(energy_row(f"serve {a.preset}, 8 req/s, 20 s", serve, reader), flush=True)
-    ss = serve["summary"]
-    print(f"\nserve MBU {((ss.get('mbu') or {}).get('value') or 0) * 100:.1f}% "
-          f"({(ss.get('mbu') or {}).get('achieved_tb_s')} TB/s); TTFT p50 {ss['serving']['ttft_ms']['p50']:.1f} ms, "
-          f"TPOT p50 {ss['serving']['tpot_ms']['p50']:.2f} ms, goodput {ss['serving']['goodput']:.2f} req/s")
-
+        if "dense" in a.parts:
+            dense = run("dense", ["--preset", "llama-3.1-8b", "--layers", "4", "--batch-size", "4", "--seq-len", "2048",
+                                  "--duration", "20", "--warmup", "3"], out)
+            print(energy_row("dense llama-3.1-8b (4 layers) train b4 s2048, 20 s", dense, reader), flush=True)
+        if "serve" in a.parts:
+            serve = run("serve", ["--preset", a.preset, "--duration", "20", "--request-rate", a.request_rate], out)
+            print(energy_row(f"serve {a.preset}, {a.request_rate} req/s, 20 s", serve, reader), flush=True)
+            ss, mbu = serve["summary"], serve["summary"].get("mbu") or {}
+            sv = ss.get("serving") or {}
+            print(f"\nserve MBU {(mbu.get('value') or 0) * 100:.1f}% ({mbu.get('achieved_tb_s')} TB/s); TTFT p50 "
+                  f"{sv['ttft_ms']['p50']:.1f} ms, TPOT p50 {sv['tpot_ms']['p50']:.2f} ms, "
+                  f"goodput {sv['goodput']:.2f} req/s")
+    if "decode" not in a.parts:
+        return
     bw = copy_bandwidth()
     wb = weight_bytes(a.preset)
     floor_ms = wb / bw * 1000
