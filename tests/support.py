@@ -93,6 +93,20 @@ def live_journal(directory: Path, n: int, marker: bytes = b'"type":"step"', time
     return wait_until(found, timeout, f"{n} x {marker.decode()} in a journal under {directory}")
 
 
+def running(procs: list[Any]) -> list[Any]:
+    """Those of ``procs`` (psutil Processes) still running; a zombie that nobody has reaped has ended."""
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
     with socket.socket() as s:

@@ -1,27 +1,16 @@
 """The dense workload's modes and knobs on CPU, through `btune run` (real subprocesses)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
+from support import btune, record_of
 
-from tuner.runs import load_record
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
-
-
-def btune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+pytestmark = pytest.mark.slow  # every test runs btune in a subprocess
 
 
 def run_ok(tmp_path: Path, *args: str) -> dict:
-    res = btune("run", "dense", *args, "--out", str(tmp_path))
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    return load_record(Path(res.stdout.strip().splitlines()[-1]))
+    return record_of(btune("run", "dense", *args, "--out", str(tmp_path)))
 
 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])

@@ -4,8 +4,8 @@ a wrong shard still fails."""
 
 import pytest
 import torch
+from support import ONE_THREAD, btune, record_of
 
-from tests.test_tp import btune, record_of
 from workloads.tp_validate import TOLERANCE, compare
 
 
@@ -16,7 +16,7 @@ def rows_of(res) -> dict[str, dict]:
 @pytest.mark.slow
 def test_default_preset_tp2_passes(tmp_path):
     """`btune run tp-validate --tp 2` with its defaults (preset tiny, a GPT-arch model with biases)."""
-    res = btune("run", "tp-validate", "--tp", "2", "--out", str(tmp_path))
+    res = btune("run", "tp-validate", "--tp", "2", "--out", str(tmp_path), env=ONE_THREAD)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rec = record_of(res)
     assert rec["status"] == "ok"
@@ -35,7 +35,7 @@ def test_default_preset_tp2_passes(tmp_path):
 @pytest.mark.slow
 def test_another_gpt_shape_passes(tmp_path):
     res = btune("run", "tp-validate", "--preset", "tiny", "--tp", "2", "--seed", "7", "--batch-size", "3",
-                "--seq-len", "48", "--layers", "1", "--out", str(tmp_path))
+                "--seq-len", "48", "--layers", "1", "--out", str(tmp_path), env=ONE_THREAD)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     w = record_of(res)["summary"]["workload"]
     assert w["passed"] is True and not w["mismatches"]
@@ -44,9 +44,9 @@ def test_another_gpt_shape_passes(tmp_path):
 
 @pytest.mark.slow
 def test_planted_fault_on_the_default_preset_still_fails(tmp_path):
-    res = btune("run", "tp-validate", "--tp", "2", "--fault", "missing-allreduce", "--out", str(tmp_path))
-    assert res.returncode == 1
-    rec = record_of(res)
+    res = btune("run", "tp-validate", "--tp", "2", "--fault", "missing-allreduce", "--out", str(tmp_path),
+                env=ONE_THREAD)
+    rec = record_of(res, code=1)
     w = rec["summary"]["workload"]
     assert rec["status"] == "failed" and w["passed"] is False
     assert "logits" in w["mismatches"] and "grad layers.0.attn.wo.weight" in w["mismatches"]
