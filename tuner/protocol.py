@@ -1,72 +1,41 @@
-"""Event protocol between workloads and the console: types, encode/decode, the Emitter.
+"""The console's side of the event protocol: which events exist, their typed fields, decoding what arrives.
 
-An event is a flat JSON object on one line: ``{"v": 1, "type": "step", "t": 1.7e9, "rank": 0, ...}``.
-Workloads write events through an :class:`Emitter`; the runner reads them with a :class:`Decoder`.
+An event is a flat JSON object on one line: ``{"v": 1, "type": "step", "t": 1.7e9, "rank": 0, ...}``. The wire
+format, the typed event constructors and the Emitter belong to the side that speaks it, ``workloads.protocol``
+(re-exported here); this module checks what the runner's :class:`Decoder` reads off the channel: the envelope
+(``valid_envelope``) and each type's fields (``SCHEMAS``, ``REQUIRED``, ``check_event``).
 
-The channel is a unix stream socket whose path is in ``BTUNE_EVENTS``: every process (each torchrun
-rank too) opens its own connection, so stray prints on stdout/stderr never mix with events. With no
-``BTUNE_EVENTS`` the Emitter writes JSON lines to stdout (a workload run alone).
-
-This module is the only part of ``tuner`` that workloads import; it needs orjson and nothing else.
+Needs orjson and nothing else.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import socket
-import sys
-import threading
-import time
 from typing import Any
 
-import orjson
+from workloads.protocol import (
+    CLOCK_DEVICE,
+    CLOCK_HOST,
+    ENV_EVENTS,
+    EXIT_CONSOLE_GONE,
+    SCHEMA_VERSION,
+    WORKLOAD_TYPES,
+    Emitter,
+    decode,
+    encode,
+    make_event,
+    stringify_big,
+)
 
-SCHEMA_VERSION = 1
-ENV_EVENTS = "BTUNE_EVENTS"
+__all__ = [
+    "CLOCK_DEVICE", "CLOCK_HOST", "CONSOLE_TYPES", "ENV_EVENTS", "EVENT_TYPES", "EXIT_CONSOLE_GONE", "REQUIRED",
+    "SCHEMAS", "SCHEMA_VERSION", "SERIES_TYPES", "WORKLOAD_TYPES", "Decoder", "Emitter", "check_event",
+    "decode_line", "encode", "make_event", "scalar_value", "stringify_big", "valid_envelope", "valid_time",
+]
 
-#: Event types a workload may send.
-WORKLOAD_TYPES = frozenset({"meta", "step", "experts", "request", "series", "log", "summary", "error"})
 #: Event types the console itself adds (telemetry samples, process output).
 CONSOLE_TYPES = frozenset({"gpu", "host", "energy", "telemetry_note"})
 EVENT_TYPES = WORKLOAD_TYPES | CONSOLE_TYPES
-
-_ENCODE_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
-
-def _default(obj: Any) -> Any:
-    """Serialise what orjson cannot: tensors' items, sets, paths and anything with ``tolist``."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    return str(obj)
-
-
-def make_event(type_: str, rank: int = 0, t: float | None = None, **fields: Any) -> dict[str, Any]:
-    """Build an event dict with the envelope fields first."""
-    return {"v": SCHEMA_VERSION, "type": type_, "t": time.time() if t is None else t, "rank": rank, **fields}
-
-
-def encode(event: dict[str, Any]) -> bytes:
-    """One event as one JSON line (newline included). NaN and infinities become null."""
-    try:
-        return orjson.dumps(event, default=_default, option=_ENCODE_OPTS | orjson.OPT_APPEND_NEWLINE)
-    except orjson.JSONEncodeError:  # integers beyond 64 bits: keep them, as strings
-        return orjson.dumps(stringify_big(event), default=_default, option=_ENCODE_OPTS | orjson.OPT_APPEND_NEWLINE)
-
-
-def stringify_big(obj: Any) -> Any:
-    """``obj`` with every integer beyond 64 bits as a string (JSON encoders refuse them)."""
-    if isinstance(obj, bool):
-        return obj
-    if isinstance(obj, int) and not -(2**63) <= obj < 2**64:
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: stringify_big(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [stringify_big(v) for v in obj]
-    return obj
 
 
 def valid_envelope(obj: Any) -> bool:
@@ -145,7 +114,7 @@ def _nums(*names: str) -> dict[str, Any]:
 
 #: Per type: field -> kind, and the fields an event of that type cannot do without.
 SCHEMAS: dict[str, dict[str, Any]] = {
-    "step": {"step": _int, "step_ms": _nonneg, "tokens": _opt(_nonneg), "warmup": _bool, "first": _bool,
+    "step": {"step": _int, "step_ms": _nonneg, "tokens": _opt(_nonneg), "clock": _str, "warmup": _bool, "first": _bool,
              "loss": _opt(_num), "kv_tokens": _opt(_int), "weight_passes": _opt(_int),
              **_nums("mem_alloc_mb", "mem_reserved_mb", "mem_peak_mb")},
     "gpu": {"gpu": _int, "throttle": _opt(_int), "throttle_reasons": _list(_str),
@@ -214,10 +183,7 @@ def check_event(event: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
 
 def decode_line(line: bytes | str) -> dict[str, Any] | None:
     """Decode one line into an event, or None when it is not a valid event of this schema."""
-    try:
-        obj = orjson.loads(line)
-    except (orjson.JSONDecodeError, TypeError, ValueError):
-        return None
+    obj = decode(line)
     return obj if valid_envelope(obj) else None
 
 
@@ -264,130 +230,3 @@ class Decoder:
         if self._buf.strip():
             self.bad_lines += 1
         self._buf = b""
-
-
-def _env_rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-#: Exit status of a workload that ended because its console is gone.
-EXIT_CONSOLE_GONE = 75
-
-
-def _console_gone(why: str) -> None:
-    try:
-        print(f"btune: {why}; ending this run (exit {EXIT_CONSOLE_GONE})", file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
-    os._exit(EXIT_CONSOLE_GONE)
-
-
-class Emitter:
-    """Sends events from a workload to the console (socket in ``BTUNE_EVENTS``) or to stdout.
-
-    Thread-safe. Sending never raises: if the console goes away the Emitter falls silent and
-    counts what it could not send (``dropped``), so a workload is never killed by its telemetry.
-    """
-
-    def __init__(self, path: str | None = None, rank: int | None = None, stream: Any = None,
-                 watchdog: bool | None = None) -> None:
-        self.rank = _env_rank() if rank is None else rank
-        self.dropped = 0
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._stream = stream
-        self._closing = False
-        from_console = path is None and bool(os.environ.get(ENV_EVENTS))
-        watchdog = from_console if watchdog is None else watchdog
-        path = os.environ.get(ENV_EVENTS) if path is None else path
-        if path:
-            try:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.connect(path)
-                self._sock = sock
-            except OSError as exc:
-                if watchdog:  # launched by a console that is gone: nobody would see this run
-                    _console_gone(f"cannot reach the console at {path} ({exc.strerror or exc})")
-                print(f"btune: cannot reach the console at {path} ({exc}); events go to stdout", file=sys.stderr)
-        if self._sock is not None and watchdog:
-            threading.Thread(target=self._watch, args=(self._sock,), daemon=True, name="btune-watchdog").start()
-        if self._sock is None and self._stream is None:
-            self._stream = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
-
-    def _watch(self, sock: socket.socket) -> None:
-        """The console never writes to the channel: end of stream means it died (SIGKILL, a crash), and a
-        run nobody watches must not keep holding its GPU, so the process ends at once."""
-        try:
-            while sock.recv(4096):
-                pass
-        except OSError:
-            pass
-        if not self._closing:
-            _console_gone("the console's channel closed")
-
-    def emit(self, type_: str, **fields: Any) -> None:
-        """Send one event of ``type_`` with ``fields``."""
-        self.send(make_event(type_, rank=self.rank, **fields))
-
-    def send(self, event: dict[str, Any]) -> None:
-        """Send a ready-made event."""
-        data = encode(event)
-        with self._lock:
-            try:
-                if self._sock is not None:
-                    self._sock.sendall(data)
-                elif self._stream is not None:
-                    try:
-                        self._stream.write(data)
-                    except TypeError:
-                        self._stream.write(data.decode())
-                    self._stream.flush()
-                else:
-                    self.dropped += 1
-            except (OSError, ValueError):
-                self.dropped += 1
-                self._sock = None
-                self._stream = None
-
-    def meta(self, **fields: Any) -> None:
-        """Resolved config, parameter counts, FLOPs per token, the backends that actually ran."""
-        self.emit("meta", **fields)
-
-    def step(self, step: int, step_ms: float, tokens: int, **fields: Any) -> None:
-        """One step: its index, wall time, and the global tokens it processed (counted once)."""
-        self.emit("step", step=step, step_ms=step_ms, tokens=tokens, **fields)
-
-    def log(self, message: str, level: str = "info") -> None:
-        """A human-readable line."""
-        self.emit("log", message=message, level=level)
-
-    def error(self, message: str, kind: str = "error", **fields: Any) -> None:
-        """An error the workload recognised (kind: error, oom, config, unsupported)."""
-        self.emit("error", message=message, kind=kind, **fields)
-
-    def summary(self, **fields: Any) -> None:
-        """The workload's own end-of-run figures (the console computes its own from raw events)."""
-        self.emit("summary", **fields)
-
-    def close(self) -> None:
-        """Close the channel."""
-        self._closing = True
-        with self._lock:
-            if self._sock is not None:
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)  # wakes the watchdog's receive
-                except OSError:
-                    pass
-                try:
-                    self._sock.close()
-                finally:
-                    self._sock = None
-
-    def __enter__(self) -> Emitter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

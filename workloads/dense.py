@@ -9,11 +9,11 @@ import sys
 from dataclasses import asdict, replace
 from typing import Any
 
-from tuner.protocol import Emitter
 from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import bytes_moved, flops_per_token, memory_estimate, param_counts
 from workloads.options import run_main
+from workloads.protocol import Emitter
 from workloads.specs.dense import DENSE, PRESET_RUN_DEFAULTS
 
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tuner.protocol import Emitter
+from workloads.protocol import CLOCK_DEVICE, CLOCK_HOST, Emitter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -199,7 +199,7 @@ def run_steps(
         fields.update(memory_fields(device))
         if extra is not None:
             fields.update(extra(idx))
-        em.step(idx, ms, tokens_per_step, **fields)
+        em.step(idx, ms, tokens_per_step, clock=CLOCK_DEVICE if cuda else CLOCK_HOST, **fields)
         if not warm:
             steady_steps += 1
             steady_seconds += ms / 1000.0

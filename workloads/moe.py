@@ -13,12 +13,12 @@ import sys
 from dataclasses import asdict, replace
 from typing import Any
 
-from tuner.protocol import Emitter
 from workloads.dry_run import print_plan
 from workloads.models.config import ModelConfig
 from workloads.models.moe_config import MoEConfig, resolve
 from workloads.models.moe_flops import moe_flops_per_token, moe_memory_estimate, moe_param_counts
 from workloads.options import run_main
+from workloads.protocol import Emitter
 from workloads.specs.moe import MOE, PRESET_RUN_DEFAULTS
 
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -183,7 +183,7 @@ def run(opts: dict[str, Any]) -> int:
     metrics_on = bal["metrics"] == "on"
     model.set_collect(stats=metrics_on, aux=aux_on)
     layers = model.moe_layers
-    tracker = (BalanceWindow(em.emit, len(layers), cfg.n_experts, bal["window"], device, p["moe_layer_ids"],
+    tracker = (BalanceWindow(em.experts, len(layers), cfg.n_experts, bal["window"], device, p["moe_layer_ids"],
                              cfg.top_k, p["capacity_per_expert"]) if metrics_on and parallel.rank() == 0 else None)
     pool = [t.to(device) for t in make_pool(p["data"]["kind"], opts["zipf_exponent"], cfg.base.vocab_size,
                                             batch, seq, opts["seed"])]

@@ -14,10 +14,10 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from tuner.protocol import Emitter
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import bytes_moved, param_counts, serve_flops
 from workloads.options import run_main
+from workloads.protocol import CLOCK_HOST, Emitter
 from workloads.specs.serve import SERVE, cache_len, lengths, load_checks, resolved
 
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -214,14 +214,15 @@ def run(opts: dict[str, Any]) -> int:
 
     def warm_step(ms: float, fields: dict[str, Any]) -> None:
         nonlocal step_idx
-        em.step(step_idx, ms, 0, warmup=True, first=step_idx == 0, **fields, **memory_fields(device))
+        em.step(step_idx, ms, 0, clock=CLOCK_HOST, warmup=True, first=step_idx == 0, **fields,
+                **memory_fields(device))
         step_idx += 1
 
 
     def on_step(i: int, ms: float, tokens: int, plan_: Any, t: float) -> None:
         nonlocal step_idx
         extra = memory_fields(device) if cuda and i % 16 == 0 else {}
-        em.step(step_idx, ms, tokens, warmup=False, prefill_tokens=plan_.prefill_tokens,
+        em.step(step_idx, ms, tokens, clock=CLOCK_HOST, warmup=False, prefill_tokens=plan_.prefill_tokens,
                 decode_batch=len(plan_.decode), kv_tokens=plan_.kv_tokens,
                 weight_passes=plan_.weight_passes, t_load=t, **extra)
         step_idx += 1
@@ -234,8 +235,8 @@ def run(opts: dict[str, Any]) -> int:
 
     # compiled: at least compile, CUDA-graph capture and one replay per shape before the load starts
     rounds = max(opts["warmup"], 3) if opts["compile_mode"] != "none" else opts["warmup"]
-    hooks = Hooks(step=on_step, finished=lambda r: em.emit("request", **r.record()),
-                  series=lambda f: em.emit("series", name="engine", replica=replica, **f))
+    hooks = Hooks(step=on_step, finished=lambda r: em.request(**r.record()),
+                  series=lambda f: em.series("engine", replica=replica, **f))
     sched = Scheduler(p["max_batch"], p["max_prefill_tokens"], p["cache_len"])
     try:
         warm_s = engine.warmup(rounds, warm_step)
@@ -271,7 +272,7 @@ def run(opts: dict[str, Any]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for r in res.unfinished:
-        em.emit("request", **r.record())
+        em.request(**r.record())
     ends = [res.end]
     interrupted = res.stopped == "interrupted"
     if world > 1:

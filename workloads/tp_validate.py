@@ -15,8 +15,8 @@ import sys
 from dataclasses import asdict, replace
 from typing import Any
 
-from tuner.protocol import Emitter
 from workloads.options import run_main
+from workloads.protocol import Emitter
 from workloads.specs.tp_validate import TP_VALIDATE
 
 #: Allowed relative error per compute dtype (bf16 keeps 8 bits of mantissa; sums are reordered by TP).

@@ -19,7 +19,8 @@ Emit = Callable[..., None]
 
 
 class BalanceWindow:
-    """Accumulates stats rows on ``device`` and emits an ``experts`` event per window through ``emit``."""
+    """Accumulates stats rows on ``device`` and emits an ``experts`` event per window through ``emit``
+    (``Emitter.experts``)."""
 
     def __init__(self, emit: Emit, n_layers: int, n_experts: int, window: int, device: torch.device,
                  layer_ids: list[int], top_k: int, capacity: int | None) -> None:
@@ -74,6 +75,6 @@ class BalanceWindow:
         aux = [r[e + 2] / n_steps for r in rows]
         self.last = {"window": [start, end]}
         self.events += 1
-        self.emit("experts", step=end, window=[start, end], steps=n_steps, layer_ids=self.layer_ids,
+        self.emit(step=end, window=[start, end], steps=n_steps, layer_ids=self.layer_ids,
                   n_experts=e, top_k=self.top_k, capacity=self.capacity, tokens=round(tokens[0]),
                   counts=counts, dropped=dropped, router_entropy=router_entropy, aux_loss=aux)
