@@ -30,11 +30,16 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-def btune(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300,
+def environ(extra: dict[str, str | None] | None = None) -> dict[str, str]:
+    """``ENV`` with ``extra`` variables set (a variable set to None is removed)."""
+    return {k: v for k, v in {**ENV, **(extra or {})}.items() if v is not None}
+
+
+def btune(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None, timeout: float = 300,
           **kw: Any) -> subprocess.CompletedProcess:
-    """``btune ARGS`` in a subprocess, its output captured as text. ``env``: variables added to ``ENV``;
-    ``timeout`` only guards against a hang."""
-    return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=cwd,
+    """``btune ARGS`` in a subprocess, its output captured as text. ``env``: variables changed from ``ENV`` (see
+    environ); ``timeout`` only guards against a hang."""
+    return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env=environ(env), cwd=cwd,
                           timeout=timeout, **kw)
 
 
@@ -43,10 +48,10 @@ def tui(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*TUI, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
-def start_btune(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen:
+def start_btune(*args: str, env: dict[str, str | None] | None = None, **kw: Any) -> subprocess.Popen:
     """``btune ARGS`` started and left running; stdout and stderr are text pipes unless ``kw`` says otherwise."""
     kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kw}
-    return subprocess.Popen([*BTUNE, *args], env={**ENV, **(env or {})}, **kw)
+    return subprocess.Popen([*BTUNE, *args], env=environ(env), **kw)
 
 
 def record_of(res: subprocess.CompletedProcess, code: int | None = 0) -> dict:

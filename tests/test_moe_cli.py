@@ -4,29 +4,19 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
+from support import ONE_THREAD, btune, record_of
 
 from tuner import balance
 from tuner.launch import LaunchError, build_config
-from tuner.runs import load_record
 from workloads import moe
 from workloads.models.moe_config import MOE_PRESETS
 from workloads.models.moe_flops import moe_flops_per_token
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
 SMALL = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--warmup", "1"]
-
-
-def btune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=180)
 
 
 def workload(capsys: pytest.CaptureFixture, *args: str) -> list[dict]:
@@ -41,10 +31,8 @@ def workload(capsys: pytest.CaptureFixture, *args: str) -> list[dict]:
 def moe_run(tmp_path_factory) -> dict:
     """One real tiny MoE run with zipf data, capacity dropping and aux-free balancing."""
     out = tmp_path_factory.mktemp("runs")
-    res = btune("run", "moe", *SMALL, "--steps", "9", "--data", "zipf", "--capacity-factor", "1.0",
-                "--balance", "both", "--balance-window", "3", "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    return load_record(Path(res.stdout.strip().splitlines()[-1]))
+    return record_of(btune("run", "moe", *SMALL, "--steps", "9", "--data", "zipf", "--capacity-factor", "1.0",
+                           "--balance", "both", "--balance-window", "3", "--out", str(out), env=ONE_THREAD))
 
 
 def _recompute(counts: list[int], dropped: int) -> dict[str, float | None]:
@@ -64,6 +52,7 @@ def _recompute(counts: list[int], dropped: int) -> dict[str, float | None]:
     }
 
 
+@pytest.mark.slow
 def test_every_balance_figure_matches_a_recomputation_from_the_recorded_counts(moe_run):
     assert moe_run["status"] == "ok"
     meta = next(e for e in moe_run["events"] if e["type"] == "meta")
@@ -98,6 +87,7 @@ def test_every_balance_figure_matches_a_recomputation_from_the_recorded_counts(m
     assert any(d > 0 for ev in experts for d in ev["dropped"])  # capacity 1.0 on zipf data drops some
 
 
+@pytest.mark.slow
 def test_step_events_and_active_flops(moe_run):
     meta = next(e for e in moe_run["events"] if e["type"] == "meta")
     cfg = MOE_PRESETS["tiny"]
@@ -146,8 +136,9 @@ def test_bad_moe_options_are_refused_before_launch(args, words):
         build_config("moe", ["--preset", "tiny", *args])
 
 
+@pytest.mark.slow
 def test_btune_run_refuses_with_one_line_and_exit_2(tmp_path):
-    res = btune("run", "moe", "--preset", "mixtral-8x7b", "--top-k", "9", "--out", str(tmp_path))
+    res = btune("run", "moe", "--preset", "mixtral-8x7b", "--top-k", "9", "--out", str(tmp_path), env=ONE_THREAD)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and "--top-k 9 exceeds the number of routed experts (8)" in lines[0]
     assert not list(tmp_path.iterdir())

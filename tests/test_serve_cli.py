@@ -1,33 +1,22 @@
 """`btune run serve` on CPU: a real record, its serving summary against tuner.stats, refusals before launch,
 and two replicas through torchrun counting every request once."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support import ENV, ONE_THREAD, btune, record_of
 
 from tuner.launch import build_config, make_runner
-from tuner.runs import load_record
 from tuner.serving import itl_ms
 from tuner.stats import describe
 from workloads.models.config import PRESETS
 from workloads.models.flops import param_counts
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
+pytestmark = pytest.mark.slow  # every test runs btune, the workload or torchrun as processes
+
 SMALL = ["--preset", "tiny", "--warmup", "1", "--max-batch", "4", "--prompt-len", "uniform:2,24",
          "--output-len", "uniform:1,12"]
-
-
-def btune(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
-
-
-def record_of(res: subprocess.CompletedProcess) -> dict:
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    return load_record(Path(res.stdout.strip().splitlines()[-1]))
 
 
 def requests_of(rec: dict) -> list[dict]:
@@ -38,7 +27,7 @@ def requests_of(rec: dict) -> list[dict]:
 def open_loop(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("runs")
     return record_of(btune("run", "serve", *SMALL, "--request-rate", "200", "--num-requests", "14",
-                           "--max-prefill-tokens", "16", "--out", str(out)))
+                           "--max-prefill-tokens", "16", "--out", str(out), env=ONE_THREAD))
 
 
 def test_record_holds_every_request_and_the_summary_matches_tuner_stats(open_loop):
@@ -93,7 +82,7 @@ def test_steps_and_engine_series(open_loop):
 
 def test_a_step_cap_reports_unfinished_requests(tmp_path):
     rec = record_of(btune("run", "serve", *SMALL, "--concurrency", "3", "--num-requests", "6",
-                          "--output-len", "fixed:20", "--steps", "4", "--out", str(tmp_path)))
+                          "--output-len", "fixed:20", "--steps", "4", "--out", str(tmp_path), env=ONE_THREAD))
     reqs = requests_of(rec)
     assert rec["summary"]["workload"]["engine"]["stopped"] == "steps"
     assert len(reqs) == 3 and not any(r["finished"] for r in reqs)
@@ -117,7 +106,7 @@ def test_a_step_cap_reports_unfinished_requests(tmp_path):
     ],
 )
 def test_bad_input_is_refused_before_launch(tmp_path, args, words):
-    res = btune("run", "serve", "--preset", "tiny", *args, "--out", str(tmp_path))
+    res = btune("run", "serve", "--preset", "tiny", *args, "--out", str(tmp_path), env=ONE_THREAD)
     assert res.returncode == 2, res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], lines
@@ -126,7 +115,7 @@ def test_bad_input_is_refused_before_launch(tmp_path, args, words):
 
 def test_the_workload_alone_refuses_bad_load_flags():
     res = subprocess.run([sys.executable, "-m", "workloads.serve", "--request-rate", "3", "--concurrency", "2"],
-                         capture_output=True, text=True, env=ENV, timeout=120)
+                         capture_output=True, text=True, env={**ENV, **ONE_THREAD}, timeout=120)
     assert res.returncode == 2 and "contradict" in res.stderr
 
 
