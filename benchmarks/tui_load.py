@@ -152,10 +152,10 @@ class Sampler(threading.Thread):
 
 
 async def with_app(args: argparse.Namespace, runner: Runner, counter: Counter, progress: str) -> dict[str, Any]:
-    from tuner.app import BtuneApp
     from tuner.launch import RunConfig
-    from tuner.screens.live import LiveScreen
-    from tuner.screens.machine import MachineInfo
+    from tuner.machine import MachineInfo
+    from tuner.tui.app import BtuneApp
+    from tuner.tui.screens.live import LiveScreen
     from workloads.options import Machine
 
     pressed: list[float] = []

@@ -23,7 +23,7 @@ PROGRAMS = Path(__file__).parent / "programs"
 
 #: ``btune`` and ``btune-tui`` as their installed scripts run them, on this test run's interpreter.
 BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
-TUI = [sys.executable, "-c", "import sys; from tuner.cli import tui_main; sys.exit(tui_main())"]
+TUI = [sys.executable, "-c", "import sys; from tuner.tui.main import main; sys.exit(main())"]
 #: The environment of every command the tests run: unbuffered, so the lines of a process killed mid-run arrive.
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 #: Extra variables for runs of several processes on a small machine (--tp, --replicas): one thread each.

@@ -185,7 +185,7 @@ def test_replay_speed_paces_the_timeline(tmp_path):
 @pytest.mark.slow
 def test_replay_never_imports_textual(tiny_run):
     code = ("import sys; sys.modules['textual'] = None\n"
-            "from tuner.cli import tui_main\n"
+            "from tuner.tui.main import main as tui_main\n"
             f"rc = tui_main(['--replay', {str(tiny_run)!r}, '--json'])\n"
             "assert 'textual' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
             "sys.exit(rc)")

@@ -146,8 +146,9 @@ def test_a_full_disk_gives_one_line_keeps_the_journal_and_recovers_later(tmp_pat
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    # the CLI's run loop (tuner.launch.execute) over a workload that sends 3,000 steps
-    code = ("import sys; from pathlib import Path; from tuner.launch import RunConfig, execute\n"
+    # the CLI's run loop (tuner.console.execute) over a workload that sends 3,000 steps
+    code = ("import sys; from pathlib import Path\n"
+            "from tuner.console import execute\nfrom tuner.launch import RunConfig\n"
             f"argv = {program('emit_steps.py', '3000', '0', 'ok')!r}\n"
             f"sys.exit(execute(RunConfig('test', {{}}, tuple(argv)), Path({str(tmp_path)!r})))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -347,7 +348,8 @@ def test_torchruns_banner_is_not_the_error_line():
 def test_json_output_that_nobody_reads_never_stalls_the_workload(tmp_path):
     # --json to a pipe this test does not read until the record exists: 5,000 step events are far more than
     # the pipe and the socket hold, so a console that wrote them in line would hold up the workload for good
-    from tuner.launch import RunConfig, execute
+    from tuner.console import execute
+    from tuner.launch import RunConfig
 
     config = RunConfig("test", {}, tuple(program("emit_steps.py", "5000", "0", "ok")))
     read_fd, write_fd = os.pipe()

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from test_tui_support import recorded
 
 from tuner import export, replay, report
+from tuner.feed import RunFeed
 from tuner.protocol import EVENT_TYPES, SCHEMA_VERSION, SCHEMAS, check_event, decode_line, encode
 from tuner.record import RecordBuilder, journal_footer, journal_header, record_from_journal
 from tuner.runs import RunFileError, dumps, load_record
-from tuner.screens.runs import RunRow
-from tuner.widgets.feed import RunFeed
+from tuner.tui.screens.runs import RunRow
 
 QUICK, FULL = 300, 2000
 
@@ -177,8 +177,8 @@ def test_the_app_shows_every_run_file_that_loads(tmp_path):
     loading), unreadable files are rows that say why, and no panel raises."""
     from test_tui_support import make_app, run, until
 
-    from tuner.screens.replay import ReplayScreen
-    from tuner.screens.runs import RunsScreen
+    from tuner.tui.screens.replay import ReplayScreen
+    from tuner.tui.screens.runs import RunsScreen
 
     rng = random.Random(14)
     directory = tmp_path / "runs"

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tuner.feed import RunFeed
 from tuner.protocol import make_event
-from tuner.widgets.experts import ExpertsPanel
-from tuner.widgets.feed import RunFeed
-from tuner.widgets.latency import LatencyPanel, live_block
-from tuner.widgets.power import PowerPanel, energy_so_far, joules_per_token
+from tuner.tui.widgets.experts import ExpertsPanel
+from tuner.tui.widgets.latency import LatencyPanel, live_block
+from tuner.tui.widgets.power import PowerPanel, energy_so_far, joules_per_token
 
 
 def text(panel, feed) -> str:

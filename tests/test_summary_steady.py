@@ -1,7 +1,7 @@
 """Steady-state statistics never include the first step (compilation), whatever --warmup is (issue 15, item 5)."""
 
 from tuner.record import RecordBuilder
-from tuner.widgets.throughput import window_throughput
+from tuner.tui.widgets.throughput import window_throughput
 
 
 def step(i: int, ms: float, **kw) -> dict:

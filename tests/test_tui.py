@@ -16,17 +16,17 @@ from test_tui_support import copy_runs, make_app, recorded, run, until
 from textual.widgets import Button, DataTable, Input, Select
 
 from tuner import runs
-from tuner.screens.base import TooSmall
-from tuner.screens.compare import CompareScreen
-from tuner.screens.dialogs import ConfirmScreen, HelpScreen
-from tuner.screens.launch import LaunchScreen
-from tuner.screens.live import LiveScreen
-from tuner.screens.machine import MachineInfo
-from tuner.screens.replay import ReplayScreen
-from tuner.screens.runs import RunsScreen
-from tuner.widgets.feed import RunFeed
-from tuner.widgets.option_form import ChoiceSelect
-from tuner.widgets.throughput import ThroughputPanel
+from tuner.feed import RunFeed
+from tuner.machine import MachineInfo
+from tuner.tui.screens.base import TooSmall
+from tuner.tui.screens.compare import CompareScreen
+from tuner.tui.screens.dialogs import ConfirmScreen, HelpScreen
+from tuner.tui.screens.launch import LaunchScreen
+from tuner.tui.screens.live import LiveScreen
+from tuner.tui.screens.replay import ReplayScreen
+from tuner.tui.screens.runs import RunsScreen
+from tuner.tui.widgets.option_form import ChoiceSelect
+from tuner.tui.widgets.throughput import ThroughputPanel
 
 TINY = {"steps": 2, "warmup": 1}
 
@@ -369,8 +369,8 @@ def test_real_btune_tui_in_tmux_launch_to_finished_run(tmp_path):
 
 
 def test_colour_options_and_refresh_rate(tmp_path, monkeypatch):
-    from tuner import app as app_module
-    from tuner.cli import tui_main
+    from tuner.tui import app as app_module
+    from tuner.tui.main import main as tui_main
 
     seen = {}
     monkeypatch.setattr(app_module.BtuneApp, "run", lambda self: seen.update(no_color=self.no_color))

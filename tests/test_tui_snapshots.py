@@ -16,10 +16,10 @@ from textual.widgets import DataTable
 
 from tuner.replay import timeline
 from tuner.runner import RunResult
-from tuner.screens import live as live_module
-from tuner.screens.live import LiveScreen
-from tuner.screens.replay import ReplayScreen
-from tuner.screens.runs import RunsScreen
+from tuner.tui.screens import live as live_module
+from tuner.tui.screens.live import LiveScreen
+from tuner.tui.screens.replay import ReplayScreen
+from tuner.tui.screens.runs import RunsScreen
 
 TESTS = Path(__file__).parent
 
@@ -138,7 +138,7 @@ def test_replay_serving_latency_synthetic(snap_compare):
 
 
 def test_compare_screen(snap_compare):
-    from tuner.screens.compare import CompareScreen
+    from tuner.tui.screens.compare import CompareScreen
 
     recs = [*_all_ok("dense")[:2], recorded("moe", "failed")]
     app = ScreenApp.make(lambda: CompareScreen(recs))
@@ -168,7 +168,7 @@ def test_live_screen_after_a_run(snap_compare, monkeypatch):
 
 def test_help_screen(snap_compare):
     """The help over an empty runs screen (no table rows whose column sizing could race the modal)."""
-    from tuner.screens.dialogs import HelpScreen
+    from tuner.tui.screens.dialogs import HelpScreen
 
     async def ready(pilot: Any) -> None:
         await until(pilot, lambda: isinstance(pilot.app.screen, RunsScreen), 10, "the runs screen")

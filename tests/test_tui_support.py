@@ -12,8 +12,8 @@ from typing import Any
 from textual.pilot import Pilot
 
 from tuner import runs
-from tuner.app import BtuneApp
-from tuner.screens.machine import MachineInfo
+from tuner.machine import MachineInfo
+from tuner.tui.app import BtuneApp
 from workloads.options import Machine
 
 DATA = Path(__file__).parent / "data" / "runs"

@@ -1,4 +1,4 @@
-"""Command-line entry points: ``btune`` (headless) and ``btune-tui`` (the app; ``--replay`` is headless).
+"""``btune``, the headless command line; ``btune-tui`` (tuner.tui.main) shares its parser, errors and exit statuses.
 
 User errors (bad option, unreadable run file, unwritable directory) print one line and exit 2.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tuner import catalog, runs
-from tuner.launch import LaunchError, Nodes, build_config, execute
+from tuner.console import execute
+from tuner.launch import LaunchError, Nodes, build_config
 
 EXIT_USAGE = 2
 
@@ -22,7 +23,9 @@ class CliError(Exception):
     """A user error: one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are CliError (one line, exit 2) instead of a usage dump and exit."""
+
     def error(self, message: str) -> NoReturn:
         raise CliError(f"{self.prog}: {message}")
 
@@ -49,7 +52,8 @@ def positive(text: str) -> int:
     return value
 
 
-def _load(ref: str, directory: str | None = None) -> dict[str, Any]:
+def load_run(ref: str, directory: str | None = None) -> dict[str, Any]:
+    """The record of a run given as a file or an id (ids are looked up in ``directory`` or the default)."""
     path = runs.resolve_run(ref, runs.runs_dir(directory) if directory else None)
     return runs.load_record(path)
 
@@ -105,7 +109,7 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    rec = _load(args.run, args.out)
+    rec = load_run(args.run, args.out)
     if args.json:
         sys.stdout.write(runs.dumps(rec).decode() + "\n")
     else:
@@ -120,14 +124,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise CliError("btune compare: give at least two runs")
     from tuner.report import compare
 
-    print(compare([_load(r, args.out) for r in args.runs]))
+    print(compare([load_run(r, args.out) for r in args.runs]))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tuner.export import export
 
-    recs = [_load(r, args.out) for r in args.runs]
+    recs = [load_run(r, args.out) for r in args.runs]
     data = export(recs, args.format)
     if args.output:
         try:
@@ -205,8 +209,8 @@ def recover_all(directory: Path) -> int:
 
 # -- parsers -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="btune", description="GPU tuning console (headless). The app is btune-tui.", allow_abbrev=False)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="btune", description="GPU tuning console (headless). The app is btune-tui.", allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     ls = sub.add_parser("list", help="workloads, presets and options")
     ls.add_argument("--json", action="store_true")
@@ -268,7 +272,8 @@ def _dispatch(argv: Sequence[str]) -> int:
             "runs": cmd_runs}[args.command](args)
 
 
-def _guarded(fn: Any, argv: Sequence[str]) -> int:
+def guarded(fn: Any, argv: Sequence[str]) -> int:
+    """``fn(argv)`` with user errors printed as one line (exit 2) and a closed stdout ending quietly."""
     try:
         return fn(argv)
     except (CliError, catalog.OptionError, runs.RunFileError, runs.RunsDirError, LaunchError) as exc:
@@ -280,38 +285,7 @@ def _guarded(fn: Any, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``btune``."""
-    return _guarded(_dispatch, sys.argv[1:] if argv is None else argv)
+    return guarded(_dispatch, sys.argv[1:] if argv is None else argv)
 
 
-# -- btune-tui ---------------------------------------------------------------------------------
-def _tui(argv: Sequence[str]) -> int:
-    p = _Parser(prog="btune-tui", description="btune's terminal app; --replay RUN replays a run headless",
-                allow_abbrev=False)
-    p.add_argument("--replay", metavar="RUN", help="re-emit a run's timeline as text (no terminal UI)")
-    p.add_argument("--speed", type=finite, default=0.0, help="replay speed, times real time (0: at once)")
-    p.add_argument("--json", action="store_true", help="replay as JSON lines")
-    p.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
-    p.add_argument("--refresh", type=finite, default=4.0, help="panel redraws per second (default 4)")
-    p.add_argument("--no-color", action="store_true", help="monochrome (NO_COLOR is honoured too)")
-    args = p.parse_args(list(argv))
-    if args.replay:
-        from tuner.replay import replay
-
-        if args.speed < 0:
-            raise CliError("btune-tui: --speed must be >= 0")
-        rec = _load(args.replay, args.out)
-        replay(rec, sys.stdout, speed=args.speed, as_json=args.json)
-        return 0
-    try:
-        from tuner.app import run_app
-    except ImportError as exc:
-        raise CliError(f"btune-tui needs textual ({exc}); `btune` and `btune-tui --replay` work without it") from None
-    return run_app(runs_dir=runs.runs_dir(args.out), refresh_hz=args.refresh, no_color=args.no_color)
-
-
-def tui_main(argv: Sequence[str] | None = None) -> int:
-    """``btune-tui``."""
-    return _guarded(_tui, sys.argv[1:] if argv is None else argv)
-
-
-__all__ = ["main", "tui_main"]
+__all__ = ["CliError", "Parser", "finite", "guarded", "load_run", "main", "positive"]

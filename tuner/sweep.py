@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tuner import catalog
-from tuner.launch import ConsoleSignals, RunConfig, build_config, make_runner
+from tuner.console import ConsoleSignals
+from tuner.launch import RunConfig, build_config, make_runner
 from tuner.report import compare
 from tuner.runner import Runner
 from workloads.engine.loadgen import ARITY

@@ -6,12 +6,12 @@ from collections.abc import Hashable
 
 from rich.text import Text
 
+from tuner.feed import FeedView
 from tuner.report import fmt
 from tuner.stats import finite
-from tuner.widgets.charts import bar
-from tuner.widgets.feed import FeedView
-from tuner.widgets.gpu_rows import label, latest, no_gpu_line
-from tuner.widgets.panel import Panel, row
+from tuner.tui.widgets.charts import bar
+from tuner.tui.widgets.gpu_rows import label, latest, no_gpu_line
+from tuner.tui.widgets.panel import Panel, row
 
 GIB = 1024.0
 

@@ -14,8 +14,8 @@ from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Static
 
 from tuner.report import MIN_EFFECT, compared_rows, dig, fmt, key_options, run_level_verdicts
-from tuner.screens.base import BtuneScreen
 from tuner.stats import relative_delta
+from tuner.tui.screens.base import BtuneScreen
 
 ALPHA = 0.05
 

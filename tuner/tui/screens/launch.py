@@ -16,13 +16,13 @@ from textual.widgets.option_list import Option as ListOption
 
 from tuner import catalog
 from tuner.launch import LaunchError, RunConfig, build_config
-from tuner.screens.base import BtuneScreen, Command
-from tuner.screens.machine import MachineInfo, detect
-from tuner.widgets.option_form import OptionForm
+from tuner.machine import MachineInfo, detect
+from tuner.tui.screens.base import BtuneScreen, Command
+from tuner.tui.widgets.option_form import OptionForm
 from workloads.options import OptionError
 
 if TYPE_CHECKING:
-    from tuner.app import BtuneApp
+    from tuner.tui.app import BtuneApp
 
 
 class MachineDetected(Message):

@@ -10,12 +10,12 @@ from typing import Any
 
 from rich.text import Text
 
+from tuner.feed import FeedView
 from tuner.report import fmt
 from tuner.summary import energy_gpus
-from tuner.widgets.charts import spark
-from tuner.widgets.feed import FeedView
-from tuner.widgets.gpu_rows import label, latest
-from tuner.widgets.panel import Panel, dim, row
+from tuner.tui.widgets.charts import spark
+from tuner.tui.widgets.gpu_rows import label, latest
+from tuner.tui.widgets.panel import Panel, dim, row
 
 
 def run_gpus(view: FeedView) -> tuple[list[int] | None, str | None]:

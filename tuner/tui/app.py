@@ -1,6 +1,6 @@
 """btune-tui: the Textual app. Global bindings only; the screens do the work.
 
-``run_app`` is what ``btune-tui`` calls (tuner.cli). NO_COLOR and ``--no-color`` give a monochrome app.
+``run_app`` is what ``btune-tui`` calls (tuner.tui.main). NO_COLOR and ``--no-color`` give a monochrome app.
 """
 
 from __future__ import annotations
@@ -18,16 +18,20 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from tuner.launch import RunConfig
+from tuner.machine import MachineInfo
 from tuner.runner import Runner
-from tuner.screens.base import BtuneScreen
-from tuner.screens.commands import ScreenCommands
-from tuner.screens.dialogs import ConfirmScreen, HelpScreen, bindings_text
-from tuner.screens.launch import LaunchScreen
-from tuner.screens.live import LiveScreen
-from tuner.screens.machine import MachineInfo
-from tuner.screens.runs import RunsScreen
+from tuner.tui.screens.base import BtuneScreen
+from tuner.tui.screens.commands import ScreenCommands
+from tuner.tui.screens.dialogs import ConfirmScreen, HelpScreen, bindings_text
+from tuner.tui.screens.launch import LaunchScreen
+from tuner.tui.screens.live import LiveScreen
+from tuner.tui.screens.runs import RunsScreen
 
 MAX_REFRESH_HZ = 60.0
+
+
+class AppError(Exception):
+    """The app cannot start as asked (one line; ``btune-tui`` prints it and exits 2)."""
 
 
 class BtuneApp(App[int]):
@@ -105,11 +109,9 @@ class BtuneApp(App[int]):
 
 
 def run_app(runs_dir: Path, refresh_hz: float = 4.0, no_color: bool = False) -> int:
-    """Run the app in the terminal until it quits; returns the exit status."""
-    from tuner.cli import CliError
-
+    """Run the app in the terminal until it quits; returns the exit status. AppError: a bad ``refresh_hz``."""
     if not 0 < refresh_hz <= MAX_REFRESH_HZ:
-        raise CliError(f"btune-tui: --refresh {refresh_hz:g}: expected a number in (0, {MAX_REFRESH_HZ:g}]")
+        raise AppError(f"btune-tui: --refresh {refresh_hz:g}: expected a number in (0, {MAX_REFRESH_HZ:g}]")
     if no_color:
         os.environ["NO_COLOR"] = "1"  # Textual reads it when the app is created
     app = BtuneApp(runs_dir, refresh_hz)

@@ -8,11 +8,11 @@ from typing import Any
 from rich.text import Text
 
 from tuner import hardware
+from tuner.feed import FeedView
 from tuner.report import fmt
 from tuner.summary import is_steady, step_bytes
-from tuner.widgets.charts import spark
-from tuner.widgets.feed import FeedView
-from tuner.widgets.panel import Panel, block_figures, dim, figure_rows, row
+from tuner.tui.widgets.charts import spark
+from tuner.tui.widgets.panel import Panel, block_figures, dim, figure_rows, row
 
 WINDOW = 20  # steady steps in the live throughput window
 

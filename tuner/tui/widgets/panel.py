@@ -8,9 +8,9 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
+from tuner.feed import FeedView
 from tuner.metrics import Figure, figures, number
 from tuner.report import fmt
-from tuner.widgets.feed import FeedView
 
 DEFAULT_WIDTH = 60
 

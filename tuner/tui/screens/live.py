@@ -17,16 +17,16 @@ from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.widgets import Footer, Static
 
+from tuner.feed import RunFeed
 from tuner.launch import RunConfig, make_runner
 from tuner.report import key_options
 from tuner.runner import Runner, RunResult
-from tuner.screens.base import BtuneScreen
-from tuner.widgets.dashboard import Dashboard
-from tuner.widgets.feed import RunFeed
-from tuner.widgets.status import StatusLine
+from tuner.tui.screens.base import BtuneScreen
+from tuner.tui.widgets.dashboard import Dashboard
+from tuner.tui.widgets.status import StatusLine
 
 if TYPE_CHECKING:
-    from tuner.app import BtuneApp
+    from tuner.tui.app import BtuneApp
 
 
 class RunFinished(Message):

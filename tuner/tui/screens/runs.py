@@ -18,11 +18,11 @@ from textual.widgets import DataTable, Footer, Static
 
 from tuner import runs
 from tuner.report import dig, fmt, key_options
-from tuner.screens.base import BtuneScreen
-from tuner.widgets.status import STATUS_STYLES
+from tuner.tui.screens.base import BtuneScreen
+from tuner.tui.widgets.status import STATUS_STYLES
 
 if TYPE_CHECKING:
-    from tuner.app import BtuneApp
+    from tuner.tui.app import BtuneApp
 
 COLUMNS = (("mark", " "), ("time", "time (UTC)"), ("workload", "workload"), ("status", "status"),
            ("tok_s", "tok/s"), ("mfu", "MFU"), ("energy", "energy J"), ("options", "options / error"))
@@ -198,7 +198,7 @@ class RunsScreen(BtuneScreen):
         except runs.RunFileError as exc:
             self.notify(str(exc), severity="error")
             return
-        from tuner.screens.replay import ReplayScreen
+        from tuner.tui.screens.replay import ReplayScreen
 
         self.app.push_screen(ReplayScreen(rec, self.app.refresh_hz))
 
@@ -236,7 +236,7 @@ class RunsScreen(BtuneScreen):
             except runs.RunFileError as exc:
                 self.notify(str(exc), severity="error")
                 return
-        from tuner.screens.compare import CompareScreen
+        from tuner.tui.screens.compare import CompareScreen
 
         self.app.push_screen(CompareScreen(records))
 

@@ -13,8 +13,8 @@ from typing import Any
 from rich.text import Text
 
 from tuner import results
-from tuner.widgets.feed import FeedView
-from tuner.widgets.panel import Panel, block_figures, dim, figure_rows, stats_table
+from tuner.feed import FeedView
+from tuner.tui.widgets.panel import Panel, block_figures, dim, figure_rows, stats_table
 
 COLUMNS = ("p50", "p90", "p99", "mean")
 PERIOD_S = 1.0  # the live block is recomputed at most once a second

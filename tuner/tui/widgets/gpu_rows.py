@@ -6,8 +6,8 @@ from typing import Any
 
 from rich.text import Text
 
-from tuner.widgets.feed import FeedView
-from tuner.widgets.panel import dim, row
+from tuner.feed import FeedView
+from tuner.tui.widgets.panel import dim, row
 
 
 def latest(samples: list[dict[str, Any]]) -> dict[str, Any]:

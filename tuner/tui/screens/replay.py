@@ -13,12 +13,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Footer
 
+from tuner.feed import RunFeed
 from tuner.replay import timeline
 from tuner.report import key_options
-from tuner.screens.base import BtuneScreen
-from tuner.widgets.dashboard import Dashboard
-from tuner.widgets.feed import RunFeed
-from tuner.widgets.status import StatusLine
+from tuner.tui.screens.base import BtuneScreen
+from tuner.tui.widgets.dashboard import Dashboard
+from tuner.tui.widgets.status import StatusLine
 
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 

@@ -6,11 +6,11 @@ from collections.abc import Hashable
 
 from rich.text import Text
 
+from tuner.feed import FeedView
 from tuner.telemetry import throttle_names
-from tuner.widgets.charts import spark
-from tuner.widgets.feed import FeedView
-from tuner.widgets.gpu_rows import host_line, label, latest, no_gpu_line
-from tuner.widgets.panel import Panel, row
+from tuner.tui.widgets.charts import spark
+from tuner.tui.widgets.gpu_rows import host_line, label, latest, no_gpu_line
+from tuner.tui.widgets.panel import Panel, row
 
 
 def _num(value: object, unit: str, width: int) -> str:

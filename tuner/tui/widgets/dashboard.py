@@ -5,15 +5,15 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.containers import Grid, VerticalScroll
 
-from tuner.widgets.experts import ExpertsPanel
-from tuner.widgets.feed import FeedView
-from tuner.widgets.gpu import GpuPanel
-from tuner.widgets.latency import LatencyPanel
-from tuner.widgets.log import LogPanel
-from tuner.widgets.memory import MemoryPanel
-from tuner.widgets.panel import Panel
-from tuner.widgets.power import PowerPanel
-from tuner.widgets.throughput import ThroughputPanel
+from tuner.feed import FeedView
+from tuner.tui.widgets.experts import ExpertsPanel
+from tuner.tui.widgets.gpu import GpuPanel
+from tuner.tui.widgets.latency import LatencyPanel
+from tuner.tui.widgets.log import LogPanel
+from tuner.tui.widgets.memory import MemoryPanel
+from tuner.tui.widgets.panel import Panel
+from tuner.tui.widgets.power import PowerPanel
+from tuner.tui.widgets.throughput import ThroughputPanel
 
 
 class Dashboard(VerticalScroll):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.widgets import Log
 
-from tuner.widgets.feed import FeedView
+from tuner.feed import FeedView
 
 PREFIX = {"stderr": "", "stdout": "", "error": "!! ", "note": "-- "}
 

@@ -18,7 +18,7 @@ from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Label, Select
 from textual.widgets._select import SelectOverlay
 
-from tuner.screens.machine import MachineInfo
+from tuner.machine import MachineInfo
 from workloads.options import Option, OptionError, WorkloadSpec
 
 GROUP_TITLES = {"shape": "shape", "run": "run", "knobs": "knobs"}

@@ -1,4 +1,5 @@
-"""What this machine can run, for the launch form: the core's probe (tuner.launch.probe_machine) and checks.
+"""What this machine has and can run: the probe (NVML's GPUs, optional libraries) and, for the launch form,
+the catalog's checks per option value.
 
 The rules themselves live in the catalog (``workloads.options.machine_checks``: the common device rule
 and ``WorkloadSpec.checks``); this module only asks them, per option value, so the form can disable
@@ -7,11 +8,30 @@ what this machine cannot run and say why.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from workloads.options import Machine, Option, WorkloadSpec, machine_checks
+
+OPTIONAL_MODULES = ("transformer_engine", "torchao")
+
+
+def probe_machine() -> Machine:
+    """The GPUs NVML can see (none where NVML cannot run) and the optional libraries installed."""
+    import importlib.util
+
+    from tuner.telemetry import NvmlSampler
+
+    inventory = NvmlSampler(lambda _e: None).inventory()
+    gpus = inventory.get("devices", [])
+    reason = None if gpus else (inventory.get("reason") or "NVML found no GPUs")
+    cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cuda_visible is not None and cuda_visible.strip() in ("", "-1"):
+        gpus, reason = [], f"CUDA_VISIBLE_DEVICES={cuda_visible!r} hides every GPU"
+    modules = frozenset(m for m in OPTIONAL_MODULES if importlib.util.find_spec(m) is not None)
+    return Machine(tuple(gpus), modules, reason)
 
 
 @dataclass(frozen=True)
@@ -60,7 +80,5 @@ class MachineInfo:
 
 
 def detect() -> MachineInfo:
-    """Probe through the core (NVML inventory, installed modules); never raises. Call it off the UI thread."""
-    from tuner.launch import probe_machine
-
+    """Probe (NVML inventory, installed modules); never raises. Call it off the UI thread."""
     return MachineInfo(probe_machine())

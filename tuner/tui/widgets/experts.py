@@ -14,10 +14,10 @@ from typing import Any
 
 from rich.text import Text
 
+from tuner.feed import FeedView
 from tuner.report import fmt
-from tuner.widgets.charts import heat_row, spark
-from tuner.widgets.feed import FeedView
-from tuner.widgets.panel import Panel, block_figures, dim, figure_rows, row
+from tuner.tui.widgets.charts import heat_row, spark
+from tuner.tui.widgets.panel import Panel, block_figures, dim, figure_rows, row
 
 MAX_ROWS = 12
 

@@ -10,7 +10,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from tuner.screens.base import BtuneScreen, Command
+from tuner.tui.screens.base import BtuneScreen, Command
 
 
 def described_bindings(owner: object) -> Iterator[Binding]:

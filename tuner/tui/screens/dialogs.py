@@ -43,7 +43,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
 def bindings_text(screen: Screen[object]) -> Text:
     """The keys of ``screen`` and of the app (not those of the focused widget) with what they do."""
-    from tuner.screens.commands import described_bindings, key_names
+    from tuner.tui.screens.commands import described_bindings, key_names
 
     out = Text()
     seen: set[str] = set()
