@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from support import ROOT
 
 from tests.fake_nvml import FakeNvml
 from tuner.protocol import make_event
@@ -210,11 +211,12 @@ em.summary(steps_run=28)
 """
 
 
+@pytest.mark.slow
 def test_a_real_run_through_the_runner(tmp_path: Path) -> None:
     fake = fake8()
     uuid = torch_uuid(fake, 4)
     runner = Runner([sys.executable, "-c", EMITTER, uuid], run_id="energy-gpus", out_dir=tmp_path,
-                    config={"workload": "synthetic"}, nvml=fake, cwd=str(Path(__file__).resolve().parents[1]))
+                    config={"workload": "synthetic"}, nvml=fake, cwd=str(ROOT))
     rec = runner.run().record
     s = rec["summary"]
     assert sorted(rec["series"]["energy"]) == [str(g) for g in range(8)]

@@ -1,25 +1,21 @@
 """Single-node multi-process runs listen on loopback only (workloads.torchrun); bad node flags are refused."""
 
-import os
 import socket
-import subprocess
-import sys
 import time
 from argparse import Namespace
 from pathlib import Path
 
 import psutil
 import pytest
+from support import ONE_THREAD, btune, start_btune
 
 from tuner.cli import main as btune_main
 from tuner.launch import Nodes, build_config, valid_endpoint
 from tuner.runs import load_record
 from workloads.options import Machine
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-for _var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # the launcher is what sets them
-    ENV.pop(_var, None)
-BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
+#: One thread a rank, and no interface variables: the launcher is what sets them.
+ENV = {**ONE_THREAD, "GLOO_SOCKET_IFNAME": None, "NCCL_SOCKET_IFNAME": None}
 LOOPBACK = {"127.0.0.1", "::1"}
 CPU = Machine(reason="no GPUs in this test")
 
@@ -43,9 +39,8 @@ def listeners(root: psutil.Process) -> tuple[set[tuple[str, str, int]], dict[int
 
 @pytest.mark.slow
 def test_tp2_run_listens_on_loopback_only(tmp_path):
-    proc = subprocess.Popen([*BTUNE, "run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "6",
-                             "--warmup", "1", "--out", str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = start_btune("run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "6", "--warmup", "1",
+                       "--out", str(tmp_path), env=ENV)
     root = psutil.Process(proc.pid)
     seen: set[tuple[str, str, int]] = set()
     envs: dict[int, dict[str, str]] = {}
@@ -104,9 +99,10 @@ def test_nnodes_below_one_has_its_own_message(tmp_path, capsys, nnodes):
     assert code == 2 and err == "error: --nnodes must be >= 1\n", err
 
 
+@pytest.mark.slow
 def test_the_btune_command_refuses_a_bad_endpoint_without_a_traceback(tmp_path):
-    res = subprocess.run([*BTUNE, "run", "dense", "--tp", "2", "--nnodes", "2", "--rdzv-endpoint", "host:99999",
-                          "--out", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120)
+    res = btune("run", "dense", "--tp", "2", "--nnodes", "2", "--rdzv-endpoint", "host:99999", "--out", str(tmp_path),
+                env=ENV, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--rdzv-endpoint" in res.stderr, res.stderr
 
 

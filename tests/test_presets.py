@@ -1,16 +1,13 @@
 """Presets named after real models have those models' published shapes, or names and descriptions that say
 what they are; every preset has a one-line description, and the run record carries it (issue 15, item 9)."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
+from support import btune, record_of
 
-from tuner.runs import load_record
 from workloads import dense, moe
 from workloads.models.config import PRESETS
 from workloads.models.moe_config import MOE_PRESETS
@@ -92,12 +89,9 @@ def test_dry_runs_carry_the_description(capsys):
     assert plan["model"]["base"]["description"] == MOE_PRESETS["moe-64e-top6"].description
 
 
+@pytest.mark.slow
 def test_the_run_record_carries_the_description(tmp_path: Path):
-    cmd = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())", "run", "moe",
-           "--preset", "tiny", "--steps", "2", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                         timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    rec = load_record(Path(res.stdout.strip().splitlines()[-1]))
+    rec = record_of(btune("run", "moe", "--preset", "tiny", "--steps", "2", "--warmup", "0", "--device", "cpu",
+                          "--out", str(tmp_path)))
     meta = next(e for e in rec["events"] if e["type"] == "meta")
     assert meta["plan"]["model"]["base"]["description"] == MOE_PRESETS["tiny"].description

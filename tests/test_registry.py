@@ -1,20 +1,14 @@
 """The metric registry: the console computes the serving and expert-balance blocks from raw events, checked
 against independent computations, and every registry metric reaches show, compare and export (issue 15)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from support import ONE_THREAD, btune
 
 from tuner.export import rows
 from tuner.metrics import REGISTRY, applies
 from tuner.record import RecordBuilder
 from tuner.report import compare, show
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def serve_record(n: int = 30, seed: int = 3) -> dict:
@@ -100,10 +94,8 @@ def test_every_registry_metric_reaches_show_compare_and_export(workload):
 
 @pytest.mark.slow
 def test_btune_run_serve_prints_the_serving_block(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "tuner", "run", "serve", "--preset", "tiny", "--duration", "3", "--request-rate", "4",
-         "--device", "cpu", "--no-telemetry", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = btune("run", "serve", "--preset", "tiny", "--duration", "3", "--request-rate", "4", "--device", "cpu",
+                "--no-telemetry", "--out", str(tmp_path), env=ONE_THREAD, timeout=600)
     assert res.returncode == 0, res.stderr
     for label in ("requests finished", "request throughput", "output tokens/s", "goodput", "TTFT p50", "TPOT p99",
                   "ITL p90", "E2E latency p50", "engine steps (the engine's own steps, not requests)"):

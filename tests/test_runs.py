@@ -4,10 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import orjson
 import pytest
+from support import wait_until
 
 from tuner.record import journal_header, record_from_journal
 from tuner.runs import (
@@ -33,15 +33,13 @@ runs.atomic_write(Path(sys.argv[1]), b'{"new": true}')
 """
 
 
+@pytest.mark.slow
 def test_atomic_write_killed_between_write_and_rename_leaves_the_old_file_whole(tmp_path):
     target = tmp_path / "run.json"
     target.write_bytes(b'{"old": true}')
     flag = tmp_path / "flag"
     proc = subprocess.Popen([sys.executable, "-c", ATOMIC_KILLED_MID_WRITE, str(target), str(flag)])
-    deadline = time.time() + 20
-    while not flag.exists():
-        assert time.time() < deadline
-        time.sleep(0.02)
+    wait_until(flag.exists, 20, "the write before the rename", every=0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert orjson.loads(target.read_bytes()) == {"old": True}

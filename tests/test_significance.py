@@ -1,16 +1,10 @@
 """Run-level significance in compare, and --repeat (issue 15, item 7), on real CPU runs."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from support import ONE_THREAD, btune
 
 from tuner.record import RecordBuilder
 from tuner.report import compare, run_level_verdicts
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def record(run_id: str, batch: int, p50s: list[float], seed: int = 0) -> dict:
@@ -41,10 +35,9 @@ def test_repeats_are_grouped_by_config_whatever_the_seed():
 
 @pytest.mark.slow
 def test_sweep_with_repeat_runs_each_combination_as_separate_processes(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "tuner", "sweep", "dense", "--preset", "tiny", "--device", "cpu", "--steps", "3",
-         "--warmup", "1", "--batch-size", "1,2", "--repeat", "2", "--no-telemetry", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = btune("sweep", "dense", "--preset", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1",
+                "--batch-size", "1,2", "--repeat", "2", "--no-telemetry", "--out", str(tmp_path),
+                env=ONE_THREAD, timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("  ok: ") == 4
     assert "2 vs 2 runs" in res.stdout and "same config as base" in res.stdout

@@ -43,6 +43,7 @@ async def _launch(pilot, options: dict) -> LiveScreen:
     return pilot.app.screen  # type: ignore[return-value]
 
 
+@pytest.mark.slow
 def test_launch_a_tiny_cpu_run_to_the_end(tmp_path):
     async def body():
         app = make_app(tmp_path)
@@ -64,6 +65,7 @@ def test_launch_a_tiny_cpu_run_to_the_end(tmp_path):
     assert runs.load_record(path)["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_cancel_a_run_and_quit_asks_while_live(tmp_path):
     async def body():
         app = make_app(tmp_path)
@@ -85,6 +87,7 @@ def test_cancel_a_run_and_quit_asks_while_live(tmp_path):
     assert runs.load_record(run(body()))["status"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_quit_while_live_cancels_and_waits_for_the_record(tmp_path):
     async def body():
         app = make_app(tmp_path)
@@ -102,6 +105,7 @@ def test_quit_while_live_cancels_and_waits_for_the_record(tmp_path):
     assert not runs.orphan_journals(tmp_path)
 
 
+@pytest.mark.slow
 def test_app_ending_otherwise_cancels_the_live_run(tmp_path):
     """The app ending with a run live (a signal, a crash) cancels it; its record is written."""
     async def body():
@@ -312,6 +316,7 @@ def test_replay_shows_expert_balance_and_latency_only_when_the_record_has_them()
 TMUX = shutil.which("tmux")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
 def test_real_btune_tui_in_tmux_launch_to_finished_run(tmp_path):
     """The installed btune-tui in a 100×30 tmux pane: set --steps from the palette, launch, wait for OK."""
