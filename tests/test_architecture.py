@@ -95,6 +95,7 @@ def _loaded(modules: list[str]) -> dict[str, str]:
     return json.loads(res.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_headless_modules_load_neither_textual_nor_torch():
     assert _loaded(core_modules()) == {}
 

@@ -7,6 +7,7 @@ from the record's raw energy series, independently of tuner.summary.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from tuner.summary import summarize
 from tuner.telemetry import NvmlSampler
 from workloads import loop
 
+Sampled = tuple[FakeNvml, list[dict[str, Any]]]
 MIG_REASON = "MIG: the board's energy counter covers every slice"
 TOKENS_PER_STEP = 1000
 
@@ -49,6 +51,18 @@ def sample(fake: FakeNvml, seconds: float = 1.25) -> list[dict[str, Any]]:
     time.sleep(seconds)
     sampler.stop()
     return events
+
+
+@pytest.fixture(scope="module")
+def sampled8_once() -> list[dict[str, Any]]:
+    return sample(fake8())
+
+
+@pytest.fixture
+def sampled8(sampled8_once: list[dict[str, Any]]) -> Sampled:
+    """``fake8()`` and the events of sampling it: sampled once for the module (the sampler runs in real time),
+    a copy for each test."""
+    return fake8(), copy.deepcopy(sampled8_once)
 
 
 def steps_around(events: list[dict[str, Any]], n: int = 50) -> list[dict[str, Any]]:
@@ -93,9 +107,8 @@ def j_per_token(rec: dict[str, Any], gpus: list[int]) -> float:
     return joules / (rate * (last - first))
 
 
-def test_meta_uuid_counts_that_gpu_only() -> None:
-    fake = fake8()
-    events = sample(fake)
+def test_meta_uuid_counts_that_gpu_only(sampled8: Sampled) -> None:
+    fake, events = sampled8
     events += [*steps_around(events), meta(uuid=torch_uuid(fake, 3))]  # torch's form: no GPU- prefix
     rec = record(events)
     s = rec["summary"]
@@ -109,9 +122,8 @@ def test_meta_uuid_counts_that_gpu_only() -> None:
     assert sorted(s["gpu"]) == [str(g) for g in range(8)]  # per-GPU telemetry stays for every GPU
 
 
-def test_two_ranks_count_both_gpus() -> None:
-    fake = fake8()
-    events = sample(fake)
+def test_two_ranks_count_both_gpus(sampled8: Sampled) -> None:
+    fake, events = sampled8
     events += [*steps_around(events), meta(0, fake.uuids[5]), meta(1, fake.uuids[2].lower())]
     rec = record(events)
     s = rec["summary"]
@@ -121,9 +133,8 @@ def test_two_ranks_count_both_gpus() -> None:
     assert s["joules_per_token"] == pytest.approx(j_per_token(rec, [2, 5]), rel=1e-6)
 
 
-def test_a_loaded_record_keeps_the_uuid_and_the_figures() -> None:
-    fake = fake8()
-    events = sample(fake)
+def test_a_loaded_record_keeps_the_uuid_and_the_figures(sampled8: Sampled) -> None:
+    fake, events = sampled8
     events += [*steps_around(events), meta(uuid=fake.uuids[6])]
     rec = record(events)
     again = normalize(rec)
@@ -136,9 +147,8 @@ def test_a_loaded_record_keeps_the_uuid_and_the_figures() -> None:
     ("visible", "gpus"),
     [("1,6", [1, 6]), ("GPU-00000004", [4]), ("7, GPU-00000000-4e93", [0, 7]), ("2,bogus,5", [2])],
 )
-def test_no_uuid_honours_cuda_visible_devices(visible: str, gpus: list[int]) -> None:
-    fake = fake8()
-    events = sample(fake)
+def test_no_uuid_honours_cuda_visible_devices(visible: str, gpus: list[int], sampled8: Sampled) -> None:
+    _, events = sampled8
     events += [*steps_around(events), meta()]
     rec = record(events)
     environment = {"env": {"CUDA_VISIBLE_DEVICES": visible}}
@@ -149,9 +159,8 @@ def test_no_uuid_honours_cuda_visible_devices(visible: str, gpus: list[int]) -> 
     assert "CUDA_VISIBLE_DEVICES" in s["energy_note"]
 
 
-def test_cuda_visible_devices_that_hides_every_gpu() -> None:
-    fake = fake8()
-    events = sample(fake)
+def test_cuda_visible_devices_that_hides_every_gpu(sampled8: Sampled) -> None:
+    _, events = sampled8
     events += [*steps_around(events), meta()]
     rec = record(events)
     s = summarize(rec["series"], rec["events"], rec["started_ts"], rec["ended_ts"],
@@ -160,9 +169,8 @@ def test_cuda_visible_devices_that_hides_every_gpu() -> None:
     assert "hides every GPU" in s["energy_note"]
 
 
-def test_no_uuid_and_no_cuda_visible_devices_counts_every_gpu_with_a_note() -> None:
-    fake = fake8()
-    events = sample(fake)
+def test_no_uuid_and_no_cuda_visible_devices_counts_every_gpu_with_a_note(sampled8: Sampled) -> None:
+    _, events = sampled8
     events += [*steps_around(events), meta()]
     rec = record(events)
     s = rec["summary"]
@@ -191,9 +199,8 @@ def test_mig_mode_on_the_runs_gpu_gives_no_energy() -> None:
     assert rec["summary"]["energy_j"] == pytest.approx(delta_j(rec, 0))
 
 
-def test_an_unknown_uuid_is_not_charged_another_gpu() -> None:
-    fake = fake8()
-    events = sample(fake)
+def test_an_unknown_uuid_is_not_charged_another_gpu(sampled8: Sampled) -> None:
+    _, events = sampled8
     s = record(events + steps_around(events) + [meta(uuid="GPU-ffffffff-0000-0000-0000-000000000000")])["summary"]
     assert s["energy_j"] is None and s["joules_per_token"] is None and s["energy_gpus"] == []
     assert "GPU-ffffffff-0000-0000-0000-000000000000" in s["energy_note"]

@@ -54,6 +54,7 @@ def test_validate_rejects(change: dict, reason: str) -> None:
         replace(PRESETS["tiny-llama"], **change).validate()
 
 
+@pytest.mark.slow
 def test_config_module_is_torch_free() -> None:
     import subprocess
     import sys

@@ -78,6 +78,7 @@ def test_sdpa_backends_match_math_with_grads(name: str, window: int | None) -> N
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("q_len", [40, 1, 5])
 @pytest.mark.parametrize("window", [None, 7])
 def test_flex_matches_math(window: int | None, q_len: int) -> None:
@@ -93,6 +94,7 @@ def test_flex_matches_math(window: int | None, q_len: int) -> None:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
 def test_model_backends_agree(name: str) -> None:
     cfg = PRESETS[name]
@@ -109,6 +111,7 @@ def test_model_backends_agree(name: str) -> None:
     assert not torch.allclose(ref, Transformer(cfg).eval()(tokens))  # the window really changed something
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_same_grads() -> None:
     cfg = PRESETS["tiny-llama"]
     tokens = torch.randint(0, cfg.vocab_size, (2, 16))

@@ -36,6 +36,7 @@ def _counted(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
 def test_flops_match_flop_counter(cfg: ModelConfig) -> None:
     b, t = 2, 64
@@ -107,6 +108,7 @@ def test_memory_weights_and_grads_are_parameter_bytes(cfg: ModelConfig, dtype: t
     assert infer["kv_cache"] == KVCache(cfg, batch=2, max_len=32, dtype=dtype).nbytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_activation_estimate_near_saved_tensors(arch: str) -> None:
     """Bytes autograd saves in one bf16 training forward + loss, against the estimate (flash-style kernel)."""

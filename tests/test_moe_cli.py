@@ -102,6 +102,7 @@ def test_step_events_and_active_flops(moe_run):
     assert s["experts"]["experts"] == cfg.n_experts and s["experts"]["mean"]["router_entropy"] > 0
 
 
+@pytest.mark.slow
 def test_loop_and_grouped_give_the_same_losses_and_counts(capsys):
     args = [*SMALL, "--steps", "5", "--dtype", "fp32", "--data", "zipf", "--balance", "both", "--balance-window",
             "3"]
@@ -115,6 +116,7 @@ def test_loop_and_grouped_give_the_same_losses_and_counts(capsys):
     assert impls == ["loop", "grouped"]
 
 
+@pytest.mark.slow
 def test_balance_metrics_off_emits_no_experts_events(capsys):
     evs = workload(capsys, *SMALL, "--steps", "2", "--balance-metrics", "off", "--mode", "prefill")
     assert not [e for e in evs if e["type"] == "experts"] and len([e for e in evs if e["type"] == "step"]) == 3

@@ -123,6 +123,7 @@ def test_loop_and_grouped_models_agree_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_flops_count_only_active_experts():
     cfg = TINY
     b, t = 2, 32

@@ -68,6 +68,7 @@ def serve(model: Transformer, kernel: AttentionKernel, n: int = 9, max_batch: in
     return res, steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "backend", "window"),
     [("tiny", "auto", None), ("tiny-llama", "auto", None), ("tiny-llama", "math", 5), ("tiny", "auto", 4)],
@@ -89,6 +90,7 @@ def test_tokens_equal_full_recompute(name, backend, window):
     assert len(arrivals) == 9
 
 
+@pytest.mark.slow
 def test_padded_chunks_and_rows_give_the_same_tokens():
     """The FP8 (Transformer Engine) layout: prefill chunks padded to 16 tokens, decode on at least 16 rows."""
     torch.manual_seed(0)
@@ -135,6 +137,7 @@ def test_decode_buckets():
     assert buckets(40, smallest=16) == [16, 32, 40]
 
 
+@pytest.mark.slow
 def test_separate_projections_give_the_same_tokens():
     """Decode with q, k, v and gate, up as separate GEMMs (what FP8-swapped layers run) equals recompute."""
     torch.manual_seed(0)

@@ -83,6 +83,7 @@ def _opts(cfg_name: str, p: int, o: int) -> dict[str, Any]:
                             "max_prefill_tokens": BUDGET, "max_batch": 1})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
 def test_serve_flops_per_output_token_match_flop_counter(name: str) -> None:
     """The figure serve emits (meta ``flops_per_token``: per output token, prefill included) times the output
@@ -102,6 +103,7 @@ def test_serve_flops_per_output_token_match_flop_counter(name: str) -> None:
         assert btune == pytest.approx(counted, rel=1e-6), f"request {rid} (prompt {p}, output {o})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
 def test_serve_flops_phases_match_flop_counter(name: str) -> None:
     """Prefill and decode apart: prefill (layers per prompt token, attention over each chunk's keys, the LM head

@@ -121,6 +121,7 @@ def test_app_ending_otherwise_cancels_the_live_run(tmp_path):
     assert runs.load_record(runs.list_runs(tmp_path)[0])["status"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_form_follows_the_catalog_and_the_machine(tmp_path):
     async def body():
         app = make_app(tmp_path, python="python")
@@ -159,6 +160,7 @@ def test_form_follows_the_catalog_and_the_machine(tmp_path):
     run(body())
 
 
+@pytest.mark.slow
 def test_switching_workloads_rebuilds_the_form(tmp_path, monkeypatch):
     from dataclasses import replace
 
@@ -185,6 +187,7 @@ def test_switching_workloads_rebuilds_the_form(tmp_path, monkeypatch):
     run(body())
 
 
+@pytest.mark.slow
 def test_choices_this_machine_cannot_run_come_from_the_catalog_checks(tmp_path):
     from workloads.options import Machine
 
@@ -209,6 +212,7 @@ def test_choices_this_machine_cannot_run_come_from_the_catalog_checks(tmp_path):
     assert "1 × NVIDIA H100 80GB HBM3" in gpu_line
 
 
+@pytest.mark.slow
 def test_runs_screen_replay_and_compare(tmp_path):
     directory = copy_runs(tmp_path / "runs")
 
@@ -301,6 +305,7 @@ def test_feed_merges_ranks_of_a_step_and_counts_tokens_once():
     assert len(view.steps) == 50 and all(s["step_ms"] == 13.0 for s in view.steps[:-2])  # the slowest rank
 
 
+@pytest.mark.slow
 def test_replay_shows_expert_balance_and_latency_only_when_the_record_has_them():
     async def shown(rec: dict) -> dict[str, bool]:
         app = make_app(Path("."))

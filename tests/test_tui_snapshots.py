@@ -22,6 +22,7 @@ from tuner.tui.screens.replay import ReplayScreen
 from tuner.tui.screens.runs import RunsScreen
 
 TESTS = Path(__file__).parent
+pytestmark = pytest.mark.slow  # each snapshot runs the app for seconds
 
 
 @pytest.fixture(autouse=True)
