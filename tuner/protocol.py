@@ -137,6 +137,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "finish_s": _opt(_num), "token_s": _list(_num), "ttft_ms": _opt(_num), "tpot_ms": _opt(_num),
                 "e2e_ms": _opt(_num)},
     "log": {"message": _str, "level": _str, "stream": _str},
+    "phase": {"phase": _str, "detail": _opt(_str), "k": _opt(_int), "n": _opt(_int)},
     "summary": {"passed": _bool, "interrupted": _bool, "tp": _int, "tolerance": _opt(_num),
                 "mismatches": _list(_str), "tensors": _list(_dict), "serving": _dict, "engine": _dict, "slo": _dict,
                 "load_duration_s": _opt(_nonneg),
@@ -146,7 +147,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "step": ("step", "step_ms"), "gpu": ("gpu",), "energy": ("gpu", "mj"), "series": ("name",),
-    "log": ("message",), "error": ("message",), "telemetry_note": ("message",),
+    "log": ("message",), "phase": ("phase",), "error": ("message",), "telemetry_note": ("message",),
 }
 #: Types stored as columnar series: a field not declared must be a scalar there.
 SERIES_TYPES = frozenset({"step", "gpu", "energy", "host", "series"})

@@ -26,7 +26,9 @@ SCHEMA_VERSION = 1
 ENV_EVENTS = "BTUNE_EVENTS"
 
 #: Event types a workload may send.
-WORKLOAD_TYPES = frozenset({"meta", "step", "experts", "request", "series", "log", "summary", "error"})
+WORKLOAD_TYPES = frozenset({"meta", "step", "experts", "request", "series", "log", "summary", "error", "phase"})
+#: The phases a workload reports, in order (tuner.progress adds the console's own: starting, writing, done).
+PHASES = ("building", "loading", "compiling", "warm-up", "measuring", "draining")
 
 #: Which clock timed a step (the step event's ``clock``): CUDA events around the step on the device, or the
 #: host's wall clock (CPU runs, and serving's engine steps, whose latencies are wall time).
@@ -243,6 +245,11 @@ class Emitter:
             "engine": engine, "replicas": replicas, "passed": passed, "tp": tp, "tolerance": tolerance,
             "floor": floor, "grad_scale": grad_scale, "rule": rule, "tensors": tensors, "mismatches": mismatches,
             "interrupted": interrupted}), **extra)
+
+    def phase(self, phase: str, detail: str | None = None, k: int | None = None, n: int | None = None) -> None:
+        """Where the workload is (one of PHASES), with ``k`` of ``n`` where known (a compiled graph, a bucket)."""
+        given = {"detail": detail, "k": k, "n": n}
+        self.emit("phase", phase=phase, **{key: v for key, v in given.items() if v is not None})
 
     def log(self, message: str, level: str = "info") -> None:
         """A human-readable line."""
