@@ -24,20 +24,20 @@ PROGRAMS = Path(__file__).parent / "programs"
 #: ``btune`` and ``btune-tui`` as their installed scripts run them, on this test run's interpreter.
 BTUNE = [sys.executable, "-c", "import sys; from tuner.cli import main; sys.exit(main())"]
 TUI = [sys.executable, "-c", "import sys; from tuner.tui.main import main; sys.exit(main())"]
-#: The environment of every command the tests run: unbuffered, so the lines of a process killed mid-run arrive.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 #: Extra variables for runs of several processes on a small machine (--tp, --replicas): one thread each.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def environ(extra: dict[str, str | None] | None = None) -> dict[str, str]:
-    """``ENV`` with ``extra`` variables set (a variable set to None is removed)."""
-    return {k: v for k, v in {**ENV, **(extra or {})}.items() if v is not None}
+    """The environment of a command the tests run: this process's as it is now (monkeypatched variables
+    included), unbuffered, so the lines of a process killed mid-run arrive, and ``extra`` (a variable set to
+    None is removed)."""
+    return {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}.items() if v is not None}
 
 
 def btune(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None, timeout: float = 300,
           **kw: Any) -> subprocess.CompletedProcess:
-    """``btune ARGS`` in a subprocess, its output captured as text. ``env``: variables changed from ``ENV`` (see
+    """``btune ARGS`` in a subprocess, its output captured as text. ``env``: the variables to change (see
     environ); ``timeout`` only guards against a hang."""
     return subprocess.run([*BTUNE, *args], capture_output=True, text=True, env=environ(env), cwd=cwd,
                           timeout=timeout, **kw)
@@ -45,7 +45,7 @@ def btune(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None
 
 def tui(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """``btune-tui ARGS`` in a subprocess (``--replay`` runs headless)."""
-    return subprocess.run([*TUI, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+    return subprocess.run([*TUI, *args], capture_output=True, text=True, env=environ(), timeout=timeout)
 
 
 def start_btune(*args: str, env: dict[str, str | None] | None = None, **kw: Any) -> subprocess.Popen:

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
-from support import ENV, btune, live_journal, start_btune, tui
+from support import btune, environ, live_journal, start_btune, tui
 
 from tuner.runs import RECORD_SCHEMA_VERSION, load_record
 
@@ -52,21 +52,23 @@ def test_list_shows_workloads_and_options():
     assert "tiny" in dense["presets"] and any(o["name"] == "steps" for o in dense["options"])
 
 
+#: Bad input to btune and the line that refuses it
+#: (tests/test_refusals.py runs them in process too).
+BAD_INPUT = [
+    (["run", "nosuch"], "unknown workload 'nosuch'; available: dense"),
+    (["run", "dense", "--preset", "huge"], "--preset: 'huge' is not allowed; expected one of tiny"),
+    (["run", "dense", "--bogus", "1"], "unrecognized arguments: --bogus 1; allowed:"),
+    (["run", "dense", "--steps", "-5"], "--steps: '-5' is out of range"),
+    (["run", "dense", "--batch-size", "lots"], "--batch-size: 'lots' is not valid; expected an integer"),
+    (["run", "dense", "--mode", "prefill", "--lr", "0.1"], "--lr is only valid with --mode train"),
+    (["run", "dense", "--sample-hz", "0"], "--sample-hz 0"),
+    (["show"], "the following arguments are required: run"),
+    (["nosuchcommand"], "invalid choice"),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("args", "words"),
-    [
-        (["run", "nosuch"], "unknown workload 'nosuch'; available: dense"),
-        (["run", "dense", "--preset", "huge"], "--preset: 'huge' is not allowed; expected one of tiny"),
-        (["run", "dense", "--bogus", "1"], "unrecognized arguments: --bogus 1; allowed:"),
-        (["run", "dense", "--steps", "-5"], "--steps: '-5' is out of range"),
-        (["run", "dense", "--batch-size", "lots"], "--batch-size: 'lots' is not valid; expected an integer"),
-        (["run", "dense", "--mode", "prefill", "--lr", "0.1"], "--lr is only valid with --mode train"),
-        (["run", "dense", "--sample-hz", "0"], "--sample-hz 0"),
-        (["show"], "the following arguments are required: run"),
-        (["nosuchcommand"], "invalid choice"),
-    ],
-)
+@pytest.mark.parametrize(("args", "words"), BAD_INPUT)
 def test_bad_input_is_one_line_exit_2_and_launches_nothing(tmp_path, args, words):
     res = btune(*args, cwd=tmp_path)
     assert res.returncode == 2, res
@@ -189,7 +191,7 @@ def test_replay_never_imports_textual(tiny_run):
             f"rc = tui_main(['--replay', {str(tiny_run)!r}, '--json'])\n"
             "assert 'textual' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
             "sys.exit(rc)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ(), timeout=60)
     assert res.returncode == 0, res.stderr
 
 

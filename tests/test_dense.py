@@ -45,18 +45,20 @@ def test_compiled_run_reports_its_first_step_apart(tmp_path):
     assert s["warmup_step_ms"][0] > s["step_ms"]["max"], "the compile step is excluded from steady state"
 
 
-@pytest.mark.parametrize(
-    ("args", "words"),
-    [
-        (["--fp8-mode", "te"], "FP8 needs an NVIDIA GPU"),
-        (["--fp8-mode", "torchao"], "FP8 needs an NVIDIA GPU"),
-        (["--attention-backend", "cudnn"], "needs a CUDA GPU"),
-        (["--attention-backend", "flex"], "no backward on CPU"),
-        (["--attention-backend", "flash", "--attention-window", "8"], "takes no mask"),
-        (["--compile-mode", "reduce-overhead"], "need a GPU"),
-        (["--fp8-recipe", "rowwise"], "--fp8-recipe is only valid with --fp8-mode"),
-    ],
-)
+#: Dense knobs this machine (CPU only) cannot run, and the line that refuses them
+#: (tests/test_refusals.py runs them in process too).
+REFUSED_KNOBS = [
+    (["--fp8-mode", "te"], "FP8 needs an NVIDIA GPU"),
+    (["--fp8-mode", "torchao"], "FP8 needs an NVIDIA GPU"),
+    (["--attention-backend", "cudnn"], "needs a CUDA GPU"),
+    (["--attention-backend", "flex"], "no backward on CPU"),
+    (["--attention-backend", "flash", "--attention-window", "8"], "takes no mask"),
+    (["--compile-mode", "reduce-overhead"], "need a GPU"),
+    (["--fp8-recipe", "rowwise"], "--fp8-recipe is only valid with --fp8-mode"),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), REFUSED_KNOBS)
 def test_knobs_this_machine_cannot_run_are_refused_before_launch(tmp_path, args, words):
     res = btune("run", "dense", *args, "--out", str(tmp_path))
     assert res.returncode == 2 and words in res.stderr, res.stderr

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from support import ROOT
 
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import param_counts
@@ -60,8 +59,7 @@ def test_config_module_is_torch_free() -> None:
     import sys
 
     code = "import sys, workloads.models.config, workloads.models.flops; sys.exit('torch' in sys.modules)"
-    root = Path(__file__).resolve().parents[1]
-    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
 
 
 def test_meta_init_then_materialise() -> None:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from support import ENV, ONE_THREAD, btune, record_of
+from support import ONE_THREAD, btune, environ, record_of
 
 from tuner.launch import build_config, make_runner
 from tuner.serving import itl_ms
@@ -90,21 +90,23 @@ def test_a_step_cap_reports_unfinished_requests(tmp_path):
     assert s["requests"]["unfinished"] == 3 and s["goodput"] == 0
 
 
-@pytest.mark.parametrize(
-    ("args", "words"),
-    [
-        (["--prompt-len", "fixed:200", "--output-len", "fixed:100"], "exceed tiny's context of 256"),
-        (["--max-seq-len", "40"], "longer than the KV cache (--max-seq-len 40)"),
-        (["--request-rate", "0"], "a request rate must be > 0"),
-        (["--request-rate", "-2"], "--request-rate: '-2' is out of range"),
-        (["--request-rate", "5", "--concurrency", "4"], "contradict each other"),
-        (["--burstiness", "0.5"], "it needs --request-rate"),
-        (["--prompt-len", "uniform:9,2"], "uniform:A,B needs 1 <= A <= B"),
-        (["--attention-backend", "flash"], "the flash kernel takes no mask"),
-        (["--compile-mode", "reduce-overhead"], "CUDA graphs and autotuning need a GPU"),
-        (["--tp", "3"], "--tp 3 must divide the attention heads (4) and KV heads (4)"),
-    ],
-)
+#: Serve options refused before launch (with --preset tiny), and the line that says why
+#: (tests/test_refusals.py runs them in process too).
+REFUSED_SERVE = [
+    (["--prompt-len", "fixed:200", "--output-len", "fixed:100"], "exceed tiny's context of 256"),
+    (["--max-seq-len", "40"], "longer than the KV cache (--max-seq-len 40)"),
+    (["--request-rate", "0"], "a request rate must be > 0"),
+    (["--request-rate", "-2"], "--request-rate: '-2' is out of range"),
+    (["--request-rate", "5", "--concurrency", "4"], "contradict each other"),
+    (["--burstiness", "0.5"], "it needs --request-rate"),
+    (["--prompt-len", "uniform:9,2"], "uniform:A,B needs 1 <= A <= B"),
+    (["--attention-backend", "flash"], "the flash kernel takes no mask"),
+    (["--compile-mode", "reduce-overhead"], "CUDA graphs and autotuning need a GPU"),
+    (["--tp", "3"], "--tp 3 must divide the attention heads (4) and KV heads (4)"),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), REFUSED_SERVE)
 def test_bad_input_is_refused_before_launch(tmp_path, args, words):
     res = btune("run", "serve", "--preset", "tiny", *args, "--out", str(tmp_path), env=ONE_THREAD)
     assert res.returncode == 2, res.stdout + res.stderr
@@ -115,7 +117,7 @@ def test_bad_input_is_refused_before_launch(tmp_path, args, words):
 
 def test_the_workload_alone_refuses_bad_load_flags():
     res = subprocess.run([sys.executable, "-m", "workloads.serve", "--request-rate", "3", "--concurrency", "2"],
-                         capture_output=True, text=True, env={**ENV, **ONE_THREAD}, timeout=120)
+                         capture_output=True, text=True, env=environ(ONE_THREAD), timeout=120)
     assert res.returncode == 2 and "contradict" in res.stderr
 
 

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from support import ENV, ONE_THREAD, PROGRAMS, free_port
+from support import ONE_THREAD, PROGRAMS, environ, free_port
 
 from tuner.launch import build_config, make_runner
 
@@ -19,7 +19,7 @@ from tuner.launch import build_config, make_runner
 def run_program(*args: str) -> list[dict]:
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(PROGRAMS / "tp_serve_tokens.py"), *args], capture_output=True, text=True,
-                         env={**ENV, **ONE_THREAD}, timeout=600)
+                         env=environ(ONE_THREAD), timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
@@ -83,7 +83,7 @@ def test_a_stuck_teardown_ends_the_process_with_its_exit_code():
         "print('not reached')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**ENV, **ONE_THREAD, "PORT": str(free_port())}, timeout=120)
+                         env=environ({**ONE_THREAD, "PORT": str(free_port())}), timeout=120)
     assert res.returncode == 7, res.stdout + res.stderr
     assert "teardown stuck for 1 s" in res.stderr and "not reached" not in res.stdout
 

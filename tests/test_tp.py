@@ -51,16 +51,18 @@ def test_tp_validate_passes_and_catches_a_wrong_shard(tmp_path):
     assert "logits" in rec["summary"]["workload"]["mismatches"]
 
 
-@pytest.mark.parametrize(
-    ("args", "words"),
-    [
-        (["dense", "--preset", "tiny", "--tp", "3"], "--tp 3 must divide the attention heads (4)"),
-        (["dense", "--preset", "tiny-llama", "--tp", "4"], "KV heads (2)"),
-        (["dense", "--tp", "2", "--nnodes", "2"], "needs --rdzv-endpoint"),
-        (["dense", "--tp", "3", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"], "multiple of --nnodes 2"),
-        (["tp-validate", "--tp", "1"], "--tp: '1' is out of range"),
-    ],
-)
+#: Tensor-parallel options refused before launch, and the line that says why
+#: (tests/test_refusals.py runs them in process too).
+REFUSED_TP = [
+    (["dense", "--preset", "tiny", "--tp", "3"], "--tp 3 must divide the attention heads (4)"),
+    (["dense", "--preset", "tiny-llama", "--tp", "4"], "KV heads (2)"),
+    (["dense", "--tp", "2", "--nnodes", "2"], "needs --rdzv-endpoint"),
+    (["dense", "--tp", "3", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"], "multiple of --nnodes 2"),
+    (["tp-validate", "--tp", "1"], "--tp: '1' is out of range"),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), REFUSED_TP)
 def test_bad_tp_is_refused_before_launch(tmp_path, args, words):
     res = btune("run", *args, "--out", str(tmp_path))
     assert res.returncode == 2 and words in res.stderr, res.stderr

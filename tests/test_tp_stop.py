@@ -3,16 +3,12 @@
 Collectives time out after 20 s here, so a rank left waiting for its peer's next step fails the run quickly.
 """
 
-import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
+from support import btune, record_of
 
 from tuner.launch import build_config, make_runner
-from tuner.runs import load_record
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +26,7 @@ def steps_per_rank(rec: dict) -> dict[str, list[int]]:
 
 
 def test_duration_stops_every_rank_after_the_same_step(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "tuner", "run", "dense", *SHAPE, "--duration", "1",
-                          "--no-telemetry", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=240)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rec = load_record(Path(res.stdout.strip().splitlines()[-1]))
+    rec = record_of(btune("run", "dense", *SHAPE, "--duration", "1", "--no-telemetry", "--out", str(tmp_path)))
     assert rec["status"] == "ok"
     steps = steps_per_rank(rec)
     assert sorted(steps) == ["0", "1"]
