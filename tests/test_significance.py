@@ -40,7 +40,7 @@ def test_sweep_with_repeat_runs_each_combination_as_separate_processes(tmp_path)
                 env=ONE_THREAD, timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("  ok: ") == 4
-    assert "2 vs 2 runs" in res.stdout and "same config as base" in res.stdout
+    assert "2 vs 2 runs" in res.stdout and "same config" in res.stdout
     from tuner.runs import list_runs, load_record
 
     recs = [load_record(p) for p in list_runs(tmp_path)]

@@ -59,23 +59,49 @@ def load_run(ref: str, directory: str | None = None) -> dict[str, Any]:
 
 
 # -- commands ----------------------------------------------------------------------------------
+def _option_doc(spec: catalog.WorkloadSpec, opt: catalog.Option, preset: str | None) -> dict[str, Any]:
+    doc = {"name": opt.name, "type": opt.type.__name__, "default": opt.default, "choices": opt.choices,
+           "min": opt.min, "max": opt.max, "help": opt.help, "when": [[k, list(v)] for k, v in opt.when]}
+    resolved = catalog.preset_value(spec, opt, {"preset": preset} if preset else None)
+    if resolved is not None:
+        doc["preset_default"] = resolved  # what the default resolves to under the (default) preset
+    return doc
+
+
+def option_lines(spec: catalog.WorkloadSpec, values: dict[str, Any] | None = None) -> list[str]:
+    """One line per option of ``spec``: flag, help, allowed values, default (resolved under ``values``' preset)."""
+    out = []
+    for opt in spec.all_options():
+        when = "".join(f" (only with --{k} {'/'.join(map(str, v))})" for k, v in opt.when)
+        out.append(f"  {opt.flag:<26} {opt.help} [{opt.describe_allowed()}; "
+                   f"{catalog.default_text(spec, opt, values)}]{when}")
+    return out
+
+
+def _specs(args: argparse.Namespace) -> list[catalog.WorkloadSpec]:
+    if args.workload is None:
+        if args.preset:
+            raise CliError("btune list: --preset needs a workload (btune list WORKLOAD --preset NAME)")
+        return list(catalog.WORKLOADS.values())
+    spec = catalog.get(args.workload)
+    if args.preset and args.preset not in spec.presets:
+        raise CliError(f"btune list: --preset {args.preset!r} is not one of {spec.name}'s: {', '.join(spec.presets)}")
+    return [spec]
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    specs = _specs(args)
     if args.json:
         import orjson
 
         doc = [{"name": s.name, "description": s.description, "presets": list(s.presets),
-                "options": [{"name": o.name, "type": o.type.__name__, "default": o.default, "choices": o.choices,
-                             "min": o.min, "max": o.max, "help": o.help,
-                             "when": [[k, list(v)] for k, v in o.when]} for o in s.all_options()]}
-               for s in catalog.WORKLOADS.values()]
+                "options": [_option_doc(s, o, args.preset) for o in s.all_options()]} for s in specs]
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
-    for spec in catalog.WORKLOADS.values():
+    for spec in specs:
         print(f"{spec.name}  {spec.description}")
         print(f"  presets: {', '.join(spec.presets)}")
-        for opt in spec.all_options():
-            when = "".join(f" (only with --{k} {'/'.join(map(str, v))})" for k, v in opt.when)
-            print(f"  {opt.flag:<22} {opt.help} [{opt.describe_allowed()}; default {opt.default}]{when}")
+        print("\n".join(option_lines(spec, {"preset": args.preset} if args.preset else None)))
         print()
     return 0
 
@@ -124,15 +150,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise CliError("btune compare: give at least two runs")
     from tuner.report import compare
 
-    print(compare([load_run(r, args.out) for r in args.runs]))
+    print(compare([load_run(r, args.out) for r in args.runs], width=table_width()))
     return 0
+
+
+def table_width() -> int:
+    """Tables fit the terminal (at least 80 columns), or 120 columns when stdout is not one."""
+    import shutil
+
+    from tuner.report import WIDTH
+
+    if not sys.stdout.isatty():
+        return WIDTH
+    return max(80, shutil.get_terminal_size((WIDTH, 24)).columns)
+
+
+#: What ``btune export --out NAME`` takes as the output file (not the runs directory), by suffix: the format.
+EXPORT_SUFFIXES = {".json": "json", ".csv": "csv", ".prom": "prometheus", ".txt": "prometheus"}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tuner.export import export
 
-    recs = [load_run(r, args.out) for r in args.runs]
-    data = export(recs, args.format)
+    runs_dir = args.out
+    if args.out and not args.output and Path(args.out).suffix.lower() in EXPORT_SUFFIXES \
+            and not Path(args.out).is_dir():
+        args.output, runs_dir = args.out, None  # --out runs.csv: the output file, as a user means it
+        print(f"btune export: writing {args.output} (--out with a file suffix is the output file; "
+              "the runs directory is the default)", file=sys.stderr)
+    fmt_ = args.format or EXPORT_SUFFIXES.get(Path(args.output or "").suffix.lower(), "json")
+    recs = [load_run(r, runs_dir) for r in args.runs]
+    data = export(recs, fmt_)
     if args.output:
         try:
             runs.atomic_write(Path(args.output), data)
@@ -147,23 +195,30 @@ def cmd_runs(args: argparse.Namespace) -> int:
     directory = runs.runs_dir(args.out)
     if args.action == "recover":
         return recover_all(directory)
-    from tuner.report import fmt, table
+    from tuner.report import differing_options, quantity, table
 
-    rows = []
+    recs: list[dict[str, Any]] = []
+    rows: list[list[str]] = []
     for path in runs.list_runs(directory):
         try:
-            rec = runs.load_record(path)
+            recs.append(runs.load_record(path))
         except runs.RunFileError as exc:
-            rows.append([path.stem, "-", "unreadable", "-", "-", str(exc).split(": ", 1)[-1][:60]])
-            continue
+            rows.append([path.stem, "-", "unreadable", "-", "-", "-", str(exc).split(": ", 1)[-1][:80]])
+    options = differing_options(recs)
+    good = []
+    for rec, opts in zip(recs, options, strict=True):
         s = rec["summary"]
-        rows.append([rec["id"], str(rec["config"].get("workload")), rec["status"],
-                     fmt(s.get("throughput_tokens_per_s")), fmt((s.get("mfu") or {}).get("bf16", {}).get("value"), "%"),
-                     fmt(s.get("energy_j"))])
+        good.append([rec["id"], str(rec["config"].get("workload")), rec["status"],
+                     quantity(s.get("throughput_tokens_per_s"), "tok/s"),
+                     quantity((s.get("mfu") or {}).get("bf16", {}).get("value"), "%"),
+                     quantity(s.get("energy_j"), "J"), opts or "-"])
+    rows = good + rows
     for j in runs.orphan_journals(directory):
         live = runs.is_live(j)
-        rows.append([j.name, "-", "live" if live else "interrupted", "-", "-", "" if live else "btune runs recover"])
-    print(table(rows, ["run", "workload", "status", "tok/s", "MFU", "energy J"]) if rows else f"no runs in {directory}")
+        rows.append([j.name, "-", "live" if live else "interrupted", "-", "-", "-",
+                     "" if live else "btune runs recover"])
+    header = ["run", "workload", "status", "throughput", "MFU", "energy", "options (that differ between runs)"]
+    print(table(rows, header, left=(0, 6)) if rows else f"no runs in {directory}")
     return 0
 
 
@@ -212,11 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="btune", description="GPU tuning console (headless). The app is btune-tui.", allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    ls = sub.add_parser("list", help="workloads, presets and options")
-    ls.add_argument("--json", action="store_true")
+    ls = sub.add_parser("list", help="workloads, presets and options",
+                        description="Workloads, their presets and every option with its type, range and default "
+                                    "(the declaration btune run, btune sweep and the app's form all read).")
+    ls.add_argument("workload", nargs="?", help="only this workload")
+    ls.add_argument("--preset", help="show the defaults that depend on the preset as this preset resolves them")
+    ls.add_argument("--json", action="store_true", help="JSON: a list of workloads (one with WORKLOAD)")
 
-    run = sub.add_parser("run", help="run a workload; WORKLOAD options follow (btune list)", allow_abbrev=False)
-    run.add_argument("workload")
+    run = sub.add_parser("run", help="run a workload; WORKLOAD options follow (btune run WORKLOAD --help)",
+                         description="Run one workload. Its options follow the workload's name; "
+                                     "btune run WORKLOAD --help lists them (with --preset NAME: the defaults that "
+                                     "depend on the preset as NAME resolves them).", allow_abbrev=False)
+    run.add_argument("workload", help=f"one of {', '.join(catalog.WORKLOADS)}")
     run.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
     run.add_argument("--timeout", type=finite, default=0.0, help="seconds before the run is stopped (0: none)")
     run.add_argument("--sample-hz", type=finite, default=10.0, help="telemetry samples per second (default 10)")
@@ -229,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rdzv-endpoint", default="", help="HOST:PORT where the nodes meet (same on every node)")
 
     sw = sub.add_parser("sweep", help="the cartesian product of comma-separated option values, one run each",
-                        allow_abbrev=False)
-    sw.add_argument("workload")
+                        description=SWEEP_HELP, epilog=SWEEP_EXAMPLE, allow_abbrev=False,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("workload", help=f"one of {', '.join(catalog.WORKLOADS)}")
     sw.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
     sw.add_argument("--timeout", type=finite, default=0.0, help="seconds per run before it is stopped (0: none)")
     sw.add_argument("--sample-hz", type=finite, default=10.0, help="telemetry samples per second (default 10)")
@@ -247,11 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("runs", nargs="+")
     cmp.add_argument("--out", help="runs directory for ids")
 
-    ex = sub.add_parser("export", help="dashboard export")
+    ex = sub.add_parser("export", help="dashboard export",
+                        description="Flat metric rows of runs for dashboards. Write them to a file with "
+                                    "-o FILE (or --out FILE.csv: a name ending in .json, .csv, .prom or .txt is "
+                                    "the output file, not the runs directory); the format follows the suffix "
+                                    "unless --format says otherwise.")
     ex.add_argument("runs", nargs="+")
-    ex.add_argument("--format", choices=("json", "csv", "prometheus"), default="json")
+    ex.add_argument("--format", choices=("json", "csv", "prometheus"), default=None,
+                    help="default: from the output file's suffix, else json")
     ex.add_argument("-o", "--output", help="file to write (default stdout)")
-    ex.add_argument("--out", help="runs directory for ids")
+    ex.add_argument("--out", help="runs directory for ids; a name ending in .json, .csv, .prom or .txt is taken as "
+                                  "the output file (as -o)")
 
     rs = sub.add_parser("runs", help="list the runs directory, or recover interrupted runs")
     rs.add_argument("action", nargs="?", choices=("list", "recover"), default="list")
@@ -259,7 +328,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SWEEP_HELP = """Run a workload once for every combination of option values, each run its own process and
+record, then print one table: a row per run, named by the options that differ, with the headline
+figures and whether each config's step time differs from the first row's beyond run-to-run noise.
+
+Any option of the workload takes a comma-separated list of values (no spaces): --batch-size 1,2,4
+is three values. A length distribution keeps its own commas: --prompt-len uniform:4,48,fixed:16 is
+two values. The workload's options: btune sweep WORKLOAD --help."""
+SWEEP_EXAMPLE = """example:
+  btune sweep dense --preset tiny --batch-size 1,2,4 --attention-backend auto,math --steps 20
+  runs 3 x 2 = 6 configurations (12 runs with --repeat 2, so the table can test each difference)."""
+
+
+def _help_for_workload(argv: list[str]) -> None:
+    """``btune run WORKLOAD --help`` and ``btune sweep WORKLOAD --help``: the runner's flags, then the workload's
+    options from its declaration, defaults that depend on the preset resolved under ``--preset`` (or the default
+    preset). Prints the help and exits 0 (argparse's way); returns when the help was not asked for."""
+    if len(argv) < 2 or argv[0] not in ("run", "sweep") or not {"-h", "--help"} & set(argv):
+        return
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    spec = catalog.WORKLOADS.get(words[0]) if words else None
+    if spec is None:
+        return
+    preset = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), preset)
+    if preset is not None and argv[0] == "sweep":
+        preset = preset.split(",")[0]  # a sweep's list of presets: the defaults as the first resolves them
+    if preset is not None and preset not in spec.presets:
+        raise CliError(f"--preset: {preset!r} is not allowed; expected one of {', '.join(spec.presets)}")
+    import textwrap
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = sub.choices[argv[0]]
+    command.prog = f"btune {argv[0]} {spec.name}"
+    command.usage = f"btune {argv[0]} {spec.name} [runner flags] [{spec.name} options]"
+    if command.formatter_class is not argparse.RawDescriptionHelpFormatter:
+        command.description = textwrap.fill(command.description or "", 100)
+    command.formatter_class = argparse.RawDescriptionHelpFormatter
+    command.description = f"{command.description}\n\n" + textwrap.fill(f"{spec.name}: {spec.description}", 100)
+    group = command.add_argument_group(
+        f"{spec.name} options (the declaration the app's form reads; btune list {spec.name})"
+        + (" with values as lists a,b,c" if argv[0] == "sweep" else ""))
+    values = {"preset": preset} if preset else None
+    for opt in spec.all_options():
+        when = "".join(f" (only with --{k} {'/'.join(map(str, v))})" for k, v in opt.when)
+        text = f"{opt.help} [{opt.describe_allowed()}; {catalog.default_text(spec, opt, values)}]{when}"
+        kwargs: dict[str, Any] = {"help": text.replace("%", "%%"), "dest": f"_help_{opt.dest}"}
+        if opt.type is bool:
+            group.add_argument(opt.flag, action="store_true", **kwargs)
+        else:
+            group.add_argument(opt.flag, metavar={int: "N", float: "X"}.get(opt.type, "VALUE"), **kwargs)
+    command.print_help()
+    raise SystemExit(0)
+
+
 def _dispatch(argv: Sequence[str]) -> int:
+    _help_for_workload(list(argv))
     parser = build_parser()
     args, extra = parser.parse_known_args(list(argv))
     if args.command == "run":

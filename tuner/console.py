@@ -13,18 +13,24 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tuner.launch import LaunchError, RunConfig, make_runner
-from tuner.report import fmt
+from tuner.report import fmt, quantity
 from tuner.runner import RunResult
 
 
 class ConsoleStatus:
-    """Shows a live run on a terminal: one rewritten status line on a TTY, plain lines otherwise."""
+    """Shows a live run on a terminal: one rewritten status line on a TTY. Otherwise (piped, a log file) plain
+    lines, at most one a second: a note says so first, each line says how many steps it stands for, and the
+    last step is always written; the record has every step."""
+
+    PLAIN_PERIOD = 1.0  #: seconds between plain lines
 
     def __init__(self, out: TextIO, tty: bool) -> None:
         self.out, self.tty = out, tty
         self.step: dict[str, Any] | None = None
         self.gpus: dict[int, dict[str, Any]] = {}
+        self.notes: list[str] = []  #: notes already written (the closing summary leaves them out)
         self._last_plain = 0.0
+        self._unwritten = 0  # steps since the last plain line
         self._lock = threading.Lock()
         self.t0 = time.time()
 
@@ -32,13 +38,28 @@ class ConsoleStatus:
         kind = ev.get("type")
         if kind == "step":
             self.step = ev
-            if not self.tty and time.time() - self._last_plain >= 1.0:
-                self._last_plain = time.time()
-                self._write(self.line())
+            if not self.tty:
+                if self._last_plain == 0.0:
+                    self._write(f"btune: not a terminal: a status line at most every {self.PLAIN_PERIOD:g} s, "
+                                "with the steps it stands for; the record has every step")
+                self._unwritten += 1
+                if time.time() - self._last_plain >= self.PLAIN_PERIOD:
+                    self._plain()
         elif kind == "gpu":
             self.gpus[ev.get("gpu", 0)] = ev
         elif kind in ("error", "telemetry_note"):
-            self._write(f"{'error' if kind == 'error' else 'note'}: {ev.get('message')}")
+            message = str(ev.get("message"))
+            if kind == "telemetry_note":
+                if message in self.notes:
+                    return
+                self.notes.append(message)
+            self._write(f"{'error' if kind == 'error' else 'note'}: {message}")
+
+    def _plain(self) -> None:
+        self._last_plain = time.time()
+        more = f" ({self._unwritten} steps since the last line)" if self._unwritten > 1 else ""
+        self._unwritten = 0
+        self._write(self.line() + more)
 
     def line(self) -> str:
         elapsed = time.time() - self.t0
@@ -48,8 +69,8 @@ class ConsoleStatus:
             ms = s.get("step_ms") or 0
             tok_s = s["tokens"] / (ms / 1000) if ms and s.get("tokens") else None
             parts.append(f"step {s.get('step')}{' (warm-up)' if s.get('warmup') else ''}")
-            parts.append(f"{fmt(ms)} ms")
-            parts.append(f"{fmt(tok_s)} tok/s")
+            parts.append(quantity(ms, "ms"))
+            parts.append(quantity(tok_s, "tok/s"))
             if "loss" in s:
                 parts.append(f"loss {fmt(s['loss'])}")
         else:
@@ -77,6 +98,8 @@ class ConsoleStatus:
         if self.tty:
             self.out.write("\r\x1b[K")
             self.out.flush()
+        elif self._unwritten:  # the last step, whenever it came
+            self._plain()
 
 
 class ConsoleSignals:
@@ -189,9 +212,16 @@ def execute(config: RunConfig, out_dir: Path, json_lines: bool = False, telemetr
     if result.write_error:
         print(f"error: {result.write_error}", file=sys.stderr)
         return 2
-    if not json_lines:
+    if json_lines:  # the last line too is JSON: where the record is
+        import orjson
+
+        end = {"type": "record", "id": result.record.get("id"), "status": result.status,
+               "path": str(result.record_path)}
+        out.write(orjson.dumps(end).decode() + "\n")
+        out.flush()
+    else:
         from tuner.report import show
 
-        print(show(result.record), file=out)
-    print(result.record_path, file=out)
+        print(show(result.record, printed_notes=frozenset(status.notes)), file=out)
+        print(result.record_path, file=out)
     return 0 if result.status == "ok" else 1

@@ -9,6 +9,7 @@ this table, so a metric added here appears in every view.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,9 @@ class Metric:
     stats: tuple[str, ...] = SHOWN_STATS
     shown: bool = True  #: False: exported only (show's header already says it)
     everywhere: bool = False  #: any workload's (a run of any kind can send the events it is computed from)
+    kind: str = ""  #: "count": an integer however it is stored (tuner.report.fmt)
+    short: str = ""  #: the column header of a sweep table (default: the label)
+    headline: tuple[str, ...] = ()  #: a sweep table's column: ("value",), or the statistics of a described one
 
     def applies(self, workload: Any) -> bool:
         if self.everywhere:
@@ -46,36 +50,42 @@ _ENGINE = ("serve",)
 REGISTRY: tuple[Metric, ...] = (
     # training and evaluation steps
     Metric("throughput_tokens_per_s", "throughput (steady tokens / steady time)", ("throughput_tokens_per_s",),
-           "tok/s", True, "steps"),
+           "tok/s", True, "steps", short="throughput", headline=("value",)),
     Metric("throughput_per_gpu", "throughput per GPU", ("throughput_per_gpu",), "tok/s", True, "steps"),
     Metric("step_ms", "step time", ("step_ms",), "ms", False, "steps", described=True,
-           stats=("p50", "p90", "p99", "cv")),
-    Metric("tflops", "TFLOP/s", ("tflops",), "TFLOP/s", True, "steps"),
-    Metric("mfu_bf16", "MFU (bf16 peak)", ("mfu", "bf16", "value"), "%", True, "steps"),
-    Metric("mfu_fp8", "MFU (fp8 peak)", ("mfu", "fp8", "value"), "%", True, "steps"),
-    Metric("mbu", "MBU (HBM peak; decode)", ("mbu", "value"), "%", True, "steps"),
+           stats=("p50", "p90", "p99", "cv"), short="step", headline=("p50",)),
+    Metric("tflops", "achieved FLOP/s", ("tflops",), "TFLOP/s", True, "steps", short="FLOP/s", headline=("value",)),
+    Metric("mfu_bf16", "MFU (bf16 peak)", ("mfu", "bf16", "value"), "%", True, "steps", short="MFU bf16",
+           headline=("value",)),
+    Metric("mfu_fp8", "MFU (fp8 peak)", ("mfu", "fp8", "value"), "%", True, "steps", short="MFU fp8",
+           headline=("value",)),
+    Metric("mbu", "MBU (HBM peak; decode)", ("mbu", "value"), "%", True, "steps", short="MBU", headline=("value",)),
     Metric("bandwidth", "bytes moved per second", ("mbu", "achieved_tb_s"), "TB/s", True, "steps"),
-    Metric("loss_last", "final loss", ("loss_last",), "", False, "steps"),
+    Metric("loss_last", "final loss", ("loss_last",), "", False, "steps", short="loss", headline=("value",)),
     # serving: the result block as serving benchmarks print it
     Metric("requests_finished", "requests finished", ("serving", "requests", "finished"), "", True, "serving",
-           everywhere=True),
+           everywhere=True, kind="count"),
     Metric("requests_unfinished", "requests unfinished", ("serving", "requests", "unfinished"), "", False,
-           "serving", everywhere=True),
+           "serving", everywhere=True, kind="count", short="unfinished", headline=("value",)),
     Metric("load_duration", "load duration", ("serving", "duration_s"), "s", False, "serving", everywhere=True),
     Metric("request_throughput", "request throughput", ("serving", "request_throughput"), "req/s", True, "serving",
-           everywhere=True),
+           everywhere=True, short="requests", headline=("value",)),
     Metric("output_tokens_per_s", "output tokens/s", ("serving", "output_tokens_per_s"), "tok/s", True, "serving",
-           everywhere=True),
+           everywhere=True, short="output", headline=("value",)),
     Metric("total_tokens_per_s", "total tokens/s", ("serving", "total_tokens_per_s"), "tok/s", True, "serving",
            everywhere=True),
     Metric("goodput", "goodput (requests within the SLOs)", ("serving", "goodput"), "req/s", True, "serving",
-           everywhere=True),
-    Metric("ttft_ms", "TTFT", ("serving", "ttft_ms"), "ms", False, "serving", described=True, everywhere=True),
-    Metric("tpot_ms", "TPOT", ("serving", "tpot_ms"), "ms", False, "serving", described=True, everywhere=True),
-    Metric("itl_ms", "ITL", ("serving", "itl_ms"), "ms", False, "serving", described=True, everywhere=True),
+           everywhere=True, short="goodput", headline=("value",)),
+    Metric("ttft_ms", "TTFT", ("serving", "ttft_ms"), "ms", False, "serving", described=True, everywhere=True,
+           headline=("p50", "p99")),
+    Metric("tpot_ms", "TPOT", ("serving", "tpot_ms"), "ms", False, "serving", described=True, everywhere=True,
+           headline=("p50",)),
+    Metric("itl_ms", "ITL", ("serving", "itl_ms"), "ms", False, "serving", described=True, everywhere=True,
+           headline=("p99",)),
     Metric("e2e_ms", "E2E latency", ("serving", "e2e_ms"), "ms", False, "serving", described=True,
            everywhere=True),
-    Metric("engine_mbu", "MBU (HBM peak)", ("mbu", "value"), "%", True, "serving", workloads=_ENGINE),
+    Metric("engine_mbu", "MBU (HBM peak)", ("mbu", "value"), "%", True, "serving", workloads=_ENGINE, short="MBU",
+           headline=("value",)),
     Metric("engine_bandwidth", "bytes moved per second", ("mbu", "achieved_tb_s"), "TB/s", True, "serving",
            workloads=_ENGINE),
     Metric("engine_step_ms", "engine step time", ("step_ms",), "ms", False, "engine steps", described=True,
@@ -90,20 +100,24 @@ REGISTRY: tuple[Metric, ...] = (
     Metric("expert_gini", "Gini (mean of layers)", ("experts", "mean", "gini"), "", False, "expert balance"),
     Metric("expert_gini_max", "Gini (worst layer)", ("experts", "max", "gini"), "", False, "expert balance"),
     Metric("expert_cv", "load CV (mean of layers)", ("experts", "mean", "cv"), "", False, "expert balance"),
-    Metric("expert_max_vio", "MaxVio (worst layer)", ("experts", "max", "max_vio"), "", False, "expert balance"),
+    Metric("expert_max_vio", "MaxVio (worst layer)", ("experts", "max", "max_vio"), "", False, "expert balance",
+           short="MaxVio", headline=("value",)),
     Metric("expert_load_entropy", "load entropy (mean of layers)", ("experts", "mean", "entropy"), "", True,
            "expert balance"),
-    Metric("expert_dead", "dead experts (worst layer)", ("experts", "max", "dead"), "", False, "expert balance"),
+    Metric("expert_dead", "dead experts (worst layer)", ("experts", "max", "dead"), "", False, "expert balance",
+           kind="count", short="dead experts", headline=("value",)),
     Metric("expert_dropped", "dropped tokens (worst layer)", ("experts", "max", "dropped_frac"), "%", False,
            "expert balance"),
     Metric("router_entropy", "router entropy (mean of layers)", ("experts", "mean", "router_entropy"), "", True,
            "expert balance"),
     # energy and memory
     Metric("energy", "energy", ("energy_j",), "J", False, "energy and memory"),
-    Metric("joules_per_token", "energy per token", ("joules_per_token",), "J/tok", False, "energy and memory"),
-    Metric("torch_mem_peak", "torch peak memory", ("torch_mem_peak_mb",), "MiB", False, "energy and memory"),
+    Metric("joules_per_token", "energy per token", ("joules_per_token",), "J/tok", False, "energy and memory",
+           short="energy", headline=("value",)),
+    Metric("torch_mem_peak", "torch peak memory", ("torch_mem_peak_mb",), "MiB", False, "energy and memory",
+           short="peak mem", headline=("value",)),
     Metric("duration", "run duration", ("duration_s",), "s", False, "run", shown=False),
-    Metric("tokens_total", "tokens", ("tokens_total",), "tokens", True, "run", shown=False),
+    Metric("tokens_total", "tokens", ("tokens_total",), "tokens", True, "run", shown=False, kind="count"),
 )
 _SERVE_TOO = frozenset({"energy", "joules_per_token", "torch_mem_peak", "duration", "tokens_total"})
 
@@ -139,8 +153,30 @@ class Figure:
         return "" if self.stat in ("n", "cv") else self.metric.unit
 
     @property
+    def kind(self) -> str:
+        """How the value is written: "count" (an integer) for a count, a sample size included."""
+        if self.stat == "n":
+            return "count"
+        return self.metric.kind if self.stat in (None, "min", "max") else ""
+
+    @property
+    def short(self) -> str:
+        """A column header: the metric's short name and the statistic."""
+        name = self.metric.short or self.metric.label
+        return f"{name} {self.stat}" if self.stat else name
+
+    @property
     def key(self) -> str:
         return f"{self.metric.name}.{self.stat}" if self.stat else self.metric.name
+
+
+def _figure(m: Metric, stat: str | None, value: Any) -> Figure:
+    """A figure whose value is written as its kind: a count as an int, however the summary stored it (so every
+    view, a panel included, writes ``58``, not ``58.000``)."""
+    fig = Figure(m, stat, value)
+    if fig.kind == "count" and number(value) and math.isfinite(value):
+        return Figure(m, stat, round(value))
+    return fig
 
 
 def figures(summary: dict[str, Any], workload: Any, stats: tuple[str, ...] | None = None,
@@ -154,9 +190,23 @@ def figures(summary: dict[str, Any], workload: Any, stats: tuple[str, ...] | Non
         if m.described:
             desc = value if isinstance(value, dict) else {}
             for stat in stats or m.stats:
-                yield Figure(m, stat, desc.get(stat))
+                yield _figure(m, stat, desc.get(stat))
         else:
-            yield Figure(m, None, value)
+            yield _figure(m, None, value)
+
+
+def headline_figures(summary: dict[str, Any], workload: Any) -> Iterator[Figure]:
+    """The registry's headline figures of a summary (a sweep table's columns), values possibly None."""
+    for m in REGISTRY:
+        if not m.headline or not applies(m, workload):
+            continue
+        value = dig(summary, m.path)
+        if m.described:
+            desc = value if isinstance(value, dict) else {}
+            for stat in m.headline:
+                yield _figure(m, stat, desc.get(stat))
+        else:
+            yield _figure(m, None, value)
 
 
 def number(v: Any) -> bool:

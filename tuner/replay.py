@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from tuner.report import blocks, fmt
+from tuner.report import blocks, fmt, quantity
 
 _SERIES_GROUP_FIELD = {"step": "rank", "gpu": "gpu", "energy": "gpu", "series": "name"}
 
@@ -60,15 +60,17 @@ def describe_event(ev: dict[str, Any], t0: float) -> str:
     if kind == "step":
         tag = " warmup" if ev.get("warmup") else ""
         loss = f" loss {fmt(ev.get('loss'))}" if "loss" in ev else ""
-        return f"{head} rank {ev.get('rank')} step {ev.get('step')} {fmt(ev.get('step_ms'))} ms " \
+        return f"{head} rank {ev.get('rank')} step {ev.get('step')} {quantity(ev.get('step_ms'), 'ms')} " \
                f"{ev.get('tokens')} tokens{loss}{tag}"
     if kind == "gpu":
-        return f"{head} gpu {ev.get('gpu')} {fmt(ev.get('power_w'))} W {fmt(ev.get('mem_used_mb'))} MiB " \
-               f"util {fmt(ev.get('util_gpu'))}% {fmt(ev.get('temp_c'))} C"
+        return f"{head} gpu {ev.get('gpu')} {quantity(ev.get('power_w'), 'W')} " \
+               f"{quantity(ev.get('mem_used_mb'), 'MiB', 'count')} util {fmt(ev.get('util_gpu'), kind='percent')} " \
+               f"{quantity(ev.get('temp_c'), 'C', 'count')}"
     if kind == "host":
-        return f"{head} cpu {fmt(ev.get('proc_cpu_percent'))}% rss {fmt(ev.get('proc_rss_mb'))} MiB"
+        return f"{head} cpu {fmt(ev.get('proc_cpu_percent'), kind='percent')} " \
+               f"rss {quantity(ev.get('proc_rss_mb'), 'MiB', 'count')}"
     if kind == "energy":
-        return f"{head} gpu {ev.get('gpu')} counter {fmt(ev.get('mj'))} mJ"
+        return f"{head} gpu {ev.get('gpu')} counter {quantity(ev.get('mj'), 'mJ')}"
     if kind == "log":
         return f"{head} {ev.get('stream', '')} {ev.get('message', '')}"
     if kind in ("error", "telemetry_note"):

@@ -4,36 +4,99 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuner.metrics import Figure, dig, figures, number
+from tuner.metrics import Figure, dig, figures, headline_figures, number
 from tuner.stats import relative_delta, run_level
 
+#: SI prefixes and their factors, largest first.
+_PREFIXES = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0), ("m", 1e-3), ("µ", 1e-6),
+             ("n", 1e-9))
+#: Units that take a prefix (the base unit: the prefixes it may take); other units are written as they are.
+_SCALABLE = {"FLOP/s": "PTGMk", "B/s": "PTGMk", "J/tok": "kmµn", "J": "Mkmµ", "s": "mµn"}
 
-def fmt(value: Any, unit: str = "") -> str:
-    """A number for a table: percentages scaled, large numbers grouped, None as a dash."""
+
+def _split_unit(unit: str) -> tuple[str, float, str] | None:
+    """``("T", 1e12, "FLOP/s")`` for ``TFLOP/s``; None for a unit that takes no prefix."""
+    for base in sorted(_SCALABLE, key=len, reverse=True):
+        if unit.endswith(base):
+            prefix = unit[: -len(base)]
+            factor = dict(_PREFIXES).get(prefix)
+            if factor is not None:
+                return prefix, factor, base
+    return None
+
+
+def scale(values: Any, unit: str) -> tuple[float, str]:
+    """``(divisor, unit)`` to write ``values`` (one number or several, e.g. a table's row or column) in: the unit
+    as given while the largest magnitude is in [1, 10,000), else the SI prefix that brings it to [1, 1,000)
+    (``0.0002965 TFLOP/s`` is ``296.5 MFLOP/s``, ``160,200 J`` is ``160.2 kJ``, ``0.05 ms`` is ``50 µs``)."""
+    split = _split_unit(unit)
+    nums = [abs(v) for v in (values if isinstance(values, (list, tuple)) else [values])
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf") and v]
+    if split is None or not nums:
+        return 1.0, unit
+    prefix, factor, base = split
+    top = max(nums)
+    if 1 <= top < 1e4:
+        return 1.0, unit
+    allowed = [(p, f) for p, f in _PREFIXES if p in _SCALABLE[base] or p == "" or p == prefix]
+    in_base = top * factor
+    pick = next(((p, f) for p, f in allowed if in_base / f >= 1), allowed[-1])
+    return pick[1] / factor, pick[0] + base
+
+
+def fmt(value: Any, unit: str = "", kind: str = "") -> str:
+    """A number for a table, by kind: a count as an integer (``58``, however it is stored), a fraction with unit
+    ``%`` as a percentage (``99.9%``, ``0.05%``), ``kind="percent"`` a value already in percent (``99.9%``),
+    others with four or five significant digits, large numbers grouped, a tiny one with an exponent
+    (``1.86e-05``; ``quantity`` gives a unit that takes one a prefix instead); None as a dash. The unit itself is
+    not written (``quantity`` writes it)."""
     if value is None:
         return "-"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    if unit == "%":
-        return f"{value * 100:.1f}%"
-    if isinstance(value, int):
-        return f"{value:,}"
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    if unit == "%" or kind == "percent":
+        pct = value * 100 if unit == "%" else value
+        if pct == 0:
+            return "0%"
+        return f"{pct:.1f}%" if abs(pct) >= 1 else f"{pct:.2g}%"
+    if kind == "count" or isinstance(value, int):
+        return f"{round(value):,}"
     mag = abs(value)
     if mag >= 1e5:
         return f"{value:,.0f}"
     if mag >= 100:
         return f"{value:,.1f}"
+    if mag >= 10:
+        return f"{value:.2f}"
     if mag >= 1:
         return f"{value:.3f}"
-    return f"{value:.4g}"
+    if mag >= 1e-3:
+        return f"{value:.4g}"
+    return f"{value:.3g}"
 
 
-def table(rows: list[list[str]], header: list[str]) -> str:
-    """A left-aligned first column and right-aligned others, padded to fit."""
+def quantity(value: Any, unit: str = "", kind: str = "") -> str:
+    """``fmt`` with its unit, an SI prefix chosen by ``scale``: ``296.5 MFLOP/s``, ``58``, ``99.9%``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or unit == "%":
+        return fmt(value, unit, kind)
+    div, shown = scale(value, unit)
+    text = fmt(value / div, shown, kind)
+    return f"{text} {shown}" if shown else text
+
+
+def delta_text(d: float) -> str:
+    """A relative difference: ``+3.2%``, and ``+2113%`` from 100% up."""
+    return f"{d * 100:+.0f}%" if abs(d) >= 1 else f"{d * 100:+.1f}%"
+
+
+def table(rows: list[list[str]], header: list[str], left: tuple[int, ...] = (0,)) -> str:
+    """Columns padded to fit: those in ``left`` left-aligned (default: the first), the others right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
     for n, r in enumerate([header, *rows]):
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -56,7 +119,10 @@ def blocks(summary: dict[str, Any], workload: Any) -> str:
         if number(f.value):
             by_block.setdefault(f.metric.block, []).append(f)
     for block, figs in by_block.items():
-        rows = [[f.label, fmt(f.value, f.unit), f.unit if f.unit != "%" else ""] for f in figs]
+        rows = []
+        for f in figs:
+            div, unit = scale(f.value, f.unit)
+            rows.append([f.label, fmt(f.value / div, unit, f.kind), unit if unit != "%" else ""])
         if block == "serving":
             slo = dig(summary, ("serving", "slo")) or {}
             block += f" (SLOs: TTFT <= {fmt(slo.get('ttft_ms'))} ms, TPOT <= {fmt(slo.get('tpot_ms'))} ms)"
@@ -66,8 +132,8 @@ def blocks(summary: dict[str, Any], workload: Any) -> str:
     return "\n\n".join(out)
 
 
-def show(rec: dict[str, Any]) -> str:
-    """A human summary of one run."""
+def show(rec: dict[str, Any], printed_notes: frozenset[str] = frozenset()) -> str:
+    """A human summary of one run; ``printed_notes``: notes already printed (by the live status) left out."""
     s = rec["summary"]
     env = rec.get("environment", {})
     gpus = ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"
@@ -75,7 +141,7 @@ def show(rec: dict[str, Any]) -> str:
         f"run       {rec['id']}",
         f"status    {rec['status']} (exit {rec['exit_code']})",
         f"workload  {dig(rec, ('config', 'workload'))}  {key_options(rec)}",
-        f"started   {rec['started']}   ended {rec['ended']}   ({fmt(s.get('duration_s'))} s)",
+        f"started   {rec['started']}   ended {rec['ended']}   ({quantity(s.get('duration_s'), 's')})",
         f"host      {env.get('host')}   GPUs: {gpus}   torch {dig(env, ('versions', 'torch'))}",
         f"steps     {dig(s, ('steps', 'total'))} total, {dig(s, ('steps', 'warmup'))} warm-up, "
         f"{dig(s, ('steps', 'steady'))} steady",
@@ -93,8 +159,10 @@ def show(rec: dict[str, Any]) -> str:
         lines.append(f"MBU: n/a ({mbu.get('reason')})")
     for gpu, g in (s.get("gpu") or {}).items():
         lines.append(
-            f"gpu {gpu}: power mean {fmt(dig(g, ('power_w', 'mean')))} W, max mem {fmt(g.get('mem_used_mb_max'))} MiB, "
-            f"util {fmt(g.get('util_gpu_mean'))}%, max temp {fmt(g.get('temp_c_max'))} C"
+            f"gpu {gpu}: power mean {quantity(dig(g, ('power_w', 'mean')), 'W')}, "
+            f"max mem {quantity(g.get('mem_used_mb_max'), 'MiB', 'count')}, "
+            f"util {fmt(g.get('util_gpu_mean'), kind='percent')}, "
+            f"max temp {quantity(g.get('temp_c_max'), 'C', 'count')}"
         )
     wl = s.get("workload") or {}
     if "passed" in wl:
@@ -106,7 +174,8 @@ def show(rec: dict[str, Any]) -> str:
         if worst is not None:
             lines.append(f"  worst relative error {worst:.3e} (tolerance {wl.get('tolerance')})")
     for note in s.get("notes") or []:
-        lines.append(f"note: {note}")
+        if note not in printed_notes:
+            lines.append(f"note: {note}")
     err = rec.get("error")
     if err:
         lines.append(f"error: {err.get('message')}")
@@ -115,23 +184,205 @@ def show(rec: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def compare(recs: list[dict[str, Any]], alpha: float = 0.05) -> str:
-    """Runs side by side (every registry figure any of them has); deltas relative to the first; step-time
-    differences tested against run-to-run noise."""
-    header = ["metric"] + [r["id"] for r in recs]
-    rows = [["workload"] + [str(dig(r, ("config", "workload"))) for r in recs],
-            ["status"] + [r["status"] for r in recs],
-            ["options"] + [key_options(r) or "-" for r in recs]]
+WIDTH = 120  #: tables fit this many columns unless told otherwise
+
+
+def option_text(value: Any) -> str:
+    """An option's value in a table: flags as on/off, None as ``unset``."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value is None else str(value)
+
+
+def _options(rec: dict[str, Any]) -> dict[str, Any]:
+    opts = dig(rec, ("config", "options"))
+    return opts if isinstance(opts, dict) else {}
+
+
+def differing_keys(recs: list[dict[str, Any]]) -> list[list[str]]:
+    """Per run, the names of the options that tell it apart from the others of its workload: those whose value
+    is not the same in every run of that workload here (declaration order). Empty for a workload with one run,
+    or whose runs all have the same options."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(recs):
+        groups.setdefault(str(dig(r, ("config", "workload"))), []).append(i)
+    out: list[list[str]] = [[] for _ in recs]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        names = list(dict.fromkeys(k for i in members for k in _options(recs[i])))
+        keys = [k for k in names if len({option_text(_options(recs[i]).get(k)) for i in members}) > 1]
+        for i in members:
+            out[i] = keys
+    return out
+
+
+def differing_options(recs: list[dict[str, Any]]) -> list[str]:
+    """Per run, ``k=v`` text of the options that differ between the runs of its workload (``differing_keys``);
+    where none differ (one run of its workload, or repeats) the options set away from the defaults."""
+    out = []
+    for rec, keys in zip(recs, differing_keys(recs), strict=True):
+        opts = _options(rec)
+        out.append(" ".join(f"{k}={option_text(opts.get(k))}" for k in keys) if keys else key_options(rec))
+    return out
+
+
+def name_rows(recs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """What names each run in a comparison, as rows (name, value per run): the workload where they differ, each
+    option that differs between runs of a workload (blank for a run whose workload has not that option), and
+    ``run`` (1, 2, ...) where that still leaves two runs alike (repeats)."""
+    rows: list[tuple[str, list[str]]] = []
+    if len({str(dig(r, ("config", "workload"))) for r in recs}) > 1:
+        rows.append(("workload", [str(dig(r, ("config", "workload"))) for r in recs]))
+    keys = differing_keys(recs)
+    for k in dict.fromkeys(k for ks in keys for k in ks):
+        rows.append((k, [option_text(_options(r).get(k)) if k in _options(r) else "" for r in recs]))
+    names = [tuple(cells[i] for _, cells in rows) for i in range(len(recs))]
+    if len(set(names)) < len(names):
+        seen: dict[tuple[str, ...], int] = {}
+        numbers = []
+        for n in names:
+            seen[n] = seen.get(n, 0) + 1
+            numbers.append(str(seen[n]))
+        rows.append(("run", numbers))
+    return rows
+
+
+def run_names(recs: list[dict[str, Any]], repeats: bool = True) -> list[str]:
+    """Each run's name in a comparison: its ``name_rows`` cells as ``k=v`` text (``run 1`` when nothing differs);
+    ``repeats=False``: a config's name, without the number that tells its repeats apart."""
+    rows = [(k, cells) for k, cells in name_rows(recs) if repeats or k != "run"]
+    out = []
+    for i in range(len(recs)):
+        parts = [f"{k}={cells[i]}" if k != "workload" else cells[i] for k, cells in rows if cells[i]]
+        out.append(" ".join(parts) or f"run {i + 1}")
+    return out
+
+
+def row_label(fig: Figure, unit: str) -> str:
+    """A figure's row name with its unit: ``step time p50 [ms]`` (a percentage or a bare number: no unit)."""
+    return f"{fig.label} [{unit}]" if unit and unit != "%" else fig.label
+
+
+def wrap_words(text: str, width: int, indent: str = "  ") -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` columns (continuations indented)."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = indent + word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*lines, line] if line else lines
+
+
+def grid(head: list[list[str]], body: list[list[str]], width: int = WIDTH) -> tuple[str, int]:
+    """Rows under a header of one or more rows: the first column left-aligned, the others right-aligned. Value
+    columns that do not fit ``width`` wrap into further blocks, each repeating the first column. Returns the
+    text and how many blocks it took."""
+    rows = [*head, *body]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    blocks_: list[list[int]] = [[]]
+    used = widths[0]
+    for i in range(1, len(widths)):
+        if blocks_[-1] and used + 2 + widths[i] > width:
+            blocks_.append([])
+            used = widths[0]
+        blocks_[-1].append(i)
+        used += 2 + widths[i]
+    out: list[str] = []
+    for n, cols in enumerate(blocks_):
+        if n:
+            out.append("")
+            out.append(f"(continued: columns {cols[0]}-{cols[-1]} of {len(widths) - 1})" if len(cols) > 1
+                       else f"(continued: column {cols[0]} of {len(widths) - 1})")
+        for k, r in enumerate(rows):
+            cells = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in cols]
+            out.append("  ".join(cells).rstrip())
+            if k == len(head) - 1:
+                out.append("  ".join("-" * w for w in [widths[0], *(widths[i] for i in cols)]))
+    return "\n".join(out), len(blocks_)
+
+
+def compare(recs: list[dict[str, Any]], alpha: float = 0.05, width: int = WIDTH) -> str:
+    """Runs side by side (every registry figure any of them has), each column headed by the options that tell
+    its run apart (run ids in a note below); deltas relative to the first; step-time differences tested
+    against run-to-run noise. Columns that do not fit ``width`` wrap into further blocks."""
+    names = name_rows(recs)
+    head = [[k, *cells] for k, cells in names] or [["run", *(str(i + 1) for i in range(len(recs)))]]
+    body = [["status", *(str(r["status"]) for r in recs)]]
     for fig, values in compared_rows(recs):
-        unit = fig.unit
-        cells = [fmt(values[0], unit)]
+        div, unit = scale(values, fig.unit)
+        cells = [fmt(values[0] / div if number(values[0]) else values[0], unit, fig.kind)]
         for v in values[1:]:
             d = relative_delta(values[0], v) if number(values[0]) and number(v) else None
-            cells.append(fmt(v, unit) + (f" ({d * 100:+.1f}%)" if d is not None else ""))
-        rows.append([f"{fig.label} [{unit}]" if unit and unit != "%" else fig.label, *cells])
-    rows.append([f"step time differs? (run-level, α={alpha:g}, ≥{MIN_EFFECT:.0%})", "baseline",
-                 *[v["text"] for v in run_level_verdicts(recs, alpha)]])
-    return table(rows, header)
+            text = fmt(v / div if number(v) else v, unit, fig.kind)
+            cells.append(text + (f" ({delta_text(d)})" if d is not None else ""))
+        body.append([row_label(fig, unit), *cells])
+    verdicts = run_level_verdicts(recs, alpha)
+    body.append(["step time differs? (run-level)", "baseline", *(v["short"] for v in verdicts)])
+    text, _ = grid(head, body, width)
+    notes = [f"step time differs?: the steady step time of each column's config against the first column's, "
+             f"one p50 per run (repeats: --repeat N), Welch's t-test, α={alpha:g}, at least {MIN_EFFECT:.0%} "
+             f"apart; with one run a side the noise is unknown."]
+    labels = run_names(recs, repeats=False)
+    detail = list(dict.fromkeys(f"{labels[i + 1]}: {v['text']}" for i, v in enumerate(verdicts)
+                                if v["p"] is not None))
+    if detail:
+        notes.append("step time: " + "; ".join(detail) + ".")
+    notes.append("run ids, left to right: " + ", ".join(str(r["id"]) for r in recs) + ".")
+    return "\n".join([text, "", *(ln for n in notes for ln in wrap_words(n, width))])
+
+
+def sweep_table(recs: list[dict[str, Any]], alpha: float = 0.05, width: int = WIDTH) -> str:
+    """A sweep's runs, one row each, named by the options that differ between them, with the registry's
+    headline figures (units on a second header line) and whether each config's step time differs from the
+    first row's beyond run-to-run noise. Figure columns that do not fit ``width`` are left out, with a note."""
+    names = name_rows(recs)
+    verdicts = [{"short": "baseline", "text": "", "p": None}, *run_level_verdicts(recs, alpha)]
+    lead = [["#", "", *(str(i + 1) for i in range(len(recs)))]]
+    lead += [[k, "", *cells] for k, cells in names if k != "run"]
+    if any(r["status"] != "ok" for r in recs):
+        lead.append(["status", "", *(str(r["status"]) for r in recs)])
+    figs: dict[str, tuple[Figure, list[Any]]] = {}
+    for n, r in enumerate(recs):
+        for f in headline_figures(r["summary"], dig(r, ("config", "workload"))):
+            figs.setdefault(f.key, (f, [None] * len(recs)))[1][n] = f.value
+    columns: list[list[str]] = []
+    for fig, values in figs.values():
+        if not any(number(v) for v in values):
+            continue
+        div, unit = scale(values, fig.unit)
+        cells = [fmt(v / div if number(v) else v, unit, fig.kind) for v in values]
+        columns.append([fig.short, f"[{unit}]" if unit and unit != "%" else "", *cells])
+    tail = [["step vs #1", "", *(v["short"] for v in verdicts)]]
+
+    def width_of(cols: list[list[str]]) -> int:
+        return sum(max(len(c) for c in col) for col in cols) + 2 * (len(cols) - 1)
+
+    dropped: list[str] = []
+    while columns and width_of([*lead, *columns, *tail]) > width:
+        dropped.insert(0, columns.pop()[0])
+    cols = [*lead, *columns, *tail]
+    widths = [max(len(c) for c in col) for col in cols]
+    lines = []
+    for k in range(len(recs) + 2):
+        cells = [col[k].ljust(w) if i < len(lead) else col[k].rjust(w)
+                 for i, (col, w) in enumerate(zip(cols, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if k == 1:
+            lines.append("  ".join("-" * w for w in widths))
+    notes = [f"step vs #1: each row's config against row 1's, one p50 per run (repeats: --repeat N), Welch's "
+             f"t-test, α={alpha:g}, at least {MIN_EFFECT:.0%} apart; with one run a side the noise is unknown."]
+    labels = run_names(recs, repeats=False)
+    detail = list(dict.fromkeys(f"{labels[i]}: {v['text']}" for i, v in enumerate(verdicts) if v["p"] is not None))
+    if detail:
+        notes.append("step time: " + "; ".join(detail) + ".")
+    if dropped:
+        notes.append(f"left out to fit {width} columns: {', '.join(dropped)} (btune compare shows every figure).")
+    notes.append("run ids: " + ", ".join(f"#{i + 1} {r['id']}" for i, r in enumerate(recs)) + ".")
+    return "\n".join([*lines, "", *(ln for n in notes for ln in wrap_words(n, width))])
 
 
 def _compared(recs: list[dict[str, Any]]) -> dict[str, tuple[Figure, list[Any]]]:
@@ -166,8 +417,8 @@ def run_level_verdicts(recs: list[dict[str, Any]], alpha: float = 0.05,
     """For each run after the first: whether its config's steady step time (one p50 per run, over every run
     of that config among ``recs``) differs from the first run's config's beyond run-to-run noise.
 
-    Each verdict has ``text`` and ``real`` (True, False, or None when the noise is unknown or the config is
-    the baseline's own).
+    Each verdict has ``text``, ``short`` (a table cell), ``p`` (None when untested) and ``real`` (True, False,
+    or None when the noise is unknown or the config is the baseline's own).
     """
     groups: dict[str, list[float]] = {}
     for r in recs:
@@ -180,17 +431,17 @@ def run_level_verdicts(recs: list[dict[str, Any]], alpha: float = 0.05,
     for r in recs[1:]:
         key = config_key(r)
         if key == base_key:
-            out.append({"text": "same config as base", "real": None})
+            out.append({"text": "same config as base", "short": "same config", "real": None, "p": None})
             continue
         res = run_level(groups[base_key], groups[key], alpha, min_effect)
         na, nb = res["n"]
         d = res["delta"]
-        delta = f"{d * 100:+.1f}%" if d is not None else "-"
+        delta = delta_text(d) if d is not None else "-"
         if res["p"] is None:
-            text = f"noise unknown: {na} vs {nb} runs (use --repeat)"
+            text, short = f"noise unknown: {na} vs {nb} runs (use --repeat)", f"unknown ({na} vs {nb})"
         elif res["real"]:
-            text = f"real {delta} (p={res['p']:.2g}, {na} vs {nb} runs)"
+            text, short = f"real {delta} (p={res['p']:.2g}, {na} vs {nb} runs)", f"real {delta}"
         else:
-            text = f"noise {delta} (p={res['p']:.2g}, {na} vs {nb} runs)"
-        out.append({"text": text, "real": res["real"]})
+            text, short = f"noise {delta} (p={res['p']:.2g}, {na} vs {nb} runs)", f"noise {delta}"
+        out.append({"text": text, "short": short, "real": res["real"], "p": res["p"]})
     return out

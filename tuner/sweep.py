@@ -11,7 +11,7 @@ from typing import Any, TextIO
 from tuner import catalog
 from tuner.console import ConsoleSignals
 from tuner.launch import RunConfig, build_config, make_runner
-from tuner.report import compare
+from tuner.report import WIDTH, sweep_table
 from tuner.runner import Runner
 from workloads.engine.loadgen import ARITY
 
@@ -50,8 +50,10 @@ def plan(workload: str, argv: list[str], timeout: float = 0.0, sample_hz: float 
     return [build_config(workload, combo, timeout=timeout, sample_hz=sample_hz) for combo in expand(workload, argv)]
 
 
-def run_sweep(configs: list[RunConfig], out_dir: Path, out: TextIO, telemetry: bool = True) -> int:
-    """Run each config in turn, then print one comparison table; 0 only if every run ended ok."""
+def run_sweep(configs: list[RunConfig], out_dir: Path, out: TextIO, telemetry: bool = True,
+              width: int = WIDTH) -> int:
+    """Run each config in turn, then print one table (tuner.report.sweep_table: a row per run, named by the
+    options that differ, ``width`` columns at most); 0 only if every run ended ok."""
     records = []
     current: list[Runner] = []
     stopped: list[str] = []
@@ -80,5 +82,5 @@ def run_sweep(configs: list[RunConfig], out_dir: Path, out: TextIO, telemetry: b
                 print(f"error: {result.write_error}", file=sys.stderr)
                 return 2
     if len(records) >= 2:
-        print(compare(records), file=out)
+        print(sweep_table(records, width=width), file=out)
     return 0 if records and all(r["status"] == "ok" for r in records) and len(records) == len(configs) else 1

@@ -141,6 +141,9 @@ class WorkloadSpec:
     cpu_preset: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
     checks: Checks | None = None
+    #: ``preset_values(options) -> {option: value}``: what options left at a default that means "the preset's"
+    #: (0, unset, empty, auto) resolve to under the options' preset (the help and the form show it).
+    preset_values: Callable[[Mapping[str, Any]], Mapping[str, Value]] | None = None
 
     def all_options(self) -> tuple[Option, ...]:
         """Common options first, then the workload's own."""
@@ -160,6 +163,19 @@ class WorkloadSpec:
 
     def defaults(self) -> dict[str, Value]:
         return {o.dest: o.default for o in self.all_options()}
+
+    def preset_defaults(self, values: Mapping[str, Any] | None = None) -> dict[str, Value]:
+        """What each option that defers to the preset resolves to with ``values`` (the preset, and any option
+        the resolution depends on, such as ``--duration``; default: the default preset), by option dest."""
+        if self.preset_values is None:
+            return {}
+        opts = {**self.defaults(), **(values or {})}
+        if opts.get("preset") not in self.presets:
+            return {}
+        try:
+            return {k.replace("-", "_"): v for k, v in self.preset_values(opts).items()}
+        except (KeyError, ValueError):  # a shape the preset cannot take: the checks say why
+            return {}
 
 
 COMMON_OPTIONS: tuple[Option, ...] = (

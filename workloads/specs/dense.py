@@ -18,6 +18,17 @@ FP8_RECIPES = ("auto", "delayed", "current", "tensorwise", "rowwise")
 TE_RECIPES, TORCHAO_RECIPES = ("delayed", "current"), ("tensorwise", "rowwise")
 
 
+def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """What --batch-size, --seq-len, --steps (both it and --duration at 0) and --layers at 0 resolve to."""
+    from workloads.models.config import PRESETS
+
+    preset = str(opts.get("preset"))
+    out: dict[str, Any] = {k: v for k, v in PRESET_RUN_DEFAULTS[preset].items()
+                           if k != "steps" or not opts.get("duration")}
+    out["layers"] = PRESETS[preset].n_layers
+    return out
+
+
 def on_gpu(opts: Mapping[str, Any], machine: Machine) -> bool:
     return opts.get("device") != "cpu" and bool(machine.gpus)
 
@@ -119,4 +130,5 @@ DENSE = WorkloadSpec(
         Option("dry-run", bool, False, "print the plan as JSON (config, parameters, FLOPs, memory) and exit"),
     ),
     checks=transformer_checks,
+    preset_values=preset_values,
 )

@@ -19,6 +19,19 @@ assert set(PRESET_RUN_DEFAULTS) == set(MOE_PRESETS)
 BALANCE = ("auto", "none", "aux-loss", "aux-free", "both")
 
 
+def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """What the shape, routing and balancing options left to the preset resolve to (--layers included)."""
+    preset = str(opts.get("preset"))
+    cfg = MOE_PRESETS[preset]
+    out: dict[str, Any] = {k: v for k, v in PRESET_RUN_DEFAULTS[preset].items()
+                           if k != "steps" or not opts.get("duration")}
+    if opts.get("layers"):
+        cfg = cfg.with_layers(int(opts["layers"]))
+    out.update(layers=cfg.base.n_layers, num_moe_layers=cfg.n_moe_layers, num_experts=cfg.n_experts,
+               top_k=cfg.top_k, num_shared_experts=cfg.n_shared, router=cfg.router)
+    return out
+
+
 def moe_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
     """The transformer knobs' checks, then the MoE shape: top-k vs experts, MoE layers vs layers, capacity."""
     try:
@@ -92,4 +105,5 @@ MOE = WorkloadSpec(
         Option("dry-run", bool, False, "print the plan as JSON (config, active parameters, FLOPs, memory) and exit"),
     ),
     checks=moe_checks,
+    preset_values=preset_values,
 )

@@ -39,6 +39,22 @@ def cache_len(opts: Mapping[str, Any], prompt: LengthDist, output: LengthDist) -
     return int(opts.get("max_seq_len") or prompt.high + output.high)
 
 
+def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """What --max-batch, --num-requests (both it and --duration at 0), the length distributions, --max-seq-len
+    and --layers left to the preset resolve to."""
+    from workloads.models.config import PRESETS
+
+    preset = str(opts.get("preset"))
+    out: dict[str, Any] = {k: v for k, v in SERVE_DEFAULTS[preset].items()
+                           if k != "num_requests" or not opts.get("duration")}
+    out["layers"] = PRESETS[preset].n_layers
+    try:
+        out["max_seq_len"] = cache_len({**opts, "max_seq_len": 0}, *lengths(opts))
+    except ValueError:
+        pass
+    return out
+
+
 def load_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Load and shape options that contradict each other or cannot fit, whatever the machine."""
     from workloads.models.config import PRESETS
@@ -127,4 +143,5 @@ SERVE = WorkloadSpec(
         Option("dry-run", bool, False, "print the plan as JSON (config, cache, load, FLOPs) and exit"),
     ),
     checks=serve_checks,
+    preset_values=preset_values,
 )

@@ -18,6 +18,16 @@ def validate_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str
     return tp_checks(opts, machine, {"attention heads": cfg.base.n_heads, "KV heads": cfg.base.n_kv_heads,
                                      "expert width": cfg.expert_d_ff})
 
+def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """What --layers 0 resolves to: the chosen model's preset's layer count."""
+    from workloads.models.config import PRESETS
+
+    preset = str(opts.get("preset"))
+    if opts.get("model") == "moe":
+        return {"layers": MOE_PRESETS[preset].base.n_layers}
+    return {"layers": PRESETS[preset].n_layers}
+
+
 TP_VALIDATE = WorkloadSpec(
     name="tp-validate",
     module="workloads.tp_validate",
@@ -40,4 +50,5 @@ TP_VALIDATE = WorkloadSpec(
                "layer 0's attention output skips its all-reduce)", ("none", "missing-allreduce"), group="knobs"),
     ),
     checks=validate_checks,
+    preset_values=preset_values,
 )
