@@ -24,7 +24,7 @@ from tuner.record import RecordBuilder, normalize
 from tuner.runner import Runner
 from tuner.summary import summarize
 from tuner.telemetry import NvmlSampler
-from workloads import loop
+from workloads import harness
 
 Sampled = tuple[FakeNvml, list[dict[str, Any]]]
 MIG_REASON = "MIG: the board's energy counter covers every slice"
@@ -244,7 +244,7 @@ def test_a_real_run_through_the_runner(tmp_path: Path) -> None:
 
 
 def test_workload_device_uuid() -> None:
-    assert loop.device_uuid(torch.device("cpu")) is None
+    assert harness.device_uuid(torch.device("cpu")) is None
 
 
 def test_workload_device_uuid_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,10 +253,10 @@ def test_workload_device_uuid_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
             return "9a48c30d-4e93-df4c-5c50-04ae00c11a75"
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(uuid=Uuid()))
-    assert loop.device_uuid(torch.device("cuda", 0)) == "GPU-9a48c30d-4e93-df4c-5c50-04ae00c11a75"
+    assert harness.device_uuid(torch.device("cuda", 0)) == "GPU-9a48c30d-4e93-df4c-5c50-04ae00c11a75"
 
     def broken(_d: Any) -> Any:
         raise RuntimeError("no CUDA")
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", broken)
-    assert loop.device_uuid(torch.device("cuda", 0)) is None
+    assert harness.device_uuid(torch.device("cuda", 0)) is None

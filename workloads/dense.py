@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import bytes_moved, flops_per_token, memory_estimate, param_counts
 from workloads.options import run_main
-from workloads.protocol import Emitter
 from workloads.specs.dense import DENSE, PRESET_RUN_DEFAULTS
+
+if TYPE_CHECKING:  # the module stays torch-free until a run starts (the plan, --dry-run, option errors)
+    from workloads.harness import Harness, Steps
 
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -57,87 +59,27 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     }
 
 
-def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
-           mesh: Any = None) -> tuple[Any, Any, dict[str, Any]]:
-    """The model on ``device`` with the attention kernel, FP8, TP and compile applied; and what actually ran."""
+def setup(h: Harness, p: dict[str, Any]) -> Steps:
+    """The model for plan ``p`` (workloads.build) and the step function of its mode: train, prefill or decode."""
     import torch
 
     from workloads import parallel
-    from workloads.models import fp8
-    from workloads.models.attention import make_kernel
+    from workloads.build import build
+    from workloads.harness import Steps
+    from workloads.models.kv_cache import KVCache
     from workloads.models.transformer import Transformer
 
-    cfg = ModelConfig(**p["model"])
-    kernel, attn_reason = make_kernel(
-        opts["attention_backend"], device, dtype, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, seq_len=p["seq_len"] if p["mode"] != "decode" else 1,
-        window=opts["attention_window"] or None, training=p["mode"] == "train",
-    )
-    recipe = None if opts["fp8_recipe"] == "auto" else opts["fp8_recipe"]
-    fp8_choice = fp8.resolve(opts["fp8_mode"], recipe, device)
-    with torch.device(device):
-        model = Transformer(cfg, attention=kernel, activation_checkpointing=opts["activation_checkpointing"])
-    model = model.to(dtype=dtype)
-    if mesh is not None:
-        if fp8_choice.library != "off":
-            raise ValueError("--fp8-mode with --tp > 1 is not supported yet; use one or the other")
-        parallel.check_divisible(cfg.n_heads, cfg.n_kv_heads, mesh.size())
-        parallel.apply_tp(model, mesh)
-    autocast = fp8.apply(model, fp8_choice, head=opts["fp8_head"])
-    if p["mode"] != "train":
-        model.eval()
-    fwd = model if opts["compile_mode"] == "none" else torch.compile(model, mode=opts["compile_mode"])
-    ran = {
-        "attention": {"requested": opts["attention_backend"], "reason": attn_reason, "window": kernel.window},
-        "fp8": {"requested": opts["fp8_mode"], "library": fp8_choice.library, "recipe": fp8_choice.recipe,
-                "reason": fp8_choice.reason, "lm_head": bool(opts["fp8_head"]) and fp8_choice.library != "off"},
-        "compile": opts["compile_mode"],
-        "activation_checkpointing": opts["activation_checkpointing"],
-        "tp": mesh.size() if mesh is not None else 1,
-    }
-    return model, (fwd, autocast), ran
-
-
-def run(opts: dict[str, Any]) -> int:
-    if opts["dry_run"]:
-        return print_plan(opts, plan)
-
-    import torch
-
-    from workloads import parallel
-    from workloads.loop import (
-        LoopSpec,
-        SetupError,
-        device_name,
-        device_uuid,
-        finish,
-        resolve_device,
-        resolve_dtype,
-        run_steps,
-        setup_failed,
-    )
-    from workloads.models.kv_cache import KVCache
-
-    em = Emitter()
-    tp = parallel.world_size()
-    mesh = None
-    try:
-        mesh = parallel.join(opts["tp"], opts["device"])
-        device = resolve_device(opts["device"])
-        p = plan(opts, device.type)
-        dtype = resolve_dtype(p["dtype"], device)
-        torch.manual_seed(opts["seed"])
-        model, (fwd, autocast), ran = _build(opts, p, device, dtype, mesh)
-    except (SetupError, ValueError, torch.OutOfMemoryError) as exc:
-        return setup_failed(em, exc)
-
-    cfg, mode = model.cfg, p["mode"]
+    opts, cfg, mode, tp = h.opts, ModelConfig(**p["model"]), p["mode"], h.world
+    b = build(lambda kernel: Transformer(cfg, attention=kernel), opts, h.device, h.dtype,
+              heads=(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), seq_len=p["seq_len"] if mode != "decode" else 1,
+              training=mode == "train", mesh=h.mesh)
+    model, fwd, autocast = b.model, b.forward, b.autocast
     batch, seq = p["batch_size"], p["seq_len"]
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
-    pool = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device) for _ in range(4)]
+    pool = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(h.device) for _ in range(4)]
 
     if mode == "train":
-        opt = torch.optim.AdamW(parallel.param_groups(model), lr=opts["lr"], fused=device.type == "cuda")
+        opt = torch.optim.AdamW(parallel.param_groups(model), lr=opts["lr"], fused=h.device.type == "cuda")
 
         def loss_of(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             logits = model(tokens)
@@ -149,13 +91,11 @@ def run(opts: dict[str, Any]) -> int:
             train_fwd = loss_of if tp == 1 else (lambda x, y: torch.nn.functional.cross_entropy(
                 fwd(x).flatten(0, 1).float(), y.flatten()))
         else:
-            train_fwd = torch.compile(loss_of, mode=opts["compile_mode"])
-        def loss_ctx() -> Any:
-            return parallel.loss_context(tp)
+            train_fwd = b.compile(loss_of)
 
         def step(i: int) -> torch.Tensor:
             data = pool[i % len(pool)]
-            with autocast(), loss_ctx():
+            with autocast(), parallel.loss_context(tp):
                 loss = train_fwd(data[:, :-1], data[:, 1:])
                 loss.backward()
             opt.step()
@@ -169,7 +109,7 @@ def run(opts: dict[str, Any]) -> int:
     else:
         # this rank's heads: the width shrinks with them, so head_dim stays the model's
         cache_cfg = replace(cfg, d_model=cfg.d_model // tp, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp)
-        cache = KVCache(cache_cfg, batch, seq + 1, device=device, dtype=dtype)
+        cache = KVCache(cache_cfg, batch, seq + 1, device=h.device, dtype=h.dtype)
         with torch.inference_mode(), autocast():
             model(pool[0][:, :seq], kv_cache=cache, start_pos=0)  # fill the context once, untimed
         nxt = pool[1][:, :1].clone()
@@ -179,20 +119,16 @@ def run(opts: dict[str, Any]) -> int:
                 logits = fwd(nxt, kv_cache=cache, start_pos=seq)
                 nxt.copy_(parallel.full(logits[:, -1]).argmax(-1, keepdim=True))  # TP: the vocab-sharded logits
 
-    precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
-    # every rank: each names its GPU, whose energy the summary counts (design.md, "Energy")
-    em.meta(workload="dense", options=opts, plan=p, device=str(device), device_name=device_name(device),
-        n_devices=tp, precision=precision, flops_per_token=p["flops_per_token"], params=p["params"],
-        torch_version=torch.__version__, backends=ran, device_uuid=device_uuid(device), **(p["moved"] or {}))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        res = run_steps(em, device, LoopSpec(opts["warmup"], p["steps"], opts["duration"]), step, p["tokens_per_step"])
-    except torch.OutOfMemoryError as exc:
-        em.error(f"out of memory: {str(exc).splitlines()[0]}", kind="oom")
-        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
-        return 3
-    return finish(em, device, opts, p, res)
+    return Steps(step, p["tokens_per_step"], b.ran,
+                 meta={"flops_per_token": p["flops_per_token"], "params": p["params"], **(p["moved"] or {})})
+
+
+def run(opts: dict[str, Any]) -> int:
+    if opts["dry_run"]:
+        return print_plan(opts, plan)
+    from workloads.harness import Harness
+
+    return Harness("dense", opts).run(plan, setup)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,6 @@
-"""The measured step loop every workload shares: device choice, timing, stop rules, step events.
+"""The measured step loop of the step-loop workloads (dense, MoE): timing, stop rules, step events.
+
+Serving runs its own engine loop (``workloads.engine.driver``); both report through ``workloads.harness``.
 
 Step time on a GPU comes from CUDA events around the step, read one step late so the host never
 waits for the device between steps; on CPU it is the host clock (the work is synchronous).
@@ -21,51 +23,6 @@ from typing import Any
 import torch
 
 from workloads.protocol import CLOCK_DEVICE, CLOCK_HOST, Emitter
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class SetupError(Exception):
-    """A configuration this machine cannot run; the message is one line."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is cuda when a GPU is visible, else cpu; ``cuda`` without a GPU is a SetupError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SetupError("--device cuda: no CUDA GPU is visible to torch")
-    if name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def device_uuid(device: torch.device) -> str | None:
-    """The GPU's UUID as NVML writes it (``GPU-9a48c30d-…``), for the ``meta`` event: the summary charges the
-    run the energy of the GPUs its ranks name. torch prints it without the prefix; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    try:
-        uuid = str(torch.cuda.get_device_properties(device).uuid).strip()
-    except Exception:  # an older torch without .uuid, or no device: the summary falls back
-        return None
-    if not uuid:
-        return None
-    return uuid if uuid.upper().startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
 
 
 def memory_fields(device: torch.device) -> dict[str, float]:
@@ -242,38 +199,3 @@ def run_steps(
         print("btune: interrupted; stopping after the last complete step", file=sys.stderr)
     return {"steps": i, "steady_steps": steady_steps, "steady_seconds": steady_seconds, "first_step_ms": first_ms,
             "interrupted": interrupted}
-
-
-def finish(em: Emitter, device: torch.device, opts: dict[str, Any], p: dict[str, Any], res: dict[str, Any],
-           **extra: Any) -> int:
-    """End a run the same way everywhere: leave the process group, rank 0 sends the summary; exit code."""
-    from workloads import parallel
-
-    parallel.shutdown()
-    code = 130 if res["interrupted"] else 0
-    if parallel.rank() != 0:
-        em.close()
-        return code
-    first = res["first_step_ms"]
-    em.summary(
-        first_step_ms=first,
-        compile_s=first / 1000.0 if opts["compile_mode"] != "none" and first else None,
-        memory_estimate_bytes=p["memory_estimate_bytes"],
-        torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        steps_run=res["steps"],
-        interrupted=res["interrupted"],
-        **extra,
-    )
-    em.close()
-    return code
-
-
-def setup_failed(em: Emitter, exc: BaseException, what: str = "the model") -> int:
-    """Report a setup failure the same way everywhere (an error event, one line); the exit code: 3 OOM, else 2."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        em.error(f"out of memory building {what}: {str(exc).splitlines()[0]}", kind="oom")
-        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
-        return 3
-    em.error(str(exc), kind="config")
-    print(f"error: {exc}", file=sys.stderr)
-    return 2

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workloads.dry_run import print_plan
 from workloads.models.config import ModelConfig
 from workloads.models.moe_config import MoEConfig, resolve
 from workloads.models.moe_flops import moe_flops_per_token, moe_memory_estimate, moe_param_counts
 from workloads.options import run_main
-from workloads.protocol import Emitter
 from workloads.specs.moe import MOE, PRESET_RUN_DEFAULTS
+
+if TYPE_CHECKING:  # the module stays torch-free until a run starts (the plan, --dry-run, option errors)
+    from workloads.build import Built
+    from workloads.harness import Harness, Steps
 
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -73,59 +76,30 @@ def config_of(p: dict[str, Any]) -> MoEConfig:
     return MoEConfig(base=ModelConfig(**m.pop("base")), **m)
 
 
-def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
-           mesh: Any = None) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """The model on ``device`` with attention kernel, expert GEMM, FP8, TP and compile applied; and what ran."""
-    import torch
-
-    from workloads import parallel
-    from workloads.models import fp8
-    from workloads.models.attention import make_kernel
+def _model(h: Harness, p: dict[str, Any]) -> Built:
+    """The MoE model for plan ``p`` through workloads.build, with its expert GEMM; and what ran."""
+    from workloads.build import build
     from workloads.models.moe import MoETransformer
     from workloads.models.moe_experts import grouped_gemm_backend
 
-    cfg = config_of(p)
-    kernel, attn_reason = make_kernel(
-        opts["attention_backend"], device, dtype, n_heads=cfg.base.n_heads, n_kv_heads=cfg.base.n_kv_heads,
-        head_dim=cfg.base.head_dim, seq_len=p["seq_len"], window=opts["attention_window"] or None,
-        training=p["mode"] == "train",
-    )
-    impl = p["expert_impl"]
+    opts, cfg, impl = h.opts, config_of(p), p["expert_impl"]
     if impl == "grouped":
-        gemm, gemm_reason = grouped_gemm_backend(device, dtype, cfg.base.d_model, cfg.expert_d_ff)
+        gemm, gemm_reason = grouped_gemm_backend(h.device, h.dtype, cfg.base.d_model, cfg.expert_d_ff)
     else:
         gemm, gemm_reason = "none", "loop: one torch.where and two matmuls per expert (a host sync per expert on GPU)"
-    recipe = None if opts["fp8_recipe"] == "auto" else opts["fp8_recipe"]
-    fp8_choice = fp8.resolve(opts["fp8_mode"], recipe, device)
-    with torch.device(device):
-        model = MoETransformer(cfg, kernel, opts["activation_checkpointing"], impl, "bmm" if gemm == "none" else gemm)
-    model = model.to(dtype=dtype)
-    if mesh is not None:
-        if fp8_choice.library != "off":
-            raise ValueError("--fp8-mode with --tp > 1 is not supported yet; use one or the other")
-        parallel.check_divisible(cfg.base.n_heads, cfg.base.n_kv_heads, mesh.size())
-        parallel.apply_tp(model, mesh)
-    autocast = fp8.apply(model, fp8_choice, head=opts["fp8_head"])
-    if p["mode"] != "train":
-        model.eval()
-    fwd = model if opts["compile_mode"] == "none" else torch.compile(model, mode=opts["compile_mode"])
-    fp8_reason = fp8_choice.reason
-    if fp8_choice.library != "off":
-        fp8_reason += f"; routed experts and the router stay in {p['dtype']}"
-    ran = {
-        "attention": {"requested": opts["attention_backend"], "reason": attn_reason, "window": kernel.window},
-        "fp8": {"requested": opts["fp8_mode"], "library": fp8_choice.library, "recipe": fp8_choice.recipe,
-                "reason": fp8_reason},
-        "compile": opts["compile_mode"],
-        "activation_checkpointing": opts["activation_checkpointing"],
+    b = build(lambda kernel: MoETransformer(cfg, kernel, impl, "bmm" if gemm == "none" else gemm), opts, h.device,
+              h.dtype, heads=(cfg.base.n_heads, cfg.base.n_kv_heads, cfg.base.head_dim), seq_len=p["seq_len"],
+              training=p["mode"] == "train", mesh=h.mesh)
+    if b.fp8.library != "off":
+        b.ran["fp8"]["reason"] += f"; routed experts and the router stay in {p['dtype']}"
+    b.ran.update({
         "experts": {"requested": opts["expert_impl"], "impl": impl, "gemm": gemm, "reason": gemm_reason},
         "router": cfg.router,
         "balance": p["balance"]["mode"],
-        "tp": mesh.size() if mesh is not None else 1,
         "parallel": "TP inside the routed experts (router replicated), dense plan for attention and shared experts"
-                    if mesh is not None else None,
-    }
-    return model, fwd, autocast, ran
+                    if h.mesh is not None else None,
+    })
+    return b
 
 
 def make_pool(kind: str, exponent: float, vocab: int, batch: int, seq: int, seed: int, n: int = 8) -> list[Any]:
@@ -145,46 +119,24 @@ def make_pool(kind: str, exponent: float, vocab: int, batch: int, seq: int, seed
     return out
 
 
-def run(opts: dict[str, Any]) -> int:
-    if opts["dry_run"]:
-        return print_plan(opts, plan)
-
+def setup(h: Harness, p: dict[str, Any]) -> Steps:
+    """The model for plan ``p``, the balance tracker and the step function of its mode: train or prefill."""
     import torch
 
     from workloads import parallel
-    from workloads.loop import (
-        LoopSpec,
-        SetupError,
-        device_name,
-        device_uuid,
-        finish,
-        resolve_device,
-        resolve_dtype,
-        run_steps,
-        setup_failed,
-    )
+    from workloads.harness import Steps
     from workloads.models.moe_stats import BalanceWindow
 
-    em = Emitter()
-    tp, mesh = parallel.world_size(), None
-    try:
-        mesh = parallel.join(opts["tp"], opts["device"])
-        device = resolve_device(opts["device"])
-        p = plan(opts, device.type)
-        dtype = resolve_dtype(p["dtype"], device)
-        torch.manual_seed(opts["seed"])
-        model, fwd, autocast, ran = _build(opts, p, device, dtype, mesh)
-    except (SetupError, ValueError, torch.OutOfMemoryError) as exc:
-        return setup_failed(em, exc)
-
-    cfg = model.moe_cfg
+    opts, tp, device = h.opts, h.world, h.device
+    b = _model(h, p)
+    model, fwd, autocast, cfg = b.model, b.forward, b.autocast, b.model.moe_cfg
     mode, batch, seq, bal = p["mode"], p["batch_size"], p["seq_len"], p["balance"]
     aux_on, free_on = bal["aux_loss_coef"] is not None, bal["bias_update_rate"] is not None
     metrics_on = bal["metrics"] == "on"
     model.set_collect(stats=metrics_on, aux=aux_on)
     layers = model.moe_layers
-    tracker = (BalanceWindow(em.experts, len(layers), cfg.n_experts, bal["window"], device, p["moe_layer_ids"],
-                             cfg.top_k, p["capacity_per_expert"]) if metrics_on and parallel.rank() == 0 else None)
+    tracker = (BalanceWindow(h.em.experts, len(layers), cfg.n_experts, bal["window"], device, p["moe_layer_ids"],
+                             cfg.top_k, p["capacity_per_expert"]) if metrics_on and h.rank == 0 else None)
     pool = [t.to(device) for t in make_pool(p["data"]["kind"], opts["zipf_exponent"], cfg.base.vocab_size,
                                             batch, seq, opts["seed"])]
 
@@ -198,10 +150,9 @@ def run(opts: dict[str, Any]) -> int:
             return (ce + coef * out.aux_loss if aux_on else ce), ce, out.stats
 
         # Under TP the logits are vocabulary-sharded: the loss runs under loss_parallel, outside compile.
-        compiled = opts["compile_mode"] != "none"
-        train_fwd = torch.compile(loss_of, mode=opts["compile_mode"]) if compiled and tp == 1 else loss_of
-        if compiled and tp > 1:
-            model.forward = torch.compile(model.forward, mode=opts["compile_mode"])  # type: ignore[method-assign]
+        train_fwd = b.compile(loss_of) if tp == 1 else loss_of
+        if tp > 1 and opts["compile_mode"] != "none":
+            model.forward = b.compile(model.forward)  # type: ignore[method-assign]
 
         def step(i: int) -> torch.Tensor:
             data = pool[i % len(pool)]
@@ -224,24 +175,22 @@ def run(opts: dict[str, Any]) -> int:
                 if tracker is not None:
                     tracker.add(i, out.stats)
 
-    precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
-    # every rank: each names its GPU, whose energy the summary counts (design.md, "Energy")
-    em.meta(workload="moe", options=opts, plan=p, device=str(device), device_name=device_name(device),
-        n_devices=tp, precision=precision, flops_per_token=p["flops_per_token"], params=p["params"],
-        torch_version=torch.__version__, backends=ran, device_uuid=device_uuid(device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        res = run_steps(em, device, LoopSpec(opts["warmup"], p["steps"], opts["duration"]), step,
-                        p["tokens_per_step"], extra=tracker.extra if tracker is not None else None)
-    except torch.OutOfMemoryError as exc:
-        em.error(f"out of memory: {str(exc).splitlines()[0]}", kind="oom")
-        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
-        return 3
-    if tracker is not None:
+    def end() -> dict[str, Any]:
+        if tracker is None:
+            return {"experts_events": 0, "balance_last": None}
         tracker.flush()
-    return finish(em, device, opts, p, res, experts_events=tracker.events if tracker is not None else 0,
-                  balance_last=tracker.last if tracker is not None else None)
+        return {"experts_events": tracker.events, "balance_last": tracker.last}
+
+    return Steps(step, p["tokens_per_step"], b.ran, extra=tracker.extra if tracker is not None else None, end=end,
+                 meta={"flops_per_token": p["flops_per_token"], "params": p["params"]})
+
+
+def run(opts: dict[str, Any]) -> int:
+    if opts["dry_run"]:
+        return print_plan(opts, plan)
+    from workloads.harness import Harness
+
+    return Harness("moe", opts).run(plan, setup)
 
 
 def main(argv: list[str] | None = None) -> int:

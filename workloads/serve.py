@@ -12,13 +12,16 @@ import sys
 import threading
 import time
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import bytes_moved, param_counts, serve_flops
 from workloads.options import run_main
-from workloads.protocol import CLOCK_HOST, Emitter
+from workloads.protocol import CLOCK_HOST
 from workloads.specs.serve import SERVE, cache_len, lengths, load_checks, resolved
+
+if TYPE_CHECKING:  # the module stays torch-free until a run starts (the plan, --dry-run, option errors)
+    from workloads.harness import Harness
 
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _POSITION_ROOM = 128  # the cache rounds positions up (scratch column, padded chunks, flex blocks)
@@ -66,59 +69,43 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     }
 
 
-def _build(opts: dict[str, Any], p: dict[str, Any], device: Any, dtype: Any,
-           group: Any = None) -> tuple[Any, dict[str, Any]]:
-    """The engine on ``device`` with the attention kernel, FP8 and compile applied, sharded over ``group`` (a
-    tensor-parallel replica's ranks) when given; and what actually ran."""
-    import torch
+def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, Any]]:
+    """The model for plan ``p`` through workloads.build, sharded over ``group`` (a tensor-parallel replica's ranks)
+    when given, behind the serving engine (which compiles its own step functions); and what actually ran."""
     import torch.distributed as dist
 
+    from workloads.build import build
     from workloads.engine import tensor_parallel
     from workloads.engine.engine import Engine
     from workloads.engine.work import StepChannel
-    from workloads.models import fp8
-    from workloads.models.attention import make_kernel
     from workloads.models.transformer import Transformer
 
-    cfg = ModelConfig(**p["model"])
-    tp = opts["tp"]
-    kernel, attn_reason = make_kernel(
-        opts["attention_backend"], device, dtype, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp,
-        head_dim=cfg.head_dim, seq_len=min(p["max_prefill_tokens"], p["cache_len"]),
-        window=opts["attention_window"] or None, training=False,
-    )
-    recipe = None if opts["fp8_recipe"] == "auto" else opts["fp8_recipe"]
-    fp8_choice = fp8.resolve(opts["fp8_mode"], recipe, device)
-    with torch.device(device):
-        model = Transformer(cfg, attention=kernel)
-    model = model.to(dtype=dtype)
-    channel = None
-    if group is not None:  # every rank built the same seeded weights; each keeps its slice
-        tensor_parallel.shard(model, dist.get_rank(group), tp, group)
-        channel = StepChannel(group, max(p["max_batch"], 16 if fp8_choice.library == "te" else 1),
-                              p["max_prefill_tokens"], device)
-    autocast = fp8.apply(model, fp8_choice, head=opts.get("fp8_head", False))
-    model.eval()
-    engine = Engine(model, kernel, p["max_batch"], p["cache_len"], device, dtype, opts["compile_mode"], autocast,
-                    pad_multiple=16 if fp8_choice.library == "te" else 1, channel=channel)
+    opts, cfg, tp = h.opts, ModelConfig(**p["model"]), h.opts["tp"]
+    # every rank builds the same seeded weights; each keeps its slice
+    shard = (lambda model: tensor_parallel.shard(model, dist.get_rank(group), tp, group)) if group is not None else None
+    b = build(lambda kernel: Transformer(cfg, attention=kernel), opts, h.device, h.dtype,
+              heads=(cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.head_dim),
+              seq_len=min(p["max_prefill_tokens"], p["cache_len"]), training=False, shard=shard, tp=tp, compile=False)
+    te = b.fp8.library == "te"  # Transformer Engine's FP8 GEMMs want at least 16 rows
+    channel = (StepChannel(group, max(p["max_batch"], 16 if te else 1), p["max_prefill_tokens"], h.device)
+               if group is not None else None)
+    engine = Engine(b.model, b.kernel, p["max_batch"], p["cache_len"], h.device, h.dtype, opts["compile_mode"],
+                    b.autocast, pad_multiple=16 if te else 1, channel=channel)
     if engine.step_module.flex:
         decode_attn = "flex decoding over each slot's live key blocks"
-    elif kernel.backend == "auto":
+    elif b.kernel.backend == "auto":
         decode_attn = "matmul + masked fp32 softmax over the cache, grouped queries"
     else:
-        decode_attn = f"SDPA {kernel.backend} with a per-slot length mask, grouped queries"
+        decode_attn = f"SDPA {b.kernel.backend} with a per-slot length mask, grouped queries"
     ran = {
-        "attention": {"requested": opts["attention_backend"], "prefill": attn_reason, "decode": decode_attn,
-                      "window": kernel.window},
-        "fp8": {"requested": opts["fp8_mode"], "library": fp8_choice.library, "recipe": fp8_choice.recipe,
-                "reason": fp8_choice.reason},
+        **b.ran,
+        "attention": {"requested": opts["attention_backend"], "prefill": b.ran["attention"]["reason"],
+                      "decode": decode_attn, "window": b.kernel.window},
         "compile": {"decode": opts["compile_mode"], "decode_inductor_options": engine.decode_options,
-                    "prefill": engine.prefill_mode,
-                    "cuda_graphs": opts["compile_mode"] == "reduce-overhead"},
+                    "prefill": engine.prefill_mode, "cuda_graphs": opts["compile_mode"] == "reduce-overhead"},
         "decode_buckets": engine.buckets,
         "cache_positions": engine.cache.positions,
         "kv_cache_bytes": engine.cache.nbytes(),
-        "tp": tp,
     }
     if tp > 1:
         ran["tensor_parallel"] = ("q/k/v, gate/up and the LM head split by output rows, wo and down by input "
@@ -160,64 +147,41 @@ def run(opts: dict[str, Any]) -> int:
 
     import torch
 
-    from workloads import parallel
     from workloads.engine.driver import Hooks, LoadResult, run_load
     from workloads.engine.loadgen import RequestSpec, prompt_tokens
     from workloads.engine.request import Request
     from workloads.engine.scheduler import Scheduler
-    from workloads.loop import (
-        SetupError,
-        device_name,
-        device_uuid,
-        memory_fields,
-        resolve_device,
-        resolve_dtype,
-        setup_failed,
-    )
+    from workloads.harness import EXIT_INTERRUPTED, EXIT_OK, SETUP_ERRORS, Harness, SetupError
+    from workloads.loop import memory_fields
 
-    em = Emitter()
-    world, replicas, tp = parallel.world_size(), opts["replicas"], opts["tp"]
-    rank = parallel.rank()
+    h = Harness("serve", opts)
+    em, world, replicas, tp, rank = h.em, h.world, opts["replicas"], opts["tp"], h.rank
     replica, leader = rank // tp, rank % tp == 0
     try:
         problems = load_checks(opts)
         if problems:
             raise SetupError(problems[0][1])
-        if world != replicas * tp:
-            raise SetupError(f"--replicas {replicas} x --tp {tp} but {world} processes: launch with torchrun "
-                             f"--nproc-per-node {replicas * tp} -m workloads.serve --replicas {replicas} --tp {tp} ...")
-        group = None
-        if world > 1:
-            group = parallel.replica_groups("cuda" if opts["device"] != "cpu" and torch.cuda.is_available()
-                                            else "cpu", replicas, tp)
-        device = resolve_device(opts["device"])
-        p = plan(opts, device.type)
-        dtype = resolve_dtype(p["dtype"], device)
-        torch.manual_seed(opts["seed"])
-        engine, ran = _build(opts, p, device, dtype, group)
+        group = h.join_replicas(replicas, tp)
+        p = h.resolve(plan)
+        engine, ran = _engine(h, p, group)
         gen = _generator(p, replica, replicas)
-    except (SetupError, ValueError, torch.OutOfMemoryError) as exc:
-        return setup_failed(em, exc, "the engine")
+    except SETUP_ERRORS as exc:
+        return h.setup_failed(exc, "the engine")
 
-    precision = "fp8" if ran["fp8"]["library"] != "off" else p["dtype"]
-    # every rank: each names its GPU, whose energy the summary counts (design.md, "Energy")
-    em.meta(workload="serve", options=opts, plan=p, device=str(device), device_name=device_name(device),
-            n_devices=world, precision=precision, flops_per_token=p["flops_per_output_token"],
-            flops_per_token_note="per output token, the prompt's prefill included, at the mean lengths",
-            params=p["params"], torch_version=torch.__version__, backends=ran, replicas=replicas, tp=tp,
-            step_tokens="output tokens produced by one engine step of this rank's replica",
-            device_uuid=device_uuid(device), **bytes_moved(ModelConfig(**p["model"]), _DTYPE_BYTES[p["dtype"]]))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    h.meta(p, ran, flops_per_token=p["flops_per_output_token"],
+           flops_per_token_note="per output token, the prompt's prefill included, at the mean lengths",
+           params=p["params"], replicas=replicas, tp=tp,
+           step_tokens="output tokens produced by one engine step of this rank's replica",
+           **bytes_moved(ModelConfig(**p["model"]), _DTYPE_BYTES[p["dtype"]]))
+    device, cuda = h.device, h.device.type == "cuda"
     step_idx = 0
-    cuda = device.type == "cuda"
 
+    # engine steps are timed on the host (the step ends when its tokens are on the host): wall time
     def warm_step(ms: float, fields: dict[str, Any]) -> None:
         nonlocal step_idx
         em.step(step_idx, ms, 0, clock=CLOCK_HOST, warmup=True, first=step_idx == 0, **fields,
                 **memory_fields(device))
         step_idx += 1
-
 
     def on_step(i: int, ms: float, tokens: int, plan_: Any, t: float) -> None:
         nonlocal step_idx
@@ -264,13 +228,9 @@ def run(opts: dict[str, Any]) -> int:
                 signal.signal(signal.SIGINT, previous)
             res = LoadResult()
     except torch.OutOfMemoryError as exc:
-        em.error(f"out of memory: {str(exc).splitlines()[0]}", kind="oom")
-        print(f"error: CUDA out of memory: {exc}", file=sys.stderr)
-        return 3
+        return h.oom(exc)
     except RuntimeError as exc:  # e.g. a forced SDPA kernel that cannot run the decode shapes
-        em.error(f"engine failed: {str(exc).splitlines()[0]}", kind="error")
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return h.failed("engine failed", exc)
     for r in res.unfinished:
         em.request(**r.record())
     ends = [res.end]
@@ -281,25 +241,20 @@ def run(opts: dict[str, Any]) -> int:
         if rank == 0:
             ends = [end for end, _ in gathered]
             interrupted = any(i for _, i in gathered)
-    code = 130 if interrupted else 0
-    if rank == 0:  # reported before the teardown, which NCCL can stall; the console computes the figures
-        em.summary(
-            load_duration_s=max(ends),
-            slo={"ttft_ms": opts["slo_ttft_ms"], "tpot_ms": opts["slo_tpot_ms"]},
-            warmup_s=warm_s,
-            warmup_rounds=rounds,
-            compile_s=warm_s if opts["compile_mode"] != "none" else None,
-            engine={"steps": res.steps, "stopped": res.stopped, "buckets": ran["decode_buckets"],
-                    "kv_cache_bytes": ran["kv_cache_bytes"]},
-            replicas=replicas,
-            tp=tp,
-            torch_mem_peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
-            interrupted=interrupted,
-        )
-    em.close()
-    engine.close()
-    parallel.shutdown(code)
-    return code
+    summary = {  # the console computes the serving figures from the request events
+        "load_duration_s": max(ends),
+        "slo": {"ttft_ms": opts["slo_ttft_ms"], "tpot_ms": opts["slo_tpot_ms"]},
+        "warmup_s": warm_s,
+        "warmup_rounds": rounds,
+        "compile_s": warm_s if opts["compile_mode"] != "none" else None,
+        "engine": {"steps": res.steps, "stopped": res.stopped, "buckets": ran["decode_buckets"],
+                   "kv_cache_bytes": ran["kv_cache_bytes"]},
+        "replicas": replicas,
+        "tp": tp,
+        "torch_mem_peak_bytes": h.peak_memory_bytes(),
+        "interrupted": interrupted,
+    }
+    return h.finish(EXIT_INTERRUPTED if interrupted else EXIT_OK, summary, release=engine.close)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workloads.options import run_main
-from workloads.protocol import Emitter
 from workloads.specs.tp_validate import TP_VALIDATE
+
+if TYPE_CHECKING:
+    from workloads.harness import Harness
 
 #: Allowed relative error per compute dtype (bf16 keeps 8 bits of mantissa; sums are reordered by TP).
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}
@@ -103,62 +105,57 @@ def expert_slice(name: str, ref_grad: Any, local: Any) -> Any:
     return torch.cat([ref_grad[:, lo:hi], ref_grad[:, f + lo:f + hi]], dim=1)
 
 
+def _reference(h: Harness) -> tuple[dict[str, Any], Any]:
+    """The plan (the dense workload's, or the MoE preset's model in it) and the TP=1 reference model."""
+    import torch
+
+    from workloads import parallel
+    from workloads.dense import plan
+    from workloads.models.config import ModelConfig
+    from workloads.models.moe import MoETransformer
+    from workloads.models.moe_config import resolve
+    from workloads.models.transformer import Transformer
+
+    opts, moe = h.opts, h.opts["model"] == "moe"
+    dense = {**opts, "duration": 0.0, "activation_checkpointing": False, "preset": "tiny" if moe else opts["preset"]}
+    p = h.resolve(lambda _opts, device_type: plan(dense, device_type))
+    if moe:
+        mcfg = resolve({"preset": opts["preset"], "layers": opts["layers"]})
+        if p["seq_len"] + 1 > mcfg.base.max_seq_len:
+            mcfg = replace(mcfg, base=replace(mcfg.base, max_seq_len=p["seq_len"] + 1))
+        cfg = mcfg.base
+        p["model"] = {"moe": opts["preset"], "base": asdict(cfg)}
+    else:
+        cfg = ModelConfig(**p["model"])
+    parallel.check_divisible(cfg.n_heads, cfg.n_kv_heads, h.world)
+    with torch.device(h.device):
+        ref = MoETransformer(mcfg, impl="grouped", gemm="bmm") if moe else Transformer(cfg)
+    return p, ref.to(dtype=h.dtype)
+
+
 def run(opts: dict[str, Any]) -> int:
     import torch
     import torch.nn.functional as F
 
     from workloads import parallel
-    from workloads.dense import plan
-    from workloads.loop import SetupError, device_name, device_uuid, resolve_device, resolve_dtype
-    from workloads.models.config import ModelConfig
-    from workloads.models.transformer import Transformer
+    from workloads.harness import EXIT_FAILED, EXIT_OK, SETUP_ERRORS, Harness
 
-    em = Emitter()
-    tp = parallel.world_size()
-    rank = parallel.rank()
+    h = Harness("tp-validate", opts)
     try:
-        mesh = parallel.join(opts["tp"], opts["device"])
-        device = resolve_device(opts["device"])
-        moe = opts["model"] == "moe"
-        dense_opts = {**opts, "duration": 0.0, "activation_checkpointing": False,
-                      "preset": "tiny" if moe else opts["preset"]}
-        p = plan(dense_opts, device.type)
-        dtype = resolve_dtype(p["dtype"], device)
-        if moe:
-            from workloads.models.moe_config import resolve
-
-            mcfg = resolve({"preset": opts["preset"], "layers": opts["layers"]})
-            if p["seq_len"] + 1 > mcfg.base.max_seq_len:
-                mcfg = replace(mcfg, base=replace(mcfg.base, max_seq_len=p["seq_len"] + 1))
-            cfg = mcfg.base
-            p["model"] = {"moe": opts["preset"], "base": asdict(cfg)}
-        else:
-            cfg = ModelConfig(**p["model"])
-        parallel.check_divisible(cfg.n_heads, cfg.n_kv_heads, tp)
-    except (SetupError, ValueError) as exc:
-        em.error(str(exc), kind="config")
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    torch.manual_seed(opts["seed"])
-    with torch.device(device):
-        if moe:
-            from workloads.models.moe import MoETransformer
-
-            ref = MoETransformer(mcfg, impl="grouped", gemm="bmm")
-        else:
-            ref = Transformer(cfg)
-    ref = ref.to(dtype=dtype)
+        h.join()
+        p, ref = _reference(h)
+    except SETUP_ERRORS as exc:
+        return h.setup_failed(exc)
+    tp, moe = h.world, opts["model"] == "moe"
     wrong = 0 if opts["fault"] == "missing-allreduce" else None
-    sharded = parallel.apply_tp(copy.deepcopy(ref), mesh, wrong_layer=wrong)
+    sharded = parallel.apply_tp(copy.deepcopy(ref), h.mesh, wrong_layer=wrong)
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
-    tokens = torch.randint(0, cfg.vocab_size, (p["batch_size"], p["seq_len"] + 1), generator=gen).to(device)
+    vocab = ref.cfg.vocab_size
+    tokens = torch.randint(0, vocab, (p["batch_size"], p["seq_len"] + 1), generator=gen).to(h.device)
     x, y = tokens[:, :-1], tokens[:, 1:]
     train = opts["mode"] == "train"
     tol = TOLERANCE[p["dtype"]]
-    # every rank: each names its GPU, whose energy the summary counts (design.md, "Energy")
-    em.meta(workload="tp-validate", options=opts, plan=p, device=str(device), device_name=device_name(device),
-            n_devices=tp, precision=p["dtype"], tolerance=tol, device_uuid=device_uuid(device))
+    h.meta(p, tolerance=tol)
 
     def logits_of(model: Any) -> Any:
         out = model(x)
@@ -191,21 +188,19 @@ def run(opts: dict[str, Any]) -> int:
         scale = grad_scale([q.grad for q in ref.parameters() if q.grad is not None])
     floor = judge(rows, tol, scale)
     passed = all(r["ok"] for r in rows)
-    everywhere = torch.tensor([1 if passed else 0], device=device)
+    everywhere = torch.tensor([1 if passed else 0], device=h.device)
     torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)  # every rank's slices count
     if not everywhere.item() and passed:
         rows.append({"tensor": "another rank's shards", "max_abs": None, "max_rel": None, "ok": False,
                      "note": "a mismatch on another rank"})
         passed = False
-    if rank == 0:
+    if h.rank == 0:
         print(table(rows, tol, floor))
         print(f"tp-validate: TP={tp} vs TP=1, {p['dtype']}, {len(rows)} tensors: "
               f"{'PASS' if passed else 'FAIL'} (worst rel err {max(r['max_rel'] or 0 for r in rows):.3e})")
-        em.summary(passed=passed, tp=tp, tolerance=tol, floor=floor, grad_scale=scale, rule=RULE, tensors=rows,
-                   mismatches=[r["tensor"] for r in rows if not r["ok"]])
-    parallel.shutdown()
-    em.close()
-    return 0 if passed else 1
+    summary = {"passed": passed, "tp": tp, "tolerance": tol, "floor": floor, "grad_scale": scale, "rule": RULE,
+               "tensors": rows, "mismatches": [r["tensor"] for r in rows if not r["ok"]]}
+    return h.finish(EXIT_OK if passed else EXIT_FAILED, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

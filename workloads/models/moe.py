@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from workloads.models.attention import AttentionKernel, Mask
 from workloads.models.blocks import MLP, Attention, Block, _init_linear
@@ -131,12 +130,12 @@ class MoETransformer(Transformer):
     Decoding with a KV cache is not supported (train and prefill only).
     """
 
-    def __init__(self, cfg: MoEConfig, attention: AttentionKernel | None = None,
-                 activation_checkpointing: bool = False, impl: str = "grouped", gemm: str = "bmm") -> None:
+    def __init__(self, cfg: MoEConfig, attention: AttentionKernel | None = None, impl: str = "grouped",
+                 gemm: str = "bmm") -> None:
         cfg.validate()
         # The dense skeleton with only the leading dense blocks (at least one, dropped if none are dense).
         n_dense = cfg.n_dense_layers
-        super().__init__(cfg.base.with_layers(max(n_dense, 1)), attention, activation_checkpointing)
+        super().__init__(cfg.base.with_layers(max(n_dense, 1)), attention)
         self.cfg = cfg.base
         self.moe_cfg = cfg
         dense = list(self.layers)[:n_dense]
@@ -168,13 +167,9 @@ class MoETransformer(Transformer):
         rope = self.rope[:, :t] if self.rope is not None else None
         kernel = self.attention
         mask = kernel.mask(t, t, tokens.device)
-        ckpt = self.activation_checkpointing and torch.is_grad_enabled()
         auxes, stats = [], []
         for layer in self.layers:
-            if ckpt:
-                out = checkpoint(layer, h, rope, mask, kernel, use_reentrant=False)
-            else:
-                out = layer(h, rope, mask, kernel)
+            out = layer(h, rope, mask, kernel)
             if isinstance(layer, Block):
                 h = out
             else:

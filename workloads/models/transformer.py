@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from workloads.models.attention import AttentionKernel
 from workloads.models.blocks import Block, residual_std
@@ -19,17 +18,14 @@ class Transformer(nn.Module):
 
     Can be built on the meta device and materialised with ``to_empty(device=...)`` then
     ``init_weights()``, which also rebuilds the RoPE table and the embedding tie.
-    ``attention`` (see ``attention.make_kernel``) and ``activation_checkpointing`` are plain attributes
-    a driver may set before compiling.
+    ``attention`` (see ``attention.make_kernel``) is a plain attribute a driver may set before compiling;
+    activation checkpointing wraps the blocks from outside (``workloads.build.checkpoint_blocks``).
     """
 
-    def __init__(
-        self, cfg: ModelConfig, attention: AttentionKernel | None = None, activation_checkpointing: bool = False
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, attention: AttentionKernel | None = None) -> None:
         super().__init__()
         self.cfg = cfg.validate()
         self.attention = attention or AttentionKernel()
-        self.activation_checkpointing = activation_checkpointing
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -78,9 +74,6 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             for i, layer in enumerate(self.layers):
                 h = layer(h, rope, mask, kernel, kv_cache[i], start_pos)
-        elif self.activation_checkpointing and torch.is_grad_enabled():
-            for layer in self.layers:
-                h = checkpoint(layer, h, rope, mask, kernel, use_reentrant=False)
         else:
             for layer in self.layers:
                 h = layer(h, rope, mask, kernel)
