@@ -55,8 +55,8 @@ def test_launch_a_tiny_cpu_run_to_the_end(tmp_path):
             assert live.status == "ok", live.feed.view().logs
             assert live.result is not None and live.result.record_path.exists()
             assert live.feed.steps_seen == 3
-            text = str(live.query_one(ThroughputPanel).render())
-            assert "final" in text and "tok/s" in text
+            text = live.query_one(ThroughputPanel).text.plain
+            assert "run " in text and "tok/s" in text
             await pilot.press("b")
             assert isinstance(app.screen, LaunchScreen)
         return live.result.record_path
@@ -229,7 +229,7 @@ def test_runs_screen_replay_and_compare(tmp_path):
             assert len(bad) == 1 and "truncated" in bad[0].error
             await pilot.press("s", "o")  # sort by workload, reversed
             assert screen.sort_column == "workload"
-            assert table.get_row_at(0)[2] == "synthetic"
+            assert table.get_row_at(0)[2] == "tp-validate"
             dense = next(k for k, r in screen.rows.items() if r.workload == "dense" and r.status == "ok")
             table.move_cursor(row=table.get_row_index(dense))
             await pilot.press("enter")
@@ -248,7 +248,7 @@ def test_runs_screen_replay_and_compare(tmp_path):
             assert replay.pos == 0 and replay.feed.summary is None
             await pilot.press("b")
             assert app.screen is screen
-            ok = [k for k, r in screen.rows.items() if r.status == "ok"]
+            ok = [k for k, r in screen.rows.items() if r.status == "ok" and r.workload == "dense"]
             screen.marked = ok[:2]
             await pilot.press("c")
             assert isinstance(app.screen, CompareScreen)

@@ -114,28 +114,34 @@ def test_runs_screen_marked_and_unreadable_row(snap_compare):
     assert snap_compare(app, terminal_size=(120, 24), run_before=ready)
 
 
-def test_replay_eight_gpus_wide(snap_compare):
+SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_replay_eight_gpus(snap_compare, size):
+    """Eight fake GPUs at the end of the replay: each GPU panel folds them into one line."""
     rec = _fake_nvml_run()
     app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
-    assert snap_compare(app, terminal_size=(130, 48), run_before=_settle)
+    assert snap_compare(app, terminal_size=size, run_before=_settle)
 
 
-def test_replay_eight_gpus_at_80x24(snap_compare):
+def test_replay_eight_gpus_expanded(snap_compare):
+    """g: a row per GPU in power, memory and util."""
+    async def expand(pilot: Any) -> None:
+        await _settle(pilot)
+        await pilot.press("g")
+        await _settle(pilot)
+
     rec = _fake_nvml_run()
     app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
-    assert snap_compare(app, terminal_size=(80, 24), run_before=_settle)
+    assert snap_compare(app, terminal_size=(120, 40), run_before=expand)
 
 
-def test_replay_moe_expert_balance(snap_compare):
-    rec = recorded("moe")
-    app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
-    assert snap_compare(app, terminal_size=(100, 40), run_before=_settle)
-
-
-def test_replay_serving_latency_synthetic(snap_compare):
+@pytest.mark.parametrize("size", SIZES)
+def test_replay_serving_latency_synthetic(snap_compare, size):
     rec = recorded("synthetic")
     app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
-    assert snap_compare(app, terminal_size=(100, 34), run_before=_settle)
+    assert snap_compare(app, terminal_size=size, run_before=_settle)
 
 
 def test_compare_screen(snap_compare):
@@ -152,19 +158,32 @@ def test_compare_screen(snap_compare):
     assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
 
 
-def test_live_screen_after_a_run(snap_compare, monkeypatch):
-    rec = _all_ok("dense")[0]
-    monkeypatch.setattr(live_module, "make_runner", lambda *a, **k: RecordedRunner(rec))
+#: The live screen's runs: a recorded run of each workload, and the options its command line shows.
+LIVE = {
+    "dense": (lambda: _fake_nvml_run(), {"preset": "tiny", "steps": 8, "warmup": 2}),
+    "moe": (lambda: recorded("moe"), {"preset": "tiny", "steps": 6, "warmup": 2, "balance_window": 2}),
+    "serve": (lambda: recorded("serve"), {"preset": "tiny", "num_requests": 16}),
+    "tp-validate": (lambda: recorded("tp-validate"), {"preset": "tiny"}),
+}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("workload", list(LIVE))
+def test_live_screen_after_a_run(snap_compare, monkeypatch, workload, size):
+    """The live screen once a run has ended, fed a recorded run's events (dense: the run of 8 fake GPUs)."""
     from tuner.launch import build_config
 
-    config = build_config("dense", {"preset": "tiny", "steps": 6, "warmup": 2}, python="python")
+    record, options = LIVE[workload]
+    rec = record()
+    monkeypatch.setattr(live_module, "make_runner", lambda *a, **k: RecordedRunner(rec))
+    config = build_config(workload, options, python="python")
 
     async def ready(pilot: Any) -> None:
         await until(pilot, lambda: isinstance(pilot.app.screen, LiveScreen) and not pilot.app.screen.is_live, 10)
         await _settle(pilot)
 
     app = ScreenApp.make(lambda: LiveScreen(config, Path("data/runs")))
-    assert snap_compare(app, terminal_size=(100, 34), run_before=ready)
+    assert snap_compare(app, terminal_size=size, run_before=ready)
 
 
 def test_help_screen(snap_compare):

@@ -8,7 +8,13 @@
   and util panels are fed by it; the numbers are the fake's, not a GPU's);
 - one synthetic run (``python -c`` with tuner.protocol.Emitter) that sends steps and serving ``request`` events
   with fixed timelines (its figures do not depend on the machine); its workload is ``synthetic``;
-- a truncated copy of a run file (``…-dense-bad0.json``), for the runs screen's error row.
+- a truncated copy of a run file (``…-dense-bad0.json``), for the runs screen's error row;
+- a real short CPU run of ``serve`` (tiny, 16 requests: engine steps, request timelines, the serving block);
+- a real CPU run of ``tp-validate`` (tiny, TP=2 under torchrun with gloo: no steps, the comparison table on
+  stdout and the verdict in its summary).
+
+``serve_run()`` and ``tp_validate_run()`` add only their own file, e.g.
+``python -c "import sys; sys.path.insert(0, 'tests/data'); import make_runs; make_runs.serve_run()"``.
 
 The snapshot tests read these files; re-making them changes the snapshots (update with --snapshot-update).
 """
@@ -86,6 +92,20 @@ def main() -> None:
     good = sorted(OUT.glob("*-dense-*.json"))[0]
     data = good.read_bytes()
     (OUT / "20261121-000000-dense-bad0.json").write_bytes(data[: len(data) // 2])
+    serve_run()
+    tp_validate_run()
+
+
+def serve_run() -> None:
+    """A real short serving run on CPU."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    btune_run("serve", "--preset", "tiny", "--num-requests", "16")
+
+
+def tp_validate_run() -> None:
+    """A real TP=2 against TP=1 comparison on CPU (torchrun, gloo)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    btune_run("tp-validate", "--preset", "tiny")
 
 
 if __name__ == "__main__":

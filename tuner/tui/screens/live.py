@@ -22,7 +22,7 @@ from tuner.launch import RunConfig, make_runner
 from tuner.report import key_options
 from tuner.runner import Runner, RunResult
 from tuner.tui.screens.base import BtuneScreen
-from tuner.tui.widgets.dashboard import Dashboard
+from tuner.tui.widgets.dashboard import HEIGHT_BREAKPOINTS, Dashboard
 from tuner.tui.widgets.status import StatusLine
 
 if TYPE_CHECKING:
@@ -40,15 +40,21 @@ class RunFinished(Message):
 class LiveScreen(BtuneScreen):
     """Panels of a running workload; c cancels, p pauses the charts."""
 
-    HELP = ("The run's panels redraw a few times a second from buffers the runner fills. Throughput shows "
-            "tokens/s and step time; power, memory and util/clocks/temp show each GPU (no GPU: the host). Expert "
-            "balance and latency appear when the workload sends them. c cancels the run (its record is still "
-            "written), p pauses the charts, b or Esc goes back once the run has ended. Arrows/PgUp/PgDn scroll.")
+    HELP = ("The run's panels redraw a few times a second from buffers the runner fills, each only when its data "
+            "changed. Throughput charts tokens/s and step time against the run's time beside the last step, the "
+            "steady window's tokens/s, MFU and MBU; power and memory chart each GPU (no GPU: the host's memory); "
+            "util/clocks/temp lists them. With more than 4 GPUs each panel folds them into one line (the charts: "
+            "the mean and the highest GPU); g shows a row per GPU. Expert balance and latency appear when the "
+            "workload sends them. The log under the panels keeps to a few lines until the program writes or fails. "
+            "c cancels the run (its record is still written), p pauses the charts, b or Esc goes back once the run "
+            "has ended. Arrows/PgUp/PgDn scroll.")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("c", "cancel_run", "Cancel run"),
         Binding("p", "pause", "Pause charts"),
+        Binding("g", "gpu_rows", "GPUs"),
         Binding("escape,b", "back", "Back"),
     ]
+    VERTICAL_BREAKPOINTS = HEIGHT_BREAKPOINTS
 
     app: BtuneApp  # type: ignore[assignment]
 
@@ -64,6 +70,7 @@ class LiveScreen(BtuneScreen):
         self.error: str | None = None
         self.status = "starting"
         self.paused = False
+        self.gpu_rows = False
         self.quit_when_done = False
         self._t0 = time.monotonic()
         self._started = False
@@ -78,7 +85,7 @@ class LiveScreen(BtuneScreen):
         yield StatusLine(id="status")
         yield Dashboard(id="dashboard")
         yield Static(f"$ {self.config.command_line}", id="command-line")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         try:
@@ -153,7 +160,7 @@ class LiveScreen(BtuneScreen):
         self.query_one(StatusLine).set_state(self.status, run_id, what, self.elapsed(), extra)
         if self.feed.version != self._drawn or self.paused:
             view = self.feed.view()
-            self.query_one(Dashboard).show(view, charts=not self.paused)
+            self.query_one(Dashboard).show(view, charts=not self.paused, gpu_rows=self.gpu_rows)
             self._drawn = view.version
 
     def on_resize(self) -> None:
@@ -181,6 +188,12 @@ class LiveScreen(BtuneScreen):
     def action_pause(self) -> None:
         """Freeze (or unfreeze) the charts; the buffers keep filling."""
         self.paused = not self.paused
+        self._drawn = -1
+        self.redraw()
+
+    def action_gpu_rows(self) -> None:
+        """A row per GPU in every panel, or many GPUs folded into one line (the default above 4)."""
+        self.gpu_rows = not self.gpu_rows
         self._drawn = -1
         self.redraw()
 

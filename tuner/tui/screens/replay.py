@@ -17,7 +17,7 @@ from tuner.feed import RunFeed
 from tuner.replay import timeline
 from tuner.report import key_options
 from tuner.tui.screens.base import BtuneScreen
-from tuner.tui.widgets.dashboard import Dashboard
+from tuner.tui.widgets.dashboard import HEIGHT_BREAKPOINTS, Dashboard
 from tuner.tui.widgets.status import StatusLine
 
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -28,16 +28,19 @@ class ReplayScreen(BtuneScreen):
 
     HELP = ("A recorded run replayed through the same panels as a live one, from its saved samples and events. "
             "Space plays or pauses, n advances to the next step, + and - change the speed, e jumps to the end, "
-            "r restarts, b or Esc goes back.")
+            "r restarts, g shows a row per GPU (more than 4 GPUs fold into one line per panel), b or Esc goes "
+            "back.")
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("space", "toggle_play", "Play/pause"),
-        Binding("n", "step", "Next step"),
-        Binding("plus,equals_sign", "faster", "Faster"),
-        Binding("minus", "slower", "Slower"),
+        Binding("space", "toggle_play", "Play"),
+        Binding("n", "step", "Step"),
+        Binding("plus,equals_sign", "faster", "Faster/slower", key_display="+/-"),
+        Binding("minus", "slower", "Slower", show=False),
+        Binding("g", "gpu_rows", "GPUs"),
         Binding("e", "end", "End"),
         Binding("r", "restart", "Restart"),
         Binding("escape,b", "back", "Back"),
     ]
+    VERTICAL_BREAKPOINTS = HEIGHT_BREAKPOINTS
 
     def __init__(self, record: dict[str, Any], refresh_hz: float = 4.0, autoplay: bool = True,
                  at_end: bool = False) -> None:
@@ -51,6 +54,7 @@ class ReplayScreen(BtuneScreen):
         self.playing = autoplay
         self._at_end = at_end
         self._swapping = False
+        self.gpu_rows = False
         self._restart()
 
     def _restart(self) -> None:
@@ -62,7 +66,7 @@ class ReplayScreen(BtuneScreen):
     def compose(self) -> ComposeResult:
         yield StatusLine(id="status")
         yield Dashboard(id="dashboard")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         if self._at_end:
@@ -98,7 +102,7 @@ class ReplayScreen(BtuneScreen):
         total = self.t_end - self.t0
         extra = f"of {total:.1f} s  ×{self.speed:g} {state}  run {rec.get('status')}"
         self.query_one(StatusLine).set_state("replay", str(rec.get("id")), what, self.clock - self.t0, extra)
-        self.query_one(Dashboard).show(self.feed.view())
+        self.query_one(Dashboard).show(self.feed.view(), gpu_rows=self.gpu_rows)
 
     def on_resize(self) -> None:
         self.call_after_refresh(self.redraw)
@@ -126,6 +130,11 @@ class ReplayScreen(BtuneScreen):
 
     def action_slower(self) -> None:
         self.speed = next((s for s in reversed(SPEEDS) if s < self.speed), SPEEDS[0])
+        self.redraw()
+
+    def action_gpu_rows(self) -> None:
+        """A row per GPU in every panel, or many GPUs folded into one line (the default above 4)."""
+        self.gpu_rows = not self.gpu_rows
         self.redraw()
 
     def action_end(self) -> None:

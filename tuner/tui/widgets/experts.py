@@ -17,9 +17,14 @@ from rich.text import Text
 from tuner.feed import FeedView
 from tuner.report import fmt
 from tuner.tui.widgets.charts import heat_row, spark
-from tuner.tui.widgets.panel import Panel, block_figures, dim, figure_rows, row
+from tuner.tui.widgets.panel import Panel, block_figures, dim, pack, row
 
 MAX_ROWS = 12
+COMPACT_ROWS = 3  # heat-map rows on a short screen
+#: The whole run's balance figures in a short screen's one or two lines, by metric name.
+SHORT = {"expert_gini": "Gini", "expert_gini_max": "worst Gini", "expert_cv": "CV", "expert_max_vio": "MaxVio",
+         "expert_load_entropy": "entropy", "expert_dead": "dead", "expert_dropped": "dropped",
+         "router_entropy": "router entropy"}
 
 
 def layer_ratios(counts: list[Any], columns: int) -> tuple[list[float | None], int]:
@@ -61,15 +66,20 @@ class ExpertsPanel(Panel):
         group = 1
         n_experts = max((len(c) for c in layers if isinstance(c, list)), default=0)
         cell_width = max(1, min(3, (width - 5) // max(1, n_experts)))
-        for layer_id, counts in list(zip(ids, layers, strict=False))[:MAX_ROWS]:
+        max_rows = COMPACT_ROWS if self.compact else MAX_ROWS
+        for layer_id, counts in list(zip(ids, layers, strict=False))[:max_rows]:
             cells, group = layer_ratios(counts if isinstance(counts, list) else [], (width - 5) // cell_width)
             lines.append(heat_row(f"L{layer_id:<3} ", cells, cell_width))
-        if len(layers) > MAX_ROWS:
-            lines.append(dim(f"… {len(layers) - MAX_ROWS} more MoE layers"))
+        if len(layers) > max_rows:
+            lines.append(dim(f"… {len(layers) - max_rows} more MoE layers"))
         per = f", {group} experts per cell (hottest)" if group > 1 else ""
         window = ev.get("window")
         steps = f", steps {window[0]}–{window[1]}" if isinstance(window, list) and len(window) == 2 else ""
-        lines.append(dim(f"{len(layers)} MoE layers × {n_experts} experts{per}{steps}; shade = load / layer mean"))
+        run = block_figures(view.summary, "moe", "expert balance") if view.summary is not None else []
+        if self.compact and run:  # a short screen, the run ended: the run's figures only
+            return lines + pack([f"{SHORT.get(f.metric.name, f.label)} {fmt(f.value, f.unit)}" for f in run], width)
+        if not self.compact:
+            lines.append(dim(f"{len(layers)} MoE layers × {n_experts} experts{per}{steps}; shade = load / layer mean"))
         figs = view.experts_figures
         lines.append(row(f"gini {_fig(figs, 'gini')}  maxvio {_fig(figs, 'max_vio')}  entropy {_fig(figs, 'entropy')}"))
         extra = [f"{label} {_fig(figs, name)}" for name, label in
@@ -77,13 +87,13 @@ class ExpertsPanel(Panel):
                  if _fig(figs, name) != "-"]
         if extra:
             lines.append(row("  ".join(extra)))
+        if self.compact:  # a short screen: the figures, no history
+            return lines
         chart = max(1, width - 9)
         hist = view.experts_history
         for name, idx, style in (("gini    ", 0, "magenta"), ("maxvio  ", 1, "red"), ("entropy ", 2, "green")):
             lines.append(row(Text(name, style="bold"), Text(spark([h[idx] for h in hist], chart), style=style)))
-        if view.summary is not None:
-            run = block_figures(view.summary, "moe", "expert balance")
-            if run:
-                lines.append(Text("whole run", style="bold"))
-                lines += figure_rows(run, width)
+        if run:
+            lines.append(Text("whole run", style="bold"))
+            lines += pack([f"{SHORT.get(f.metric.name, f.label)} {fmt(f.value, f.unit)}" for f in run], width)
         return lines

@@ -1,4 +1,5 @@
-"""Latency panel (serving): the registry's serving block (TTFT, TPOT, ITL, E2E, throughputs, goodput).
+"""Latency panel (serving): the registry's serving block (TTFT, TPOT, ITL, E2E by p50/p90/p99, throughputs and
+goodput beside them), laid out to fit 80 columns.
 
 Shown once ``request`` events arrive. Live, the block is tuner.results.serving over the requests the feed
 keeps (under the run's SLOs), recomputed at most once a second; once the run has ended it is the summary's.
@@ -14,9 +15,21 @@ from rich.text import Text
 
 from tuner import results
 from tuner.feed import FeedView
-from tuner.tui.widgets.panel import Panel, block_figures, dim, figure_rows, stats_table
+from tuner.metrics import Figure
+from tuner.report import fmt
+from tuner.tui.widgets.panel import Panel, block_figures, figure_rows, pack, stats_table
 
 COLUMNS = ("p50", "p90", "p99", "mean")
+CELL = 9  # columns per statistic
+SIDE_WIDTH = 22  # the scalar figures' column
+WIDE = 12 + 4 * CELL + 3 + SIDE_WIDTH  # from this width the mean column fits beside the scalar figures
+#: The scalar serving figures beside the table, by metric name, with their short labels (in this order).
+SIDE = {"goodput": "goodput", "request_throughput": "requests", "output_tokens_per_s": "output",
+        "total_tokens_per_s": "total", "load_duration": "load"}
+#: Counts said in the closing line instead.
+COUNTS = ("requests_finished", "requests_unfinished")
+#: The engine's MBU and bytes moved: the throughput panel's MBU line says them.
+ELSEWHERE = ("engine_mbu", "engine_bandwidth")
 PERIOD_S = 1.0  # the live block is recomputed at most once a second
 
 
@@ -58,13 +71,38 @@ class LatencyPanel(Panel):
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         final = view.summary is not None and isinstance(view.summary.get("serving"), dict)
         summary = view.summary if final else {"serving": live_block(view)}
-        figs = block_figures(summary or {}, "serve", "serving")
-        lines = stats_table([f for f in figs if f.stat is not None], COLUMNS)
-        lines += figure_rows([f for f in figs if f.stat is None], width)
+        figs = [f for f in block_figures(summary or {}, "serve", "serving") if f.metric.name not in ELSEWHERE]
+        described = [f for f in figs if f.stat is not None]
+        columns = COLUMNS if width >= WIDE else COLUMNS[:3]
+        table = stats_table(described, columns, cell=CELL, unit="ms")
+        by_name = {f.metric.name: f for f in figs if f.stat is None}
+        side = [short_figure(by_name[name]) for name in SIDE if name in by_name]
+        rest = [f for f in figs if f.stat is None and f.metric.name not in SIDE and f.metric.name not in COUNTS]
+        counts = {f.metric.name: f.value for f in figs if f.metric.name in COUNTS}
+        table_width = max((len(t.plain) for t in table), default=0)
+        lines: list[Text]
+        if table and width - table_width - 3 >= SIDE_WIDTH:  # the scalar figures in a column beside the table
+            lines = [t.copy() for t in table]
+            for i, item in enumerate(side):
+                if i >= len(lines):
+                    lines.append(Text(" " * table_width))
+                lines[i].pad_right(table_width - len(lines[i].plain))
+                lines[i].append(" │ ", style="dim").append(item)
+        else:
+            lines = table + pack(side, width)
+        lines += figure_rows(rest, width)
         slo = (summary or {}).get("serving", {}) or {}
         slo = slo.get("slo") or {}
         window = len(view.requests)
         scope = "the run" if final else "all requests" if window == view.requests_seen else f"the last {window:,}"
-        lines.append(dim(f"{view.requests_seen:,} requests; figures over {scope}; SLOs TTFT <= "
-                         f"{slo.get('ttft_ms')} ms, TPOT <= {slo.get('tpot_ms')} ms"))
+        unfinished = counts.get("requests_unfinished")
+        left = f" ({fmt(unfinished)} unfinished)" if unfinished else ""
+        self.border_subtitle = (f"{view.requests_seen:,} requests{left} · over {scope} · SLOs TTFT <= "
+                                f"{slo.get('ttft_ms')} ms, TPOT <= {slo.get('tpot_ms')} ms")
         return lines
+
+
+def short_figure(f: Figure) -> str:
+    """A scalar serving figure with the panel's short label."""
+    unit = f" {f.unit}" if f.unit and f.unit != "%" else ""
+    return f"{SIDE[f.metric.name]} {fmt(f.value, f.unit)}{unit}"

@@ -1,4 +1,4 @@
-"""Power panel: watts per GPU with history, energy so far (NVML counter) and joules per token.
+"""Power panel: watts per GPU on a time chart, energy so far (NVML counter) and joules per token.
 
 Shown only when there is GPU telemetry (without it the util panel says why).
 """
@@ -13,9 +13,8 @@ from rich.text import Text
 from tuner.feed import FeedView
 from tuner.report import fmt
 from tuner.summary import energy_gpus
-from tuner.tui.widgets.charts import spark
-from tuner.tui.widgets.gpu_rows import label, latest
-from tuner.tui.widgets.panel import Panel, dim, row
+from tuner.tui.widgets.gpu_rows import folded, gpu_label, gpu_series, latest, spread
+from tuner.tui.widgets.panel import Panel, dim, pack, row, run_seconds, window_start
 
 
 def run_gpus(view: FeedView) -> tuple[list[int] | None, str | None]:
@@ -41,9 +40,11 @@ def joules_per_token(view: FeedView) -> float | None:
 
 
 class PowerPanel(Panel):
-    """Per-GPU power draw with a sparkline each, and the run's energy."""
+    """Power per GPU on a time chart (each GPU's line; many GPUs folded: the mean and the highest), the
+    total and per-GPU watts, and the run's energy."""
 
     TITLE = "power"
+    CHARTS = (("w", "W/GPU", 0.0),)
 
     def changes(self, view: FeedView) -> Hashable:
         return view.gpu_seen, view.steps_seen, tuple(view.energy.values())
@@ -54,27 +55,36 @@ class PowerPanel(Panel):
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         n = len(view.gpus)
-        chart = max(1, width - len(label(0, n)) - 10)
         lines: list[Text] = []
-        total = 0.0
-        for gpu, samples in view.gpus.items():
-            watts = latest(samples).get("power_w")
-            total += watts if isinstance(watts, (int, float)) else 0.0
-            history = spark([s.get("power_w") for s in samples], chart, lo=0.0)
-            lines.append(row(label(gpu, n), Text(history.ljust(chart), style="yellow"), f" {fmt(watts):>7} W"))
+        watts = {gpu: latest(samples).get("power_w") for gpu, samples in view.gpus.items()}
+        values = [w for w in watts.values() if isinstance(w, (int, float))]
+        total = sum(values)
+        if folded(view, self.gpu_rows):
+            lines += pack([f"{n} GPUs {fmt(total)} W", spread(values, "W")], width)
+            lines[0].stylize("bold", 0, len(f"{n} GPUs {fmt(total)} W"))
+        elif n == 1:
+            lines.append(row(gpu_label(view, next(iter(watts))), Text(f"{fmt(total)} W", style="bold")))
+        else:
+            lines.append(row(Text(f"total {fmt(total)} W", style="bold")))
+            for gpu, w in watts.items():
+                lines.append(row(gpu_label(view, gpu), f"{fmt(w):>7} W"))
         joules = energy_so_far(view)
         per_token = joules_per_token(view)
         gpus, note = run_gpus(view)
-        jpt = "(warm-up)" if not view.steady_energy else f"{fmt(per_token)} J/tok steady"
-        text = f"total {fmt(total)} W  run's GPUs {fmt(joules)} J  {jpt}"
+        jpt = "- J/tok (warm-up)" if not view.steady_energy else f"{fmt(per_token)} J/tok steady"
+        text = f"energy {fmt(joules)} J · {jpt}"
         if view.summary is not None:
             s = view.summary
-            text = (f"total {fmt(total)} W  energy {fmt(s.get('energy_j'))} J  "
-                    f"{fmt(s.get('joules_per_token'))} J/tok (steady window)")
+            text = f"energy {fmt(s.get('energy_j'))} J · {fmt(s.get('joules_per_token'))} J/tok steady"
             note = s.get("energy_note")
-        lines.append(row(Text(text, style="bold")))
+        lines.append(row(text))
         if gpus is not None and len(gpus) < len(view.energy):
             lines.append(dim(f"energy counts GPU {', '.join(map(str, gpus)) or '-'} (the run's), not the others"))
         if note:
             lines.append(dim(str(note)))
         return lines
+
+    def draw_charts(self, view: FeedView) -> None:
+        lines = gpu_series(view, "power_w", self.gpu_rows)
+        dropped = view.gpu_seen > sum(len(samples) for samples in view.gpus.values())
+        self.charts["w"].set_series(lines, run_seconds(view), t_start=window_start(lines, dropped))

@@ -1,4 +1,4 @@
-"""Throughput panel: last step, tokens/s and step-time history, MFU (live estimate, then the summary's)."""
+"""Throughput panel: last step, tokens/s and step time on time charts, MFU/MBU (live estimates, then the run's)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from rich.text import Text
 
 from tuner import hardware
 from tuner.feed import FeedView
+from tuner.metrics import Figure
 from tuner.report import fmt
 from tuner.summary import is_steady, step_bytes
-from tuner.tui.widgets.charts import spark
-from tuner.tui.widgets.panel import Panel, block_figures, dim, figure_rows, row
+from tuner.tui.widgets.panel import Panel, block_figures, dim, pack, row, run_seconds, series, window_start
 
 WINDOW = 20  # steady steps in the live throughput window
 
@@ -55,46 +55,117 @@ def mbu_text(result: dict[str, Any]) -> str:
     return f"n/a ({moved}{result.get('reason') or 'no data'})"
 
 
+#: Short labels for the whole-run figures (tuner.metrics names); a figure not named here keeps its label.
+RUN_LABELS = {"throughput_tokens_per_s": "", "throughput_per_gpu": "per GPU", "tflops": "",
+              "engine_tokens_per_s": "engine busy",
+              "mfu_bf16": "MFU bf16", "mfu_fp8": "MFU fp8", "mbu": "MBU", "bandwidth": "moved",
+              "loss_last": "final loss"}
+
+
+NO_STEPS = ("tp-validate",)  # workloads that time no steps: no throughput panel
+#: How the statistics of a described step figure are headed (tuner.metrics names).
+STAT_LABELS = {"step_ms": "", "engine_step_ms": "", "decode_step_ms": "decode ", "decode_batch": "decode batch "}
+RATES = ("throughput_tokens_per_s", "throughput_per_gpu", "tflops", "engine_tokens_per_s")
+
+
+def short_text(f: Figure) -> str:
+    """A figure as ``label value unit`` with the panel's short label."""
+    label = RUN_LABELS.get(f.metric.name, f.label)
+    unit = f" {f.unit}" if f.unit and f.unit != "%" else ""
+    return f"{label} {fmt(f.value, f.unit)}{unit}".strip()
+
+
+def run_lines(summary: dict[str, Any], meta: dict[str, Any], width: int) -> list[Text]:
+    """The whole run's step figures from the registry: rates, step-time statistics, MFU and MBU (with the
+    reason when n/a), then the rest."""
+    workload = meta.get("workload")
+    figs = block_figures(summary, workload, "engine steps" if workload == "serve" else "steps")
+    figs += [f for f in block_figures(summary, workload, "serving") if f.metric.name == "engine_mbu"]
+    one_gpu = int(meta.get("n_devices") or 1) == 1
+    rates = [f for f in figs if f.metric.name in RATES and not (one_gpu and f.metric.name == "throughput_per_gpu")]
+    described = [f for f in figs if f.stat is not None]
+    util = ("mfu_bf16", "mfu_fp8", "mbu", "engine_mbu", "throughput_per_gpu", "loss_last")  # said elsewhere
+    rest = [f for f in figs if f not in rates and f not in described and f.metric.name not in util]
+    lines: list[Text] = []
+    if rates:
+        lines += pack([f"run {short_text(rates[0])}", *map(short_text, rates[1:])], width)
+    items: list[str] = []
+    for name in dict.fromkeys(f.metric.name for f in described):  # one item per metric: its statistics
+        stats = [f for f in described if f.metric.name == name and f.stat != "cv"]
+        cv = [f"cv {fmt(f.value)}" for f in described if f.metric.name == name and f.stat == "cv"]
+        head = STAT_LABELS.get(name, stats[0].metric.label if stats else name)
+        if stats:
+            items.append(f"{head}{'/'.join(str(f.stat) for f in stats)} {'/'.join(fmt(f.value) for f in stats)}"
+                         f"{' ' + stats[0].unit if stats[0].unit else ''}".strip())
+        items += cv
+    lines += pack(items, width)
+    mfu = summary.get("mfu") if isinstance(summary.get("mfu"), dict) else {}
+    mbu = summary.get("mbu") if isinstance(summary.get("mbu"), dict) else {}
+    if workload != "serve":
+        for precision in ("bf16", "fp8"):
+            result = mfu.get(precision)
+            if isinstance(result, dict):
+                lines.append(row(f"MFU {precision} {mfu_text(result)}"))
+    if workload == "serve" or mbu.get("value") is not None or mbu.get("achieved_tb_s") is not None:
+        lines.append(row(f"MBU {mbu_text(mbu)}"))
+    lines += pack([short_text(f) for f in rest], width)
+    return lines
+
+
 class ThroughputPanel(Panel):
-    """Tokens/s and step time as sparklines, with MFU when the meta event gives FLOPs per token."""
+    """Tokens/s and step time on time charts beside the figures: the last step, the steady window's
+    throughput, MFU and MBU (live estimates; once the run has ended, the run's figures from the registry)."""
 
     TITLE = "throughput"
+    CHARTS = (("tok", "tok/s", 0.0), ("ms", "ms", 0.0))
 
     def changes(self, view: FeedView) -> Hashable:
         return view.steps_seen, view.meta is not None
 
+    def show(self, view: FeedView) -> None:
+        """Hidden for a workload that times no steps (tp-validate), unless it sends some."""
+        if self.show_if(bool(view.steps) or (view.meta or {}).get("workload") not in NO_STEPS):
+            super().show(view)
+
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         steps = view.steps
+        meta = view.meta or {}
+        workload = meta.get("workload")
         if not steps:
             return [dim("no steps yet")]
         last = steps[-1]
-        tag = Text(" warm-up", style="yellow") if last.get("warmup") else Text("")
-        loss = f"  loss {fmt(last['loss'])}" if isinstance(last.get("loss"), (int, float)) else ""
-        lines: list[Text] = [
-            row(f"step {last.get('step')}", tag, f"  {fmt(last.get('step_ms'))} ms  {fmt(step_rate(last))} tok/s{loss}")
-        ]
+        head = f"step {last.get('step')}{' warm-up' if last.get('warmup') else ''}"
+        loss = [f"loss {fmt(last['loss'])}"] if isinstance(last.get("loss"), (int, float)) else []
+        lines = pack([f"{head} {fmt(last.get('step_ms'))} ms · {fmt(step_rate(last))} tok/s", *loss], width)
+        lines[0].stylize("bold", 0, len(head))
+        if last.get("warmup"):
+            lines[0].stylize("yellow", len(head) - len("warm-up"), len(head))
+        if view.summary is not None:
+            return lines + run_lines(view.summary, meta, width)
         tok_s, n = window_throughput(steps)
-        meta = view.meta or {}
         fpt = meta.get("flops_per_token")
         achieved = fpt * tok_s if isinstance(fpt, (int, float)) and tok_s else None
         n_dev = int(meta.get("n_devices") or 1)
-        mfu = hardware.mfu(achieved, meta.get("device_name"), "bf16", n_dev)
-        fp8 = ""
-        if meta.get("precision") == "fp8":
-            fp8 = f"  MFU fp8 {mfu_text(hardware.mfu(achieved, meta.get('device_name'), 'fp8', n_dev))}"
-        tflops = f"{fmt(achieved / 1e12)} TFLOP/s  " if achieved else ""
-        if meta.get("workload") == "serve":  # bandwidth-bound: MBU is the lens, not MFU
-            lines.append(row(f"last {n} engine steps: {fmt(tok_s)} tok/s  MBU {mbu_text(window_mbu(steps, meta))}"))
-        else:
-            lines.append(row(f"last {n} steady: {fmt(tok_s)} tok/s  {tflops}MFU bf16 {mfu_text(mfu)}{fp8}"))
-            if isinstance(meta.get("weight_bytes"), (int, float)):
-                lines.append(row(f"last {n} steady: MBU {mbu_text(window_mbu(steps, meta))}"))
-        chart = max(1, width - 9)
-        lines.append(row(Text("tok/s   ", style="bold"), Text(spark([step_rate(s) for s in steps], chart), "green")))
-        lines.append(row(Text("step ms ", style="bold"), Text(spark([s.get("step_ms") for s in steps], chart), "cyan")))
-        if view.summary is not None:
-            workload = meta.get("workload")
-            final = block_figures(view.summary, workload, "engine steps" if workload == "serve" else "steps")
-            lines.append(Text("whole run", style="bold"))
-            lines += figure_rows(final, width)
+        what = "engine steps" if workload == "serve" else "steady"
+        items = [f"last {n} {what} {fmt(tok_s)} tok/s"] + ([f"{fmt(achieved / 1e12)} TFLOP/s"] if achieved else [])
+        lines += pack(items, width)
+        if workload != "serve":  # serving is bandwidth-bound: MBU is the lens, not MFU
+            lines.append(row(f"MFU bf16 {mfu_text(hardware.mfu(achieved, meta.get('device_name'), 'bf16', n_dev))}"))
+            if meta.get("precision") == "fp8":
+                lines.append(row(f"MFU fp8 {mfu_text(hardware.mfu(achieved, meta.get('device_name'), 'fp8', n_dev))}"))
+        if workload == "serve" or isinstance(meta.get("weight_bytes"), (int, float)):
+            lines.append(row(f"MBU {mbu_text(window_mbu(steps, meta))}"))
         return lines
+
+    def draw_charts(self, view: FeedView) -> None:
+        steps = view.steps
+        steady = [s for s in steps if not s.get("warmup")]
+        end = run_seconds(view)
+        # warm-up steps (compilation, the first step) are drawn but do not set the scale once steady ones exist
+        for name, value in (("tok", step_rate), ("ms", lambda s: s.get("step_ms"))):
+            warm = series(view, steps, lambda s, v=value: v(s) if s.get("warmup") else None, "yellow")
+            hot = series(view, steady, value, "green" if name == "tok" else "cyan")
+            scale = hot.ys if len(hot.ys) >= 2 else hot.ys + warm.ys
+            y_range = (min(scale), max(scale)) if scale else None
+            start = window_start([warm, hot], view.steps_seen > len(steps))
+            self.charts[name].set_series([warm, hot], end, y_range=y_range, t_start=start)
