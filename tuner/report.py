@@ -438,7 +438,7 @@ def run_level_verdicts(recs: list[dict[str, Any]], alpha: float = 0.05,
         d = res["delta"]
         delta = delta_text(d) if d is not None else "-"
         if res["p"] is None:
-            text, short = f"noise unknown: {na} vs {nb} runs (use --repeat)", f"unknown ({na} vs {nb})"
+            text, short = f"noise unknown: {na} vs {nb} runs (use --repeat)", f"noise unknown ({na} vs {nb})"
         elif res["real"]:
             text, short = f"real {delta} (p={res['p']:.2g}, {na} vs {nb} runs)", f"real {delta}"
         else:

@@ -10,10 +10,12 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
-from textual.app import App
+from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
@@ -21,7 +23,7 @@ from tuner.launch import RunConfig
 from tuner.machine import MachineInfo
 from tuner.runner import Runner
 from tuner.tui.screens.base import BtuneScreen
-from tuner.tui.screens.commands import ScreenCommands
+from tuner.tui.screens.commands import ScreenCommands, described_bindings
 from tuner.tui.screens.dialogs import ConfirmScreen, HelpScreen, bindings_text
 from tuner.tui.screens.launch import LaunchScreen
 from tuner.tui.screens.live import LiveScreen
@@ -74,7 +76,13 @@ class BtuneApp(App[int]):
         return next((s for s in self.screen_stack if isinstance(s, LiveScreen) and s.is_live), None)
 
     def launch(self, config: RunConfig) -> None:
-        """Start ``config`` on a new live screen (one live run at a time)."""
+        """Start ``config`` on a new live screen (one live run at a time); a dry run shows its plan instead (no
+        run, no record)."""
+        if config.options.get("dry_run"):
+            from tuner.tui.screens.plan import PlanScreen
+
+            self.push_screen(PlanScreen(config))
+            return
         if self.live_screen() is not None:
             self.notify("a run is already live", severity="warning")
             return
@@ -105,7 +113,24 @@ class BtuneApp(App[int]):
                 live.cancel_and_quit()
                 self.notify("cancelling the run; btune quits when its record is written")
 
-        self.push_screen(ConfirmScreen("A run is live. Cancel it and quit? (its record is kept)"), answer)
+        self.push_screen(ConfirmScreen(partial(quit_question, live)), answer)
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        """Textual's system commands, less those the palette already lists from a key binding (Quit)."""
+        listed = {b.description for owner in (screen, self) for b in described_bindings(owner)}
+        for command in super().get_system_commands(screen):
+            if command.title not in listed:
+                yield command
+
+
+def quit_question(live: LiveScreen) -> str:
+    """The quit dialog's question, as things are now: a run that ended while the dialog is open is not live."""
+    if not live.is_live:
+        return "The run has ended and its record is written. Quit?"
+    proc = live.runner.proc if live.runner is not None else None
+    if proc is not None and proc.returncode is not None:
+        return "The run has ended; its record is being written. Quit once it is?"
+    return "A run is live. Cancel it and quit? (its record is kept)"
 
 
 def run_app(runs_dir: Path, refresh_hz: float = 4.0, no_color: bool = False) -> int:

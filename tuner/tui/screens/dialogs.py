@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 from rich.text import Text
@@ -13,16 +14,21 @@ from textual.widgets import Button, Static
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    """Asks a yes/no question; y/enter confirm, n/escape decline."""
+    """Asks a yes/no question; y/enter confirm, n/escape decline. A question given as a function is asked
+    again four times a second, so it follows what it is about (a run that ends while the dialog is open)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "answer(True)", "Yes"),
         Binding("n,escape", "answer(False)", "No"),
     ]
 
-    def __init__(self, question: str) -> None:
+    def __init__(self, question: str | Callable[[], str]) -> None:
         super().__init__()
-        self.question = question
+        self._question = question
+
+    @property
+    def question(self) -> str:
+        return self._question() if callable(self._question) else self._question
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
@@ -33,6 +39,11 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
+        if callable(self._question):
+            self.set_interval(0.25, self._ask_again)
+
+    def _ask_again(self) -> None:
+        self.query_one("#question", Static).update(self.question)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")

@@ -34,11 +34,12 @@ class MachineDetected(Message):
 
 
 class ConfigBuilt(Message):
-    """A RunConfig built off the UI thread (build_config may ask NVML), or why it could not be."""
+    """A RunConfig built off the UI thread (build_config may ask NVML) for the form values ``key`` names, or why
+    it could not be."""
 
-    def __init__(self, token: int, config: RunConfig | None, error: str | None) -> None:
+    def __init__(self, key: str, config: RunConfig | None, error: str | None) -> None:
         super().__init__()
-        self.token, self.config, self.error = token, config, error
+        self.key, self.config, self.error = key, config, error
 
 
 class LaunchScreen(BtuneScreen):
@@ -59,7 +60,8 @@ class LaunchScreen(BtuneScreen):
         self.spec = next(iter(catalog.WORKLOADS.values()))
         self.form: OptionForm | None = None
         self.config: RunConfig | None = None
-        self._token, self._built = 1, 0  # not ready until the first config is built
+        self._shown: str | None = None  # the form values the command line shows (a key, see _key)
+        self._building: str | None = None  # the form values a build in flight is for
         self._launch_when_built = False
 
     def compose(self) -> ComposeResult:
@@ -79,6 +81,7 @@ class LaunchScreen(BtuneScreen):
         return ListOption(Text(name, style="bold"), id=name)
 
     async def on_mount(self) -> None:
+        self.set_interval(0.5, self._reconcile)
         if self.app.machine is None:
             self._detect()
         else:
@@ -132,42 +135,73 @@ class LaunchScreen(BtuneScreen):
     @on(OptionForm.Focused)
     def _field_help(self, message: OptionForm.Focused) -> None:
         opt = message.opt
+        default = catalog.default_text(self.spec, opt, self.form.current() if self.form is not None else None)
         self.query_one("#opt-help", Static).update(
-            Text.assemble((opt.flag, "bold"), f"  {opt.help} ", (f"[{opt.describe_allowed()}; default {opt.default}]",
-                                                               "dim")))
+            Text.assemble((opt.flag, "bold"), f"  {opt.help} ", (f"[{opt.describe_allowed()}; {default}]", "dim")))
+
+    def _key(self) -> tuple[str, dict[str, Any], dict[str, str]] | None:
+        """(a key naming the workload and the form's values and errors, the values, the errors); None while
+        there is no form."""
+        if self.form is None or not self.form.is_mounted:
+            return None
+        values, errors = self.form.collect()
+        key = repr((self.spec.name, sorted(values.items()), sorted(errors.items())))
+        return key, values, errors
 
     @property
     def ready(self) -> bool:
-        """True when the command shown matches the form (no config being built)."""
-        return self._token == self._built
+        """True when the command line shows the form as it is now (read from the fields, so a change whose
+        message is still on its way counts as not shown yet)."""
+        current = self._key()
+        return current is not None and current[0] == self._shown
 
     def update_command(self) -> None:
-        """Validate the form, then build its RunConfig off the UI thread; the command line follows."""
-        if self.form is None or not self.form.is_mounted:
+        """Validate the form, then build its RunConfig off the UI thread; the command line follows. Nothing
+        happens when the command already shows these values or a build for them is under way."""
+        current = self._key()
+        if current is None:
             return
-        values, errors = self.form.collect()
-        self._token += 1
+        key, values, errors = current
+        if key in (self._shown, self._building):
+            return
         self.config = None
+        self._shown = None
         self.query_one("#launch", Button).disabled = True
         if errors:
-            self._built = self._token
+            self._building = None
+            self._shown = key
             self.query_one("#command", Static).update(Text("\n".join(errors.values()), style="bold red"))
+            self._launch_when_built = False
             return
-        self._build(self._token, self.spec.name, values)
+        self._building = key
+        self._build(key, self.spec.name, values)
+
+    def _reconcile(self) -> None:
+        """The command line follows the form even if a change's message was lost or came while a build of
+        older values was under way: compare them twice a second."""
+        if self._building is None and not self.ready:
+            self.update_command()
 
     @work(thread=True, exclusive=True, group="config", exit_on_error=False)
-    def _build(self, token: int, workload: str, values: dict[str, Any]) -> None:
+    def _build(self, key: str, workload: str, values: dict[str, Any]) -> None:
         try:
             machine = self.app.machine.machine if self.app.machine is not None else None
             config, error = build_config(workload, values, python=self.app.python, machine=machine), None
         except (OptionError, LaunchError) as exc:
             config, error = None, str(exc)
-        self.post_message(ConfigBuilt(token, config, error))
+        except Exception as exc:  # never leave the command line waiting on a build that died
+            config, error = None, f"cannot build the command: {type(exc).__name__}: {exc}"
+        self.post_message(ConfigBuilt(key, config, error))
 
     def on_config_built(self, message: ConfigBuilt) -> None:
-        if message.token != self._token:
-            return  # the form changed since
-        self._built = message.token
+        if message.key != self._building:
+            return  # a build of values the form has left since
+        self._building = None
+        current = self._key()
+        if current is None or current[0] != message.key:
+            self.update_command()  # the form changed while this was built: build what it holds now
+            return
+        self._shown = message.key
         self.config = message.config
         command = self.query_one("#command", Static)
         if message.config is None:
@@ -185,9 +219,11 @@ class LaunchScreen(BtuneScreen):
             self.action_launch()
 
     def action_launch(self) -> None:
-        """Launch the configured run on the live screen (as soon as its config is built)."""
+        """Launch the configured run on the live screen (as soon as the config of the form as it is now is
+        built)."""
         if not self.ready:
             self._launch_when_built = True
+            self.update_command()
         elif self.config is None:
             self.notify("fix the options shown in red first", severity="error")
         else:

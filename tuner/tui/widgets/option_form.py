@@ -2,7 +2,9 @@
 
 Choices are Selects (choices this machine cannot run, by the catalog's checks, are disabled in the list
 with the reason), numbers and text are Inputs validated by ``Option.convert``, flags are Checkboxes. An
-option whose ``when`` condition does not hold is disabled with the reason.
+option whose ``when`` condition does not hold is disabled with the reason. An option whose default means
+"the preset's" shows what the current preset resolves it to, the same way in every workload: an Input left
+blank reads ``preset: 8`` (blank is the default), a choice left at its default says ``preset: sigmoid`` beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Label, Select
 from textual.widgets._select import SelectOverlay
 
+from tuner import catalog
 from tuner.machine import MachineInfo
 from workloads.options import Option, OptionError, WorkloadSpec
 
@@ -36,6 +39,13 @@ def when_reason(opt: Option, values: dict[str, Any]) -> str | None:
     return None
 
 
+def placeholder(opt: Option, preset: Any) -> str:
+    """What a blank Input means: the value the preset resolves the option to, or ``unset``."""
+    if preset is not None:
+        return f"preset: {preset}"
+    return "unset" if opt.default is None else ""
+
+
 class OptionValidator(Validator):
     """Validates an Input's text with the option's own ``convert``."""
 
@@ -44,7 +54,7 @@ class OptionValidator(Validator):
         self.opt = opt
 
     def validate(self, value: str) -> ValidationResult:
-        if value.strip() == "" and self.opt.default is None:
+        if value.strip() == "":  # blank: the default
             return self.success()
         try:
             self.opt.convert(value)
@@ -127,9 +137,11 @@ class OptionForm(VerticalScroll):
             return ChoiceSelect(opt, value, id=field_id(opt))
         if opt.type is bool:
             return Checkbox("on" if value else "off", bool(value), compact=True, id=field_id(opt))
-        text = "" if value is None else str(value)
+        preset = catalog.preset_value(self.spec, opt, self.initial)
+        text = "" if value is None or (preset is not None and value == opt.default) else str(value)
         return Input(text, compact=True, id=field_id(opt), validators=[OptionValidator(opt)],
-                     validate_on=["changed", "submitted", "blur"])
+                     validate_on=["changed", "submitted", "blur"],
+                     placeholder=placeholder(opt, preset))
 
     def on_mount(self) -> None:
         width = min(28, max(len(o.flag) for o in self.options) + 1)
@@ -146,7 +158,7 @@ class OptionForm(VerticalScroll):
         if isinstance(widget, Checkbox):
             return widget.value
         assert isinstance(widget, Input)
-        return None if widget.value.strip() == "" and opt.default is None else widget.value
+        return opt.default if widget.value.strip() == "" else widget.value
 
     def current(self) -> dict[str, Any]:
         """Every option's converted value (the default where a field does not convert)."""
@@ -183,12 +195,16 @@ class OptionForm(VerticalScroll):
         """Enable/disable fields by their ``when`` conditions and this machine, and show each field's note."""
         current = self.current()
         _, errors = self.collect()
+        presets = self.spec.preset_defaults(current)
         for opt in self.options:
             reason = when_reason(opt, current)
             widget = self.query_one(f"#{field_id(opt)}")
             widget.disabled = reason is not None
+            resolved = presets.get(opt.dest)
             if isinstance(widget, ChoiceSelect):
                 widget.set_unavailable(self.machine.unavailable(self.spec, current, opt))
+            elif isinstance(widget, Input):
+                widget.placeholder = placeholder(opt, resolved)
             note = self.query_one(f"#note-{opt.dest}", Label)
             if reason is not None:
                 note.update(reason)
@@ -196,6 +212,9 @@ class OptionForm(VerticalScroll):
             elif opt.dest in errors:
                 note.update(errors[opt.dest].split(": ", 1)[-1])
                 note.set_classes("opt-note -error")
+            elif resolved is not None and current.get(opt.dest) == opt.default and not isinstance(widget, Input):
+                note.update(f"preset: {resolved}")  # an Input says it in its placeholder
+                note.set_classes("opt-note")
             else:
                 note.update("")
                 note.set_classes("opt-note")
@@ -205,7 +224,7 @@ class OptionForm(VerticalScroll):
         opt = self.spec.option(name)
         widget = self.query_one(f"#{field_id(opt)}")
         if isinstance(widget, Input):
-            widget.value = "" if value is None else str(value)
+            widget.value = "" if value is None else str(value)  # blank: the default
         else:
             widget.value = value  # type: ignore[attr-defined]
 
