@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tuner.launch import LaunchError, RunConfig, make_runner
+from tuner.progress import Tracker
 from tuner.report import fmt, quantity
 from tuner.runner import RunResult
 
@@ -33,9 +34,16 @@ class ConsoleStatus:
         self._unwritten = 0  # steps since the last plain line
         self._lock = threading.Lock()
         self.t0 = time.time()
+        self.tracker = Tracker()
 
     def __call__(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
+        with self._lock:
+            phase = self.tracker.phase
+            self.tracker(ev)
+            changed = self.tracker.phase != phase
+        if changed and not self.tty and self.tracker.phase != "measuring":
+            self._write(f"btune: {self.tracker.progress(time.time()).text()}")
         if kind == "step":
             self.step = ev
             if not self.tty:
@@ -63,7 +71,7 @@ class ConsoleStatus:
 
     def line(self) -> str:
         elapsed = time.time() - self.t0
-        parts = [f"{elapsed:6.1f}s"]
+        parts = [f"{elapsed:6.1f}s", self.tracker.progress(time.time()).text()]
         s = self.step
         if s:
             ms = s.get("step_ms") or 0
@@ -73,8 +81,6 @@ class ConsoleStatus:
             parts.append(quantity(tok_s, "tok/s"))
             if "loss" in s:
                 parts.append(f"loss {fmt(s['loss'])}")
-        else:
-            parts.append("starting")
         for idx in sorted(self.gpus)[:8]:
             g = self.gpus[idx]
             parts.append(f"gpu{idx} {fmt(g.get('power_w'))}W {fmt((g.get('mem_used_mb') or 0) / 1024)}G")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuner import balance
+from tuner.progress import Progress, Tracker
 from tuner.summary import is_steady
 
 Event = dict[str, Any]
@@ -53,6 +54,7 @@ class FeedView:
     notes: list[str] = field(default_factory=list)
     errors: list[Event] = field(default_factory=list)
     summary: dict[str, Any] | None = None
+    progress: Progress = field(default_factory=lambda: Progress("starting"))
 
 
 def figures_of(ev: Event) -> dict[str, Any] | None:
@@ -105,6 +107,7 @@ class RunFeed:
         self._notes: list[str] = []
         self._errors: list[Event] = []
         self.summary: dict[str, Any] | None = None
+        self._tracker = Tracker()
 
     # -- filing (runner threads) ---------------------------------------------------------------
     def __call__(self, ev: Event) -> None:
@@ -119,6 +122,7 @@ class RunFeed:
                     self.t_first = t
                 if self.t_last is None or t > self.t_last:
                     self.t_last = t
+            self._tracker(ev)
             handler = _HANDLERS.get(kind)  # type: ignore[arg-type]
             if handler is not None:
                 handler(self, ev)
@@ -212,6 +216,11 @@ class RunFeed:
             self.version += 1
             self._add_log(kind, text)
 
+    def progress(self) -> Progress:
+        """Where the run is (tuner.progress), as of its latest event; cheap, for a status line."""
+        with self._lock:
+            return Progress("done") if self.summary is not None else self._tracker.progress(self.t_last)
+
     def view(self) -> FeedView:
         """A copy of everything panels need, taken under the lock."""
         with self._lock:
@@ -245,6 +254,7 @@ class RunFeed:
                 notes=list(self._notes),
                 errors=list(self._errors),
                 summary=self.summary,
+                progress=Progress("done") if self.summary is not None else self._tracker.progress(self.t_last),
             )
 
 

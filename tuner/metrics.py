@@ -110,6 +110,10 @@ REGISTRY: tuple[Metric, ...] = (
            "expert balance"),
     Metric("router_entropy", "router entropy (mean of layers)", ("experts", "mean", "router_entropy"), "", True,
            "expert balance"),
+    # start-up: what the steady figures leave out
+    Metric("first_step_ms", "first step (compile and allocator warm-up included)", ("first_step_ms",), "ms", False,
+           "start-up"),
+    Metric("compile_s", "compile", ("compile_s",), "s", False, "start-up"),
     # energy and memory
     Metric("energy", "energy", ("energy_j",), "J", False, "energy and memory"),
     Metric("joules_per_token", "energy per token", ("joules_per_token",), "J/tok", False, "energy and memory",
@@ -119,7 +123,7 @@ REGISTRY: tuple[Metric, ...] = (
     Metric("duration", "run duration", ("duration_s",), "s", False, "run", shown=False),
     Metric("tokens_total", "tokens", ("tokens_total",), "tokens", True, "run", shown=False, kind="count"),
 )
-_SERVE_TOO = frozenset({"energy", "joules_per_token", "torch_mem_peak", "duration", "tokens_total"})
+_SERVE_TOO = frozenset({"energy", "joules_per_token", "torch_mem_peak", "duration", "tokens_total", "compile_s"})
 
 
 def dig(obj: Any, path: tuple[str, ...]) -> Any:

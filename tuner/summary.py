@@ -312,6 +312,7 @@ def summarize(series: dict[str, Any], events: list[dict[str, Any]], started: flo
         "throughput_tokens_per_s": throughput,
         "tokens_total": sum(s["tokens"] or 0 for s in steps),
         "warmup_step_ms": [s["step_ms"] for s in steps if not is_steady(s)],
+        "first_step_ms": next((s["step_ms"] for s in steps if s.get("first")), None),
     }
     rank0 = (series.get("step") or {}).get("0", {})
     losses = finite(rank0.get("loss", []))
@@ -350,6 +351,8 @@ def summarize(series: dict[str, Any], events: list[dict[str, Any]], started: flo
         out["errors"] = [{"rank": e.get("rank"), "kind": e.get("kind"), "message": e.get("message")} for e in errors]
     if workload_summary:
         out["workload"] = {k: v for k, v in workload_summary.items() if k not in ("v", "type", "t")}
+        compile_s = out["workload"].get("compile_s")
+        out["compile_s"] = compile_s if isinstance(compile_s, (int, float)) and compile_s >= 0 else None
     out["throughput_per_gpu"] = throughput / n_dev if throughput else None
     block = results.serving(events, options or {}, out.get("workload") or {})
     if block is not None:

@@ -106,6 +106,11 @@ class Harness:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
+    def phase(self, name: str, detail: str | None = None, k: int | None = None, n: int | None = None) -> None:
+        """Where the run is (workloads.protocol.PHASES), said once, by rank 0."""
+        if self.rank == 0:
+            self.em.phase(name, detail, k, n)
+
     # -- setup: raises SETUP_ERRORS, which ``setup_failed`` turns into an error event and an exit code ----------
 
     def join(self) -> Any:
@@ -189,6 +194,7 @@ class Harness:
         """The whole run of a step-loop workload: join, resolve, ``setup(harness, plan)``, meta, the measured
         steps (``workloads.loop``), the summary; the exit code."""
         try:
+            self.phase("building")
             self.join()
             p = self.resolve(plan)
             steps = setup(self, p)
@@ -197,7 +203,8 @@ class Harness:
         self.meta(p, steps.backends, **steps.meta)
         try:
             res = run_steps(self.em, self.device, LoopSpec(self.opts["warmup"], p["steps"], self.opts["duration"]),
-                            steps.step, steps.tokens_per_step, extra=steps.extra)
+                            steps.step, steps.tokens_per_step, extra=steps.extra, phase=self.phase,
+                            compiled=self.opts["compile_mode"] != "none")
         except torch.OutOfMemoryError as exc:
             return self.oom(exc)
         end = steps.end() if steps.end is not None else {}

@@ -120,8 +120,11 @@ def run_steps(
     step_fn: Callable[[int], torch.Tensor | None],
     tokens_per_step: int,
     extra: Callable[[int], dict[str, Any]] | None = None,
+    phase: Callable[[str, str | None], None] | None = None,
+    compiled: bool = False,
 ) -> dict[str, Any]:
-    """Run ``step_fn(i)`` until ``spec`` says stop; emit one ``step`` event per step.
+    """Run ``step_fn(i)`` until ``spec`` says stop; emit one ``step`` event per step, and through ``phase``
+    where the loop is: compiling (the first step, when ``compiled``) or warm-up, then measuring.
 
     ``step_fn`` returns a scalar tensor (a loss) or None; it is read after the step's timing ends.
     The first step is flagged ``first`` (it includes compilation when compiled). Returns counts and
@@ -162,8 +165,15 @@ def run_steps(
             steady_seconds += ms / 1000.0
         return ms
 
+    measured_from = max(spec.warmup, 1)  # the first step never counts as steady
     try:
         while True:
+            if phase is not None and i == 0:
+                phase("compiling" if compiled else "warm-up", "the first step" if compiled else None)
+            elif phase is not None and compiled and i == 1 and measured_from > 1:
+                phase("warm-up", None)
+            if phase is not None and i == measured_from:
+                phase("measuring", None)
             if cuda:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)

@@ -161,6 +161,7 @@ def run(opts: dict[str, Any]) -> int:
         problems = load_checks(opts)
         if problems:
             raise SetupError(problems[0][1])
+        h.phase("building")
         group = h.join_replicas(replicas, tp)
         p = h.resolve(plan)
         engine, ran = _engine(h, p, group)
@@ -200,10 +201,12 @@ def run(opts: dict[str, Any]) -> int:
     # compiled: at least compile, CUDA-graph capture and one replay per shape before the load starts
     rounds = max(opts["warmup"], 3) if opts["compile_mode"] != "none" else opts["warmup"]
     hooks = Hooks(step=on_step, finished=lambda r: em.request(**r.record()),
-                  series=lambda f: em.series("engine", replica=replica, **f))
+                  series=lambda f: em.series("engine", replica=replica, **f), draining=lambda: h.phase("draining"))
+    compiling = "compiling" if opts["compile_mode"] != "none" else "warm-up"
     sched = Scheduler(p["max_batch"], p["max_prefill_tokens"], p["cache_len"])
     try:
-        warm_s = engine.warmup(rounds, warm_step)
+        warm_s = engine.warmup(rounds, warm_step, lambda k, n, what: h.phase(compiling, what, k, n))
+        h.phase("measuring")
         if world > 1:
             torch.distributed.barrier()
         if leader:

@@ -31,6 +31,7 @@ class Hooks:
     step: Callable[[int, float, int, Plan, float], None] = lambda i, ms, tokens, plan, t: None
     finished: Callable[[Request], None] = lambda r: None
     series: Callable[[dict[str, Any]], None] = lambda fields: None
+    draining: Callable[[], None] = lambda: None  #: once: no more requests to issue, some still running
     series_interval: float = 0.05
 
 
@@ -63,6 +64,7 @@ def run_load(engine: Runs, sched: Scheduler, gen: LoadGenerator, make_request: C
     res = LoadResult()
     t0 = clock()
     deadline: float | None = None
+    draining = False
     last_series = -float("inf")
     now = 0.0
     try:
@@ -81,6 +83,9 @@ def run_load(engine: Runs, sched: Scheduler, gen: LoadGenerator, make_request: C
             over = gen.issuing_over(now)
             if over and sched.idle:
                 break
+            if over and not draining:
+                draining = True
+                hooks.draining()
             if over and drain_timeout:
                 deadline = now + drain_timeout if deadline is None else deadline
                 if now >= deadline:

@@ -211,16 +211,19 @@ class Engine:
         self._graphs.clear()
         self._pool = None
 
-    def warmup(self, rounds: int, on_step: Callable[[float, dict[str, Any]], None] | None = None) -> float:
+    def warmup(self, rounds: int, on_step: Callable[[float, dict[str, Any]], None] | None = None,
+               on_shape: Callable[[int, int, str], None] | None = None) -> float:
         """Compile and capture every decode bucket, and run a first, a continuation and a one-token prefill chunk,
-        ``rounds`` times each (idle slots only: nothing live in the cache is touched). Returns the seconds it
-        took."""
+        ``rounds`` times each (idle slots only: nothing live in the cache is touched); ``on_shape(k, n, what)``
+        before each shape. Returns the seconds it took."""
         t_all = time.perf_counter()
         n = max(1, min(16, self.cache.cache_len // 2))
         # prefill: a first chunk, a continuation (attention under a mask) and a one-token chunk, on slot 0
         prefills = [("prefill", (0, n)), ("prefill", (n, n)), ("prefill", (0, 1))]
         shapes: list[tuple[str, Any]] = prefills + [("decode", b) for b in self.buckets]
-        for kind, size in shapes:
+        for k, (kind, size) in enumerate(shapes, 1):
+            if on_shape is not None:
+                on_shape(k, len(shapes), f"decode batch {size}" if kind == "decode" else "prefill")
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 with torch.inference_mode(), self.autocast():

@@ -155,7 +155,8 @@ class LiveScreen(BtuneScreen):
         if self.status == "starting" and self._started:
             self.status = "running"
         run_id = self.runner.run_id if self.runner is not None else "-"
-        extra = f"events {self.feed.received:,}" + ("  [charts paused]" if self.paused else "")
+        phase = self.feed.progress().text(12) if self.is_live else "done"
+        extra = f"{phase}  events {self.feed.received:,}" + ("  [charts paused]" if self.paused else "")
         what = f"{self.config.workload} {key_options({'config': self.config.as_record()})}"
         self.query_one(StatusLine).set_state(self.status, run_id, what, self.elapsed(), extra)
         if self.feed.version != self._drawn or self.paused:
