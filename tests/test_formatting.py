@@ -114,3 +114,23 @@ def test_the_registry_hands_out_counts_as_ints():
     by_key = {f.key: f.value for f in figures(summary, "moe", stats=("n", "p50"), exported=True)}
     assert by_key["expert_dead"] == 58 and isinstance(by_key["expert_dead"], int)  # a panel writes 58
     assert isinstance(by_key["step_ms.n"], int) and isinstance(by_key["step_ms.p50"], float)
+
+
+def test_panels_write_figures_by_kind_and_small_flops_in_a_smaller_unit():
+    from tuner.feed import RunFeed
+    from tuner.protocol import make_event
+    from tuner.report import figure_value
+    from tuner.tui.widgets.throughput import ThroughputPanel
+
+    dead = next(m for m in REGISTRY if m.name == "expert_dead")
+    assert figure_value(Figure(dead, None, 58)) == "58"
+    tflops = next(m for m in REGISTRY if m.name == "tflops")
+    assert figure_value(Figure(tflops, None, 1.856e-05)) == "18.56 MFLOP/s"
+    feed = RunFeed()
+    feed(make_event("meta", rank=0, workload="dense", device_name="cpu", n_devices=1, flops_per_token=1.856))
+    for i in range(12):
+        ev = make_event("step", rank=0, step=i, step_ms=100.0, tokens=1000, warmup=i < 2, first=i == 0)
+        ev["t"] = 0.1 * i
+        feed(ev)
+    shown = "\n".join(line.plain for line in ThroughputPanel().render_view(feed.view(), 120))
+    assert "18.56 kFLOP/s" in shown and "e-0" not in shown  # 10,000 tok/s x 1.856 FLOP/token

@@ -86,6 +86,12 @@ def quantity(value: Any, unit: str = "", kind: str = "") -> str:
     return f"{text} {shown}" if shown else text
 
 
+def figure_value(f: Figure) -> str:
+    """A registry figure's value with its unit, written by its kind with the unit scaled (``296.5 MFLOP/s``,
+    ``58``, ``99.9%``): what a panel shows after the figure's label."""
+    return quantity(f.value, f.unit, f.kind)
+
+
 def delta_text(d: float) -> str:
     """A relative difference: ``+3.2%``, and ``+2113%`` from 100% up."""
     return f"{d * 100:+.0f}%" if abs(d) >= 1 else f"{d * 100:+.1f}%"

@@ -15,7 +15,8 @@ from typing import Any
 from rich.text import Text
 
 from tuner.feed import FeedView
-from tuner.report import fmt
+from tuner.metrics import REGISTRY
+from tuner.report import figure_value, fmt
 from tuner.tui.widgets.charts import heat_row, spark
 from tuner.tui.widgets.panel import Panel, block_figures, dim, pack, row
 
@@ -42,8 +43,12 @@ def layer_ratios(counts: list[Any], columns: int) -> tuple[list[float | None], i
 
 
 def _fig(figs: dict[str, Any] | None, name: str) -> str:
+    """A window's balance figure, mean and worst layer, written as the registry's metric of it is (dead experts
+    a count, dropped tokens a percentage)."""
     mean, top = ((figs or {}).get("mean") or {}).get(name), ((figs or {}).get("max") or {}).get(name)
-    return f"{fmt(mean)} (max {fmt(top)})" if mean is not None else "-"
+    metric = next((m for m in REGISTRY if m.path[0] == "experts" and m.path[-1] == name), None)
+    unit, kind = (metric.unit, metric.kind) if metric is not None else ("", "")
+    return f"{fmt(mean, unit)} (max {fmt(top, unit, kind)})" if mean is not None else "-"
 
 
 class ExpertsPanel(Panel):
@@ -77,7 +82,7 @@ class ExpertsPanel(Panel):
         steps = f", steps {window[0]}–{window[1]}" if isinstance(window, list) and len(window) == 2 else ""
         run = block_figures(view.summary, "moe", "expert balance") if view.summary is not None else []
         if self.compact and run:  # a short screen, the run ended: the run's figures only
-            return lines + pack([f"{SHORT.get(f.metric.name, f.label)} {fmt(f.value, f.unit)}" for f in run], width)
+            return lines + pack([f"{SHORT.get(f.metric.name, f.label)} {figure_value(f)}" for f in run], width)
         if not self.compact:
             lines.append(dim(f"{len(layers)} MoE layers × {n_experts} experts{per}{steps}; shade = load / layer mean"))
         figs = view.experts_figures
@@ -95,5 +100,5 @@ class ExpertsPanel(Panel):
             lines.append(row(Text(name, style="bold"), Text(spark([h[idx] for h in hist], chart), style=style)))
         if run:
             lines.append(Text("whole run", style="bold"))
-            lines += pack([f"{SHORT.get(f.metric.name, f.label)} {fmt(f.value, f.unit)}" for f in run], width)
+            lines += pack([f"{SHORT.get(f.metric.name, f.label)} {figure_value(f)}" for f in run], width)
         return lines

@@ -16,7 +16,7 @@ from rich.text import Text
 from tuner import results
 from tuner.feed import FeedView
 from tuner.metrics import Figure
-from tuner.report import fmt
+from tuner.report import figure_value, fmt
 from tuner.tui.widgets.panel import Panel, block_figures, figure_rows, pack, stats_table
 
 COLUMNS = ("p50", "p90", "p99", "mean")
@@ -104,5 +104,4 @@ class LatencyPanel(Panel):
 
 def short_figure(f: Figure) -> str:
     """A scalar serving figure with the panel's short label."""
-    unit = f" {f.unit}" if f.unit and f.unit != "%" else ""
-    return f"{SIDE[f.metric.name]} {fmt(f.value, f.unit)}{unit}"
+    return f"{SIDE[f.metric.name]} {figure_value(f)}"

@@ -14,7 +14,7 @@ from textual.widgets import Static
 
 from tuner.feed import FeedView
 from tuner.metrics import Figure, figures, number
-from tuner.report import fmt
+from tuner.report import figure_value, fmt
 from tuner.tui.widgets.chart import Series, TimeChart
 
 DEFAULT_WIDTH = 60
@@ -38,8 +38,7 @@ def block_figures(summary: dict[str, Any], workload: Any, block: str) -> list[Fi
 
 
 def figure_text(f: Figure) -> str:
-    unit = f" {f.unit}" if f.unit and f.unit != "%" else ""
-    return f"{f.label} {fmt(f.value, f.unit)}{unit}"
+    return f"{f.label} {figure_value(f)}"
 
 
 def figure_rows(figs: list[Figure], width: int, style: str = "") -> list[Text]:

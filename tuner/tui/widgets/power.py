@@ -11,7 +11,7 @@ from typing import Any
 from rich.text import Text
 
 from tuner.feed import FeedView
-from tuner.report import fmt
+from tuner.report import fmt, quantity
 from tuner.summary import energy_gpus
 from tuner.tui.widgets.gpu_rows import folded, gpu_label, gpu_series, latest, spread
 from tuner.tui.widgets.panel import Panel, dim, pack, row, run_seconds, window_start
@@ -38,6 +38,11 @@ def joules_per_token(view: FeedView) -> float | None:
     joules = energy_so_far(view, view.steady_energy)
     return joules / view.steady_tokens if joules and view.steady_tokens else None
 
+
+
+def with_unit(value: Any, unit: str) -> str:
+    """``quantity`` (an SI prefix where the value needs one), and ``- unit`` for no value."""
+    return quantity(value, unit) if value is not None else f"- {unit}"
 
 class PowerPanel(Panel):
     """Power per GPU on a time chart (each GPU's line; many GPUs folded: the mean and the highest), the
@@ -71,11 +76,12 @@ class PowerPanel(Panel):
         joules = energy_so_far(view)
         per_token = joules_per_token(view)
         gpus, note = run_gpus(view)
-        jpt = "- J/tok (warm-up)" if not view.steady_energy else f"{fmt(per_token)} J/tok steady"
-        text = f"energy {fmt(joules)} J · {jpt}"
+        jpt = "- J/tok (warm-up)" if not view.steady_energy else f"{with_unit(per_token, 'J/tok')} steady"
+        text = f"energy {with_unit(joules, 'J')} · {jpt}"
         if view.summary is not None:
             s = view.summary
-            text = f"energy {fmt(s.get('energy_j'))} J · {fmt(s.get('joules_per_token'))} J/tok steady"
+            per_token = with_unit(s.get("joules_per_token"), "J/tok")
+            text = f"energy {with_unit(s.get('energy_j'), 'J')} · {per_token} steady"
             note = s.get("energy_note")
         lines.append(row(text))
         if gpus is not None and len(gpus) < len(view.energy):

@@ -10,7 +10,7 @@ from rich.text import Text
 from tuner import hardware
 from tuner.feed import FeedView
 from tuner.metrics import Figure
-from tuner.report import fmt
+from tuner.report import figure_value, fmt, quantity
 from tuner.summary import is_steady, step_bytes
 from tuner.tui.widgets.panel import Panel, block_figures, dim, pack, row, run_seconds, series, window_start
 
@@ -51,7 +51,7 @@ def mbu_text(result: dict[str, Any]) -> str:
     """An MBU result (tuner.hardware.mbu) as text."""
     if result.get("value") is not None:
         return f"{result['value'] * 100:.1f}% of {fmt(result.get('peak_tb_s'))} TB/s"
-    moved = f"{fmt(result['achieved_tb_s'])} TB/s moved; " if result.get("achieved_tb_s") is not None else ""
+    moved = f"{quantity(result['achieved_tb_s'], 'TB/s')} moved; " if result.get("achieved_tb_s") is not None else ""
     return f"n/a ({moved}{result.get('reason') or 'no data'})"
 
 
@@ -71,8 +71,7 @@ RATES = ("throughput_tokens_per_s", "throughput_per_gpu", "tflops", "engine_toke
 def short_text(f: Figure) -> str:
     """A figure as ``label value unit`` with the panel's short label."""
     label = RUN_LABELS.get(f.metric.name, f.label)
-    unit = f" {f.unit}" if f.unit and f.unit != "%" else ""
-    return f"{label} {fmt(f.value, f.unit)}{unit}".strip()
+    return f"{label} {figure_value(f)}".strip()
 
 
 def run_lines(summary: dict[str, Any], meta: dict[str, Any], width: int) -> list[Text]:
@@ -147,7 +146,7 @@ class ThroughputPanel(Panel):
         achieved = fpt * tok_s if isinstance(fpt, (int, float)) and tok_s else None
         n_dev = int(meta.get("n_devices") or 1)
         what = "engine steps" if workload == "serve" else "steady"
-        items = [f"last {n} {what} {fmt(tok_s)} tok/s"] + ([f"{fmt(achieved / 1e12)} TFLOP/s"] if achieved else [])
+        items = [f"last {n} {what} {fmt(tok_s)} tok/s"] + ([quantity(achieved / 1e12, "TFLOP/s")] if achieved else [])
         lines += pack(items, width)
         if workload != "serve":  # serving is bandwidth-bound: MBU is the lens, not MFU
             lines.append(row(f"MFU bf16 {mfu_text(hardware.mfu(achieved, meta.get('device_name'), 'bf16', n_dev))}"))
