@@ -324,7 +324,8 @@ TMUX = shutil.which("tmux")
 @pytest.mark.slow
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
 def test_real_btune_tui_in_tmux_launch_to_finished_run(tmp_path):
-    """The installed btune-tui in a 100×30 tmux pane: set --steps from the palette, launch, wait for OK."""
+    """The installed btune-tui in a 100×30 tmux pane: set --steps from the palette, launch, watch the phase line
+    (measuring with its progress bar, then done), wait for OK; the record's phases run building → measuring."""
     exe = Path(sys.executable).with_name("btune-tui")
     runs_dir = tmp_path / "runs"
     tmux = [TMUX, "-L", f"btune-test-{os.getpid()}"]
@@ -361,14 +362,18 @@ def test_real_btune_tui_in_tmux_launch_to_finished_run(tmp_path):
         keys("Enter")
         wait_for("--steps  measured steps", 15)  # the field's own help line: the steps field has the focus
         assert "🔎" not in pane()
-        keys("-l", "2")
-        wait_for("--steps 2", 20)
+        keys("-l", "40")
+        wait_for("--steps 40", 20)
         keys("C-r")
         wait_for("RUNNING", 30)
+        wait_for("measuring [", 120)  # the phase line with its progress bar while the steps run
         screen = wait_for(" OK ", 120)
-        assert "record:" in screen
+        assert "record:" in screen and " done " in screen
         files = list(runs_dir.glob("*.json"))
-        assert len(files) == 1 and runs.load_record(files[0])["status"] == "ok"
+        rec = runs.load_record(files[0])
+        assert len(files) == 1 and rec["status"] == "ok"
+        phases = [e["phase"] for e in rec["events"] if e["type"] == "phase"]
+        assert phases[0] == "building" and phases[-1] == "measuring" and "warm-up" in phases, phases
         keys("q")
         deadline = time.monotonic() + 10
         while subprocess.run([*tmux, "has-session", "-t", "tui"], capture_output=True, env=env).returncode == 0:
