@@ -85,21 +85,37 @@ async def _runs_loaded(pilot: Any) -> None:
     await until(pilot, ready, 20, "the runs table, settled")
 
 
-def test_launch_screen(snap_compare):
+def _launch(snap_compare: Any, size: tuple[int, int]) -> bool:
     async def ready(pilot: Any) -> None:
         await until(pilot, lambda: pilot.app.screen.form is not None and pilot.app.screen.ready, 10)
         await _settle(pilot)
 
-    assert snap_compare(make_app(Path("data/runs"), python="python"), terminal_size=(80, 24), run_before=ready)
+    return snap_compare(make_app(Path("data/runs"), python="python"), terminal_size=size, run_before=ready)
 
 
-def test_runs_screen(snap_compare):
+def test_launch_screen(snap_compare):
+    assert _launch(snap_compare, (80, 24))
+
+
+def test_launch_screen_120x40(snap_compare):
+    assert _launch(snap_compare, (120, 40))
+
+
+def _runs(snap_compare: Any, size: tuple[int, int]) -> bool:
     async def ready(pilot: Any) -> None:
         await _runs_loaded(pilot)
         await _settle(pilot)
 
     app = ScreenApp.make(lambda: RunsScreen(Path("data/runs")))
-    assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
+    return snap_compare(app, terminal_size=size, run_before=ready)
+
+
+def test_runs_screen(snap_compare):
+    assert _runs(snap_compare, (80, 24))
+
+
+def test_runs_screen_120x40(snap_compare):
+    assert _runs(snap_compare, (120, 40))
 
 
 def test_runs_screen_marked_and_unreadable_row(snap_compare):
@@ -145,6 +161,14 @@ def test_replay_serving_latency_synthetic(snap_compare, size):
 
 
 def test_compare_screen(snap_compare):
+    assert _compare(snap_compare, (80, 24))
+
+
+def test_compare_screen_120x40(snap_compare):
+    assert _compare(snap_compare, (120, 40))
+
+
+def _compare(snap_compare: Any, size: tuple[int, int]) -> bool:
     from tuner.tui.screens.compare import CompareScreen
 
     recs = [*_all_ok("dense")[:2], recorded("moe", "failed")]
@@ -155,7 +179,7 @@ def test_compare_screen(snap_compare):
                     and not pilot.app.screen.query_one(DataTable)._require_update_dimensions, 20)
         await _settle(pilot)
 
-    assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
+    return snap_compare(app, terminal_size=size, run_before=ready)
 
 
 #: The live screen's runs: a recorded run of each workload, and the options its command line shows.
