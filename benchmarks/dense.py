@@ -15,19 +15,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from tuner.runs import load_record
+from tuner.launch import run_record
 
 
 def btune_run(args: list[str], out: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tuner", "run", "dense", *args, "--out", out]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    if not last.endswith(".json"):
-        return {"status": "not launched", "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
-    rec = load_record(Path(last))
+    """A dense run through the console core (tuner.launch.run_record), as `btune run dense ARGS` runs it."""
+    rec = run_record("dense", args, out)
+    if rec["status"] == "not launched":
+        return {"status": "not launched", "error": rec["error"]["message"]}
     return rec
 
 

@@ -13,23 +13,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from tuner.runs import load_record
+from tuner.launch import run_record
 
 
 def btune_run(args: list[str], out: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tuner", "run", "moe", *args, "--out", out]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    if not last.endswith(".json"):
-        return {"status": "not launched", "error": {"message": (res.stderr.strip().splitlines() or ["?"])[-1]}}
-    return load_record(Path(last))
+    """A MoE run through the console core (tuner.launch.run_record), as `btune run moe ARGS` runs it."""
+    return run_record("moe", args, out)
 
 
 def _ok(rec: dict[str, Any]) -> bool:

@@ -23,10 +23,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tuner.runs import load_record
+from tuner.launch import run_record
 
 SEED = 0
 
@@ -49,13 +48,9 @@ class Bench:
 
 
 def btune_run(b: Bench, args: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tuner", "run", "serve", "--preset", b.preset, "--layers", str(b.layers),
-           "--device", b.device, "--seed", str(SEED), *args, "--out", b.out]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    if not last.endswith(".json"):
-        return {"status": "not launched", "error": {"message": (res.stderr.strip().splitlines() or ["?"])[-1]}}
-    return load_record(Path(last))
+    """A serve run through the console core (tuner.launch.run_record), as `btune run serve ARGS` runs it."""
+    return run_record("serve", ["--preset", b.preset, "--layers", str(b.layers), "--device", b.device,
+                                "--seed", str(SEED), *args], b.out)
 
 
 def failed(rec: dict[str, Any]) -> str | None:

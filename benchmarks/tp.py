@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
-from tuner.runs import load_record
+from tuner.launch import run_record
 
 
 def run(args: list[str], out: str) -> dict:
-    res = subprocess.run([sys.executable, "-m", "tuner", "run", *args, "--out", out], capture_output=True, text=True)
-    last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    if not last.endswith(".json"):
-        return {"status": "not launched", "error": {"message": res.stderr.strip()[-300:]}, "summary": {}}
-    return load_record(Path(last))
+    """``args`` = WORKLOAD OPTIONS..., run through the console core (tuner.launch.run_record)."""
+    return run_record(args[0], args[1:], out)
 
 
 def moe(tps: list[int], out: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from tuner import catalog, runs
 from tuner.machine import probe_machine
 from tuner.runner import Runner
-from workloads.options import Machine, machine_checks
+from workloads.options import Machine, OptionError, machine_checks
 
 
 class LaunchError(Exception):
@@ -134,3 +134,14 @@ def make_runner(config: RunConfig, out_dir: Path, telemetry: bool = True, nvml: 
     return Runner(config.argv, run_id=runs.new_run_id(config.workload), out_dir=out_dir,
                   config=config.as_record(), timeout=config.timeout, sample_hz=config.sample_hz,
                   telemetry=telemetry, nvml=nvml)
+
+
+def run_record(workload: str, args: list[str], out_dir: Path | str, telemetry: bool = True) -> dict[str, Any]:
+    """Run a workload to its end and return its record (what ``btune run`` does, without a terminal); a run
+    refused before launch gives ``{"status": "not launched", "error": {"message": ...}, "summary": {}}``."""
+    try:
+        config = build_config(workload, args)
+    except (LaunchError, OptionError) as exc:
+        return {"status": "not launched", "error": {"message": str(exc)}, "summary": {}}
+    out = runs.ensure_writable(Path(out_dir))
+    return make_runner(config, out, telemetry).run().record
