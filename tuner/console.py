@@ -110,7 +110,11 @@ class ConsoleStatus:
 
 class ConsoleSignals:
     """While active, SIGTERM and SIGHUP (``kill``, ``timeout``, a dropped SSH session) cancel the run as
-    Ctrl+C does, so its record is written; the previous handlers come back on exit. Main thread only."""
+    Ctrl+C does, so its record is written; the previous handlers come back on exit. Main thread only.
+
+    SIGINT is Python's KeyboardInterrupt, except where the console inherited it ignored (a shell starts a
+    background job, ``cmd &``, with SIGINT ignored): then SIGINT is made a KeyboardInterrupt again, so
+    ``kill -INT`` cancels the run there too."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -125,6 +129,8 @@ class ConsoleSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -19,6 +19,7 @@ Exit codes: 0 ok, 1 failed (a TP mismatch, an engine error), 2 a configuration t
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ class Harness:
 
     def __init__(self, workload: str, opts: dict[str, Any]) -> None:
         self.workload, self.opts = workload, opts
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited from a background job (``cmd &``):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the console's cancel is a SIGINT
         self.em = Emitter()
         self.rank, self.world = parallel.rank(), parallel.world_size()
         self.mesh: Any = None
