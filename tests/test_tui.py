@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_tui_support import copy_runs, make_app, recorded, run, until
+from test_tui_support import copy_runs, make_app, open_runs, recorded, run, until
 from textual.widgets import Button, DataTable, Input, Select
 
 from tuner import runs
@@ -219,10 +219,7 @@ def test_runs_screen_replay_and_compare(tmp_path):
     async def body():
         app = make_app(directory)
         async with app.run_test(size=(100, 30)) as pilot:
-            await pilot.press("f2")
-            screen = app.screen
-            assert isinstance(screen, RunsScreen)
-            await until(pilot, lambda: bool(screen.rows), 10, "the runs")
+            screen = await open_runs(pilot)
             table = screen.query_one(DataTable)
             assert table.row_count == len(list(directory.glob("*.json")))
             bad = [r for r in screen.rows.values() if r.error]

@@ -52,6 +52,17 @@ async def until(pilot: Pilot[Any], cond: Callable[[], bool], timeout: float = 60
         await pilot.pause(0.1)
 
 
+async def open_runs(pilot: Pilot[Any]) -> Any:
+    """F2 from the launch screen: the runs screen, once its table has rows."""
+    from tuner.tui.screens.runs import RunsScreen
+
+    await pilot.press("f2")
+    screen = pilot.app.screen
+    assert isinstance(screen, RunsScreen)
+    await until(pilot, lambda: bool(screen.rows), 10, "the runs")
+    return screen
+
+
 def run(coro: Any) -> Any:
     """Run a coroutine to the end (the tests are plain functions; no asyncio plugin needed)."""
     return asyncio.run(coro)

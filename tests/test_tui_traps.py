@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from test_tui_support import copy_runs, make_app, recorded, run, until
+from test_tui_support import copy_runs, make_app, open_runs, recorded, run, until
 from textual.widgets import DataTable, Input
 
 from tuner import runs
@@ -27,7 +27,6 @@ from tuner.tui.screens.launch import LaunchScreen
 from tuner.tui.screens.live import LiveScreen
 from tuner.tui.screens.plan import PlanScreen
 from tuner.tui.screens.replay import ReplayScreen
-from tuner.tui.screens.runs import RunsScreen
 
 
 async def launch_screen(pilot) -> LaunchScreen:
@@ -121,10 +120,7 @@ def test_runs_screen_shows_enter_and_mark_in_footer_help_and_palette(tmp_path):
     async def body():
         app = make_app(directory)
         async with app.run_test(size=(100, 30)) as pilot:
-            await pilot.press("f2")
-            screen = app.screen
-            assert isinstance(screen, RunsScreen)
-            await until(pilot, lambda: bool(screen.rows), 10, "the runs")
+            screen = await open_runs(pilot)
             footer: dict[str, set[str]] = {}
             for key, active in screen.active_bindings.items():
                 if active.binding.show:
@@ -158,9 +154,7 @@ def test_runs_screen_options_column_shows_what_differs_uncut(tmp_path, size):
     async def body():
         app = make_app(directory)
         async with app.run_test(size=size) as pilot:
-            await pilot.press("f2")
-            screen = app.screen
-            await until(pilot, lambda: bool(screen.rows), 10, "the runs")
+            screen = await open_runs(pilot)
             await pilot.pause(0.3)
             row = next(r for r in screen.rows.values() if r.path.name.endswith("dense-0049.json"))
             assert row.options == "steps=6 batch_size=4"  # what differs between the dense runs
