@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tuner import catalog, runs
+from tuner.command import Command, CommandError, parse_env
 from tuner.console import execute
-from tuner.launch import LaunchError, Nodes, build_config
+from tuner.launch import LaunchError, Nodes, build_config, command_config
 
 EXIT_USAGE = 2
 
@@ -106,9 +107,27 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
-    nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
-    config = build_config(args.workload, extra, timeout=args.timeout, sample_hz=args.sample_hz, nodes=nodes)
+COMMAND_FLAGS = ("cwd", "env", "parse", "memory_profile")
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str], command: list[str] | None = None) -> int:
+    if command is not None:
+        if args.workload is not None or extra:
+            given = " ".join([args.workload or "", *extra]).strip()
+            raise CliError(f"btune run: give a workload or -- COMMAND, not both ({given!r} before --)")
+        cmd = Command(tuple(command), cwd=args.cwd, env=parse_env(args.env or []), parse=args.parse,
+                      memory_profile=args.memory_profile or 0)
+        config = command_config(cmd, timeout=args.timeout, sample_hz=args.sample_hz)
+    else:
+        if args.workload is None:
+            raise CliError("btune run: give a workload (btune list) or -- COMMAND ARG... to run any command")
+        given = [f"--{f.replace('_', '-')}" for f in COMMAND_FLAGS[:3] if getattr(args, f) not in (None, [])]
+        if given:
+            raise CliError(f"btune run: {', '.join(given)} belong to a command run (btune run {given[0]} ... -- CMD)")
+        if args.memory_profile:  # a workload option too (dense, moe): the workload's declaration checks it
+            extra = [*extra, "--memory-profile", str(args.memory_profile)]
+        nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
+        config = build_config(args.workload, extra, timeout=args.timeout, sample_hz=args.sample_hz, nodes=nodes)
     if config.options.get("dry_run"):
         import subprocess
 
@@ -274,11 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--preset", help="show the defaults that depend on the preset as this preset resolves them")
     ls.add_argument("--json", action="store_true", help="JSON: a list of workloads (one with WORKLOAD)")
 
-    run = sub.add_parser("run", help="run a workload; WORKLOAD options follow (btune run WORKLOAD --help)",
+    run = sub.add_parser("run", help="run a workload (btune run WORKLOAD --help) or any command (btune run -- CMD)",
+                         usage="btune run [runner flags] WORKLOAD [options]\n       btune run [runner flags] "
+                               "[--cwd DIR] [--env NAME=VALUE] [--parse PATTERN] -- CMD ARG...",
                          description="Run one workload. Its options follow the workload's name; "
                                      "btune run WORKLOAD --help lists them (with --preset NAME: the defaults that "
-                                     "depend on the preset as NAME resolves them).", allow_abbrev=False)
-    run.add_argument("workload", help=f"one of {', '.join(catalog.WORKLOADS)}")
+                                     "depend on the preset as NAME resolves them). Or run any command after --, "
+                                     "as an argv (never through a shell): its GPUs, energy, host load, output and "
+                                     "exit are recorded like a workload's, and a script using the reporting API "
+                                     "(import btune) or read with --parse adds its steps.", allow_abbrev=False)
+    run.add_argument("workload", nargs="?", help=f"one of {', '.join(catalog.WORKLOADS)}")
     run.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
     run.add_argument("--timeout", type=finite, default=0.0, help="seconds before the run is stopped (0: none)")
     run.add_argument("--sample-hz", type=finite, default=10.0, help="telemetry samples per second (default 10)")
@@ -289,6 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nnodes", type=int, default=1, help="nodes in a multi-node --tp run (torchrun rendezvous)")
     run.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
     run.add_argument("--rdzv-endpoint", default="", help="HOST:PORT where the nodes meet (same on every node)")
+    cmd = run.add_argument_group("a command run (btune run [flags] -- CMD ARG...)")
+    cmd.add_argument("--cwd", help="the command's working directory (default: this one)")
+    cmd.add_argument("--env", action="append", metavar="NAME=VALUE",
+                     help="add a variable to the command's environment (repeatable; values that look like "
+                          "secrets are never recorded)")
+    cmd.add_argument("--parse", metavar="PATTERN",
+                     help="read steps from the command's stdout: a regex with named groups (step, loss, tokens, "
+                          "tokens_per_s, tokens_per_s_per_device; any other group is a metric) or a built-in: "
+                          "torchtitan, hf")
+    cmd.add_argument("--memory-profile", type=int, default=0, metavar="N",
+                     help="record CUDA memory history for N steps and save the snapshot beside the record "
+                          "(btune's dense and moe, or a script using the reporting API)")
 
     sw = sub.add_parser("sweep", help="the cartesian product of comma-separated option values, one run each",
                         description=SWEEP_HELP, epilog=SWEEP_EXAMPLE, allow_abbrev=False,
@@ -384,11 +420,18 @@ def _help_for_workload(argv: list[str]) -> None:
 
 
 def _dispatch(argv: Sequence[str]) -> int:
-    _help_for_workload(list(argv))
+    argv = list(argv)
+    command = None
+    if argv[:1] == ["run"] and "--" in argv:  # btune run [flags] -- CMD ARG...: the command is taken as it is
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+        if not command:
+            raise CliError("btune run --: no command after -- (btune run -- python train.py)")
+    _help_for_workload(argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(list(argv))
+    args, extra = parser.parse_known_args(argv)
     if args.command == "run":
-        return cmd_run(args, extra)
+        return cmd_run(args, extra, command)
     if args.command == "sweep":
         return cmd_sweep(args, extra)
     if extra:
@@ -401,7 +444,7 @@ def guarded(fn: Any, argv: Sequence[str]) -> int:
     """``fn(argv)`` with user errors printed as one line (exit 2) and a closed stdout ending quietly."""
     try:
         return fn(argv)
-    except (CliError, catalog.OptionError, runs.RunFileError, runs.RunsDirError, LaunchError) as exc:
+    except (CliError, catalog.OptionError, runs.RunFileError, runs.RunsDirError, LaunchError, CommandError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from tuner import __version__
@@ -24,8 +25,9 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def collect(gpu_inventory: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The environment block of a run record."""
+def collect(gpu_inventory: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The environment block of a run record; ``env``: the run's environment (default btune's)."""
+    environ = os.environ if env is None else env
     versions = {name: package_version(name) for name in _VERSIONED}
     te = versions.pop("transformer_engine") or versions.get("transformer-engine")
     versions["transformer-engine"] = te
@@ -37,7 +39,7 @@ def collect(gpu_inventory: dict[str, Any] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "btune": __version__,
         "versions": versions,
-        "env": {k: os.environ[k] for k in _SAFE_ENV if k in os.environ},
+        "env": {k: environ[k] for k in _SAFE_ENV if k in environ},
     }
     inv = gpu_inventory or {}
     env["gpus"] = inv.get("devices", [])

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tuner import catalog, runs
+from tuner.command import WORKLOAD as COMMAND
+from tuner.command import Command, CommandError, redact_argv, torchrun_devices
 from tuner.machine import probe_machine
 from tuner.runner import Runner
 from workloads.options import Machine, OptionError, machine_checks
@@ -32,9 +34,11 @@ class RunConfig:
     sample_hz: float = 10.0
     defaults: dict[str, Any] = field(default_factory=dict)
     repeat: tuple[int, int] = (1, 1)  #: (this run, of how many) of ``--repeat``
+    command: Command | None = None  #: a command run (``btune run -- CMD``): its cwd, environment, --parse
 
     def as_record(self) -> dict[str, Any]:
-        rec = {"workload": self.workload, "options": self.options, "argv": list(self.argv),
+        argv = redact_argv(self.argv) if self.command is not None else list(self.argv)
+        rec = {"workload": self.workload, "options": self.options, "argv": argv,
                "timeout_s": self.timeout or None, "sample_hz": self.sample_hz, "defaults": self.defaults}
         if self.repeat[1] > 1:
             rec["repeat"] = {"index": self.repeat[0], "of": self.repeat[1]}
@@ -49,7 +53,7 @@ class RunConfig:
         """The argv as one copyable shell line (display only; it is never run through a shell)."""
         import shlex
 
-        return shlex.join(self.argv)
+        return shlex.join(redact_argv(self.argv) if self.command is not None else self.argv)
 
 
 _HOST = re.compile(r"[\w.-]+")  # a host name or an IPv4 address (torch's rendezvous also takes these)
@@ -129,11 +133,30 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
     return RunConfig(workload, options, argv, timeout, sample_hz, spec.defaults())
 
 
+def command_config(command: Command, timeout: float = 0.0, sample_hz: float = 10.0) -> RunConfig:
+    """A RunConfig for any command (CommandError/LaunchError, one line, when it cannot run as given)."""
+    from tuner.command import resolve
+
+    resolve(command)
+    if timeout < 0:
+        raise LaunchError("--timeout must be >= 0")
+    if not 0 < sample_hz <= 100:
+        raise LaunchError(f"--sample-hz {sample_hz:g}: expected a number in (0, 100]")
+    return RunConfig(COMMAND, command.as_options(), command.argv, timeout, sample_hz, command=command)
+
+
 def make_runner(config: RunConfig, out_dir: Path, telemetry: bool = True, nvml: Any = None) -> Runner:
     """A Runner for a config, with a new run id."""
+    command = config.command
+    parser = None
+    if command is not None and command.parse:
+        from tuner.parse import LineParser
+
+        parser = LineParser(command.parse, devices=torchrun_devices(command.argv))
     return Runner(config.argv, run_id=runs.new_run_id(config.workload), out_dir=out_dir,
                   config=config.as_record(), timeout=config.timeout, sample_hz=config.sample_hz,
-                  telemetry=telemetry, nvml=nvml)
+                  telemetry=telemetry, nvml=nvml, env=command.environment() if command else None,
+                  cwd=command.cwd if command else None, line_parser=parser)
 
 
 def run_record(workload: str, args: list[str], out_dir: Path | str, telemetry: bool = True) -> dict[str, Any]:
@@ -141,7 +164,7 @@ def run_record(workload: str, args: list[str], out_dir: Path | str, telemetry: b
     refused before launch gives ``{"status": "not launched", "error": {"message": ...}, "summary": {}}``."""
     try:
         config = build_config(workload, args)
-    except (LaunchError, OptionError) as exc:
+    except (LaunchError, OptionError, CommandError) as exc:
         return {"status": "not launched", "error": {"message": str(exc)}, "summary": {}}
     out = runs.ensure_writable(Path(out_dir))
     return make_runner(config, out, telemetry).run().record

@@ -140,6 +140,7 @@ class RecordBuilder:
         ended: float | None = None,
         error: dict[str, Any] | None = None,
         channel: dict[str, Any] | None = None,
+        output: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The complete record, with the summary computed from the raw series and events."""
         series = self.series_dict()
@@ -151,10 +152,12 @@ class RecordBuilder:
             summary["channel"] = channel
         if self.logs_dropped:
             summary["logs_dropped"] = self.logs_dropped
+        if output and any((output.get("lines_not_kept") or {}).values()):
+            summary["output_lines_not_kept"] = sum(output["lines_not_kept"].values())
         columns = self.rejected_columns + sum(c.dropped for c in self._all_columns())
         if self.rejected_events or self.rejected_fields or columns:
             summary["rejected"] = {"events": self.rejected_events, "fields": self.rejected_fields, "columns": columns}
-        return {
+        rec = {
             "schema_version": RECORD_SCHEMA_VERSION,
             "id": self.run_id,
             "status": status,
@@ -170,6 +173,9 @@ class RecordBuilder:
             "events": self.events,
             "summary": summary,
         }
+        if output is not None:
+            rec["output"] = output
+        return rec
 
 
 def journal_header(run_id: str, started: float, config: dict[str, Any], environment: dict[str, Any]) -> dict:
@@ -177,9 +183,24 @@ def journal_header(run_id: str, started: float, config: dict[str, Any], environm
 
 
 def journal_footer(status: str, exit_code: int | None, ended: float, error: dict[str, Any] | None,
-                   channel: dict[str, Any]) -> dict:
-    return {"journal": "end", "status": status, "exit_code": exit_code, "ended": ended, "error": error,
-            "channel": channel}
+                   channel: dict[str, Any], output: dict[str, Any] | None = None) -> dict:
+    footer = {"journal": "end", "status": status, "exit_code": exit_code, "ended": ended, "error": error,
+              "channel": channel}
+    if output is not None:
+        footer["output"] = output
+    return footer
+
+
+def _output(v: Any) -> dict[str, Any] | None:
+    """A record's ``output`` block with every field of its kind (None when there is none)."""
+    if not isinstance(v, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key in ("stdout_tail", "stderr_tail"):
+        out[key] = v.get(key) if isinstance(v.get(key), str) else ""
+    for key in ("lines", "lines_not_kept"):
+        out[key] = {k: int(n) for k, n in (_counts(v.get(key)) or {}).items() if k in ("stdout", "stderr")}
+    return out
 
 
 def _num(v: Any, default: float | None = None) -> float | None:
@@ -237,7 +258,7 @@ def record_from_journal(objects: Iterable[Any], run_id: str | None = None) -> di
             {"message": "the console stopped before the run ended; recovered from the journal", "stderr_tail": ""},
         )
     return builder.finish(footer["status"], _exit_code(footer.get("exit_code")), _num(footer.get("ended")),
-                          _error(footer.get("error")), _counts(footer.get("channel")))
+                          _error(footer.get("error")), _counts(footer.get("channel")), _output(footer.get("output")))
 
 
 def recover_journal(path: Path, run_id: str | None = None) -> dict[str, Any]:
@@ -356,7 +377,7 @@ def normalize(rec: dict[str, Any]) -> dict[str, Any]:
     builder.rejected_columns += int(before.get("columns") or 0)
     ended = _num(rec.get("ended_ts"))
     out = builder.finish(rec["status"], _exit_code(rec.get("exit_code")), ended, _error(rec.get("error")),
-                         _counts(old.get("channel")))
+                         _counts(old.get("channel")), _output(rec.get("output")))
     for key in ("started", "ended"):  # as written (older records have no *_ts)
         if isinstance(rec.get(key), str) and f"{key}_ts" not in rec:
             out[key] = rec[key]

@@ -37,6 +37,16 @@ OOM_PATTERNS = re.compile(
 )
 STDERR_TAIL_LINES = 200
 STDERR_TAIL_BYTES = 32 * 1024
+#: Output lines a second (per stream, burst LOG_BURST) that become log events in the journal and the record;
+#: beyond that lines are counted, kept in the tails and still read by --parse (a script printing megabytes
+#: a second must not fill the disk or hold up the events channel).
+LOG_RATE = 200.0
+LOG_BURST = 2000
+#: The longest line read as one (a longer one is read in pieces).
+MAX_LINE = 64 * 1024
+ENV_RUN_DIR, ENV_RUN_ID = "BTUNE_RUN_DIR", "BTUNE_RUN_ID"
+
+LineParser = Callable[[str, float], "dict[str, Any] | None"]
 
 
 @dataclass
@@ -83,6 +93,7 @@ class Runner:
         nvml: Any = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        line_parser: LineParser | None = None,
     ) -> None:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise TypeError("argv must be a non-empty list of strings")
@@ -100,6 +111,10 @@ class Runner:
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.stderr_tail: deque[bytes] = deque(maxlen=STDERR_TAIL_LINES)
+        self.stdout_tail: deque[bytes] = deque(maxlen=STDERR_TAIL_LINES)
+        self.line_parser = line_parser
+        self.lines = {"stdout": 0, "stderr": 0}  #: output lines read, per stream
+        self.lines_not_kept = {"stdout": 0, "stderr": 0}  #: beyond LOG_RATE: counted, not journalled
         self._subscribers: list[Subscriber] = []
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -163,7 +178,7 @@ class Runner:
         """Open the journal and channel, start telemetry, launch the child."""
         self.started = time.time()
         inventory = self.telemetry.inventory() if self.telemetry is not None else {"note": "telemetry off"}
-        self.environment = {**collect_environment(inventory), **self.environment}
+        self.environment = {**collect_environment(inventory, self.env), **self.environment}
         self._journal = Journal(journal_path(self.out_dir, self.run_id))
         self._builder = RecordBuilder(self.run_id, self.started, self.config, self.environment)
         self._journal.write(journal_header(self.run_id, self.started, self.config, self.environment))
@@ -180,6 +195,8 @@ class Runner:
 
         env = dict(self.env)
         env[ENV_EVENTS] = self._sockpath
+        env[ENV_RUN_DIR] = str(self.out_dir.resolve())
+        env[ENV_RUN_ID] = self.run_id
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
             self.proc = subprocess.Popen(
@@ -314,13 +331,44 @@ class Runner:
                 pass
 
     def _read_stream(self, stream: Any, name: str) -> None:
-        tail = self.stderr_tail if name == "stderr" else None
-        for raw in iter(stream.readline, b""):
-            if tail is not None:
-                tail.append(raw[:4096])
+        """Each output line: into the stream's tail, through --parse (stdout), and a log event while the
+        stream stays under LOG_RATE lines a second (beyond it: counted, one note)."""
+        tail = self.stderr_tail if name == "stderr" else self.stdout_tail
+        parser = self.line_parser if name == "stdout" else None
+        budget, last, noted = float(LOG_BURST), time.monotonic(), False
+        for raw in iter(lambda: stream.readline(MAX_LINE), b""):
+            tail.append(raw[:4096])
+            self.lines[name] += 1
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            self.post(make_event("log", rank=-1, stream=name, message=text, level="stderr" if tail else "stdout"))
+            if parser is not None:
+                try:
+                    event = parser(text, time.time())
+                except Exception:  # a parser never breaks the run
+                    event = None
+                if event is not None:
+                    self.post(event)
+            now = time.monotonic()
+            budget = min(float(LOG_BURST), budget + (now - last) * LOG_RATE)
+            last = now
+            if budget < 1.0:
+                self.lines_not_kept[name] += 1
+                if not noted:
+                    noted = True
+                    self.post(make_event("telemetry_note", rank=-1, source="output", message=(
+                        f"{name}: more than {LOG_RATE:g} lines a second; lines beyond that are counted, not "
+                        f"kept as log events (the record keeps the last {STDERR_TAIL_LINES} lines)")))
+                continue
+            budget -= 1.0
+            self.post(make_event("log", rank=-1, stream=name, message=text, level=name))
         stream.close()
+
+    def output(self) -> dict[str, Any]:
+        """The record's ``output`` block: each stream's last lines, lines read, lines not kept as events."""
+        def text(tail: deque[bytes]) -> str:
+            return b"".join(tail)[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
+
+        return {"stdout_tail": text(self.stdout_tail), "stderr_tail": text(self.stderr_tail),
+                "lines": dict(self.lines), "lines_not_kept": dict(self.lines_not_kept)}
 
     # -- the end -----------------------------------------------------------------------------
     def _stderr_text(self) -> str:
@@ -367,9 +415,10 @@ class Runner:
         with self._lock:
             assert self._journal is not None and self._builder is not None
             journal = self._journal
-            journal.write(journal_footer(status, rc, ended, error, channel))
+            output = self.output()
+            journal.write(journal_footer(status, rc, ended, error, channel, output))
             journal_ok = journal.close()
-            record = self._builder.finish(status, rc, ended, error, channel)
+            record = self._builder.finish(status, rc, ended, error, channel, output)
             self._journal = None
         path = record_path(self.out_dir, self.run_id)
         jpath = journal_path(self.out_dir, self.run_id)
