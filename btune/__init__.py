@@ -32,6 +32,10 @@ per kind of mistake.
   forward+backward), ``weight_bytes`` and ``kv_bytes_per_token`` (bytes a step must move), ``device_name``,
   ``n_devices`` (defaults to ``WORLD_SIZE``), ``precision``, ``tokens`` ("global" or "per_replica"); other
   facts (numbers or strings) are kept as they are.
+- A memory profile: under ``btune run --memory-profile N -- CMD`` (``BTUNE_MEMORY_PROFILE=N``) rank 0 records
+  CUDA memory history from step 1 through step N (step 0 holds start-up), saves the snapshot beside the run
+  record (open it at https://pytorch.org/memory_viz) and sends the peak and its top allocation sites; only
+  then is torch imported (``workloads.memprofile``). Without CUDA: one line on stderr, and the script runs on.
 
 The Python standard library only: ``import btune`` loads nothing else; under btune the first call opens the
 channel through ``workloads.protocol``'s Emitter. Steps are counted per process; report them from one thread.

@@ -6,6 +6,7 @@ Emitter (orjson, a watchdog that ends the script when the console is gone, as fo
 
 from __future__ import annotations
 
+import atexit
 import math
 import operator
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 ENV_EVENTS = "BTUNE_EVENTS"  #: the console's events channel (workloads.protocol.ENV_EVENTS)
 ENV_LOG = "BTUNE_LOG"  #: outside btune, "1": one plain line on stderr per call
+ENV_MEMORY = "BTUNE_MEMORY_PROFILE"  #: N: a CUDA memory profile of steps 1..N (btune run --memory-profile N -- CMD)
 SCHEMA_VERSION = 1  #: workloads.protocol.SCHEMA_VERSION
 TOKENS_MODES = ("global", "per_replica")
 #: Step fields the API sets itself, and the envelope's: a metric of that name is left out.
@@ -41,6 +43,9 @@ _last = _perf()
 _phase: str | None = None
 _emitter: Any = None
 _warned: set[str] = set()
+_memory_steps = 0  #: BTUNE_MEMORY_PROFILE
+_memory_at = -1  #: the step index whose call starts (0) or ends (N) the memory profile's window; -1: none
+_profile: Any = None  #: workloads.memprofile.StepProfile, once the window started
 
 
 def _env_int(name: str, default: int) -> int:
@@ -59,6 +64,7 @@ def _scale() -> int | None:
 def _reset() -> None:
     """Read the environment afresh and start counting again (at import; tests call it between cases)."""
     global _mode, _rank, _world, _tokens_mode, _tokens_scale, _index, _last, _phase, _emitter
+    global _memory_steps, _memory_at, _profile
     if _emitter is not None:
         try:
             _emitter.close()
@@ -79,6 +85,9 @@ def _reset() -> None:
     _last = _perf()
     _phase = None
     _warned.clear()
+    _memory_steps = max(_env_int(ENV_MEMORY, 0), 0)
+    _memory_at = 0 if _memory_steps and _rank == 0 and _mode != _OFF else -1
+    _profile = None
 
 
 def enabled() -> bool:
@@ -199,6 +208,8 @@ def step(tokens: Any = None, loss: Any = None, **metrics: Any) -> None:
             extra = " ".join(f"{k}={event[k]}" for k in event if k not in ("v", "type", "t", "rank", "step",
                                                                             "step_ms", "clock"))
             _log(f"step {index} {step_ms:.3f} ms {extra}".rstrip())
+        if index == _memory_at:
+            _memory(index)
     except Exception as exc:  # never into the user's script
         _warn("step.internal", f"step() could not report ({_kind(exc)}: {exc})")
 
@@ -220,6 +231,49 @@ def _add_metrics(event: dict[str, Any], metrics: dict[str, Any]) -> None:
                                   f"{_kind(value)}; left out")
             continue
         event[name] = v
+
+
+# -- memory profile (BTUNE_MEMORY_PROFILE) ---------------------------------------------------------
+def _memory(index: int) -> None:
+    """At step 0's call: start recording CUDA memory history (step 1 is the window's first); at step N's: stop,
+    save the snapshot and send the ``memory`` event. Imports ``workloads.memprofile`` (and torch) only here."""
+    global _memory_at, _profile, _last
+    _memory_at = -1
+    try:
+        if _profile is None:
+            try:
+                from workloads.memprofile import StepProfile
+            except Exception as exc:  # no torch, no workloads package: the script runs on without a profile
+                note = f"{ENV_MEMORY}: cannot record a memory profile ({_kind(exc)}: {exc})"
+                _log(note)
+                _memory_event(snapshot=None, window=[1, _memory_steps], note=note)
+                return
+            _profile = StepProfile.start(_memory_steps, None, _memory_event)
+            if _profile is not None:
+                _profile.before(1)
+                if _profile.window.recording:
+                    _memory_at = _memory_steps
+                    atexit.register(_memory_close)
+        else:
+            _profile.after(index)
+    except Exception as exc:
+        _warn("memory.internal", f"the memory profile failed ({_kind(exc)}: {exc})")
+    finally:
+        _last = _perf()  # the profile's own time is not the next step's
+
+
+def _memory_close() -> None:
+    """At exit: a window the script did not reach the end of ends at its last step."""
+    if _profile is not None and _profile.window.recording:
+        _profile.close(_index - 1)
+
+
+def _memory_event(**fields: Any) -> None:
+    event = {"v": SCHEMA_VERSION, "type": "memory", "t": _wall(), "rank": _rank, **fields}
+    if _mode == _CHANNEL:
+        _send(event)
+    elif _mode == _LOG:
+        _log(f"memory snapshot={fields.get('snapshot')} peak_bytes={fields.get('peak_bytes')}")
 
 
 # -- phase ---------------------------------------------------------------------------------------

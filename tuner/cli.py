@@ -403,6 +403,7 @@ def _help_for_workload(argv: list[str]) -> None:
         command.description = textwrap.fill(command.description or "", 100)
     command.formatter_class = argparse.RawDescriptionHelpFormatter
     command.description = f"{command.description}\n\n" + textwrap.fill(f"{spec.name}: {spec.description}", 100)
+    command.conflict_handler = "resolve"  # a runner flag a workload declares too (--memory-profile): the workload's
     group = command.add_argument_group(
         f"{spec.name} options (the declaration the app's form reads; btune list {spec.name})"
         + (" with values as lists a,b,c" if argv[0] == "sweep" else ""))

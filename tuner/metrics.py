@@ -120,6 +120,8 @@ REGISTRY: tuple[Metric, ...] = (
            short="energy", headline=("value",)),
     Metric("torch_mem_peak", "torch peak memory", ("torch_mem_peak_mb",), "MiB", False, "energy and memory",
            short="peak mem", headline=("value",)),
+    Metric("memory_profile_peak", "profiled peak (live allocations, --memory-profile)", ("memory_profile", "peak_mb"),
+           "MiB", False, "energy and memory", everywhere=True),
     Metric("duration", "run duration", ("duration_s",), "s", False, "run", shown=False),
     Metric("tokens_total", "tokens", ("tokens_total",), "tokens", True, "run", shown=False, kind="count"),
 )

@@ -144,10 +144,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "first_step_ms": _opt(_num), "compile_s": _opt(_num)},
     "error": {"message": _str, "kind": _str},
     "telemetry_note": {"message": _str, "source": _str},
+    "memory": {"snapshot": _opt(_str), "window": lambda v: _list(_int)(v) and len(v) == 2,
+               "peak_bytes": _opt(_nonneg), "max_memory_allocated": _opt(_nonneg), "note": _str,
+               "top_sites": _list(lambda s: _dict(s) and _str(s.get("site")) and _nonneg(s.get("bytes"))),
+               "entries": _int, "device": _int},
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "step": ("step", "step_ms"), "gpu": ("gpu",), "energy": ("gpu", "mj"), "series": ("name",),
     "log": ("message",), "phase": ("phase",), "error": ("message",), "telemetry_note": ("message",),
+    "memory": ("window",),
 }
 #: Types stored as columnar series: a field not declared must be a scalar there.
 SERIES_TYPES = frozenset({"step", "gpu", "energy", "host", "series"})

@@ -138,6 +138,48 @@ def blocks(summary: dict[str, Any], workload: Any) -> str:
     return "\n\n".join(out)
 
 
+def _bytes(v: Any) -> str:
+    """Bytes in the largest binary unit they reach (``1.234 GiB``, ``56.7 MiB``); a dash when unknown."""
+    if not number(v):
+        return "-"
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(v) >= factor:
+            return f"{v / factor:.3f} {unit}" if unit == "GiB" else f"{v / factor:.1f} {unit}"
+    return f"{v:.0f} B"
+
+
+def memory_section(summary: dict[str, Any]) -> list[str]:
+    """The memory profile (``--memory-profile``, tuner.memory): the window's peak beside torch's and the dry-run
+    estimate, the top allocation sites at the peak, the snapshot; no lines for a run without one."""
+    mp = summary.get("memory_profile")
+    if not isinstance(mp, dict):
+        return []
+    window = mp.get("window")
+    span = f"steps {window[0]}-{window[1]}" if isinstance(window, list) and len(window) == 2 else "steps ?"
+    rank = f", rank {mp['rank']}" if mp.get("rank") else ""
+    out = ["", f"Memory profile ({span}{rank})"]
+    if mp.get("note"):
+        out.append(f"  note: {mp['note']}")
+    figures_ = [("peak of live allocations (trace replay)", mp.get("peak_bytes")),
+                ("torch max_memory_allocated, same window", mp.get("max_memory_allocated")),
+                ("torch peak over the whole run", mp.get("run_peak_bytes")),
+                ("dry-run estimate", mp.get("estimate_bytes"))]
+    rows = [[label, _bytes(v)] for label, v in figures_ if number(v)]
+    peak, estimate = mp.get("peak_bytes"), mp.get("estimate_bytes")
+    if number(peak) and number(estimate) and estimate:
+        rows.append(["peak vs estimate", delta_text(peak / estimate - 1)])
+    if rows:
+        out.append(table(rows, ["figure", "value"], left=(0,)))
+    sites = [x for x in mp.get("top_sites") or [] if isinstance(x, dict)]
+    if sites:
+        out.append("")
+        out.append(table([[str(x.get("site")), _bytes(x.get("bytes")), fmt(x.get("blocks"), kind="count")]
+                          for x in sites], ["allocation site (live at the peak)", "bytes", "blocks"]))
+    if mp.get("snapshot"):
+        out.append(f"snapshot  {mp['snapshot']}  (open it at https://pytorch.org/memory_viz)")
+    return out
+
+
 def show(rec: dict[str, Any], printed_notes: frozenset[str] = frozenset()) -> str:
     """A human summary of one run; ``printed_notes``: notes already printed (by the live status) left out."""
     s = rec["summary"]
@@ -179,6 +221,7 @@ def show(rec: dict[str, Any], printed_notes: frozenset[str] = frozenset()) -> st
         worst = max((t.get("max_rel") or 0.0 for t in wl.get("tensors") or []), default=None)
         if worst is not None:
             lines.append(f"  worst relative error {worst:.3e} (tolerance {wl.get('tolerance')})")
+    lines += memory_section(s)
     for note in s.get("notes") or []:
         if note not in printed_notes:
             lines.append(f"note: {note}")

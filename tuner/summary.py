@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuner import hardware, results
+from tuner.memory import profile as memory_profile
 from tuner.stats import describe, finite, trapezoid
 
 
@@ -360,4 +361,5 @@ def summarize(series: dict[str, Any], events: list[dict[str, Any]], started: flo
     balance = results.experts(events)
     if balance is not None:
         out["experts"] = balance
+    out["memory_profile"] = memory_profile(events)
     return out

@@ -96,6 +96,10 @@ class Steps:
 Plan = Callable[[dict[str, Any], str], dict[str, Any]]
 
 
+def _larger(a: int | None, b: int | None) -> int | None:
+    return a if b is None else b if a is None else max(a, b)
+
+
 class Harness:
     """One run of ``workload`` with options ``opts`` (see the module docstring)."""
 
@@ -207,7 +211,8 @@ class Harness:
         try:
             res = run_steps(self.em, self.device, LoopSpec(self.opts["warmup"], p["steps"], self.opts["duration"]),
                             steps.step, steps.tokens_per_step, extra=steps.extra, phase=self.phase,
-                            compiled=self.opts["compile_mode"] != "none")
+                            compiled=self.opts["compile_mode"] != "none",
+                            memory_profile=self.opts.get("memory_profile") or 0)
         except torch.OutOfMemoryError as exc:
             return self.oom(exc)
         end = steps.end() if steps.end is not None else {}
@@ -215,5 +220,6 @@ class Harness:
         compiled = self.opts["compile_mode"] != "none"
         return self.finish(EXIT_INTERRUPTED if res["interrupted"] else EXIT_OK, {
             "first_step_ms": first, "compile_s": first / 1000.0 if compiled and first else None,
-            "memory_estimate_bytes": p["memory_estimate_bytes"], "torch_mem_peak_bytes": self.peak_memory_bytes(),
+            "memory_estimate_bytes": p["memory_estimate_bytes"],
+            "torch_mem_peak_bytes": _larger(self.peak_memory_bytes(), res["peak_before_profile"]),
             "steps_run": res["steps"], "interrupted": res["interrupted"], **end})

@@ -122,6 +122,7 @@ def run_steps(
     extra: Callable[[int], dict[str, Any]] | None = None,
     phase: Callable[[str, str | None], None] | None = None,
     compiled: bool = False,
+    memory_profile: int = 0,
 ) -> dict[str, Any]:
     """Run ``step_fn(i)`` until ``spec`` says stop; emit one ``step`` event per step, and through ``phase``
     where the loop is: compiling (the first step, when ``compiled``) or warm-up, then measuring.
@@ -131,6 +132,9 @@ def run_steps(
     whether the loop was interrupted (SIGINT: the console's cancel). Under several ranks every rank stops
     after the same step: ``--steps`` is counted alike everywhere; the duration and a cancel are rank 0's
     decision, taken one boundary later (SharedStop); ``interrupted`` is then true on every rank.
+    ``memory_profile`` N: rank 0 records CUDA memory history over steps 1..N (``workloads.memprofile``), outside
+    the steps' timing, and sends the ``memory`` event; the result's ``peak_before_profile`` is torch's peak before
+    the window (the window resets that counter).
     """
     cuda = device.type == "cuda"
     shared = SharedStop(device) if SharedStop.wanted() else None
@@ -140,6 +144,11 @@ def run_steps(
     first_ms: float | None = None
     interrupted = False
     i = 0
+    profile = None
+    if memory_profile and em.rank == 0:
+        from workloads.memprofile import StepProfile
+
+        profile = StepProfile.start(memory_profile, device, em.memory)
 
     def report(item: tuple[int, Any, Any, float, torch.Tensor | None]) -> float:
         nonlocal steady_steps, steady_seconds, first_ms
@@ -157,6 +166,8 @@ def run_steps(
         if loss is not None:
             fields["loss"] = float(loss.detach().float().item())
         fields.update(memory_fields(device))
+        if profile is not None and "mem_peak_mb" in fields:  # the window reset torch's peak counter
+            fields["mem_peak_mb"] = profile.peak(torch.cuda.max_memory_allocated(device)) / (1024 * 1024)
         if extra is not None:
             fields.update(extra(idx))
         em.step(idx, ms, tokens_per_step, clock=CLOCK_DEVICE if cuda else CLOCK_HOST, **fields)
@@ -174,6 +185,8 @@ def run_steps(
                 phase("warm-up", None)
             if phase is not None and i == measured_from:
                 phase("measuring", None)
+            if profile is not None:
+                profile.before(i)
             if cuda:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
@@ -185,6 +198,8 @@ def run_steps(
                 t0 = time.perf_counter()
                 loss = step_fn(i)
                 item = (i, None, time.perf_counter(), t0, loss)
+            if profile is not None:
+                profile.after(i)
             if pending is not None:
                 report(pending)
             pending = item
@@ -205,7 +220,11 @@ def run_steps(
         pending = None
     except KeyboardInterrupt:  # one rank alone (several ranks hold SIGINT)
         interrupted = True
+    finally:
+        if profile is not None:  # a window the loop cut short ends at its last step
+            profile.close()
     if interrupted:
         print("btune: interrupted; stopping after the last complete step", file=sys.stderr)
     return {"steps": i, "steady_steps": steady_steps, "steady_seconds": steady_seconds, "first_step_ms": first_ms,
-            "interrupted": interrupted}
+            "interrupted": interrupted,
+            "peak_before_profile": profile.window.peak_before if profile is not None else None}

@@ -2,7 +2,7 @@
 
 An event is a flat JSON object on one line: ``{"v": 1, "type": "step", "t": 1.7e9, "rank": 0, ...}``.
 A workload sends events through an :class:`Emitter`, one typed method per event it sends (meta, step,
-request, experts, series, summary, log, error); the console decodes and checks them (``tuner.protocol``).
+request, experts, series, summary, log, error, memory); the console decodes and checks them (``tuner.protocol``).
 
 The channel is a unix stream socket whose path is in ``BTUNE_EVENTS``: every process (each torchrun
 rank too) opens its own connection, so stray prints on stdout/stderr never mix with events. With no
@@ -26,7 +26,8 @@ SCHEMA_VERSION = 1
 ENV_EVENTS = "BTUNE_EVENTS"
 
 #: Event types a workload may send.
-WORKLOAD_TYPES = frozenset({"meta", "step", "experts", "request", "series", "log", "summary", "error", "phase"})
+WORKLOAD_TYPES = frozenset({"meta", "step", "experts", "request", "series", "log", "summary", "error", "phase",
+                            "memory"})
 #: The phases a workload reports, in order (tuner.progress adds the console's own: starting, writing, done).
 PHASES = ("building", "loading", "compiling", "warm-up", "measuring", "draining")
 
@@ -245,6 +246,16 @@ class Emitter:
             "engine": engine, "replicas": replicas, "passed": passed, "tp": tp, "tolerance": tolerance,
             "floor": floor, "grad_scale": grad_scale, "rule": rule, "tensors": tensors, "mismatches": mismatches,
             "interrupted": interrupted}), **extra)
+
+    def memory(self, *, snapshot: str | None, window: list[int], peak_bytes: int = UNSET,
+               max_memory_allocated: int = UNSET, top_sites: list[dict[str, Any]] = UNSET, note: str = UNSET,
+               **extra: Any) -> None:
+        """A memory profile (``workloads.memprofile``): the snapshot's path (None when there is none, ``note`` says
+        why), the steps it covers ``[first, last]``, the peak of live bytes, torch's peak over the same window and
+        the top allocation sites at the peak (``[{"site", "bytes", "blocks"}]``)."""
+        self.emit("memory", snapshot=snapshot, window=window, **_given({
+            "peak_bytes": peak_bytes, "max_memory_allocated": max_memory_allocated, "top_sites": top_sites,
+            "note": note}), **extra)
 
     def phase(self, phase: str, detail: str | None = None, k: int | None = None, n: int | None = None) -> None:
         """Where the workload is (one of PHASES), with ``k`` of ``n`` where known (a compiled graph, a bucket)."""

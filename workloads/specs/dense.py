@@ -108,6 +108,8 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
            group="parallel"),
     Option("activation-checkpointing", bool, False, "recompute each block in backward to save memory",
            when=(("mode", ("train",)),), group="knobs"),
+    Option("memory-profile", int, 0, "record CUDA memory history for N steps from step 1 (step 0 holds start-up) "
+           "and save the snapshot beside the record; 0: off", min=0, max=10_000),
 )
 
 DENSE = WorkloadSpec(
