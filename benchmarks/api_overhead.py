@@ -1,8 +1,8 @@
 """What one call of the reporting API costs a user's script (issue 18, item 2: under 5 µs a call).
 
 In this process: ``btune.step()`` outside btune (``BTUNE_EVENTS`` unset: a no-op), then under a fake console
-(``BTUNE_EVENTS`` names a unix socket this benchmark listens on, a thread reading and discarding what arrives,
-as the console's runner does). Each row is the best of ``--repeats`` runs of ``--calls`` calls, in ns per call;
+(``BTUNE_EVENTS`` names a unix socket this benchmark listens on, another process reading and discarding what
+arrives, as the console's runner does). Each row is the best of ``--repeats`` runs of ``--calls`` calls, in ns per call;
 a bare Python function call is the baseline.
 
 usage: python benchmarks/api_overhead.py [--calls 200000] [--repeats 5]
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +40,19 @@ def ns_per_call(fn: Callable[[], Any], calls: int, repeats: int) -> float:
     return best
 
 
+_READER = """import socket, sys
+server = socket.socket(fileno=int(sys.argv[1]))
+conn, _ = server.accept()
+n = 0
+while chunk := conn.recv(1 << 20):
+    n += len(chunk)
+print(n)
+"""
+
+
 class Sink:
-    """A console's events socket that reads and discards everything (counting the bytes)."""
+    """A console's events socket read (and discarded) by another process, as the console's runner reads it:
+    a reader in this process would take the GIL from the calls being timed."""
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="btune-bench-")
@@ -50,17 +61,13 @@ class Sink:
         self.server.bind(self.path)
         self.server.listen(4)
         self.bytes = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        conn, _ = self.server.accept()
-        with conn:
-            while chunk := conn.recv(1 << 20):
-                self.bytes += len(chunk)
+        fd = self.server.fileno()
+        self._proc = subprocess.Popen([sys.executable, "-c", _READER, str(fd)], pass_fds=(fd,),
+                                      stdout=subprocess.PIPE, text=True)
 
     def close(self) -> None:
-        self._thread.join(10)
+        out, _ = self._proc.communicate(timeout=60)
+        self.bytes = int(out.strip() or 0)
         self.server.close()
         os.unlink(self.path)
         os.rmdir(self.dir)

@@ -25,6 +25,9 @@ _RESERVED = frozenset({"v", "type", "t", "rank", "step", "step_ms", "clock", "fi
 _META_NUMBERS = ("n_params", "flops_per_token", "weight_bytes", "kv_bytes_per_token", "kv_tokens_per_step")
 _META_STRINGS = ("model", "workload", "device", "device_name", "precision", "device_uuid")
 _MAX_STR = 256
+#: Steps are sent in batches at most this old: a step after a longer gap is sent at once, so only steps faster
+#: than this share a send (one system call costs more than the rest of a call); other events are sent at once.
+FLUSH_MS = 2.0
 
 _OFF, _LOG, _CHANNEL = 0, 1, 2
 _BAD: Any = object()
@@ -156,8 +159,8 @@ def _send(event: dict[str, Any]) -> None:
             _mode = _OFF
             _warn("import", f"cannot open the events channel ({exc}); reporting is off")
             return
-        _emitter = Emitter(rank=_rank)
-    _emitter.send(event)
+        _emitter = Emitter(rank=_rank, flush_ms=FLUSH_MS)
+    _emitter.send(event, flush=event["type"] != "step")
 
 
 def _log(text: str) -> None:
@@ -291,7 +294,8 @@ class _Phase:
 
     def __exit__(self, *exc: object) -> bool:
         if self._active:
-            back = self._before or ("measuring" if _index > 0 else "starting")
+            before = None if self._before == "starting" else self._before  # "starting" ends with the first step
+            back = before or ("measuring" if _index > 0 else "starting")
             _set_phase(back, None, None, None)
         return False
 

@@ -194,6 +194,16 @@ def test_phase_as_a_call_and_nested_context_managers(channel):
         ("loading", None, None)]
 
 
+def test_a_phase_left_before_the_first_step_returns_to_measuring_once_steps_came(channel):
+    with btune.phase("eval"):  # a sanity-check eval before training
+        pass
+    btune.step(tokens=1)
+    with btune.phase("eval"):
+        pass
+    events = accepted(settle(channel, 5))
+    assert [e["phase"] for e in of(events, "phase")] == ["eval", "starting", "eval", "measuring"]
+
+
 def test_numbers_of_other_kinds_are_converted(channel):
     class Scalar:  # a 0-d array or tensor: float() gives its value
         def __float__(self) -> float:

@@ -199,7 +199,14 @@ def cmd_export(args: argparse.Namespace) -> int:
               "the runs directory is the default)", file=sys.stderr)
     fmt_ = args.format or EXPORT_SUFFIXES.get(Path(args.output or "").suffix.lower(), "json")
     recs = [load_run(r, runs_dir) for r in args.runs]
-    data = export(recs, fmt_)
+    if args.series:
+        from tuner.export import export_series
+
+        if fmt_ == "prometheus":
+            raise CliError("btune export --series: the time series export as json or csv, not prometheus")
+        data = export_series(recs, fmt_)
+    else:
+        data = export(recs, fmt_)
     if args.output:
         try:
             runs.atomic_write(Path(args.output), data)
@@ -355,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=("json", "csv", "prometheus"), default=None,
                     help="default: from the output file's suffix, else json")
     ex.add_argument("-o", "--output", help="file to write (default stdout)")
+    ex.add_argument("--series", action="store_true",
+                    help="the GPU time series instead of the figures: per GPU, power, SM clock, temperature, "
+                         "utilisation, memory, throttle reasons and the energy counter, one row per sample and field")
     ex.add_argument("--out", help="runs directory for ids; a name ending in .json, .csv, .prom or .txt is taken as "
                                   "the output file (as -o)")
 

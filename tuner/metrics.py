@@ -122,6 +122,13 @@ REGISTRY: tuple[Metric, ...] = (
            short="peak mem", headline=("value",)),
     Metric("memory_profile_peak", "profiled peak (live allocations, --memory-profile)", ("memory_profile", "peak_mb"),
            "MiB", False, "energy and memory", everywhere=True),
+    Metric("energy_integrated", "energy (power integral, cross-check)", ("energy_integrated_j",), "J", False,
+           "energy and memory", everywhere=True),
+    # the host: the run's whole process tree (a command's children included)
+    Metric("host_cpu", "process tree CPU % (100: one core)", ("host", "proc_cpu_percent", "mean"), "", False,
+           "host", everywhere=True),
+    Metric("host_rss", "process tree memory (RSS) max", ("host", "proc_rss_mb_max"), "MiB", False, "host",
+           everywhere=True),
     Metric("duration", "run duration", ("duration_s",), "s", False, "run", shown=False),
     Metric("tokens_total", "tokens", ("tokens_total",), "tokens", True, "run", shown=False, kind="count"),
 )

@@ -185,17 +185,22 @@ def show(rec: dict[str, Any], printed_notes: frozenset[str] = frozenset()) -> st
     s = rec["summary"]
     env = rec.get("environment", {})
     gpus = ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"
+    workload = dig(rec, ("config", "workload"))
     lines = [
         f"run       {rec['id']}",
         f"status    {rec['status']} (exit {rec['exit_code']})",
-        f"workload  {dig(rec, ('config', 'workload'))}  {key_options(rec)}",
+        f"workload  {workload}  {key_options(rec)}" if workload != "command" else f"command   {command_text(rec)}",
         f"started   {rec['started']}   ended {rec['ended']}   ({quantity(s.get('duration_s'), 's')})",
         f"host      {env.get('host')}   GPUs: {gpus}   torch {dig(env, ('versions', 'torch'))}",
-        f"steps     {dig(s, ('steps', 'total'))} total, {dig(s, ('steps', 'warmup'))} warm-up, "
-        f"{dig(s, ('steps', 'steady'))} steady",
-        "",
     ]
-    lines.append(blocks(s, dig(rec, ("config", "workload"))))
+    if workload != "command" or dig(s, ("steps", "total")):
+        lines.append(f"steps     {dig(s, ('steps', 'total'))} total, {dig(s, ('steps', 'warmup'))} warm-up, "
+                     f"{dig(s, ('steps', 'steady'))} steady")
+    lines.append("")
+    lines.append(blocks(s, workload))
+    profile = phase_table(s)
+    if profile:
+        lines += ["", profile]
     stepped = bool(dig(s, ("steps", "total")))
     for precision in ("bf16", "fp8"):
         reason = dig(s, ("mfu", precision, "reason"))
@@ -225,12 +230,50 @@ def show(rec: dict[str, Any], printed_notes: frozenset[str] = frozenset()) -> st
     for note in s.get("notes") or []:
         if note not in printed_notes:
             lines.append(f"note: {note}")
+    output = rec.get("output") if isinstance(rec.get("output"), dict) else {}
+    if workload == "command" and output.get("stdout_tail", "").strip():
+        lines.append("stdout (last lines):")
+        lines += [f"  | {ln}" for ln in output["stdout_tail"].strip().splitlines()[-5:]]
+    not_kept = sum((output.get("lines_not_kept") or {}).values())
+    if not_kept:
+        lines.append(f"output: {not_kept} lines beyond the log rate were counted, not kept (tails are in the record)")
     err = rec.get("error")
     if err:
         lines.append(f"error: {err.get('message')}")
         tail = (err.get("stderr_tail") or "").strip().splitlines()[-8:]
         lines += [f"  | {ln}" for ln in tail]
     return "\n".join(lines)
+
+
+def command_text(rec: dict[str, Any]) -> str:
+    """A command run's argv as one copyable line (redacted as recorded), with its cwd and added variables."""
+    import shlex
+
+    opts = _options(rec)
+    argv = opts.get("argv") if isinstance(opts.get("argv"), list) else dig(rec, ("config", "argv")) or []
+    text = shlex.join(str(a) for a in argv)
+    if opts.get("cwd"):
+        text += f"   (in {opts['cwd']})"
+    env = opts.get("env") if isinstance(opts.get("env"), dict) else {}
+    if env:
+        text += "   env: " + " ".join(f"{k}={v}" for k, v in env.items())
+    if opts.get("parse"):
+        text += f"   --parse {opts['parse']}"
+    return text
+
+
+def phase_table(summary: dict[str, Any]) -> str:
+    """The power profile: one row per phase (energy from the counter, the power integral beside it); empty when
+    the run has one phase and no energy."""
+    rows_ = [p for p in summary.get("phases") or [] if isinstance(p, dict)]
+    if not rows_ or (len(rows_) == 1 and rows_[0].get("energy_j") is None):
+        return ""
+    body = [[str(p.get("phase")), quantity(p.get("start_s"), "s"), quantity(p.get("duration_s"), "s"),
+             quantity(p.get("energy_j"), "J"), quantity(p.get("energy_integrated_j"), "J"),
+             quantity(p.get("power_w"), "W"), fmt(p.get("steps"), kind="count"), fmt(p.get("tokens"), kind="count"),
+             quantity(p.get("joules_per_token"), "J/tok")] for p in rows_]
+    return table(body, ["power profile (phase)", "from", "duration", "energy", "power integral", "mean power",
+                        "steps", "tokens", "J/token"], left=(0,))
 
 
 WIDTH = 120  #: tables fit this many columns unless told otherwise

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuner import hardware, results
+from tuner import hardware, power, results
 from tuner.memory import profile as memory_profile
 from tuner.stats import describe, finite, trapezoid
 
@@ -339,6 +339,9 @@ def summarize(series: dict[str, Any], events: list[dict[str, Any]], started: flo
 
     out.update(_energy(series, steady, steps, events, environment))
     out["gpu"] = _gpu(series)
+    run_gpus = [str(g) for g in out["energy_gpus"]] if "energy_gpus" in out else None
+    out["energy_integrated_j"] = power.integrated_total(series, run_gpus)
+    out["phases"] = power.profile(series, events, started, ended, run_gpus, steps)
     host = series.get("host") or {}
     if host:
         out["host"] = {

@@ -123,9 +123,15 @@ class Emitter:
     """
 
     def __init__(self, path: str | None = None, rank: int | None = None, stream: Any = None,
-                 watchdog: bool | None = None) -> None:
+                 watchdog: bool | None = None, flush_ms: float = 0.0) -> None:
         self.rank = _env_rank() if rank is None else rank
         self.dropped = 0
+        #: > 0: events to the console are batched, each batch sent at most ``flush_ms`` after its first event
+        #: (a send after that flushes at once, so events ``flush_ms`` apart are never held; a thread sends a
+        #: batch left waiting, and ``close`` and interpreter exit send what is left). 0: one send per event.
+        self.flush_s = max(flush_ms, 0.0) / 1000.0
+        self._batch: list[bytes] = []
+        self._batch_t = 0.0
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._stream = stream
@@ -144,6 +150,11 @@ class Emitter:
                 print(f"btune: cannot reach the console at {path} ({exc}); events go to stdout", file=sys.stderr)
         if self._sock is not None and watchdog:
             threading.Thread(target=self._watch, args=(self._sock,), daemon=True, name="btune-watchdog").start()
+        if self._sock is not None and self.flush_s > 0:
+            import atexit
+
+            atexit.register(self.flush)
+            threading.Thread(target=self._flusher, daemon=True, name="btune-flush").start()
         if self._sock is None and self._stream is None:
             self._stream = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
 
@@ -162,10 +173,19 @@ class Emitter:
         """Send one event of ``type_`` with ``fields`` (the typed methods below are the workloads' way in)."""
         self.send(make_event(type_, rank=self.rank, **fields))
 
-    def send(self, event: dict[str, Any]) -> None:
-        """Send a ready-made event."""
+    def send(self, event: dict[str, Any], flush: bool = False) -> None:
+        """Send a ready-made event (batched when ``flush_ms`` > 0, unless ``flush``)."""
         data = encode(event)
         with self._lock:
+            if self.flush_s > 0 and self._sock is not None:
+                batch = self._batch
+                now = time.monotonic()
+                if not batch:
+                    self._batch_t = now
+                batch.append(data)
+                if flush or now - self._batch_t >= self.flush_s or len(batch) >= 512:
+                    self._send_batch()
+                return
             try:
                 if self._sock is not None:
                     self._sock.sendall(data)
@@ -270,10 +290,37 @@ class Emitter:
         """An error the workload recognised (kind: error, oom, config, unsupported)."""
         self.emit("error", message=message, kind=kind, **fields)
 
+    def _send_batch(self) -> None:
+        """Send the batch (the lock held)."""
+        data, self._batch = b"".join(self._batch), []
+        if not data:
+            return
+        try:
+            if self._sock is not None:
+                self._sock.sendall(data)
+                return
+        except OSError:
+            self._sock = None
+        self.dropped += data.count(b"\n")
+
+    def flush(self) -> None:
+        """Send what is batched."""
+        with self._lock:
+            self._send_batch()
+
+    def _flusher(self) -> None:
+        period = min(max(self.flush_s, 0.005), 0.05)
+        while not self._closing and self._sock is not None:
+            time.sleep(period)
+            with self._lock:
+                if self._batch and time.monotonic() - self._batch_t >= self.flush_s:
+                    self._send_batch()
+
     def close(self) -> None:
-        """Close the channel."""
+        """Close the channel (what is batched is sent first)."""
         self._closing = True
         with self._lock:
+            self._send_batch()
             if self._sock is not None:
                 try:
                     self._sock.shutdown(socket.SHUT_RDWR)  # wakes the watchdog's receive
