@@ -1,7 +1,11 @@
-"""Launch screen: pick a workload, fill its form (built from the catalog), see the exact command, launch."""
+"""Launch screen: pick a workload, fill its form (built from the catalog), see the exact command, launch.
+
+Beside the workloads, the "command" entry runs any command the way ``btune run -- CMD ARG...`` does: its form
+(CommandForm) gives a tuner.command.Command, built into a RunConfig by ``command_config`` on the same path."""
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -15,9 +19,14 @@ from textual.widgets import Button, Footer, OptionList, Static
 from textual.widgets.option_list import Option as ListOption
 
 from tuner import catalog
-from tuner.launch import LaunchError, RunConfig, build_config
+from tuner.command import WORKLOAD as COMMAND
+from tuner.command import Command as RunCommand
+from tuner.command import CommandError
+from tuner.launch import LaunchError, RunConfig, build_config, command_config
 from tuner.machine import MachineInfo, detect
 from tuner.tui.screens.base import BtuneScreen, Command
+from tuner.tui.widgets.command_form import DESCRIPTION as COMMAND_DESCRIPTION
+from tuner.tui.widgets.command_form import CommandForm
 from tuner.tui.widgets.option_form import OptionForm
 from workloads.options import OptionError
 
@@ -47,7 +56,10 @@ class LaunchScreen(BtuneScreen):
 
     HELP = ("Choose a workload on the left (up/down), then set its options (Tab moves between fields). "
             "The line at the bottom is the exact command that will run. Options that do not apply, or that "
-            "this machine cannot run, are disabled with the reason. Ctrl+R (or F5) launches; F2 lists past runs.")
+            "this machine cannot run, are disabled with the reason. The last entry, command, runs any command "
+            "(btune run -- CMD): type its command line, shown back as the argv that will run (no shell runs it), "
+            "its working directory, NAME=VALUE variables to add and an optional --parse pattern. Ctrl+R (or F5) "
+            "launches; F2 lists past runs.")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+r,f5", "launch", "Launch"),
         Binding("f2", "runs", "Runs"),
@@ -57,8 +69,9 @@ class LaunchScreen(BtuneScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.spec = next(iter(catalog.WORKLOADS.values()))
-        self.form: OptionForm | None = None
+        self.spec = next(iter(catalog.WORKLOADS.values()))  #: the built-in workload last chosen
+        self.workload = self.spec.name  #: the entry chosen: a workload's name or "command"
+        self.form: OptionForm | CommandForm | None = None
         self.config: RunConfig | None = None
         self._shown: str | None = None  # the form values the command line shows (a key, see _key)
         self._building: str | None = None  # the form values a build in flight is for
@@ -67,7 +80,8 @@ class LaunchScreen(BtuneScreen):
     def compose(self) -> ComposeResult:
         yield Static("btune · detecting GPUs…", id="machine")
         with Horizontal(id="launch-body"):
-            yield OptionList(*[self._workload_item(name) for name in catalog.WORKLOADS], id="workloads")
+            yield OptionList(*[self._workload_item(name) for name in catalog.WORKLOADS], None,
+                             self._workload_item(COMMAND), id="workloads")
             with Vertical(id="form-area"):
                 yield Static("", id="workload-info")
                 yield Static("", id="opt-help")
@@ -102,25 +116,31 @@ class LaunchScreen(BtuneScreen):
         await self._build_form()
 
     async def _build_form(self) -> None:
-        """(Re)build the form for the current workload."""
+        """(Re)build the form for the current workload (or the command entry)."""
         machine = self.app.machine
         if machine is None:
             return
         if self.form is not None:
-            await self.form.remove()
-        spec = self.spec
-        self.query_one("#workload-info", Static).update(Text.assemble((spec.name, "bold"), "  ", spec.description))
+            form, self.form = self.form, None  # no reading of a form on its way out
+            await form.remove()
+        if self.workload == COMMAND:
+            description, hint = COMMAND_DESCRIPTION, "Runs like btune run -- CMD ARG (no shell)"
+            self.form = CommandForm(os.getcwd(), id="form")
+        else:
+            description, hint = self.spec.description, f"presets: {', '.join(self.spec.presets)}"
+            self.form = OptionForm(self.spec, machine, id="form")
+        self.query_one("#workload-info", Static).update(Text.assemble((self.workload, "bold"), "  ", description))
         self.query_one("#opt-help", Static).update(
-            Text(f"presets: {', '.join(spec.presets)}. Tab moves between fields; Ctrl+R launches.", style="dim"))
-        self.form = OptionForm(spec, machine, id="form")
+            Text(f"{hint}. Tab moves between fields; Ctrl+R launches.", style="dim"))
         await self.query_one("#form-area").mount(self.form, before="#opt-help")
         self.update_command()
 
     @on(OptionList.OptionHighlighted, "#workloads")
     async def _pick(self, event: OptionList.OptionHighlighted) -> None:
         name = event.option.id or ""
-        if name in catalog.WORKLOADS and catalog.WORKLOADS[name] is not self.spec:
-            self.spec = catalog.WORKLOADS[name]
+        if name != self.workload and (name in catalog.WORKLOADS or name == COMMAND):
+            self.workload = name
+            self.spec = catalog.WORKLOADS.get(name, self.spec)
             await self._build_form()
 
     @on(OptionList.OptionSelected, "#workloads")
@@ -129,15 +149,22 @@ class LaunchScreen(BtuneScreen):
             self.form.focus_option(self.form.options[0].name)
 
     @on(OptionForm.Changed)
+    @on(CommandForm.Changed)
     def _form_changed(self) -> None:
         self.update_command()
 
     @on(OptionForm.Focused)
     def _field_help(self, message: OptionForm.Focused) -> None:
         opt = message.opt
-        default = catalog.default_text(self.spec, opt, self.form.current() if self.form is not None else None)
+        default = catalog.default_text(self.spec, opt, self.form.current() if isinstance(self.form, OptionForm)
+                                       else None)
         self.query_one("#opt-help", Static).update(
             Text.assemble((opt.flag, "bold"), f"  {opt.help} ", (f"[{opt.describe_allowed()}; {default}]", "dim")))
+
+    @on(CommandForm.Focused)
+    def _command_field_help(self, message: CommandForm.Focused) -> None:
+        field = message.field
+        self.query_one("#opt-help", Static).update(Text.assemble((field.flag, "bold"), f"  {field.help}"))
 
     def _key(self) -> tuple[str, dict[str, Any], dict[str, str]] | None:
         """(a key naming the workload and the form's values and errors, the values, the errors); None while
@@ -145,7 +172,7 @@ class LaunchScreen(BtuneScreen):
         if self.form is None or not self.form.is_mounted:
             return None
         values, errors = self.form.collect()
-        key = repr((self.spec.name, sorted(values.items()), sorted(errors.items())))
+        key = repr((self.workload, sorted(values.items()), sorted(errors.items())))
         return key, values, errors
 
     @property
@@ -174,7 +201,7 @@ class LaunchScreen(BtuneScreen):
             self._launch_when_built = False
             return
         self._building = key
-        self._build(key, self.spec.name, values)
+        self._build(key, self.workload, values)
 
     def _reconcile(self) -> None:
         """The command line follows the form even if a change's message was lost or came while a build of
@@ -185,9 +212,12 @@ class LaunchScreen(BtuneScreen):
     @work(thread=True, exclusive=True, group="config", exit_on_error=False)
     def _build(self, key: str, workload: str, values: dict[str, Any]) -> None:
         try:
-            machine = self.app.machine.machine if self.app.machine is not None else None
-            config, error = build_config(workload, values, python=self.app.python, machine=machine), None
-        except (OptionError, LaunchError) as exc:
+            if workload == COMMAND:
+                config, error = command_config(RunCommand(**values)), None
+            else:
+                machine = self.app.machine.machine if self.app.machine is not None else None
+                config, error = build_config(workload, values, python=self.app.python, machine=machine), None
+        except (OptionError, LaunchError, CommandError) as exc:
             config, error = None, str(exc)
         except Exception as exc:  # never leave the command line waiting on a build that died
             config, error = None, f"cannot build the command: {type(exc).__name__}: {exc}"
@@ -203,6 +233,8 @@ class LaunchScreen(BtuneScreen):
             return
         self._shown = message.key
         self.config = message.config
+        if isinstance(self.form, CommandForm):
+            self.form.show_argv(message.error)
         command = self.query_one("#command", Static)
         if message.config is None:
             command.update(Text(message.error or "cannot build the command", style="bold red"))
@@ -239,6 +271,7 @@ class LaunchScreen(BtuneScreen):
                 out.append((f"Set {opt.flag}", opt.help, partial(self.form.focus_option, opt.name)))
         for name, spec in catalog.WORKLOADS.items():
             out.append((f"Workload {name}", spec.description, partial(self.select_workload, name)))
+        out.append((f"Workload {COMMAND}", COMMAND_DESCRIPTION, partial(self.select_workload, COMMAND)))
         return out
 
     def select_workload(self, name: str) -> None:

@@ -19,11 +19,10 @@ from textual.widgets import Footer, Static
 
 from tuner.feed import RunFeed
 from tuner.launch import RunConfig, make_runner
-from tuner.report import key_options
 from tuner.runner import Runner, RunResult
 from tuner.tui.screens.base import BtuneScreen
 from tuner.tui.widgets.dashboard import HEIGHT_BREAKPOINTS, Dashboard
-from tuner.tui.widgets.status import StatusLine
+from tuner.tui.widgets.status import StatusLine, run_what
 
 if TYPE_CHECKING:
     from tuner.tui.app import BtuneApp
@@ -157,7 +156,7 @@ class LiveScreen(BtuneScreen):
         run_id = self.runner.run_id if self.runner is not None else "-"
         phase = self.feed.progress().text(12) if self.is_live else "done"
         extra = f"{phase}  events {self.feed.received:,}" + ("  [charts paused]" if self.paused else "")
-        what = f"{self.config.workload} {key_options({'config': self.config.as_record()})}"
+        what = f"{self.config.workload} {run_what({'config': self.config.as_record()})}"
         self.query_one(StatusLine).set_state(self.status, run_id, what, self.elapsed(), extra)
         if self.feed.version != self._drawn or self.paused:
             view = self.feed.view()

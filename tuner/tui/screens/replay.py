@@ -15,10 +15,9 @@ from textual.widgets import Footer
 
 from tuner.feed import RunFeed
 from tuner.replay import timeline
-from tuner.report import key_options
 from tuner.tui.screens.base import BtuneScreen
 from tuner.tui.widgets.dashboard import HEIGHT_BREAKPOINTS, Dashboard
-from tuner.tui.widgets.status import StatusLine
+from tuner.tui.widgets.status import StatusLine, run_what
 
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
@@ -98,7 +97,7 @@ class ReplayScreen(BtuneScreen):
             return
         rec = self.record
         state = "playing" if self.playing else "paused" if self.pos < len(self.events) else "end"
-        what = f"{(rec.get('config') or {}).get('workload')} {key_options(rec)}"
+        what = f"{(rec.get('config') or {}).get('workload')} {run_what(rec)}"
         total = self.t_end - self.t0
         extra = f"of {total:.1f} s  ×{self.speed:g} {state}  run {rec.get('status')}"
         self.query_one(StatusLine).set_state("replay", str(rec.get("id")), what, self.clock - self.t0, extra)

@@ -20,9 +20,10 @@ from textual.message import Message
 from textual.widgets import DataTable, Footer, Static
 
 from tuner import runs
-from tuner.report import differing_options, dig, fmt, key_options
+from tuner.command import WORKLOAD as COMMAND
+from tuner.report import differing_options, dig, fmt
 from tuner.tui.screens.base import BtuneScreen
-from tuner.tui.widgets.status import STATUS_STYLES
+from tuner.tui.widgets.status import STATUS_STYLES, run_what
 
 if TYPE_CHECKING:
     from tuner.tui.app import BtuneApp
@@ -92,9 +93,11 @@ class RunRow:
             s = rec["summary"]
             started = str(rec.get("started") or "")
             when = started[:16].replace("T", " ") if started else _time_of(str(rec.get("id")))
-            out.append(cls(str(path), path, when, str(dig(rec, ("config", "workload"))), differing[id(rec)] or "-",
-                           str(rec["status"]), s.get("throughput_tokens_per_s"), dig(s, ("mfu", "bf16", "value")),
-                           s.get("energy_j"), all_options=key_options(rec) or "-"))
+            workload = str(dig(rec, ("config", "workload")))
+            options = run_what(rec) if workload == COMMAND else differing[id(rec)]  # a command: its command line
+            out.append(cls(str(path), path, when, workload, options or "-", str(rec["status"]),
+                           s.get("throughput_tokens_per_s"), dig(s, ("mfu", "bf16", "value")), s.get("energy_j"),
+                           all_options=run_what(rec, full=True) or "-"))
         return out
 
     @classmethod

@@ -131,7 +131,7 @@ class ThroughputPanel(Panel):
         meta = view.meta or {}
         workload = meta.get("workload")
         if not steps:
-            return [dim("no steps yet")]
+            return [dim("no steps yet" if view.summary is None else "no steps")]
         last = steps[-1]
         head = f"step {last.get('step')}{' warm-up' if last.get('warmup') else ''}"
         loss = [f"loss {fmt(last['loss'])}"] if isinstance(last.get("loss"), (int, float)) else []
