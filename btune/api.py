@@ -211,10 +211,21 @@ def step(tokens: Any = None, loss: Any = None, **metrics: Any) -> None:
             extra = " ".join(f"{k}={event[k]}" for k in event if k not in ("v", "type", "t", "rank", "step",
                                                                             "step_ms", "clock"))
             _log(f"step {index} {step_ms:.3f} ms {extra}".rstrip())
+        if index == 0 and (_phase is None or _phase == "starting"):
+            _first_phase()
         if index == _memory_at:
             _memory(index)
     except Exception as exc:  # never into the user's script
         _warn("step.internal", f"step() could not report ({_kind(exc)}: {exc})")
+
+
+def _first_phase() -> None:
+    """After the first step, with no phase named yet: the script is "measuring" (the first step, start-up
+    included, stays in "starting"; the power profile charges each phase its own time)."""
+    global _phase
+    _phase = "measuring"
+    if _mode == _CHANNEL:
+        _send({"v": SCHEMA_VERSION, "type": "phase", "t": _wall(), "rank": _rank, "phase": "measuring"})
 
 
 def _add_metrics(event: dict[str, Any], metrics: dict[str, Any]) -> None:

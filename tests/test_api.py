@@ -157,8 +157,9 @@ def test_steps_meta_and_phases_reach_the_channel_as_valid_events(channel):
     with btune.phase("eval", detail="val set"):
         time.sleep(0.2)
     btune.step(tokens=512, loss=0.2, warmup=True)
-    events = accepted(settle(channel, 8))
-    assert [e["type"] for e in events] == ["meta", "step", "step", "step", "phase", "phase", "step"]
+    events = accepted(settle(channel, 9))
+    # the first step ends "starting": the script is measuring from then on
+    assert [e["type"] for e in events] == ["meta", "step", "phase", "step", "step", "phase", "phase", "step"]
 
     meta = events[0]
     assert {k: meta[k] for k in ("model", "n_params", "flops_per_token", "weight_bytes", "kv_bytes_per_token",
@@ -180,7 +181,9 @@ def test_steps_meta_and_phases_reach_the_channel_as_valid_events(channel):
     assert all(s["t"] > 1e9 for s in events)
 
     phases = of(events, "phase")
-    assert [(p["phase"], p.get("detail")) for p in phases] == [("eval", "val set"), ("measuring", None)]
+    assert [(p["phase"], p.get("detail")) for p in phases] == [("measuring", None), ("eval", "val set"),
+                                                                ("measuring", None)]
+    assert phases[0]["t"] >= steps[0]["t"]  # the first step (start-up) stays in "starting"
 
 
 def test_phase_as_a_call_and_nested_context_managers(channel):
@@ -200,8 +203,8 @@ def test_a_phase_left_before_the_first_step_returns_to_measuring_once_steps_came
     btune.step(tokens=1)
     with btune.phase("eval"):
         pass
-    events = accepted(settle(channel, 5))
-    assert [e["phase"] for e in of(events, "phase")] == ["eval", "starting", "eval", "measuring"]
+    events = accepted(settle(channel, 6))
+    assert [e["phase"] for e in of(events, "phase")] == ["eval", "starting", "measuring", "eval", "measuring"]
 
 
 def test_numbers_of_other_kinds_are_converted(channel):
@@ -230,7 +233,7 @@ def test_wrong_types_are_left_out_with_one_warning_per_kind(channel, capsys):
     with ctx:
         pass
     btune.phase("eval", detail=3, k="1")
-    events = accepted(settle(channel, 8))
+    events = accepted(settle(channel, 9))
     steps = of(events, "step")
     assert [s["step"] for s in steps] == list(range(6))
     assert all(s["tokens"] is None and "loss" not in s and "lr" not in s and "warmup" not in s for s in steps)
@@ -238,7 +241,8 @@ def test_wrong_types_are_left_out_with_one_warning_per_kind(channel, capsys):
     meta = of(events, "meta")[0]
     assert meta["n_params"] == 10
     assert not {"model", "flops_per_token", "n_devices", "tokens", "tokens_mode", "weird"} & set(meta)
-    assert [(p["phase"], "detail" in p, "k" in p) for p in of(events, "phase")] == [("eval", False, False)]
+    assert [(p["phase"], "detail" in p, "k" in p) for p in of(events, "phase")] == [("measuring", False, False),
+                                                                                  ("eval", False, False)]
 
     err = capsys.readouterr().err.splitlines()
     assert all(line.startswith("btune: ") and line.endswith("(this warning is shown once)") for line in err)
@@ -317,7 +321,7 @@ def test_a_script_using_the_api_under_the_runner(tmp_path):
     assert summary["throughput_tokens_per_s"] == pytest.approx(512 * 7 / steady_s, rel=1e-9)
     assert summary["tflops"] == pytest.approx(6000.0 * 512 * 7 / steady_s / 1e12, rel=1e-9)
     phases = [e["phase"] for e in rec["events"] if e["type"] == "phase"]
-    assert phases == ["eval", "measuring"]
+    assert phases == ["measuring", "eval", "measuring"]
     meta = next(e for e in rec["events"] if e["type"] == "meta")
     assert meta["model"] == "tiny" and meta["n_params"] == 1000
     assert summary["channel"]["bad_lines"] == 0

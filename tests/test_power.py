@@ -97,9 +97,13 @@ def test_energy_per_phase_equals_the_power_the_gpus_drew():
     assert rec["summary"]["energy_integrated_j"] == pytest.approx(total, rel=0.02)
 
 
-def test_a_phase_outside_the_sampled_span_has_no_energy():
-    spans = profile({"energy": {"0": {"t": [2.0, 3.0], "mj": [0.0, 1000.0]}}}, [], 1.0, 3.0, ["0"], [])
-    assert spans[0]["energy_j"] is None and spans[0]["duration_s"] == 2.0
+def test_phases_are_cut_to_the_readings_and_one_outside_them_has_no_energy():
+    series = {"energy": {"0": {"t": [2.0, 3.0], "mj": [0.0, 1000.0]}},
+              "gpu": {"0": {"t": [2.0, 3.0], "power_w": [1000.0, 1000.0]}}}
+    events = [{"type": "phase", "t": 3.5, "rank": 0, "phase": "eval"}]
+    first, outside = profile(series, events, 1.0, 5.0, ["0"], [])
+    assert first["duration_s"] == 2.5 and first["energy_j"] == 1.0 and first["energy_integrated_j"] == 1000.0
+    assert outside["phase"] == "eval" and outside["energy_j"] is None and outside["energy_integrated_j"] is None
 
 
 def test_export_has_the_profile_by_phase_name_and_the_series():

@@ -4,7 +4,8 @@ A run's phases are its ``phase`` events (btune's own workloads: building, compil
 draining; a script's through the reporting API: its own names, "eval", "checkpoint"...), each lasting until
 the next one, the first from the run's start ("starting"), the last until its end. For each phase and each of
 the run's GPUs (tuner.summary.energy_gpus) the counter is read at the phase's bounds, linearly interpolated
-between its samples; a bound outside the sampled span makes that phase's energy unknown (None), never a guess.
+between its samples, the bounds cut to the span of the readings as the run's own energy is (so the phases add
+up to it); a phase wholly outside that span has no energy (None), never a guess.
 The power integral (trapezoid of the sampled power over the same bounds) is the cross-check.
 """
 
@@ -45,6 +46,14 @@ def _points(cols: dict[str, Any], field: str) -> tuple[list[float], list[float]]
     return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
+def _clip(ts: Sequence[float], t0: float, t1: float) -> tuple[float, float]:
+    """[t0, t1] cut to the sampled span [ts[0], ts[-1]] (the run's first phase starts before the first reading,
+    its last ends after the last); empty (hi < lo) when the phase lies outside it."""
+    if not ts:
+        return t0, t1
+    return max(t0, ts[0]), min(t1, ts[-1])
+
+
 def phase_spans(events: list[dict[str, Any]], started: float, ended: float) -> list[tuple[str, float, float]]:
     """``(name, t0, t1)`` of each phase in order, from the phase events of the lowest rank that sent any."""
     marks = [e for e in events if e.get("type") == "phase" and isinstance(e.get("t"), (int, float))]
@@ -79,12 +88,13 @@ def profile(series: dict[str, Any], events: list[dict[str, Any]], started: float
         if counters:
             parts = []
             for ts, mj in counters.values():
-                a, b = interpolate(ts, mj, t0), interpolate(ts, mj, t1)
-                parts.append(None if a is None or b is None else (b - a) / 1000.0)
+                lo, hi = _clip(ts, t0, t1)
+                a, b = interpolate(ts, mj, lo), interpolate(ts, mj, hi)
+                parts.append(None if hi < lo or a is None or b is None else (b - a) / 1000.0)
             joules = sum(parts) if all(p is not None for p in parts) else None  # type: ignore[misc]
         integrated: float | None = None
         if watts:
-            parts2 = [integral(ts, w, t0, t1) for ts, w in watts.values()]
+            parts2 = [integral(ts, w, *_clip(ts, t0, t1)) for ts, w in watts.values()]
             integrated = sum(parts2) if all(p is not None for p in parts2) else None  # type: ignore[misc]
         duration = t1 - t0
         rows.append({

@@ -139,10 +139,7 @@ class BtuneCallback(pl.Callback):
         ctx, self._eval = self._eval, None
         if ctx is None:
             return
-        if self._sent:  # "measuring", even when an evaluation before the first step left the phase at "starting"
-            btune.phase("measuring")
-        else:
-            ctx.__exit__(None, None, None)
+        ctx.__exit__(None, None, None)  # back to "starting" before the first step, else "measuring"
 
 
 def _loss(outputs: Any) -> Any:
