@@ -102,6 +102,9 @@ def main() -> int:
     print(f"energy: record {s['energy_j']:,.1f} J (GPU {s['energy_gpus']}), this script's counter "
           f"{mine:,.1f} J ({(s['energy_j'] / mine - 1) * 100:+.3f}%), power integral "
           f"{s['energy_integrated_j']:,.1f} J; reader UUID {reader.uuid}")
+    parts = [p["energy_j"] for p in s["phases"]]
+    total = sum(parts) if all(v is not None for v in parts) else None
+    print(f"phases add up to {total} J of the record's {s['energy_j']} J")
     print("| phase | duration s | energy J | power integral J | mean W | tokens | J/token |")
     print("|---|---|---|---|---|---|---|")
     for p in s["phases"]:
