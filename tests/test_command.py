@@ -198,3 +198,29 @@ def test_torchrun_with_two_ranks_using_the_api(tmp_path):
     assert meta["n_devices"] == 2 and meta["model"] == "linear-16"
     cmp = btune("compare", str(res.stdout.strip().splitlines()[-1]), str(res.stdout.strip().splitlines()[-1]))
     assert cmp.returncode == 0 and "throughput" in cmp.stdout
+
+
+@pytest.mark.slow
+def test_parse_reads_a_recorded_torchtitan_log_and_compares_with_a_builtin_run(tmp_path):
+    import re
+
+    log = ROOT / "tests" / "data" / "logs" / "torchtitan.log"
+    res = btune("run", "--out", str(tmp_path), "--parse", "torchtitan", "--",
+                *program("replay_log.py", str(log), "0.05", "step:"))
+    rec = record_of(res)
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", ln) for ln in log.read_text().splitlines()]
+    truth = [(int(m.group(1)), float(m.group(2)), float(m.group(3).replace(",", "")))
+             for ln in plain if (m := re.search(r"- step:\s+(\d+)\s+loss:\s+([\d.]+).*tps:\s+([\d,]+)", ln))]
+    steps = rec["series"]["step"]["0"]
+    assert steps["step"] == [s for s, _, _ in truth]
+    assert steps["loss"] == [loss for _, loss, _ in truth]
+    assert set(steps["source"]) == {"parse"} and steps["first"][0] is True
+    for tokens, ms, (_, _, tps) in zip(steps["tokens"], steps["step_ms"], truth, strict=True):
+        assert tokens == pytest.approx(tps * ms / 1000.0)  # tps per device, one device (not a torchrun command)
+    assert all(v is not None for v in steps["mfu_reported_pct"])
+    assert rec["config"]["options"]["parse"] == "torchtitan"
+    dense = record_of(btune("run", "dense", "--preset", "tiny", "--steps", "3", "--warmup", "1", "--device", "cpu",
+                            "--out", str(tmp_path)))
+    cmp = btune("compare", str(tmp_path / f"{rec['id']}.json"), str(tmp_path / f"{dense['id']}.json"))
+    assert cmp.returncode == 0, cmp.stderr
+    assert "throughput" in cmp.stdout and rec["id"] in cmp.stdout and dense["id"] in cmp.stdout

@@ -133,7 +133,7 @@ def resolve(command: Command) -> Command:
         try:
             LineParser(command.parse)
         except ParseError as exc:
-            raise CommandError(f"--parse: {exc}") from None
+            raise CommandError(str(exc)) from None  # the message names --parse
     return command
 
 

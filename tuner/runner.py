@@ -177,6 +177,8 @@ class Runner:
     def start(self) -> None:
         """Open the journal and channel, start telemetry, launch the child."""
         self.started = time.time()
+        if self.line_parser is not None and getattr(self.line_parser, "started", 0) is None:
+            self.line_parser.started = self.started  # type: ignore[attr-defined]  # --parse: the first step's start
         inventory = self.telemetry.inventory() if self.telemetry is not None else {"note": "telemetry off"}
         self.environment = {**collect_environment(inventory, self.env), **self.environment}
         self._journal = Journal(journal_path(self.out_dir, self.run_id))
