@@ -16,15 +16,16 @@ from workloads.models.rope import apply_rope
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query self-attention with separate q, k, v, o projections (TP-friendly)."""
+    """Multi-head / grouped-query self-attention with separate q, k, v, o projections (TP-friendly); q, k, v carry
+    biases under the gpt arch or ``qkv_bias`` (Qwen2)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        d, hd = cfg.d_model, cfg.head_dim
-        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=cfg.bias)
-        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
-        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
+        d, hd, qkv_bias = cfg.d_model, cfg.head_dim, cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=qkv_bias)
+        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
+        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
 
     def forward(

@@ -6,10 +6,23 @@ Torch-free on purpose: the CLI lists presets without importing torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 Arch = Literal["llama", "gpt"]
 ARCHS: tuple[str, ...] = ("llama", "gpt")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x RoPE frequency scaling (Hugging Face ``rope_type: llama3``): wavelengths longer than
+    ``original_max_position_embeddings / low_freq_factor`` are divided by ``factor``, those shorter than
+    ``original_max_position_embeddings / high_freq_factor`` are kept, and the band between is interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "llama3"
 
 
 @dataclass(frozen=True)
@@ -18,6 +31,9 @@ class ModelConfig:
 
     ``llama``: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, no biases.
     ``gpt``: LayerNorm, learned absolute positions, GELU MLP, biases in every linear layer.
+    ``qkv_bias``: biases on the q, k, v projections only (Qwen2); ``rope_scaling``: Llama 3.x frequency scaling
+    (None: plain RoPE); ``sliding_window``: each query attends itself and the ``sliding_window - 1`` tokens before
+    it (Mistral; None: full causal). The defaults keep every preset as it was.
     ``description``: one line saying what the shape is, and how it differs from the real model when it is named
     after one (presets carry one; the run's plan, hence its record, carries it with the shape).
     """
@@ -34,7 +50,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qkv_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
     description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        scaling: Any = self.rope_scaling
+        if isinstance(scaling, dict):  # a plan's asdict() round trip
+            object.__setattr__(self, "rope_scaling", RopeScaling(**scaling))
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +90,14 @@ class ModelConfig:
             raise ValueError(f"{self.name}: RoPE needs an even head_dim, got {self.head_dim}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError(f"{self.name}: rope_theta and norm_eps must be positive")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"{self.name}: sliding_window must be >= 1, got {self.sliding_window}")
+        if self.arch == "gpt" and (self.qkv_bias or self.rope_scaling is not None):
+            raise ValueError(f"{self.name}: qkv_bias and rope_scaling are llama-arch features")
+        rs = self.rope_scaling
+        if rs is not None and (rs.rope_type != "llama3" or rs.factor <= 0 or rs.original_max_position_embeddings <= 0
+                               or rs.high_freq_factor <= rs.low_freq_factor):
+            raise ValueError(f"{self.name}: rope_scaling {rs} is not a valid llama3 scaling")
         return self
 
 

@@ -29,6 +29,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     other = (2 * L + 1) * norm
     if cfg.bias:
         other += L * ((cfg.n_heads + 2 * cfg.n_kv_heads) * hd + d + cfg.d_ff + d)
+    elif cfg.qkv_bias:
+        other += L * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
     total = matmul + embedding + other - (head if cfg.tie_embeddings else 0)
     return {"total": total, "matmul": matmul, "embedding": embedding, "other": other}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -20,26 +22,35 @@ class Transformer(nn.Module):
     ``init_weights()``, which also rebuilds the RoPE table and the embedding tie.
     ``attention`` (see ``attention.make_kernel``) is a plain attribute a driver may set before compiling;
     activation checkpointing wraps the blocks from outside (``workloads.build.checkpoint_blocks``).
+    A config's ``sliding_window`` becomes the kernel's window when the kernel has none.
     """
 
     def __init__(self, cfg: ModelConfig, attention: AttentionKernel | None = None) -> None:
         super().__init__()
         self.cfg = cfg.validate()
         self.attention = attention or AttentionKernel()
+        if cfg.sliding_window is not None and self.attention.window is None:
+            self.attention = replace(self.attention, window=cfg.sliding_window)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        rope = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.arch == "llama" else None
-        self.register_buffer("rope", rope, persistent=False)
+        self.register_buffer("rope", self.rope_table(None), persistent=False)
         self.init_weights()
+
+    def rope_table(self, device: torch.device | None) -> torch.Tensor | None:
+        """The RoPE cos/sin table for this config on ``device`` (float32), None for the gpt arch."""
+        cfg = self.cfg
+        if cfg.arch != "llama":
+            return None
+        return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling)
 
     def init_weights(self, std: float = 0.02) -> None:
         """(Re)initialise every parameter and buffer in place."""
         cfg = self.cfg
         if self.rope is not None:
-            self.rope = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope.device)
+            self.rope = self.rope_table(self.rope.device)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         if self.pos_embeddings is not None:
             nn.init.normal_(self.pos_embeddings.weight, std=std)
@@ -51,6 +62,14 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         else:
             nn.init.normal_(self.output.weight, std=std)
+
+    def finish_load(self) -> None:
+        """After the parameters were filled in place (``workloads.checkpoint.load``): the embedding tie and the
+        RoPE table (a non-persistent buffer) on the parameters' device."""
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if self.rope is not None:
+            self.rope = self.rope_table(self.tok_embeddings.weight.device)
 
     def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         """Logits [B, T, V] for tokens [B, T] at positions start_pos..start_pos+T-1, causal.
