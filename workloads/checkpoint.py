@@ -17,11 +17,8 @@ tuple ``(op, *args)`` of a transform in ``TRANSFORMS`` whose string args are btu
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,23 +26,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from workloads.checkpoint_files import (
+    IGNORED_SUFFIXES,
+    INDEX,
+    SINGLE,
+    ST_DTYPES,
+    CheckpointError,
+    Entry,
+    check_files,
+    config_sha256,
+)
 from workloads.models.attention import AttentionKernel
 from workloads.models.config import ModelConfig, RopeScaling
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-#: Tensors a checkpoint may hold that are no parameter of btune's models (old buffers).
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
-#: safetensors dtype codes -> torch dtype names (floating types only: weights)
-ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-ST_CODES = {v: k for k, v in ST_DTYPES.items()}
-ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint btune cannot use; the message is one line starting with the directory."""
 
 
 Target = str | tuple
@@ -318,103 +312,12 @@ def infer_model_type(cfg: Any) -> str:
 
 # -- the checks ---------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Entry:
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def read_header(file: str) -> dict[str, _Entry]:
-    """A safetensors file's tensors (name -> file, dtype code, shape), checked against the file's size: a
-    readable header, every tensor's bytes inside the file and as many as its shape and dtype take."""
-    name = os.path.basename(file)
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{name}: {size} bytes, too short for a safetensors header (truncated?)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
-            raise CheckpointError(f"{name}: header of {n} bytes in a {size}-byte file (truncated or not safetensors)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{name}: unreadable safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{name}: unreadable safetensors header (not a JSON object)")
-    data = size - 8 - n
-    out: dict[str, _Entry] = {}
-    for key, t in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = t["dtype"], tuple(int(s) for s in t["shape"]), t["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{name}: tensor {key} has a malformed header entry") from None
-        if end > data:
-            raise CheckpointError(f"{name}: tensor {key} ends at byte {end} of {data} bytes of data "
-                                  "(the file is truncated)")
-        if dtype in ITEM_BYTES and end - begin != math.prod(shape) * ITEM_BYTES[dtype]:
-            raise CheckpointError(f"{name}: tensor {key} holds {end - begin} bytes, its {dtype} shape "
-                                  f"{list(shape)} needs {math.prod(shape) * ITEM_BYTES[dtype]}")
-        out[key] = _Entry(file, dtype, shape)
-    return out
-
-
-def _files(path: str) -> list[str]:
-    """The safetensors files of the checkpoint: the index's shards (each present), else model.safetensors."""
-    index = os.path.join(path, INDEX)
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{path}: unreadable {INDEX} ({exc})") from None
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
-        if missing:
-            raise CheckpointError(f"{path}: {len(missing)} of {len(shards)} shards named in {INDEX} are missing "
-                                  f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        return shards
-    if os.path.isfile(os.path.join(path, SINGLE)):
-        return [SINGLE]
-    other = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
-    why = f" (found {other[0]}: only safetensors is read)" if other else ""
-    raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}{why}")
-
-
-def read_config(path: str) -> dict:
-    """config.json of checkpoint directory ``path``, parsed, with a known ``model_type``."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory")
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{path}: no config.json")
-    try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: config.json is not valid JSON ({exc})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: config.json is not a JSON object")
-    model_type = d.get("model_type")
-    if model_type not in FAMILIES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; known: {', '.join(FAMILIES)}")
-    return d
-
-
-def config_sha256(d: dict) -> str:
-    """sha256 of a config as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def _meta_model(family: Family, cfg: Any, attention: AttentionKernel | None = None) -> nn.Module:
     with torch.device("meta"):
         return family.build(cfg, attention)
 
 
-def _resolve(family: Family, names: dict[str, Target], tensors: dict[str, _Entry], tied: bool) -> dict[str, str]:
+def _resolve(family: Family, names: dict[str, Target], tensors: dict[str, Entry], tied: bool) -> dict[str, str]:
     """{expected name: name in the files}; CheckpointError for a missing or an unexpected tensor."""
     found: dict[str, str] = {}
     prefix = family.base_prefix
@@ -436,37 +339,30 @@ def _resolve(family: Family, names: dict[str, Target], tensors: dict[str, _Entry
     return found
 
 
-def _check(path: str, d: dict) -> tuple[Family, Any, dict[str, str], dict[str, _Entry], CheckpointInfo]:
+def _check(path: str) -> tuple[dict, Family, Any, dict[str, str], dict[str, Entry], CheckpointInfo]:
+    """check_files, then the config's tensors against the files: every one there (none left over) with the
+    shape the btune model built on meta wants. Returns config.json, the family, the btune config, {expected
+    name: name in the files}, the files' tensors and the info."""
+    d, files, tensors = check_files(path, FAMILIES)
     family = FAMILIES[d["model_type"]]
     cfg = family.to_config(d)
-    files = _files(path)
-    tensors: dict[str, _Entry] = {}
-    for f in files:
-        tensors.update(read_header(os.path.join(path, f)))
     names = family.names(cfg)
     found = _resolve(family, names, tensors, bool(getattr(cfg, "tie_embeddings", False)))
     model = _meta_model(family, cfg)
     params = model.state_dict(keep_vars=True)
-    declared = d.get("dtype", d.get("torch_dtype"))
-    declared = declared if declared in ST_CODES else None
-    dtypes: set[str] = set()
     for name, target in names.items():
         e = tensors[found[name]]
-        if e.dtype not in ST_DTYPES:
-            raise CheckpointError(f"tensor {found[name]} is {e.dtype}, not a floating-point weight")
-        if declared is not None and ST_DTYPES[e.dtype] != declared:
-            raise CheckpointError(f"tensor {found[name]} is {ST_DTYPES[e.dtype]} but config.json says {declared}")
-        dtypes.add(ST_DTYPES[e.dtype])
         try:
             want = tuple(_apply_save(target, params).shape)
         except KeyError as exc:
             raise CheckpointError(f"{family.model_type} names map {name} to {exc}, which the model lacks") from None
         if e.shape != want:
             raise CheckpointError(f"tensor {found[name]} has shape {list(e.shape)}, the config needs {list(want)}")
+    dtypes = sorted({ST_DTYPES[tensors[n].dtype] for n in found.values()})
     n_params = sum(p.numel() for p in model.parameters())
-    info = CheckpointInfo(os.path.abspath(path), family.model_type, config_sha256(d), n_params,
-                          "+".join(sorted(dtypes)), tuple(files))
-    return family, cfg, found, tensors, info
+    info = CheckpointInfo(os.path.abspath(path), family.model_type, config_sha256(d), n_params, "+".join(dtypes),
+                          tuple(files))
+    return d, family, cfg, found, tensors, info
 
 
 def _with_path(path: str, exc: CheckpointError) -> CheckpointError:
@@ -481,8 +377,8 @@ def inspect(path: str) -> tuple[dict, CheckpointInfo]:
     (the config's, when it names one), none left over. Nothing is allocated (the model is built on meta)."""
     path = os.fspath(path)
     try:
-        d = read_config(path)
-        return d, _check(path, d)[4]
+        d, *_, info = _check(path)
+        return d, info
     except CheckpointError as exc:
         raise _with_path(path, exc) from None
 
@@ -520,8 +416,7 @@ def load(path: str, device: torch.device | str, dtype: torch.dtype,
 
     path, device = os.fspath(path), torch.device(device)
     try:
-        d = read_config(path)
-        family, cfg, found, tensors, info = _check(path, d)
+        _, family, cfg, found, tensors, info = _check(path)
     except CheckpointError as exc:
         raise _with_path(path, exc) from None
     model = _meta_model(family, cfg, attention).to(dtype=dtype).to_empty(device=device)

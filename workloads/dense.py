@@ -1,11 +1,16 @@
-"""Dense decoder workload: train (forward, backward, AdamW), prefill or decode on synthetic tokens.
+"""Dense decoder workload: train (forward, backward, AdamW), prefill or decode on synthetic tokens, with a
+preset's random weights or a Hugging Face checkpoint's (``--checkpoint DIR``; ``--save-checkpoint DIR`` after
+training).
 
 Run alone: ``python -m workloads.dense --preset tiny --steps 20`` (events as JSON lines on stdout).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +18,7 @@ from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import bytes_moved, flops_per_token, memory_estimate, param_counts
 from workloads.options import run_main
-from workloads.specs.dense import DENSE, PRESET_RUN_DEFAULTS
+from workloads.specs.dense import CHECKPOINT_RUN_DEFAULTS, DENSE, PRESET_RUN_DEFAULTS
 
 if TYPE_CHECKING:  # the module stays torch-free until a run starts (the plan, --dry-run, option errors)
     from workloads.harness import Harness, Steps
@@ -24,19 +29,30 @@ _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     """The resolved run: model config, shapes, parameter counts, FLOPs per token, memory estimate.
 
-    Torch-free, allocates nothing (``--dry-run`` prints it).
+    Allocates nothing (``--dry-run`` prints it); torch-free but with ``--checkpoint``, whose config and tensor
+    headers are checked here (ValueError, one line: a bad checkpoint, a shape knob that contradicts it).
     """
-    preset = opts["preset"]
-    run_defaults = PRESET_RUN_DEFAULTS[preset]
-    cfg: ModelConfig = PRESETS[preset]
-    if opts["layers"]:
-        cfg = cfg.with_layers(opts["layers"])
+    mode = opts["mode"]
+    checkpoint = None
+    if opts.get("checkpoint"):
+        cfg, checkpoint = _checkpoint_config(opts)
+        run_defaults = {**CHECKPOINT_RUN_DEFAULTS,
+                        "seq_len": min(CHECKPOINT_RUN_DEFAULTS["seq_len"], cfg.max_seq_len - (mode == "decode"))}
+    else:
+        run_defaults = PRESET_RUN_DEFAULTS[opts["preset"]]
+        cfg = PRESETS[opts["preset"]]
+        if opts["layers"]:
+            cfg = cfg.with_layers(opts["layers"])
     batch = opts["batch_size"] or run_defaults["batch_size"]
     seq = opts["seq_len"] or run_defaults["seq_len"]
-    mode = opts["mode"]
     needed = seq + 1  # train reads seq + 1 tokens; decode writes one position past the context
-    if needed > cfg.max_seq_len:
+    if checkpoint is not None and seq + (mode == "decode") > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {seq}: the checkpoint's context is {cfg.max_seq_len} positions"
+                         + (" (decode writes one past the context)" if mode == "decode" else ""))
+    if needed > cfg.max_seq_len and checkpoint is None:
         cfg = replace(cfg, max_seq_len=needed)
+    if opts.get("save_checkpoint"):
+        _check_save(opts, cfg, checkpoint)
     steps = opts["steps"] or (0 if opts["duration"] else run_defaults["steps"])
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     return {
@@ -56,7 +72,39 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         # decode moves the weights once a step and reads every sequence's seq + 1 cached positions (MBU)
         "moved": ({**bytes_moved(cfg, _DTYPE_BYTES[dtype]), "kv_tokens_per_step": batch * (seq + 1)}
                   if mode == "decode" else None),
+        **({"checkpoint": checkpoint} if checkpoint else {}),
     }
+
+
+def _checkpoint_config(opts: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
+    """The config of ``--checkpoint`` after its checks, and the record's block; the shape knobs against it."""
+    from workloads import checkpoint as ck
+
+    cfg, info = ck.read(opts["checkpoint"])
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"--checkpoint {opts['checkpoint']}: a {info.model_type} checkpoint is not a dense model")
+    if opts["layers"] and opts["layers"] != cfg.n_layers:
+        raise ValueError(f"--layers {opts['layers']}: the checkpoint has {cfg.n_layers} layers and runs whole "
+                         "(leave --layers at 0)")
+    return cfg, info.record()
+
+
+def _check_save(opts: dict[str, Any], cfg: ModelConfig, checkpoint: dict[str, Any] | None) -> None:
+    """--save-checkpoint: a new (or empty) directory, one process, a config a Hugging Face family can hold."""
+    from workloads import checkpoint as ck
+
+    out = opts["save_checkpoint"]
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--save-checkpoint {out}: exists and is not an empty directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--save-checkpoint {out}: {parent} is not writable")
+    if opts["tp"] > 1:
+        raise ValueError("--save-checkpoint with --tp > 1 is not supported yet (the weights are sharded)")
+    model_type = checkpoint["model_type"] if checkpoint else ck.infer_model_type(cfg)
+    ck.FAMILIES[model_type].to_hf(cfg)  # CheckpointError when the family cannot hold this config
 
 
 def setup(h: Harness, p: dict[str, Any]) -> Steps:
@@ -67,10 +115,26 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     from workloads.build import build
     from workloads.harness import Steps
     from workloads.models.kv_cache import KVCache
+    end: Callable[[], dict[str, Any]] | None = None
     from workloads.models.transformer import Transformer
 
     opts, cfg, mode, tp = h.opts, ModelConfig(**p["model"]), p["mode"], h.world
-    b = build(lambda kernel: Transformer(cfg, attention=kernel), opts, h.device, h.dtype,
+    meta: dict[str, Any] = {}
+    make: Any = lambda kernel: Transformer(cfg, attention=kernel)  # noqa: E731
+    if p.get("checkpoint"):
+        from workloads import checkpoint as ck
+
+        # the checkpoint's sliding window unless --attention-window says otherwise (probed with the kernel)
+        opts = {**opts, "attention_window": opts["attention_window"] or cfg.sliding_window or 0}
+        t0 = time.perf_counter()
+
+        def make(kernel: Any) -> Any:
+            h.phase("loading", opts["checkpoint"])
+            model, _, info = ck.load(opts["checkpoint"], h.device, h.dtype, attention=kernel)
+            meta["checkpoint"] = {**info.record(), "load_s": round(time.perf_counter() - t0, 3)}
+            return model.train(mode == "train")
+
+    b = build(make, opts, h.device, h.dtype,
               heads=(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), seq_len=p["seq_len"] if mode != "decode" else 1,
               training=mode == "train", mesh=h.mesh)
     model, fwd, autocast = b.model, b.forward, b.autocast
@@ -101,6 +165,9 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
+
+        if opts["save_checkpoint"]:
+            end = _saver(h, model, cfg, opts["save_checkpoint"], (p.get("checkpoint") or {}).get("model_type"))
     elif mode == "prefill":
 
         def step(i: int) -> None:
@@ -120,7 +187,23 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
                 nxt.copy_(parallel.full(logits[:, -1]).argmax(-1, keepdim=True))  # TP: the vocab-sharded logits
 
     return Steps(step, p["tokens_per_step"], b.ran,
-                 meta={"flops_per_token": p["flops_per_token"], "params": p["params"], **(p["moved"] or {})})
+                 meta={"flops_per_token": p["flops_per_token"], "params": p["params"], **(p["moved"] or {}), **meta},
+                 end=end)
+
+
+def _saver(h: Harness, model: Any, cfg: ModelConfig, out: str, model_type: str | None) -> Callable[[], dict]:
+    """The end of a --save-checkpoint run: rank 0 writes the weights; the summary's ``saved_checkpoint``."""
+    def end() -> dict[str, Any]:
+        from workloads import checkpoint as ck
+
+        if h.rank != 0:
+            return {}
+        t0 = time.perf_counter()
+        ck.save(model, cfg, out, model_type)
+        _, info = ck.inspect(out)
+        return {"saved_checkpoint": {**info.record(), "save_s": round(time.perf_counter() - t0, 3)}}
+
+    return end
 
 
 def run(opts: dict[str, Any]) -> int:

@@ -5,6 +5,9 @@ from typing import Any
 
 from workloads.options import Machine, Option, WorkloadSpec
 
+#: The run shape of a --checkpoint run when --batch-size / --seq-len / --steps are left at 0 (the sequence is cut
+#: to the checkpoint's context).
+CHECKPOINT_RUN_DEFAULTS: dict[str, int] = {"batch_size": 1, "seq_len": 1024, "steps": 30}
 #: Per-preset run shape used when --batch-size / --seq-len / --steps are left at 0.
 PRESET_RUN_DEFAULTS: dict[str, dict[str, int]] = {
     "tiny": {"batch_size": 8, "seq_len": 128, "steps": 30},
@@ -23,6 +26,9 @@ def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
     from workloads.models.config import PRESETS
 
     preset = str(opts.get("preset"))
+    if opts.get("checkpoint"):  # the checkpoint's shape is only known once it is read (the run's plan says it)
+        return {k: v for k, v in CHECKPOINT_RUN_DEFAULTS.items() if k == "batch_size" or
+                (k == "steps" and not opts.get("duration"))}
     out: dict[str, Any] = {k: v for k, v in PRESET_RUN_DEFAULTS[preset].items()
                            if k != "steps" or not opts.get("duration")}
     out["layers"] = PRESETS[preset].n_layers
@@ -41,7 +47,7 @@ def tp_checks(opts: Mapping[str, Any], machine: Machine,
 
     tp, replicas = int(opts.get("tp") or 1), int(opts.get("replicas") or 1)
     out: list[tuple[str, str]] = []
-    if tp > 1:
+    if tp > 1 and not (divides is None and opts.get("checkpoint")):  # a checkpoint's heads: checked at build
         if divides is None:
             cfg = PRESETS.get(str(opts.get("preset")))
             divides = {} if cfg is None else {"attention heads": cfg.n_heads, "KV heads": cfg.n_kv_heads}
@@ -89,6 +95,29 @@ def transformer_checks(opts: Mapping[str, Any], machine: Machine,
     return out
 
 
+#: The Hugging Face model types the dense workload runs (workloads.checkpoint.FAMILIES with a dense config).
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def checkpoint_checks(opts: Mapping[str, Any], types: tuple[str, ...] = DENSE_MODEL_TYPES) -> list[tuple[str, str]]:
+    """--checkpoint's files before launch, without torch (workloads.checkpoint_files): the directory, config.json,
+    its model_type, the shards, their headers and dtypes. The shapes against the config are checked by the run."""
+    from workloads.checkpoint_files import CheckpointError, check_files
+
+    if not opts.get("checkpoint"):
+        return []
+    try:
+        check_files(str(opts["checkpoint"]), types)
+    except CheckpointError as exc:
+        return [("checkpoint", f"--checkpoint {exc}")]
+    return []
+
+
+def dense_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
+    """The transformer knobs' checks, then --checkpoint's files."""
+    return transformer_checks(opts, machine) + checkpoint_checks(opts)
+
+
 TRANSFORMER_KNOBS: tuple[Option, ...] = (
     Option("dtype", str, "auto", "compute dtype (auto: bf16 on GPU, fp32 on CPU)",
            ("auto", "bf16", "fp16", "fp32"), group="knobs"),
@@ -127,10 +156,15 @@ DENSE = WorkloadSpec(
         Option("seq-len", int, 0, "tokens per sequence, or KV context in decode (0: the preset's)", min=0,
                max=1 << 20, group="shape"),
         Option("layers", int, 0, "truncate the preset to N layers (0: all)", min=0, max=1024, group="shape"),
+        Option("checkpoint", str, "", "a Hugging Face checkpoint directory (config.json + safetensors: llama, "
+               "mistral, qwen2, gpt2): its weights and shape instead of the preset's random ones (--preset is "
+               "ignored; --layers other than the checkpoint's is refused)", group="shape"),
         *TRANSFORMER_KNOBS,
         Option("lr", float, 3e-4, "AdamW learning rate", min=0, max=10, when=(("mode", ("train",)),), group="knobs"),
+        Option("save-checkpoint", str, "", "after the run, write the trained weights to this new directory as a "
+               "Hugging Face checkpoint (loadable by transformers)", when=(("mode", ("train",)),)),
         Option("dry-run", bool, False, "print the plan as JSON (config, parameters, FLOPs, memory) and exit"),
     ),
-    checks=transformer_checks,
+    checks=dense_checks,
     preset_values=preset_values,
 )
