@@ -457,7 +457,8 @@ def save(model: nn.Module, cfg: Any, path: str, model_type: str | None = None,
     hf_cfg = family.to_hf(cfg)
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        tensors = {name: _apply_save(t, params).detach().to("cpu").contiguous().clone()
+        # a copy each (a view, such as one expert of a stacked weight, would share memory), contiguous
+        tensors = {name: _apply_save(t, params).detach().to("cpu", copy=True).contiguous()
                    for name, t in family.names(cfg).items()}
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     hf_cfg["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"

@@ -210,14 +210,15 @@ class Emitter:
              torch_version: str = UNSET, backends: dict[str, Any] = UNSET, device_uuid: str | None = UNSET,
              replicas: int = UNSET, tp: int = UNSET, weight_bytes: float | None = UNSET,
              kv_bytes_per_token: float | None = UNSET, kv_tokens_per_step: float | None = UNSET,
-             **extra: Any) -> None:
-        """Once per rank before the first step: the resolved config, what actually ran, and this rank's GPU."""
+             checkpoint: dict[str, Any] | None = UNSET, **extra: Any) -> None:
+        """Once per rank before the first step: the resolved config, what actually ran, and this rank's GPU;
+        ``checkpoint``: the weights' checkpoint (path, model_type, config_sha256, n_params, ...) when not random."""
         self.emit("meta", **_given({
             "workload": workload, "options": options, "plan": plan, "device": device, "device_name": device_name,
             "n_devices": n_devices, "precision": precision, "flops_per_token": flops_per_token, "params": params,
             "torch_version": torch_version, "backends": backends, "device_uuid": device_uuid, "replicas": replicas,
             "tp": tp, "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token,
-            "kv_tokens_per_step": kv_tokens_per_step}), **extra)
+            "kv_tokens_per_step": kv_tokens_per_step, "checkpoint": checkpoint}), **extra)
 
     def step(self, step: int, step_ms: float, tokens: int | None, *, clock: str = CLOCK_HOST,
              warmup: bool = UNSET, first: bool = UNSET, loss: float | None = UNSET, kv_tokens: int | None = UNSET,
@@ -257,15 +258,16 @@ class Emitter:
                 replicas: int = UNSET, passed: bool = UNSET, tp: int = UNSET, tolerance: float | None = UNSET,
                 floor: float = UNSET, grad_scale: float = UNSET, rule: str = UNSET,
                 tensors: list[dict[str, Any]] = UNSET, mismatches: list[str] = UNSET, interrupted: bool = UNSET,
-                **extra: Any) -> None:
-        """The workload's own end-of-run figures (the console computes its own from raw events)."""
+                saved_checkpoint: dict[str, Any] | None = UNSET, **extra: Any) -> None:
+        """The workload's own end-of-run figures (the console computes its own from raw events);
+        ``saved_checkpoint``: the checkpoint ``--save-checkpoint`` wrote (path, model_type, config_sha256, ...)."""
         self.emit("summary", **_given({
             "first_step_ms": first_step_ms, "compile_s": compile_s, "memory_estimate_bytes": memory_estimate_bytes,
             "torch_mem_peak_bytes": torch_mem_peak_bytes, "steps_run": steps_run,
             "load_duration_s": load_duration_s, "slo": slo, "warmup_s": warmup_s, "warmup_rounds": warmup_rounds,
             "engine": engine, "replicas": replicas, "passed": passed, "tp": tp, "tolerance": tolerance,
             "floor": floor, "grad_scale": grad_scale, "rule": rule, "tensors": tensors, "mismatches": mismatches,
-            "interrupted": interrupted}), **extra)
+            "interrupted": interrupted, "saved_checkpoint": saved_checkpoint}), **extra)
 
     def memory(self, *, snapshot: str | None, window: list[int], peak_bytes: int = UNSET,
                max_memory_allocated: int = UNSET, top_sites: list[dict[str, Any]] = UNSET, note: str = UNSET,
