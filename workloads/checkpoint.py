@@ -341,8 +341,8 @@ def _resolve(family: Family, names: dict[str, Target], tensors: dict[str, Entry]
 
 def _check(path: str) -> tuple[dict, Family, Any, dict[str, str], dict[str, Entry], CheckpointInfo]:
     """check_files, then the config's tensors against the files: every one there (none left over) with the
-    shape the btune model built on meta wants. Returns config.json, the family, the btune config, {expected
-    name: name in the files}, the files' tensors and the info."""
+    shape the btune model built on meta wants, every parameter of the model filled by one. Returns config.json,
+    the family, the btune config, {expected name: name in the files}, the files' tensors and the info."""
     d, files, tensors = check_files(path, FAMILIES)
     family = FAMILIES[d["model_type"]]
     cfg = family.to_config(d)
@@ -350,6 +350,11 @@ def _check(path: str) -> tuple[dict, Family, Any, dict[str, str], dict[str, Entr
     found = _resolve(family, names, tensors, bool(getattr(cfg, "tie_embeddings", False)))
     model = _meta_model(family, cfg)
     params = model.state_dict(keep_vars=True)
+    filled = {a for t in names.values() for a in ((t,) if isinstance(t, str) else t[1:]) if isinstance(a, str)}
+    unfilled = [n for n, _ in model.named_parameters() if n not in filled]
+    if unfilled:  # a family's names that miss a parameter: it would be left uninitialised
+        raise CheckpointError(f"{family.model_type} names leave {len(unfilled)} parameters unfilled, first "
+                              f"{unfilled[0]}")
     for name, target in names.items():
         e = tensors[found[name]]
         try:
