@@ -298,6 +298,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2", qwen2_config, llama_names, build_transformer, _hf_qwen2),
     "gpt2": Family("gpt2", gpt2_config, gpt2_names, build_transformer, _hf_gpt2, base_prefix="transformer."),
 }
+from workloads import checkpoint_mixtral  # noqa: E402, F401  (registers FAMILIES["mixtral"]: MoE, workloads.moe)
 
 
 def infer_model_type(cfg: Any) -> str:

@@ -1,5 +1,5 @@
 """MoE decoder workload: train (forward, backward, AdamW) or prefill on synthetic tokens, with expert balancing
-and expert-balance metrics.
+and expert-balance metrics; a preset's random weights or a Mixtral checkpoint's (``--checkpoint DIR``).
 
 Run alone: ``python -m workloads.moe --preset tiny --steps 20`` (events as JSON lines on stdout).
 Step events carry step_ms, tokens and the cross-entropy loss; ``experts`` events (one per
@@ -10,6 +10,7 @@ console computes the balance figures (tuner.balance).
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,13 @@ from workloads.models.config import ModelConfig
 from workloads.models.moe_config import MoEConfig, resolve
 from workloads.models.moe_flops import moe_flops_per_token, moe_memory_estimate, moe_param_counts
 from workloads.options import run_main
-from workloads.specs.moe import MOE, PRESET_RUN_DEFAULTS
+from workloads.specs.moe import (
+    CHECKPOINT_RUN_DEFAULTS,
+    MOE,
+    MOE_MODEL_TYPES,
+    PRESET_RUN_DEFAULTS,
+    checkpoint_contradictions,
+)
 
 if TYPE_CHECKING:  # the module stays torch-free until a run starts (the plan, --dry-run, option errors)
     from workloads.build import Built
@@ -30,14 +37,22 @@ _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     """The resolved run: MoE config, shapes, balancing, active parameters, FLOPs per token, memory estimate.
 
-    Torch-free, allocates nothing (``--dry-run`` prints it). ValueError (one line) for an inconsistent shape.
+    Allocates nothing (``--dry-run`` prints it); torch-free but with ``--checkpoint``, whose config and tensor
+    headers are checked here. ValueError (one line) for an inconsistent shape, a bad checkpoint or a shape knob
+    that contradicts it.
     """
-    run_defaults = PRESET_RUN_DEFAULTS[opts["preset"]]
-    cfg = resolve(opts)
+    mode = opts["mode"]
+    checkpoint = None
+    if opts.get("checkpoint"):
+        cfg, checkpoint = _checkpoint_config(opts)
+        run_defaults = {**CHECKPOINT_RUN_DEFAULTS,
+                        "seq_len": min(CHECKPOINT_RUN_DEFAULTS["seq_len"], cfg.base.max_seq_len)}
+    else:
+        run_defaults = PRESET_RUN_DEFAULTS[opts["preset"]]
+        cfg = resolve(opts)
     batch = opts["batch_size"] or run_defaults["batch_size"]
     seq = opts["seq_len"] or run_defaults["seq_len"]
-    mode = opts["mode"]
-    if seq + 1 > cfg.base.max_seq_len:
+    if seq + 1 > cfg.base.max_seq_len and checkpoint is None:
         cfg = replace(cfg, base=replace(cfg.base, max_seq_len=seq + 1))
     steps = opts["steps"] or (0 if opts["duration"] else run_defaults["steps"])
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
@@ -67,7 +82,26 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "flops_per_token": moe_flops_per_token(cfg, seq, mode),
         "memory_estimate_bytes": moe_memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
                                                      activation_checkpointing=opts["activation_checkpointing"]),
+        **({"checkpoint": checkpoint} if checkpoint else {}),
     }
+
+
+def _checkpoint_config(opts: dict[str, Any]) -> tuple[MoEConfig, dict[str, Any]]:
+    """The MoE config of ``--checkpoint`` after its checks (``--capacity-factor`` applied), and the record's block;
+    ValueError naming the first shape knob that contradicts the checkpoint."""
+    from workloads import checkpoint as ck
+
+    path = opts["checkpoint"]
+    cfg, info = ck.read(path)
+    if info.model_type not in MOE_MODEL_TYPES or not isinstance(cfg, MoEConfig):
+        raise ValueError(f"--checkpoint {path}: a {info.model_type} checkpoint is a dense model; run it with the "
+                         "dense workload")
+    bad = checkpoint_contradictions(opts, cfg.n_layers, cfg.n_experts, cfg.top_k, cfg.base.max_seq_len)
+    if bad:
+        raise ValueError(bad[0][1])
+    if opts.get("capacity_factor") is not None:
+        cfg = replace(cfg, capacity_factor=opts["capacity_factor"]).validate()
+    return cfg, info.record()
 
 
 def config_of(p: dict[str, Any]) -> MoEConfig:
@@ -76,8 +110,9 @@ def config_of(p: dict[str, Any]) -> MoEConfig:
     return MoEConfig(base=ModelConfig(**m.pop("base")), **m)
 
 
-def _model(h: Harness, p: dict[str, Any]) -> Built:
-    """The MoE model for plan ``p`` through workloads.build, with its expert GEMM; and what ran."""
+def _model(h: Harness, p: dict[str, Any]) -> tuple[Built, dict[str, Any]]:
+    """The MoE model for plan ``p`` through workloads.build, with its expert GEMM (random weights, or loaded from
+    the plan's checkpoint); what ran, and the meta fields of a checkpoint (its block, with the load time)."""
     from workloads.build import build
     from workloads.models.moe import MoETransformer
     from workloads.models.moe_experts import grouped_gemm_backend
@@ -87,9 +122,26 @@ def _model(h: Harness, p: dict[str, Any]) -> Built:
         gemm, gemm_reason = grouped_gemm_backend(h.device, h.dtype, cfg.base.d_model, cfg.expert_d_ff)
     else:
         gemm, gemm_reason = "none", "loop: one torch.where and two matmuls per expert (a host sync per expert on GPU)"
-    b = build(lambda kernel: MoETransformer(cfg, kernel, impl, "bmm" if gemm == "none" else gemm), opts, h.device,
-              h.dtype, heads=(cfg.base.n_heads, cfg.base.n_kv_heads, cfg.base.head_dim), seq_len=p["seq_len"],
-              training=p["mode"] == "train", mesh=h.mesh)
+    gemm_used = "bmm" if gemm == "none" else gemm
+    meta: dict[str, Any] = {}
+    make: Any = lambda kernel: MoETransformer(cfg, kernel, impl, gemm_used)  # noqa: E731
+    if p.get("checkpoint"):
+        from workloads import checkpoint as ck
+
+        # the checkpoint's sliding window unless --attention-window says otherwise (probed with the kernel)
+        opts = {**opts, "attention_window": opts["attention_window"] or cfg.base.sliding_window or 0}
+        t0 = time.perf_counter()
+
+        def make(kernel: Any) -> Any:
+            h.phase("loading", opts["checkpoint"])
+            model, _, info = ck.load(opts["checkpoint"], h.device, h.dtype, attention=kernel)
+            model.set_experts(impl, gemm_used)
+            model.set_capacity(cfg.capacity_factor)
+            meta["checkpoint"] = {**info.record(), "load_s": round(time.perf_counter() - t0, 3)}
+            return model.train(p["mode"] == "train")
+
+    b = build(make, opts, h.device, h.dtype, heads=(cfg.base.n_heads, cfg.base.n_kv_heads, cfg.base.head_dim),
+              seq_len=p["seq_len"], training=p["mode"] == "train", mesh=h.mesh)
     if b.fp8.library != "off":
         b.ran["fp8"]["reason"] += f"; routed experts and the router stay in {p['dtype']}"
     b.ran.update({
@@ -99,7 +151,7 @@ def _model(h: Harness, p: dict[str, Any]) -> Built:
         "parallel": "TP inside the routed experts (router replicated), dense plan for attention and shared experts"
                     if h.mesh is not None else None,
     })
-    return b
+    return b, meta
 
 
 def make_pool(kind: str, exponent: float, vocab: int, batch: int, seq: int, seed: int, n: int = 8) -> list[Any]:
@@ -128,7 +180,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     from workloads.models.moe_stats import BalanceWindow
 
     opts, tp, device = h.opts, h.world, h.device
-    b = _model(h, p)
+    b, meta = _model(h, p)
     model, fwd, autocast, cfg = b.model, b.forward, b.autocast, b.model.moe_cfg
     mode, batch, seq, bal = p["mode"], p["batch_size"], p["seq_len"], p["balance"]
     aux_on, free_on = bal["aux_loss_coef"] is not None, bal["bias_update_rate"] is not None
@@ -182,7 +234,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
         return {"experts_events": tracker.events, "balance_last": tracker.last}
 
     return Steps(step, p["tokens_per_step"], b.ran, extra=tracker.extra if tracker is not None else None, end=end,
-                 meta={"flops_per_token": p["flops_per_token"], "params": p["params"]})
+                 meta={"flops_per_token": p["flops_per_token"], "params": p["params"], **meta})
 
 
 def run(opts: dict[str, Any]) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 
 from workloads.models.attention import AttentionKernel, Mask
 from workloads.models.blocks import MLP, Attention, Block, _init_linear
+from workloads.models.kv_cache import KVCache, LayerKVCache
 from workloads.models.moe_config import MoEConfig
 from workloads.models.moe_experts import RoutedExperts, expert_counts
 from workloads.models.moe_router import Router
@@ -47,7 +48,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.base.d_model
-        self.router = Router(d, cfg.n_experts, cfg.top_k, cfg.router, cfg.route_scale)
+        self.router = Router(d, cfg.n_experts, cfg.top_k, cfg.router, cfg.route_scale, cfg.normalize_top1)
         self.experts = RoutedExperts(cfg.n_experts, d, cfg.expert_d_ff, impl, gemm)
         shared = replace(cfg.base, d_ff=cfg.n_shared * cfg.expert_d_ff)
         self.shared = MLP(shared) if cfg.n_shared else None
@@ -100,9 +101,10 @@ class MoEBlock(nn.Module):
         self.mlp_norm = make_norm(base.arch, base.d_model, base.norm_eps)
         self.moe = MoEFFN(cfg, impl, gemm)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mask: Mask,
-                kernel: AttentionKernel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x), rope, mask, kernel)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mask: Mask, kernel: AttentionKernel,
+                cache: LayerKVCache | None = None,
+                start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), rope, mask, kernel, cache, start_pos)
         y, aux, stats = self.moe(self.mlp_norm(x))
         return x + y, aux, stats
 
@@ -127,7 +129,8 @@ class MoETransformer(Transformer):
     """The dense Transformer's embedding, norm and head around dense blocks then MoE blocks.
 
     ``impl`` (loop or grouped) and ``gemm`` (grouped_mm or bmm) pick the routed-expert implementation.
-    Decoding with a KV cache is not supported (train and prefill only).
+    ``forward`` takes an optional KV cache (``workloads.models.kv_cache.KVCache`` of ``cfg.base``), as the
+    dense model does: a prefill, then one token per sequence per decode step.
     """
 
     def __init__(self, cfg: MoEConfig, attention: AttentionKernel | None = None, impl: str = "grouped",
@@ -147,6 +150,19 @@ class MoETransformer(Transformer):
     def moe_layers(self) -> list[MoEFFN]:
         return [layer.moe for layer in self.layers if isinstance(layer, MoEBlock)]
 
+    def finish_load(self) -> None:
+        """After the parameters were filled in place (``workloads.checkpoint.load``): the dense model's tie and
+        RoPE table, and the routers' selection biases at zero (a checkpoint has none)."""
+        super().finish_load()
+        for m in self.moe_layers:
+            m.router.bias.zero_()
+
+    def set_capacity(self, factor: float | None) -> None:
+        """Every MoE layer's capacity factor (None: drop no token), as ``MoEConfig.capacity_factor``."""
+        self.moe_cfg = replace(self.moe_cfg, capacity_factor=factor).validate()
+        for m in self.moe_layers:
+            m.cfg = self.moe_cfg
+
     def set_experts(self, impl: str | None = None, gemm: str | None = None) -> None:
         """Switch every MoE layer's expert implementation and/or grouped GEMM."""
         for m in self.moe_layers:
@@ -158,18 +174,24 @@ class MoETransformer(Transformer):
         for m in self.moe_layers:
             m.collect_stats, m.need_aux = stats, aux
 
-    def forward(self, tokens: torch.Tensor) -> MoEOutput:  # type: ignore[override]
-        """Logits for tokens [B, T] at positions 0..T-1 (causal), with the MoE balance loss and stats."""
+    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None,  # type: ignore[override]
+                start_pos: int = 0) -> MoEOutput:
+        """Logits for tokens [B, T] at positions start_pos..start_pos+T-1 (causal), with the MoE balance loss
+        and stats; ``kv_cache`` and ``start_pos`` as in the dense ``Transformer.forward``."""
         t = tokens.shape[1]
-        if t > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {t} exceed max_seq_len {self.cfg.max_seq_len}")
+        end = start_pos + t
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed max_seq_len {self.cfg.max_seq_len}")
+        if kv_cache is None and start_pos:
+            raise ValueError("start_pos needs a kv_cache")
         h = self.tok_embeddings(tokens)
-        rope = self.rope[:, :t] if self.rope is not None else None
+        rope = self.rope[:, start_pos:end] if self.rope is not None else None
         kernel = self.attention
-        mask = kernel.mask(t, t, tokens.device)
+        mask = kernel.mask(t, end, tokens.device)
         auxes, stats = [], []
-        for layer in self.layers:
-            out = layer(h, rope, mask, kernel)
+        for i, layer in enumerate(self.layers):
+            cache = () if kv_cache is None else (kv_cache[i], start_pos)
+            out = layer(h, rope, mask, kernel, *cache)
             if isinstance(layer, Block):
                 h = out
             else:

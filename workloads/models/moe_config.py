@@ -37,6 +37,7 @@ class MoEConfig:
     router: str = "softmax"
     route_scale: float = 1.0
     capacity_factor: float | None = None
+    normalize_top1: bool = False
 
     @property
     def name(self) -> str:
@@ -46,6 +47,11 @@ class MoEConfig:
     def description(self) -> str:
         """The preset's one-line description (kept on ``base``, next to the name)."""
         return self.base.description
+
+    @property
+    def model_type(self) -> str:
+        """The Hugging Face ``model_type`` btune saves an MoE config as (``workloads.checkpoint_mixtral``)."""
+        return "mixtral"
 
     @property
     def n_layers(self) -> int:

@@ -27,16 +27,18 @@ class Router(nn.Module):
 
     ``bias`` (a buffer, zero unless aux-free balancing moves it) is added to the scores for the top-k
     choice only; the gates are the unbiased scores of the chosen experts, normalised to sum to 1 when
-    k > 1 (with k = 1 the raw score, so the router still gets a gradient), times ``route_scale``.
+    k > 1 (with k = 1 the raw score, so the router still gets a gradient, unless ``normalize_top1``: Mixtral
+    normalises at every k, so its top-1 gate is 1), times ``route_scale``.
     The weight is a bare parameter, not an nn.Linear, so FP8 conversion leaves the router alone.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, score: str = "softmax",
-                 route_scale: float = 1.0) -> None:
+                 route_scale: float = 1.0, normalize_top1: bool = False) -> None:
         super().__init__()
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"router score {score!r} is not softmax or sigmoid")
         self.top_k, self.score, self.route_scale = top_k, score, route_scale
+        self.normalize_top1 = normalize_top1
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
         self.register_buffer("bias", torch.zeros(n_experts))
         self.reset_parameters()
@@ -55,7 +57,7 @@ class Router(nn.Module):
             probs = scores / scores.sum(-1, keepdim=True)
         indices = (scores.detach() + self.bias).topk(self.top_k, dim=-1).indices
         gates = scores.gather(-1, indices)
-        if self.top_k > 1:
+        if self.top_k > 1 or self.normalize_top1:
             gates = gates / gates.sum(-1, keepdim=True)
         return Routing(indices, gates * self.route_scale, probs)
 

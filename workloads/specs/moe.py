@@ -15,12 +15,21 @@ PRESET_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt4-style": {"batch_size": 1, "seq_len": 4096, "steps": 20, "balance": "aux-loss", "bias_update_rate": 1e-3},
 }
 assert set(PRESET_RUN_DEFAULTS) == set(MOE_PRESETS)
+#: The run shape and balancing of a --checkpoint run when the options are left at 0 / auto / unset (the sequence
+#: is cut to the checkpoint's context; Mixtral was trained with the Switch auxiliary loss).
+CHECKPOINT_RUN_DEFAULTS: dict[str, Any] = {"batch_size": 1, "seq_len": 1024, "steps": 20, "balance": "aux-loss",
+                                           "bias_update_rate": 1e-3}
 
 BALANCE = ("auto", "none", "aux-loss", "aux-free", "both")
+#: The Hugging Face model types the moe workload runs (workloads.checkpoint.FAMILIES with an MoE config).
+MOE_MODEL_TYPES = ("mixtral",)
 
 
 def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
     """What the shape, routing and balancing options left to the preset resolve to (--layers included)."""
+    if opts.get("checkpoint"):  # the checkpoint's shape is only known once it is read (the run's plan says it)
+        return {k: v for k, v in CHECKPOINT_RUN_DEFAULTS.items()
+                if k in ("batch_size", "balance", "bias_update_rate") or (k == "steps" and not opts.get("duration"))}
     preset = str(opts.get("preset"))
     cfg = MOE_PRESETS[preset]
     out: dict[str, Any] = {k: v for k, v in PRESET_RUN_DEFAULTS[preset].items()
@@ -32,24 +41,82 @@ def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def moe_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
-    """The transformer knobs' checks, then the MoE shape: top-k vs experts, MoE layers vs layers, capacity."""
+def checkpoint_contradictions(opts: Mapping[str, Any], layers: int | None, experts: int | None,
+                              top_k: int | None, context: int | None) -> list[tuple[str, str]]:
+    """The shape knobs of ``opts`` that contradict a Mixtral checkpoint of ``layers`` layers (every one MoE, no
+    shared experts, the softmax router), ``experts`` routed experts, ``top_k`` per token and a context of
+    ``context`` positions (None: not known, not checked): ``[(option, reason)]``. The console's check before
+    launch (from config.json) and the plan's (from the parsed config) are this one."""
+    out: list[tuple[str, str]] = []
+    for key, have, what in (("layers", layers, "layers, and runs whole"), ("num_moe_layers", layers, "MoE layers"),
+                            ("num_experts", experts, "routed experts per layer"),
+                            ("top_k", top_k, "experts per token"), ("num_shared_experts", 0, "shared experts")):
+        value, flag = opts.get(key), "--" + key.replace("_", "-")
+        if have is not None and value is not None and value != have and (key != "layers" or value):
+            out.append((flag[2:], f"{flag} {value}: the checkpoint has {have} {what} (leave {flag} "
+                                  f"{'at 0' if key == 'layers' else 'unset'})"))
+    if opts.get("router") not in (None, "auto", "softmax"):
+        out.append(("router", f"--router {opts['router']}: the checkpoint's router is softmax (leave --router auto)"))
+    seq = opts.get("seq_len") or 0
+    if context is not None and seq > context:
+        out.append(("seq-len", f"--seq-len {seq}: the checkpoint's context is {context} positions"))
+    return out
+
+
+def moe_checkpoint_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """--checkpoint before launch, without torch (workloads.checkpoint_files): the files, a Mixtral config.json,
+    and the shape knobs against it. The tensors' shapes against the config are checked by the run."""
+    from workloads.checkpoint_files import CheckpointError, check_files
+
+    if not opts.get("checkpoint"):
+        return []
+    path = str(opts["checkpoint"])
     try:
-        cfg = resolve(opts)
-        divides = {"attention heads": cfg.base.n_heads, "KV heads": cfg.base.n_kv_heads,
-                   "expert width": cfg.expert_d_ff}
-    except ValueError:
-        divides = {}
+        d, _, tensors = check_files(path, MOE_MODEL_TYPES)
+    except CheckpointError as exc:
+        return [("checkpoint", f"--checkpoint {exc}")]
+    fused = next((name for name in tensors if name.endswith(".mlp.experts.gate_up_proj")), None)
+    if fused is not None:
+        return [("checkpoint", f"--checkpoint {path}: {fused} is transformers' fused in-memory expert layout "
+                               "(save_pretrained(save_original_format=False)); btune reads the per-expert w1/w2/w3 "
+                               "layout save_pretrained writes by default")]
+
+    def num(key: str) -> int | None:
+        v = d.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    return checkpoint_contradictions(opts, num("num_hidden_layers"), num("num_local_experts"),
+                                     num("num_experts_per_tok"), num("max_position_embeddings") or 2048)
+
+
+def moe_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
+    """The transformer knobs' checks, then the MoE shape: top-k vs experts, MoE layers vs layers, capacity.
+
+    With ``--checkpoint`` the shape is the checkpoint's: its files and the knobs that contradict it are checked
+    instead of the preset's shape (``moe_checkpoint_checks``).
+    """
+    checkpoint = bool(opts.get("checkpoint"))
+    divides: dict[str, int] = {}
+    if not checkpoint:
+        try:
+            cfg = resolve(opts)
+            divides = {"attention heads": cfg.base.n_heads, "KV heads": cfg.base.n_kv_heads,
+                       "expert width": cfg.expert_d_ff}
+        except ValueError:
+            pass
     out = transformer_checks(opts, machine, divides)
     cf = opts.get("capacity_factor")
     if cf is not None and cf <= 0:
         out.append(("capacity-factor", f"--capacity-factor {cf:g}: a capacity factor must be > 0 "
                                        "(leave it unset to drop no tokens)"))
         return out
-    try:
-        resolve(opts)
-    except ValueError as exc:
-        out.append(("shape", str(exc)))
+    if checkpoint:
+        out += moe_checkpoint_checks(opts)
+    else:
+        try:
+            resolve(opts)
+        except ValueError as exc:
+            out.append(("shape", str(exc)))
     if opts.get("mode") == "prefill" and opts.get("balance") not in (None, "auto", "none"):
         out.append(("balance", f"--balance {opts['balance']}: balancing acts through training; "
                                "use --mode train or --balance none"))
@@ -71,6 +138,10 @@ MOE = WorkloadSpec(
         Option("seq-len", int, 0, "tokens per sequence (0: the preset's)", min=0, max=1 << 20, group="shape"),
         Option("layers", int, 0, "truncate the preset to its first N layers, keeping at least one MoE layer "
                "(0: all)", min=0, max=1024, group="shape"),
+        Option("checkpoint", str, "", "a Mixtral checkpoint directory (Hugging Face config.json + safetensors): its "
+               "weights and shape instead of the preset's random ones (--preset is ignored; --layers, --num-*, "
+               "--top-k and --router other than the checkpoint's are refused; --capacity-factor applies)",
+               group="shape"),
         Option("num-moe-layers", int, None, "how many of the last layers are MoE (the rest dense, first; "
                "unset: the preset's)", min=1, max=1024, group="shape"),
         Option("num-experts", int, None, "routed experts per MoE layer (unset: the preset's)", min=1, max=4096,
