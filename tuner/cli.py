@@ -16,6 +16,7 @@ from tuner import catalog, runs
 from tuner.command import Command, CommandError, parse_env
 from tuner.console import execute
 from tuner.launch import LaunchError, Nodes, build_config, command_config
+from tuner.quality import MAX_DELTA as MAX_PPL_DELTA
 
 EXIT_USAGE = 2
 
@@ -167,10 +168,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise CliError("btune compare: give at least two runs")
-    from tuner.report import compare
+    if not 0 <= args.max_ppl_delta < 1:
+        raise CliError(f"btune compare: --max-ppl-delta {args.max_ppl_delta:g}: expected a relative tolerance in "
+                       "[0, 1) (0.005: 0.5%)")
+    from tuner.report import compare, gate_verdicts, run_names
 
-    print(compare([load_run(r, args.out) for r in args.runs], width=table_width()))
-    return 0
+    recs = [load_run(r, args.out) for r in args.runs]
+    others = [str(r["id"]) for r in recs if (r.get("config") or {}).get("workload") != "perplexity"]
+    if args.gate and others:
+        raise CliError(f"btune compare --gate: the quality gate compares perplexity runs; {', '.join(others)} "
+                       f"{'is' if len(others) == 1 else 'are'} not")
+    print(compare(recs, width=table_width(), max_ppl_delta=args.max_ppl_delta))
+    if not args.gate:
+        return 0
+    names = run_names(recs, repeats=False)
+    failed = [(rec, name, msg) for rec, name, (ok, msg) in
+              zip(recs[1:], names[1:], gate_verdicts(recs, args.max_ppl_delta), strict=True) if not ok]
+    for rec, name, msg in failed:
+        print(f"gate FAIL {rec['id']} ({name}) against {recs[0]['id']}: {msg}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def table_width() -> int:
@@ -352,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="runs side by side, deltas against the first")
     cmp.add_argument("runs", nargs="+")
     cmp.add_argument("--out", help="runs directory for ids")
+    cmp.add_argument("--max-ppl-delta", type=finite, default=MAX_PPL_DELTA, metavar="X",
+                     help="perplexity runs: the largest relative change of perplexity against the first run the "
+                          f"quality gate passes (default {MAX_PPL_DELTA}: {MAX_PPL_DELTA * 100:.1f}%%)")
+    cmp.add_argument("--gate", action="store_true",
+                     help="exit 1 when a perplexity run fails the quality gate against the first run (a change "
+                          "beyond --max-ppl-delta, or other data, tokens, windows or model), one line each")
 
     ex = sub.add_parser("export", help="dashboard export",
                         description="Flat metric rows of runs for dashboards. Write them to a file with "

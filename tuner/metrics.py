@@ -47,7 +47,16 @@ class Metric:
 
 
 _ENGINE = ("serve",)
+_PPL = ("perplexity",)
 REGISTRY: tuple[Metric, ...] = (
+    # what the model computes (perplexity runs; tuner.quality): the result, so it comes first
+    Metric("perplexity", "perplexity", ("quality", "perplexity"), "", False, "quality", workloads=_PPL, short="ppl",
+           headline=("value",)),
+    Metric("mean_nll", "mean NLL per scored token", ("quality", "mean_nll"), "nats", False, "quality", workloads=_PPL),
+    Metric("bits_per_byte", "bits per byte", ("quality", "bits_per_byte"), "", False, "quality", workloads=_PPL,
+           short="bits/byte", headline=("value",)),
+    Metric("tokens_scored", "tokens scored", ("quality", "tokens_scored"), "", True, "quality",
+           workloads=_PPL, kind="count"),
     # training and evaluation steps
     Metric("throughput_tokens_per_s", "throughput (steady tokens / steady time)", ("throughput_tokens_per_s",),
            "tok/s", True, "steps", short="throughput", headline=("value",)),
@@ -133,6 +142,8 @@ REGISTRY: tuple[Metric, ...] = (
     Metric("tokens_total", "tokens", ("tokens_total",), "tokens", True, "run", shown=False, kind="count"),
 )
 _SERVE_TOO = frozenset({"energy", "joules_per_token", "torch_mem_peak", "duration", "tokens_total", "compile_s"})
+#: Figures a workload's own block says better: a perplexity run's loss is each batch's mean NLL (its quality block).
+_NOT_FOR = {"loss_last": _PPL}
 
 
 def dig(obj: Any, path: tuple[str, ...]) -> Any:
@@ -146,6 +157,8 @@ def dig(obj: Any, path: tuple[str, ...]) -> Any:
 
 def applies(metric: Metric, workload: Any) -> bool:
     """Whether ``metric`` is one of ``workload``'s figures."""
+    if workload in _NOT_FOR.get(metric.name, ()):
+        return False
     return metric.applies(workload) or (workload == "serve" and metric.name in _SERVE_TOO)
 
 

@@ -116,7 +116,8 @@ def _nums(*names: str) -> dict[str, Any]:
 SCHEMAS: dict[str, dict[str, Any]] = {
     "step": {"step": _int, "step_ms": _nonneg, "tokens": _opt(_nonneg), "clock": _str, "warmup": _bool, "first": _bool,
              "loss": _opt(_num), "kv_tokens": _opt(_int), "weight_passes": _opt(_int),
-             **_nums("mem_alloc_mb", "mem_reserved_mb", "mem_peak_mb")},
+             **_nums("mem_alloc_mb", "mem_reserved_mb", "mem_peak_mb", "nll_sum", "nll_mean"),
+             "scored_bytes": _opt(_nonneg), "window": _opt(_int), "windows": _opt(_int)},
     "gpu": {"gpu": _int, "throttle": _opt(_int), "throttle_reasons": _list(_str),
             **_nums("power_w", "mem_used_mb", "mem_total_mb", "util_gpu", "util_mem", "sm_clock_mhz", "temp_c",
                     "proc_mem_mb")},

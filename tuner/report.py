@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tuner import quality
 from tuner.metrics import Figure, dig, figures, headline_figures, number
 from tuner.stats import relative_delta, run_level
 
@@ -113,7 +114,9 @@ def key_options(rec: dict[str, Any]) -> str:
     """The options that differ from the workload's defaults, as ``k=v`` text."""
     opts = dig(rec, ("config", "options")) or {}
     defaults = dig(rec, ("config", "defaults")) or {}
-    parts = [f"{k}={v}" for k, v in opts.items() if k in ("preset",) or defaults.get(k, object()) != v]
+    parts = ["random weights"] if opts.get("random_weights") is True else []  # said plainly (perplexity)
+    parts += [f"{k}={v}" for k, v in opts.items()
+              if k != "random_weights" and (k in ("preset",) or defaults.get(k, object()) != v)]
     return " ".join(parts)
 
 
@@ -193,6 +196,7 @@ def show(rec: dict[str, Any], printed_notes: frozenset[str] = frozenset()) -> st
         f"started   {rec['started']}   ended {rec['ended']}   ({quantity(s.get('duration_s'), 's')})",
         f"host      {env.get('host')}   GPUs: {gpus}   torch {dig(env, ('versions', 'torch'))}",
     ]
+    lines += quality.describe(s)
     if workload != "command" or dig(s, ("steps", "total")):
         lines.append(f"steps     {dig(s, ('steps', 'total'))} total, {dig(s, ('steps', 'warmup'))} warm-up, "
                      f"{dig(s, ('steps', 'steady'))} steady")
@@ -397,10 +401,12 @@ def grid(head: list[list[str]], body: list[list[str]], width: int = WIDTH) -> tu
     return "\n".join(out), len(blocks_)
 
 
-def compare(recs: list[dict[str, Any]], alpha: float = 0.05, width: int = WIDTH) -> str:
+def compare(recs: list[dict[str, Any]], alpha: float = 0.05, width: int = WIDTH,
+            max_ppl_delta: float = quality.MAX_DELTA) -> str:
     """Runs side by side (every registry figure any of them has), each column headed by the options that tell
     its run apart (run ids in a note below); deltas relative to the first; step-time differences tested
-    against run-to-run noise. Columns that do not fit ``width`` wrap into further blocks."""
+    against run-to-run noise; perplexity runs through the quality gate (``max_ppl_delta``) against the first.
+    Columns that do not fit ``width`` wrap into further blocks."""
     names = name_rows(recs)
     head = [[k, *cells] for k, cells in names] or [["run", *(str(i + 1) for i in range(len(recs)))]]
     body = [["status", *(str(r["status"]) for r in recs)]]
@@ -414,6 +420,10 @@ def compare(recs: list[dict[str, Any]], alpha: float = 0.05, width: int = WIDTH)
         body.append([row_label(fig, unit), *cells])
     verdicts = run_level_verdicts(recs, alpha)
     body.append(["step time differs? (run-level)", "baseline", *(v["short"] for v in verdicts)])
+    gates = gate_verdicts(recs, max_ppl_delta)
+    if gates:
+        body.append([f"perplexity gate (±{max_ppl_delta * 100:.3g}%)", "baseline",
+                     *("pass" if ok else "refused" if msg.startswith("refused") else "FAIL" for ok, msg in gates)])
     text, _ = grid(head, body, width)
     notes = [f"step time differs?: the steady step time of each column's config against the first column's, "
              f"one p50 per run (repeats: --repeat N), Welch's t-test, α={alpha:g}, at least {MIN_EFFECT:.0%} "
@@ -423,8 +433,19 @@ def compare(recs: list[dict[str, Any]], alpha: float = 0.05, width: int = WIDTH)
                                 if v["p"] is not None))
     if detail:
         notes.append("step time: " + "; ".join(detail) + ".")
+    if gates:
+        notes.append("perplexity gate: " + "; ".join(f"{labels[i + 1]}: {msg}" for i, (_, msg) in enumerate(gates))
+                     + ".")
     notes.append("run ids, left to right: " + ", ".join(str(r["id"]) for r in recs) + ".")
     return "\n".join([text, "", *(ln for n in notes for ln in wrap_words(n, width))])
+
+
+def gate_verdicts(recs: list[dict[str, Any]], max_delta: float = quality.MAX_DELTA) -> list[tuple[bool, str]]:
+    """The quality gate (``tuner.quality.gate``) of each run after the first against the first, when the first is a
+    perplexity run; empty otherwise."""
+    if dig(recs[0], ("config", "workload")) != "perplexity":
+        return []
+    return [quality.gate(recs[0].get("summary") or {}, r.get("summary") or {}, max_delta) for r in recs[1:]]
 
 
 def sweep_table(recs: list[dict[str, Any]], alpha: float = 0.05, width: int = WIDTH) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuner import hardware, power, results
+from tuner import hardware, power, quality, results
 from tuner.memory import profile as memory_profile
 from tuner.stats import describe, finite, trapezoid
 
@@ -365,4 +365,5 @@ def summarize(series: dict[str, Any], events: list[dict[str, Any]], started: flo
     if balance is not None:
         out["experts"] = balance
     out["memory_profile"] = memory_profile(events)
+    out.update(quality.block(series, meta))  # perplexity runs: mean NLL, perplexity, bits per byte
     return out

@@ -82,11 +82,12 @@ def device_uuid(device: torch.device) -> str | None:
 @dataclass
 class Steps:
     """What a step-loop workload brings: its step function and the tokens a step processes (global, counted
-    once), what ran (``meta``'s backends) and its other meta fields, an optional per-step callback adding step
-    fields (``extra(step)``) and an optional ``end()`` run after the last step, returning summary fields."""
+    once; a function of the step index where steps differ), what ran (``meta``'s backends) and its other meta
+    fields, an optional per-step callback adding step fields (``extra(step)``) and an optional ``end()`` run after
+    the last step, returning summary fields."""
 
     step: Callable[[int], torch.Tensor | None]
-    tokens_per_step: int
+    tokens_per_step: int | Callable[[int], int]
     backends: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     extra: Callable[[int], dict[str, Any]] | None = None

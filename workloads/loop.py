@@ -118,7 +118,7 @@ def run_steps(
     device: torch.device,
     spec: LoopSpec,
     step_fn: Callable[[int], torch.Tensor | None],
-    tokens_per_step: int,
+    tokens_per_step: int | Callable[[int], int],
     extra: Callable[[int], dict[str, Any]] | None = None,
     phase: Callable[[str, str | None], None] | None = None,
     compiled: bool = False,
@@ -128,6 +128,7 @@ def run_steps(
     where the loop is: compiling (the first step, when ``compiled``) or warm-up, then measuring.
 
     ``step_fn`` returns a scalar tensor (a loss) or None; it is read after the step's timing ends.
+    ``tokens_per_step``: the tokens of every step, or a function of the step index giving each step's.
     The first step is flagged ``first`` (it includes compilation when compiled). Returns counts and
     whether the loop was interrupted (SIGINT: the console's cancel). Under several ranks every rank stops
     after the same step: ``--steps`` is counted alike everywhere; the duration and a cancel are rank 0's
@@ -170,7 +171,8 @@ def run_steps(
             fields["mem_peak_mb"] = profile.peak(torch.cuda.max_memory_allocated(device)) / (1024 * 1024)
         if extra is not None:
             fields.update(extra(idx))
-        em.step(idx, ms, tokens_per_step, clock=CLOCK_DEVICE if cuda else CLOCK_HOST, **fields)
+        tokens = tokens_per_step(idx) if callable(tokens_per_step) else tokens_per_step
+        em.step(idx, ms, tokens, clock=CLOCK_DEVICE if cuda else CLOCK_HOST, **fields)
         if not warm:
             steady_steps += 1
             steady_seconds += ms / 1000.0

@@ -75,8 +75,8 @@ def short_text(f: Figure) -> str:
 
 
 def run_lines(summary: dict[str, Any], meta: dict[str, Any], width: int) -> list[Text]:
-    """The whole run's step figures from the registry: rates, step-time statistics, MFU and MBU (with the
-    reason when n/a), then the rest."""
+    """The whole run's step figures from the registry: a perplexity run's quality figures, rates, step-time
+    statistics, MFU and MBU (with the reason when n/a), then the rest."""
     workload = meta.get("workload")
     figs = block_figures(summary, workload, "engine steps" if workload == "serve" else "steps")
     figs += [f for f in block_figures(summary, workload, "serving") if f.metric.name == "engine_mbu"]
@@ -85,7 +85,7 @@ def run_lines(summary: dict[str, Any], meta: dict[str, Any], width: int) -> list
     described = [f for f in figs if f.stat is not None]
     util = ("mfu_bf16", "mfu_fp8", "mbu", "engine_mbu", "throughput_per_gpu", "loss_last")  # said elsewhere
     rest = [f for f in figs if f not in rates and f not in described and f.metric.name not in util]
-    lines: list[Text] = []
+    lines: list[Text] = pack([short_text(f) for f in block_figures(summary, workload, "quality")], width)
     if rates:
         lines += pack([f"run {short_text(rates[0])}", *map(short_text, rates[1:])], width)
     items: list[str] = []
@@ -134,7 +134,8 @@ class ThroughputPanel(Panel):
             return [dim("no steps yet" if view.summary is None else "no steps")]
         last = steps[-1]
         head = f"step {last.get('step')}{' warm-up' if last.get('warmup') else ''}"
-        loss = [f"loss {fmt(last['loss'])}"] if isinstance(last.get("loss"), (int, float)) else []
+        name = "NLL" if workload == "perplexity" else "loss"  # a perplexity step's loss: its windows' mean NLL
+        loss = [f"{name} {fmt(last['loss'])}"] if isinstance(last.get("loss"), (int, float)) else []
         lines = pack([f"{head} {fmt(last.get('step_ms'))} ms · {fmt(step_rate(last))} tok/s", *loss], width)
         lines[0].stylize("bold", 0, len(head))
         if last.get("warmup"):
