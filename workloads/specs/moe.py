@@ -139,7 +139,7 @@ MOE = WorkloadSpec(
         Option("layers", int, 0, "truncate the preset to its first N layers, keeping at least one MoE layer "
                "(0: all)", min=0, max=1024, group="shape"),
         Option("checkpoint", str, "", "a Mixtral checkpoint directory (Hugging Face config.json + safetensors): its "
-               "weights and shape instead of the preset's random ones (--preset is ignored; --layers, --num-*, "
+               "weights and shape instead of a preset's random ones (--preset is ignored; --layers, --num-*, "
                "--top-k and --router other than the checkpoint's are refused; --capacity-factor applies)",
                group="shape"),
         Option("num-moe-layers", int, None, "how many of the last layers are MoE (the rest dense, first; "
