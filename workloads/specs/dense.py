@@ -157,7 +157,7 @@ DENSE = WorkloadSpec(
                max=1 << 20, group="shape"),
         Option("layers", int, 0, "truncate the preset to N layers (0: all)", min=0, max=1024, group="shape"),
         Option("checkpoint", str, "", "a Hugging Face checkpoint directory (config.json + safetensors: llama, "
-               "mistral, qwen2, gpt2): its weights and shape instead of the preset's random ones (--preset is "
+               "mistral, qwen2, gpt2): its weights and shape instead of random ones (--preset is "
                "ignored; --layers other than the checkpoint's is refused)", group="shape"),
         *TRANSFORMER_KNOBS,
         Option("lr", float, 3e-4, "AdamW learning rate", min=0, max=10, when=(("mode", ("train",)),), group="knobs"),
