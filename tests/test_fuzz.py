@@ -27,8 +27,8 @@ from tuner.record import RecordBuilder, journal_footer, journal_header, record_f
 from tuner.runs import RunFileError, dumps, load_record
 from tuner.tui.screens.runs import RunRow
 
-QUICK, FULL = 100, 600
-FILES = 24  #: damaged run files the app's fuzz test opens
+QUICK, FULL = 100, 250
+FILES = 12  #: damaged run files the app's fuzz test opens
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
