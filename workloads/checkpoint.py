@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -409,20 +409,37 @@ def _apply_save(target: Target, params: dict[str, torch.Tensor]) -> torch.Tensor
     return args[0] if tf is None else tf.save(*args)
 
 
-def load(path: str, device: torch.device | str, dtype: torch.dtype,
-         attention: AttentionKernel | None = None) -> tuple[nn.Module, Any, CheckpointInfo]:
+def with_overrides(family: Family, cfg: Any, overrides: Mapping[str, Any]) -> Any:
+    """``cfg`` with ``overrides`` (config fields) replaced, when they leave every tensor's shape as it is (the
+    run's model knobs, such as ``--rope-theta``); CheckpointError otherwise."""
+    if not overrides:
+        return cfg
+    try:
+        new = replace(cfg, **overrides).validate()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"config overrides {dict(overrides)}: {exc}") from None
+    shapes = [{n: t.shape for n, t in _meta_model(family, c).state_dict().items()} for c in (cfg, new)]
+    if shapes[0] != shapes[1]:
+        raise CheckpointError(f"config overrides {dict(overrides)} change the shape of the weights")
+    return new
+
+
+def load(path: str, device: torch.device | str, dtype: torch.dtype, attention: AttentionKernel | None = None,
+         overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, Any, CheckpointInfo]:
     """The btune model of checkpoint ``path`` on ``device`` in ``dtype``, in eval mode, with its config and info.
 
     Checks first (``inspect``); then the model is built on the meta device, allocated once on ``device`` in
     ``dtype`` and every parameter is filled from the memory-mapped safetensors files, one tensor at a time
-    read straight onto the device. Non-persistent buffers (the RoPE table) and the embedding tie are restored
-    by the model's ``finish_load()``.
+    read straight onto the device, a thread per shard. Non-persistent buffers (the RoPE table) and the
+    embedding tie are restored by the model's ``finish_load()``. ``overrides``: config fields the model is built
+    with instead of the checkpoint's (``with_overrides``; the info still describes the checkpoint as stored).
     """
     from safetensors import safe_open
 
     path, device = os.fspath(path), torch.device(device)
     try:
         _, family, cfg, found, tensors, info = _check(path)
+        cfg = with_overrides(family, cfg, overrides or {})
     except CheckpointError as exc:
         raise _with_path(path, exc) from None
     model = _meta_model(family, cfg, attention).to(dtype=dtype).to_empty(device=device)
@@ -432,17 +449,24 @@ def load(path: str, device: torch.device | str, dtype: torch.dtype,
         by_file.setdefault(tensors[stored].file, []).append(name)
     names = family.names(cfg)
     st_device = str(device) if device.type != "cuda" or device.index is not None else "cuda:0"
-    with torch.no_grad():
-        for file, wanted in by_file.items():
-            with safe_open(file, framework="pt", device=st_device) as f:
-                for name in wanted:
-                    tf, args = _args(names[name], params)
-                    hf = f.get_tensor(found[name])
-                    if tf is None:
-                        args[0].copy_(hf)
-                    else:
-                        tf.load(hf, *args)
-                    del hf
+    def fill(file: str, wanted: list[str]) -> None:
+        with torch.no_grad(), safe_open(file, framework="pt", device=st_device) as f:
+            for name in wanted:
+                tf, args = _args(names[name], params)
+                hf = f.get_tensor(found[name])
+                if tf is None:
+                    args[0].copy_(hf)
+                else:
+                    tf.load(hf, *args)
+                del hf
+
+    # One thread per shard (at most 8): reads from the page cache or disk and copies to the device overlap (the
+    # GIL is released in both); each parameter is filled by exactly one thread.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(by_file)))) as pool:
+        for done in [pool.submit(fill, file, wanted) for file, wanted in by_file.items()]:
+            done.result()
     finish = getattr(model, "finish_load", None)
     if finish is not None:
         finish()

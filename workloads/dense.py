@@ -1,6 +1,6 @@
-"""Dense decoder workload: train (forward, backward, AdamW), prefill or decode on synthetic tokens, with a
-preset's random weights or a Hugging Face checkpoint's (``--checkpoint DIR``; ``--save-checkpoint DIR`` after
-training).
+"""Dense decoder workload: train (forward, backward, AdamW), prefill or decode on synthetic tokens (training: or a
+token file's, ``--data FILE``), with a preset's random weights or a Hugging Face checkpoint's (``--checkpoint DIR``;
+``--save-checkpoint DIR`` after training; ``--rope-theta`` overrides the model's RoPE base).
 
 Run alone: ``python -m workloads.dense --preset tiny --steps 20`` (events as JSON lines on stdout).
 """
@@ -18,7 +18,14 @@ from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import bytes_moved, flops_per_token, memory_estimate, param_counts
 from workloads.options import run_main
-from workloads.specs.dense import CHECKPOINT_RUN_DEFAULTS, DENSE, PRESET_RUN_DEFAULTS
+from workloads.specs.dense import (
+    CHECKPOINT_RUN_DEFAULTS,
+    DENSE,
+    PRESET_RUN_DEFAULTS,
+    model_overrides,
+    rope_refusal,
+)
+from workloads.tokens import resolve_format, sha256_file, train_ids
 
 if TYPE_CHECKING:  # the module stays torch-free until a run starts (the plan, --dry-run, option errors)
     from workloads.harness import Harness, Steps
@@ -30,7 +37,8 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     """The resolved run: model config, shapes, parameter counts, FLOPs per token, memory estimate.
 
     Allocates nothing (``--dry-run`` prints it); torch-free but with ``--checkpoint``, whose config and tensor
-    headers are checked here (ValueError, one line: a bad checkpoint, a shape knob that contradicts it).
+    headers are checked here (ValueError, one line: a bad checkpoint, a shape knob that contradicts it, a token
+    file the model cannot train on). The model knobs (``--rope-theta``) are applied to the config here.
     """
     mode = opts["mode"]
     checkpoint = None
@@ -51,6 +59,17 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
                          + (" (decode writes one past the context)" if mode == "decode" else ""))
     if needed > cfg.max_seq_len and checkpoint is None:
         cfg = replace(cfg, max_seq_len=needed)
+    overrides = model_overrides(opts)
+    if overrides:
+        why = rope_refusal(cfg.arch)
+        if why:
+            raise ValueError(why)
+        cfg = replace(cfg, **overrides).validate()
+    data = None
+    if opts.get("data") and mode == "train":
+        ids = train_ids(opts["data"], opts["data_format"], opts["data_dtype"], vocab=cfg.vocab_size, need=seq + 1)
+        data = {"path": str(opts["data"]), "format": resolve_format(opts["data"], opts["data_format"]),
+                "sha256": sha256_file(opts["data"]), "tokens": len(ids)}
     if opts.get("save_checkpoint"):
         _check_save(opts, cfg, checkpoint)
     steps = opts["steps"] or (0 if opts["duration"] else run_defaults["steps"])
@@ -73,6 +92,7 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "moved": ({**bytes_moved(cfg, _DTYPE_BYTES[dtype]), "kv_tokens_per_step": batch * (seq + 1)}
                   if mode == "decode" else None),
         **({"checkpoint": checkpoint} if checkpoint else {}),
+        **({"data": data} if data else {}),
     }
 
 
@@ -130,7 +150,8 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
 
         def make(kernel: Any) -> Any:
             h.phase("loading", opts["checkpoint"])
-            model, _, info = ck.load(opts["checkpoint"], h.device, h.dtype, attention=kernel)
+            model, _, info = ck.load(opts["checkpoint"], h.device, h.dtype, attention=kernel,
+                                     overrides=model_overrides(opts))
             meta["checkpoint"] = {**info.record(), "load_s": round(time.perf_counter() - t0, 3)}
             return model.train(mode == "train")
 
@@ -141,6 +162,17 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     batch, seq = p["batch_size"], p["seq_len"]
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
     pool = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(h.device) for _ in range(4)]
+    if p.get("data"):
+        from workloads.tokens import train_batch
+
+        ids = train_ids(opts["data"], opts["data_format"], opts["data_dtype"], vocab=cfg.vocab_size, need=seq + 1)
+
+        def batch_of(i: int) -> torch.Tensor:  # batch i of the file: the same for the same --seed
+            return torch.from_numpy(train_batch(ids, seq + 1, batch, opts["seed"], i)).to(h.device, non_blocking=True)
+    else:
+
+        def batch_of(i: int) -> torch.Tensor:
+            return pool[i % len(pool)]
 
     if mode == "train":
         opt = torch.optim.AdamW(parallel.param_groups(model), lr=opts["lr"], fused=h.device.type == "cuda")
@@ -158,7 +190,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
             train_fwd = b.compile(loss_of)
 
         def step(i: int) -> torch.Tensor:
-            data = pool[i % len(pool)]
+            data = batch_of(i)
             with autocast(), parallel.loss_context(tp):
                 loss = train_fwd(data[:, :-1], data[:, 1:])
                 loss.backward()

@@ -21,6 +21,7 @@ from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import flops_per_token, memory_estimate, param_counts
 from workloads.options import run_main
+from workloads.specs.dense import model_overrides, rope_refusal
 from workloads.specs.perplexity import PERPLEXITY, data_format, model_checks, seq_len, shape_checks, tokenizer_path
 from workloads.tokens import (
     Tokens,
@@ -69,8 +70,20 @@ def load_tokens(opts: dict[str, Any], vocab: int) -> Tokens:
 
 
 def model_config(opts: dict[str, Any], seq: int) -> tuple[ModelConfig, dict[str, Any] | None]:
-    """The model's config and, for a checkpoint, the record's ``checkpoint`` block (``workloads.checkpoint``'s
-    cheap checks run here: nothing is allocated)."""
+    """The model's config with the model knobs applied (``--rope-theta``) and, for a checkpoint, the record's
+    ``checkpoint`` block (``workloads.checkpoint``'s cheap checks run here: nothing is allocated)."""
+    cfg, ckpt = _stored_config(opts, seq)
+    overrides = model_overrides(opts)
+    if overrides:
+        why = rope_refusal(cfg.arch)
+        if why:
+            raise ValueError(why)
+        cfg = replace(cfg, **overrides).validate()
+    return cfg, ckpt
+
+
+def _stored_config(opts: dict[str, Any], seq: int) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """The config of the checkpoint (and its record block) or of the preset, as stored."""
     if opts["checkpoint"]:
         from workloads import checkpoint
 
@@ -180,7 +193,8 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
         h.phase("loading", "checkpoint")
 
         def make(kernel: Any) -> torch.nn.Module:
-            return checkpoint.load(opts["checkpoint"], h.device, h.dtype, attention=kernel)[0]
+            return checkpoint.load(opts["checkpoint"], h.device, h.dtype, attention=kernel,
+                                   overrides=model_overrides(opts))[0]
     else:
         from workloads.models.transformer import Transformer
 

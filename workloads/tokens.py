@@ -1,5 +1,5 @@
-"""Token streams for the perplexity workload: token files, text through a tokenizer, the bytes each token stands
-for, and the sliding windows that score each token once.
+"""Token streams: token files, text through a tokenizer, the bytes each token stands for, the sliding windows that
+score each token once (the perplexity workload) and the training batches of a token file (``dense --data``).
 
 Torch-free (numpy, and the ``tokenizers`` library for text), so the console checks a data file before launch with
 the same code the workload loads it with. Every problem is a :class:`DataError` whose message is one line.
@@ -229,6 +229,30 @@ def sha256_ids(ids: np.ndarray) -> str:
     for i in range(0, len(ids), _CHUNK):
         h.update(np.ascontiguousarray(ids[i:i + _CHUNK], dtype="<i8").tobytes())
     return h.hexdigest()
+
+
+def train_ids(path: str, fmt: str, dtype: str, *, vocab: int, need: int) -> np.ndarray:
+    """The ids of a token file to train on (``read_ids``; ``fmt`` may be ``auto``): every id inside the vocabulary
+    and at least ``need`` of them (one training sequence: --seq-len + 1); DataError (one line) otherwise, text
+    included (training reads token ids)."""
+    fmt = resolve_format(path, fmt)
+    if fmt == "text":
+        raise DataError(f"--data {path}: not token ids; training reads a token file (.npy, .bin, integers as text), "
+                        "so tokenize text first")
+    ids = read_ids(path, fmt, dtype)
+    if len(ids) < need:
+        raise DataError(f"--data {path}: {len(ids)} tokens; a training sequence takes {need} (--seq-len + 1)")
+    check_ids(ids, vocab, path)
+    return ids
+
+
+def train_batch(ids: np.ndarray, length: int, batch: int, seed: int, step: int) -> np.ndarray:
+    """Training batch ``step``: ``batch`` runs of ``length`` contiguous tokens (int64, ``[batch, length]``) at
+    offsets drawn uniformly by a generator seeded with ``(seed, step)``: the same batches for the same seed, in any
+    order of steps."""
+    rng = np.random.default_rng((seed, step))
+    starts = rng.integers(0, len(ids) - length + 1, size=batch)
+    return np.asarray(ids[starts[:, None] + np.arange(length)], dtype=np.int64)
 
 
 def windows(n: int, seq_len: int, stride: int) -> np.ndarray:

@@ -1,9 +1,12 @@
 """The dense transformer workload's declaration and its before-launch checks."""
 
+import functools
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from workloads.options import Machine, Option, WorkloadSpec
+from workloads.tokens import BIN_DTYPES, DataError, train_ids
 
 #: The run shape of a --checkpoint run when --batch-size / --seq-len / --steps are left at 0 (the sequence is cut
 #: to the checkpoint's context).
@@ -113,9 +116,89 @@ def checkpoint_checks(opts: Mapping[str, Any], types: tuple[str, ...] = DENSE_MO
     return []
 
 
+#: --rope-theta, declared once for the workloads that build btune's dense Transformer (dense, perplexity) and applied
+#: to the model's config by ``model_overrides`` (the plan's config; ``workloads.checkpoint.load`` for a checkpoint).
+ROPE_THETA = Option("rope-theta", float, 0.0, "override the model's RoPE base (rope_theta) with this value: a "
+                    "different model, e.g. a wrong setting for the quality gate to catch (0: the model's own)",
+                    min=0, max=1e12, group="knobs")
+
+
+def model_overrides(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The model knobs as the config fields they replace (``--rope-theta``: ``rope_theta``); empty when none is set."""
+    return {"rope_theta": float(opts["rope_theta"])} if opts.get("rope_theta") else {}
+
+
+def rope_refusal(arch_or_type: str) -> str | None:
+    """Why --rope-theta cannot apply to a model of this arch or ``model_type`` (GPT-2 has no RoPE), or None."""
+    if arch_or_type in ("gpt", "gpt2"):
+        return "--rope-theta: a GPT-2-style model has no RoPE (learned positions); the option is for llama-arch models"
+    return None
+
+
+def _model_shape(opts: Mapping[str, Any]) -> tuple[str, int, int | None]:
+    """The model's arch (or ``model_type``), vocabulary and context (None: a preset's, which grows with
+    --seq-len), from the preset or the checkpoint's config.json (CheckpointError when it cannot be read)."""
+    from workloads.checkpoint_files import read_config
+    from workloads.models.config import PRESETS
+
+    if opts.get("checkpoint"):
+        d = read_config(str(opts["checkpoint"]), DENSE_MODEL_TYPES)
+        context = d.get("max_position_embeddings") or d.get("n_positions")
+        return str(d["model_type"]), int(d.get("vocab_size") or 0), int(context) if context else None
+    cfg = PRESETS[str(opts.get("preset"))]
+    return cfg.arch, cfg.vocab_size, None
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=32)
+def _data_problem(path: str, fmt: str, dtype: str, vocab: int, need: int, _stamp: tuple[int, int] | None) -> str | None:
+    """train_ids' refusal of one version of a file (the form asks on every change), or None."""
+    try:
+        train_ids(path, fmt, dtype, vocab=vocab, need=need)
+    except DataError as exc:
+        return str(exc)
+    except OSError as exc:  # a file that went away between two looks
+        return f"--data {path}: cannot read it ({exc.strerror or exc})"
+    return None
+
+
+def model_fit_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """--data (a token file the model can train on: ids inside its vocabulary, one sequence long at least) and
+    --rope-theta against the model, before launch; the checkpoint's own problems are checkpoint_checks'."""
+    from workloads.checkpoint_files import CheckpointError
+
+    if not opts.get("data") and not opts.get("rope_theta"):
+        return []
+    try:
+        arch, vocab, context = _model_shape(opts)
+    except (CheckpointError, KeyError):
+        return []  # checkpoint_checks (or the preset's choices) say why
+    out: list[tuple[str, str]] = []
+    why = rope_refusal(arch) if opts.get("rope_theta") else None
+    if why:
+        out.append(("rope-theta", why))
+    if opts.get("data") and opts.get("mode", "train") == "train" and vocab > 0:
+        run_defaults = CHECKPOINT_RUN_DEFAULTS if opts.get("checkpoint") else PRESET_RUN_DEFAULTS[str(opts["preset"])]
+        seq = int(opts.get("seq_len") or min(run_defaults["seq_len"], context or run_defaults["seq_len"]))
+        path = str(opts["data"])
+        problem = _data_problem(path, str(opts.get("data_format") or "auto"), str(opts.get("data_dtype") or "uint16"),
+                                vocab, seq + 1, _stamp(path))
+        if problem:
+            out.append(("data", problem))
+    return out
+
+
 def dense_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
-    """The transformer knobs' checks, then --checkpoint's files."""
-    return transformer_checks(opts, machine) + checkpoint_checks(opts)
+    """The transformer knobs' checks, then --checkpoint's files, then --data and --rope-theta against the model."""
+    found = checkpoint_checks(opts)
+    return transformer_checks(opts, machine) + (found or model_fit_checks(opts))
 
 
 TRANSFORMER_KNOBS: tuple[Option, ...] = (
@@ -161,9 +244,17 @@ DENSE = WorkloadSpec(
                "ignored; --layers other than the checkpoint's is refused)", group="shape"),
         *TRANSFORMER_KNOBS,
         Option("lr", float, 3e-4, "AdamW learning rate", min=0, max=10, when=(("mode", ("train",)),), group="knobs"),
+        ROPE_THETA,
         Option("save-checkpoint", str, "", "after the run, write the trained weights to this new directory as a "
                "Hugging Face checkpoint (loadable by transformers)", when=(("mode", ("train",)),)),
         Option("dry-run", bool, False, "print the plan as JSON (config, parameters, FLOPs, memory) and exit"),
+        Option("data", str, "", "train on a token file (.npy, .bin, integers as text): batches of --seq-len + 1 "
+               "contiguous tokens at offsets drawn by --seed (empty: random tokens)", when=(("mode", ("train",)),),
+               group="data"),
+        Option("data-format", str, "auto", "how to read --data (auto: .npy, .bin by suffix, else integers as text)",
+               ("auto", "npy", "bin", "ints"), when=(("mode", ("train",)),), group="data"),
+        Option("data-dtype", str, "uint16", "the ids' type in a raw .bin file", BIN_DTYPES,
+               when=(("mode", ("train",)),), group="data"),
     ),
     checks=dense_checks,
     preset_values=preset_values,

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import PRESET_RUN_DEFAULTS, TRANSFORMER_KNOBS, transformer_checks
+from workloads.specs.dense import (
+    PRESET_RUN_DEFAULTS,
+    ROPE_THETA,
+    TRANSFORMER_KNOBS,
+    model_fit_checks,
+    transformer_checks,
+)
 from workloads.tokens import BIN_DTYPES, FORMATS, DataError, check_ids, read_ids, resolve_format, text_nonempty
 from workloads.tokens import tokenizer_vocab as _tokenizer_vocab
 
@@ -188,6 +194,9 @@ def perplexity_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[s
         out = shape_checks(opts)
     if not out:
         out = data_checks(opts)
+    if not out and opts.get("rope_theta"):  # --rope-theta against the model (no RoPE in a GPT-2-style one)
+        out = model_fit_checks({"preset": opts.get("preset"), "checkpoint": opts.get("checkpoint"),
+                                "rope_theta": opts.get("rope_theta")})
     return out + transformer_checks({**opts, "mode": "prefill", "tp": 1}, machine)
 
 
@@ -229,6 +238,7 @@ PERPLEXITY = WorkloadSpec(
         Option("max-tokens", int, 0, "score the first N tokens of the data only (0: all)", min=0, group="shape"),
         Option("batch-size", int, 1, "windows per forward pass (one step)", min=1, max=65536, group="shape"),
         *(o for o in TRANSFORMER_KNOBS if o.name in KNOBS),
+        ROPE_THETA,
         Option("dry-run", bool, False, "print the plan as JSON (model, data, windows, FLOPs, memory) and exit"),
     ),
     checks=perplexity_checks,
