@@ -22,8 +22,8 @@ from workloads.specs.dense import (
     CHECKPOINT_RUN_DEFAULTS,
     DENSE,
     PRESET_RUN_DEFAULTS,
+    apply_overrides,
     model_overrides,
-    rope_refusal,
 )
 from workloads.tokens import resolve_format, sha256_file, train_ids
 
@@ -59,12 +59,7 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
                          + (" (decode writes one past the context)" if mode == "decode" else ""))
     if needed > cfg.max_seq_len and checkpoint is None:
         cfg = replace(cfg, max_seq_len=needed)
-    overrides = model_overrides(opts)
-    if overrides:
-        why = rope_refusal(cfg.arch)
-        if why:
-            raise ValueError(why)
-        cfg = replace(cfg, **overrides).validate()
+    cfg = apply_overrides(cfg, opts)
     data = None
     if opts.get("data") and mode == "train":
         ids = train_ids(opts["data"], opts["data_format"], opts["data_dtype"], vocab=cfg.vocab_size, need=seq + 1)

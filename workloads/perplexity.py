@@ -21,7 +21,7 @@ from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import flops_per_token, memory_estimate, param_counts
 from workloads.options import run_main
-from workloads.specs.dense import model_overrides, rope_refusal
+from workloads.specs.dense import apply_overrides, model_overrides
 from workloads.specs.perplexity import PERPLEXITY, data_format, model_checks, seq_len, shape_checks, tokenizer_path
 from workloads.tokens import (
     Tokens,
@@ -73,13 +73,7 @@ def model_config(opts: dict[str, Any], seq: int) -> tuple[ModelConfig, dict[str,
     """The model's config with the model knobs applied (``--rope-theta``) and, for a checkpoint, the record's
     ``checkpoint`` block (``workloads.checkpoint``'s cheap checks run here: nothing is allocated)."""
     cfg, ckpt = _stored_config(opts, seq)
-    overrides = model_overrides(opts)
-    if overrides:
-        why = rope_refusal(cfg.arch)
-        if why:
-            raise ValueError(why)
-        cfg = replace(cfg, **overrides).validate()
-    return cfg, ckpt
+    return apply_overrides(cfg, opts), ckpt
 
 
 def _stored_config(opts: dict[str, Any], seq: int) -> tuple[ModelConfig, dict[str, Any] | None]:

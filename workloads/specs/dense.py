@@ -1,12 +1,16 @@
 """The dense transformer workload's declaration and its before-launch checks."""
 
+import dataclasses
 import functools
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workloads.options import Machine, Option, WorkloadSpec
 from workloads.tokens import BIN_DTYPES, DataError, train_ids
+
+if TYPE_CHECKING:
+    from workloads.models.config import ModelConfig
 
 #: The run shape of a --checkpoint run when --batch-size / --seq-len / --steps are left at 0 (the sequence is cut
 #: to the checkpoint's context).
@@ -133,6 +137,17 @@ def rope_refusal(arch_or_type: str) -> str | None:
     if arch_or_type in ("gpt", "gpt2"):
         return "--rope-theta: a GPT-2-style model has no RoPE (learned positions); the option is for llama-arch models"
     return None
+
+
+def apply_overrides(cfg: "ModelConfig", opts: Mapping[str, Any]) -> "ModelConfig":
+    """``cfg`` with the model knobs applied and validated; ValueError when a knob cannot apply to its arch."""
+    overrides = model_overrides(opts)
+    if not overrides:
+        return cfg
+    why = rope_refusal(cfg.arch)
+    if why:
+        raise ValueError(why)
+    return dataclasses.replace(cfg, **overrides).validate()
 
 
 def _model_shape(opts: Mapping[str, Any]) -> tuple[str, int, int | None]:
