@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import pytest
+
     from tuner.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +119,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """The one line ``btune ARGV`` refuses with: exit 2, nothing on stdout, no traceback."""
+    from tuner import cli
+
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and not out, (out, err)
+    return lines[0]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import ONE_THREAD, btune, record_of
+from support import ONE_THREAD, btune, record_of, refused
 
 from tuner import cli, quality
 from tuner.record import RecordBuilder
@@ -300,15 +300,6 @@ def test_btune_compare_gate_exit_status_and_one_line_per_failing_run(tmp_path, c
 
 
 # -- bad input, refused before launch -------------------------------------------------------------------------------
-def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    """The one line ``btune ARGV`` refuses with: exit 2, nothing on stdout."""
-    assert cli.main(argv) == 2
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err and not out, (out, err)
-    return lines[0]
-
-
 def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     np.save(tmp_path / "big.npy", np.array([1, 2, 600, 3]))
     (tmp_path / "empty.txt").write_text("  \n\t\n")

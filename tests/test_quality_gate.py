@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import ONE_THREAD, btune, record_of
+from support import ONE_THREAD, btune, record_of, refused
 
 from tuner import cli
 from workloads.options import validate
@@ -54,15 +54,6 @@ def test_a_token_file_the_model_cannot_train_on_is_one_line(tmp_path):
     (tmp_path / "a.txt").write_text("def f():\n    return 1\n")
     with pytest.raises(DataError, match=r"not token ids; training reads a token file"):
         train_ids(str(tmp_path / "a.txt"), "auto", "uint16", vocab=50, need=2)
-
-
-def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    """The one line ``btune ARGV`` refuses with: exit 2, nothing on stdout."""
-    assert cli.main(argv) == 2
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err and not out, (out, err)
-    return lines[0]
 
 
 def test_dense_data_and_rope_theta_are_refused_before_launch_in_one_line(tmp_path, capsys):

@@ -6,21 +6,11 @@ process, which the quick tier does not allow: conftest fails the test.)"""
 from pathlib import Path
 
 import pytest
+from support import refused
 from test_cli import BAD_INPUT
 from test_dense import REFUSED_KNOBS
 from test_serve_cli import REFUSED_SERVE
 from test_tp import REFUSED_TP
-
-from tuner import cli
-
-
-def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    """The one line ``btune ARGV`` refuses with (asserting exit 2 and nothing on stdout)."""
-    assert cli.main(argv) == 2
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err and not out, (out, err)
-    return lines[0]
 
 
 @pytest.mark.parametrize(("args", "words"), BAD_INPUT)
