@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -24,6 +25,9 @@ from workloads.models.kv_cache import KVCache
 from workloads.models.transformer import Transformer
 from workloads.options import validate
 from workloads.specs.dense import DENSE, DENSE_MODEL_TYPES, checkpoint_checks
+
+if TYPE_CHECKING:
+    from workloads.models.moe_config import MoEConfig
 
 LLAMA = ModelConfig("t-llama", "llama", 2, 64, 4, 2, 128, 300, 128, 500000.0, 1e-5,
                     rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32))
@@ -53,17 +57,22 @@ def btune_checkpoint(path: Path, cfg: ModelConfig, seed: int = 0, **kw) -> Trans
     return model
 
 
-def greedy(model: torch.nn.Module, cfg: ModelConfig, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy decode with btune's KV cache: the prompt in one prefill, then one token a step."""
-    cache = KVCache(cfg, prompt.shape[0], prompt.shape[1] + n, dtype=torch.float32)
+def greedy(model: torch.nn.Module, cfg: ModelConfig | MoEConfig, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decode with btune's KV cache (a dense model or an MoE one): the prompt in one prefill, then one
+    token a step."""
+    cache = KVCache(getattr(cfg, "base", cfg), prompt.shape[0], prompt.shape[1] + n, dtype=torch.float32)
+
+    def logits_of(out: Any) -> torch.Tensor:
+        return getattr(out, "logits", out)
+
     out = []
     with torch.no_grad():
-        logits = model(prompt, kv_cache=cache)
+        logits = logits_of(model(prompt, kv_cache=cache))
         for pos in range(prompt.shape[1], prompt.shape[1] + n):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)
             if len(out) < n:
-                logits = model(nxt, kv_cache=cache, start_pos=pos)
+                logits = logits_of(model(nxt, kv_cache=cache, start_pos=pos))
     return torch.cat(out, dim=1)
 
 

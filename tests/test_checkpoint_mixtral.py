@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 from support import btune, record_of
+from test_checkpoint import greedy, rel_err
 
 from workloads import checkpoint as ck
 from workloads.models.config import ModelConfig
@@ -32,11 +33,6 @@ MIX = MoEConfig(ModelConfig("t-mix", "llama", 2, 64, 4, 2, 96, 300, 128, 1e6, 1e
                 normalize_top1=True)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|."""
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def random_moe(cfg: MoEConfig, seed: int = 0) -> MoETransformer:
     """A random btune MoE model of ``cfg`` in eval mode, its norms random too (a swapped one shows)."""
     torch.manual_seed(seed)
@@ -46,20 +42,6 @@ def random_moe(cfg: MoEConfig, seed: int = 0) -> MoETransformer:
             if "norm" in name:
                 p.normal_(1.0, 0.1)
     return model
-
-
-def greedy(model: torch.nn.Module, cfg: MoEConfig, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy decode with btune's KV cache: the prompt in one prefill, then one token a step."""
-    cache = KVCache(cfg.base, prompt.shape[0], prompt.shape[1] + n, dtype=torch.float32)
-    out = []
-    with torch.no_grad():
-        logits = model(prompt, kv_cache=cache).logits
-        for pos in range(prompt.shape[1], prompt.shape[1] + n):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            out.append(nxt)
-            if len(out) < n:
-                logits = model(nxt, kv_cache=cache, start_pos=pos).logits
-    return torch.cat(out, dim=1)
 
 
 # -- quick: btune's MoE model ---------------------------------------------------------------------------------------
