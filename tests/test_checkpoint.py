@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
-from support import btune, record_of
+from support import btune, record_of, refused
 
 from workloads import checkpoint as ck
+from workloads import checkpoint_files
 from workloads.dense import plan
 from workloads.models.config import PRESETS, ModelConfig, RopeScaling
 from workloads.models.flops import param_counts
@@ -203,6 +204,35 @@ def test_the_console_checks_the_files_before_launch(tmp_path):
     assert key == "checkpoint" and msg.endswith("is float32 but config.json says float16")
     dense = {name for name, f in ck.FAMILIES.items() if f.build is ck.build_transformer}
     assert set(DENSE_MODEL_TYPES) == dense
+    _edit_config(tmp_path, torch_dtype="float32", n_inner=96)
+    [(key, msg)] = checkpoint_checks({"checkpoint": str(tmp_path)})
+    assert msg.endswith("tensor transformer.h.0.mlp.c_fc.weight has shape [64, 256], the config needs [64, 96]")
+    _edit_config(tmp_path, n_inner=None, n_layer=3)
+    [(key, msg)] = checkpoint_checks({"checkpoint": str(tmp_path)})
+    assert msg.endswith("tensors of the config are not in the checkpoint, first transformer.h.2.ln_1.weight")
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_shapes_the_console_expects_are_the_ones_btune_saves(tmp_path, family, tied):
+    """checkpoint_files' torch-free shapes from config.json against the files btune's model writes (its
+    state dict through the family's names): the same tensors, the same shapes."""
+    cfg = replace(CONFIGS[family], tie_embeddings=tied)
+    btune_checkpoint(tmp_path, cfg)
+    d = json.loads((tmp_path / "config.json").read_text())
+    want, _ = checkpoint_files.expected_shapes(d)
+    got = checkpoint_files.read_header(str(tmp_path / ck.SINGLE))
+    assert {n: e.shape for n, e in got.items()} == want
+    checkpoint_files.check_tensors(d, got)
+
+
+def test_a_shape_mismatch_is_refused_by_btune_run_before_launch(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    btune_checkpoint(tmp_path / "ck", CONFIGS["qwen2"])
+    _edit_config(tmp_path / "ck", intermediate_size=96)
+    line = refused(capsys, ["run", "dense", "--checkpoint", str(tmp_path / "ck")])
+    assert line.endswith("tensor model.layers.0.mlp.gate_proj.weight has shape [128, 64], the config needs [96, 64]")
+    assert not (tmp_path / "btune_runs").exists()  # nothing launched, no record
 
 
 # -- quick: the dense plan with a checkpoint -------------------------------------------------------------------------

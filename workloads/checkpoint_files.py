@@ -1,9 +1,10 @@
 """The files of a Hugging Face checkpoint directory, checked without torch: config.json, the safetensors shards
-(the index's, each present) and their headers (readable, every tensor inside its file, a floating dtype: the
-config's when it names one).
+(the index's, each present), their headers (readable, every tensor inside its file, a floating dtype: the
+config's when it names one) and the tensors against the config (every weight the config implies there, with the
+shape it implies, none left over).
 
-Torch-free on purpose: the console runs these checks before launch (``workloads.specs``); the shapes against the
-config and the loading are ``workloads.checkpoint``'s.
+Torch-free on purpose: the console runs these checks before launch (``workloads.specs``). ``workloads.checkpoint``
+checks the tensors again against the btune model built on the meta device, then loads them.
 """
 
 from __future__ import annotations
@@ -133,11 +134,109 @@ def declared_dtype(d: dict) -> str | None:
     return name if name in ST_CODES else None
 
 
+def _llama_shapes(d: dict, experts: bool = False) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a Llama, Mistral or Qwen2 (q/k/v biases) config; Mixtral's experts with ``experts``."""
+    hidden, heads, vocab = int(d["hidden_size"]), int(d["num_attention_heads"]), int(d["vocab_size"])
+    kv, ff, hd = int(d.get("num_key_value_heads") or heads), int(d["intermediate_size"]), hidden // heads
+    if d.get("head_dim") not in (None, hd):
+        raise ValueError("a head_dim apart from hidden_size / num_attention_heads")  # the config's check names it
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not d.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = (vocab, hidden)
+    for i in range(int(d["num_hidden_layers"])):
+        hf = f"model.layers.{i}."
+        out[hf + "input_layernorm.weight"] = out[hf + "post_attention_layernorm.weight"] = (hidden,)
+        for proj, rows in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
+            out[f"{hf}self_attn.{proj}_proj.weight"] = (rows, hidden)
+            if d["model_type"] == "qwen2":
+                out[f"{hf}self_attn.{proj}_proj.bias"] = (rows,)
+        out[hf + "self_attn.o_proj.weight"] = (hidden, heads * hd)
+        if not experts:
+            out[hf + "mlp.gate_proj.weight"] = out[hf + "mlp.up_proj.weight"] = (ff, hidden)
+            out[hf + "mlp.down_proj.weight"] = (hidden, ff)
+            continue
+        moe = hf + "block_sparse_moe."
+        out[moe + "gate.weight"] = (int(d["num_local_experts"]), hidden)
+        for e in range(int(d["num_local_experts"])):
+            out[f"{moe}experts.{e}.w1.weight"] = out[f"{moe}experts.{e}.w3.weight"] = (ff, hidden)
+            out[f"{moe}experts.{e}.w2.weight"] = (hidden, ff)
+    return out
+
+
+def _gpt2_shapes(d: dict) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a GPT-2 config (Conv1D weights stored as [in, out])."""
+    dim, vocab = int(d["n_embd"]), int(d["vocab_size"])
+    inner = int(d.get("n_inner") or 4 * dim)
+    out: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (vocab, dim),
+                                       "transformer.wpe.weight": (int(d.get("n_positions") or 1024), dim),
+                                       "transformer.ln_f.weight": (dim,), "transformer.ln_f.bias": (dim,)}
+    if not d.get("tie_word_embeddings", True):
+        out["lm_head.weight"] = (vocab, dim)
+    for i in range(int(d["n_layer"])):
+        hf = f"transformer.h.{i}."
+        for norm in ("ln_1", "ln_2"):
+            out[f"{hf}{norm}.weight"] = out[f"{hf}{norm}.bias"] = (dim,)
+        for name, fan_in, fan_out in (("attn.c_attn", dim, 3 * dim), ("attn.c_proj", dim, dim),
+                                      ("mlp.c_fc", dim, inner), ("mlp.c_proj", inner, dim)):
+            out[f"{hf}{name}.weight"], out[f"{hf}{name}.bias"] = (fan_in, fan_out), (fan_out,)
+    return out
+
+
+#: model_type -> (its {tensor name: shape} from config.json, the prefix a bare base-model checkpoint leaves out)
+SHAPES = {"llama": (_llama_shapes, ""), "mistral": (_llama_shapes, ""), "qwen2": (_llama_shapes, ""),
+          "mixtral": (lambda d: _llama_shapes(d, experts=True), ""), "gpt2": (_gpt2_shapes, "transformer.")}
+
+
+def expected_shapes(d: dict) -> tuple[dict[str, tuple[int, ...]], str] | None:
+    """The tensors config.json ``d`` implies ({name: shape}) and its family's base prefix; None when the config
+    lacks what that takes (``workloads.checkpoint`` names the missing key)."""
+    if d.get("model_type") not in SHAPES:
+        return None
+    shapes, prefix = SHAPES[d["model_type"]]
+    try:
+        return shapes(d), prefix
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def check_tensors(d: dict, tensors: dict[str, Entry]) -> None:
+    """Every tensor config.json ``d`` implies in ``tensors`` (a bare base model's without the prefix), with the
+    shape it implies, and none left over; CheckpointError otherwise."""
+    expected = expected_shapes(d)
+    if expected is None:
+        return
+    want, prefix = expected
+    fused = next((name for name in tensors if name.endswith(".mlp.experts.gate_up_proj")), None)
+    if fused is not None:
+        raise CheckpointError(f"{fused} is transformers' fused in-memory expert layout "
+                              "(save_pretrained(save_original_format=False)); btune reads the per-expert w1/w2/w3 "
+                              "layout save_pretrained writes by default")
+    found: dict[str, str] = {}
+    for name in want:
+        if name in tensors:
+            found[name] = name
+        elif prefix and name.startswith(prefix) and name[len(prefix):] in tensors:
+            found[name] = name[len(prefix):]
+    missing = [n for n in want if n not in found]
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensors of the config are not in the checkpoint, first {missing[0]}")
+    used, tied = set(found.values()), bool(d.get("tie_word_embeddings", d["model_type"] == "gpt2"))
+    extra = [n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES)
+             and not (tied and n == "lm_head.weight")]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"tensor {extra[0]}{more} is not a weight of this {d['model_type']} config")
+    for name, shape in want.items():
+        got = tensors[found[name]].shape
+        if got != shape:
+            raise CheckpointError(f"tensor {found[name]} has shape {list(got)}, the config needs {list(shape)}")
+
+
 def check_files(path: str, known: Iterable[str]) -> tuple[dict, list[str], dict[str, Entry]]:
     """Config, shard names and tensors of checkpoint ``path`` after every check that needs no model: config.json
     present, parseable, of a ``known`` model_type; the shards present; each header readable and inside its file;
-    each weight of a floating dtype, the config's when it names one. CheckpointError (one line, starting with
-    ``path``) otherwise."""
+    each weight of a floating dtype, the config's when it names one; the tensors against the config
+    (``check_tensors``). CheckpointError (one line, starting with ``path``) otherwise."""
     path = os.fspath(path)
     d = read_config(path, known)
     files = shard_files(path)
@@ -157,4 +256,8 @@ def check_files(path: str, known: Iterable[str]) -> tuple[dict, list[str], dict[
             raise CheckpointError(f"{path}: tensor {name} is {e.dtype}, not a floating-point weight")
         if declared is not None and ST_DTYPES[e.dtype] != declared:
             raise CheckpointError(f"{path}: tensor {name} is {ST_DTYPES[e.dtype]} but config.json says {declared}")
+    try:
+        check_tensors(d, tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return d, files, tensors

@@ -108,7 +108,7 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 def checkpoint_checks(opts: Mapping[str, Any], types: tuple[str, ...] = DENSE_MODEL_TYPES) -> list[tuple[str, str]]:
     """--checkpoint's files before launch, without torch (workloads.checkpoint_files): the directory, config.json,
-    its model_type, the shards, their headers and dtypes. The shapes against the config are checked by the run."""
+    its model_type, the shards, their headers and dtypes, the tensors and their shapes against the config."""
     from workloads.checkpoint_files import CheckpointError, check_files
 
     if not opts.get("checkpoint"):

@@ -65,21 +65,16 @@ def checkpoint_contradictions(opts: Mapping[str, Any], layers: int | None, exper
 
 def moe_checkpoint_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
     """--checkpoint before launch, without torch (workloads.checkpoint_files): the files, a Mixtral config.json,
-    and the shape knobs against it. The tensors' shapes against the config are checked by the run."""
+    its tensors against it, and the shape knobs against it."""
     from workloads.checkpoint_files import CheckpointError, check_files
 
     if not opts.get("checkpoint"):
         return []
     path = str(opts["checkpoint"])
     try:
-        d, _, tensors = check_files(path, MOE_MODEL_TYPES)
+        d, _, _ = check_files(path, MOE_MODEL_TYPES)
     except CheckpointError as exc:
         return [("checkpoint", f"--checkpoint {exc}")]
-    fused = next((name for name in tensors if name.endswith(".mlp.experts.gate_up_proj")), None)
-    if fused is not None:
-        return [("checkpoint", f"--checkpoint {path}: {fused} is transformers' fused in-memory expert layout "
-                               "(save_pretrained(save_original_format=False)); btune reads the per-expert w1/w2/w3 "
-                               "layout save_pretrained writes by default")]
 
     def num(key: str) -> int | None:
         v = d.get(key)
