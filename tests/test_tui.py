@@ -208,7 +208,7 @@ def test_choices_this_machine_cannot_run_come_from_the_catalog_checks(tmp_path):
     assert "CPU-sized defaults" in cpu_line
     gpu, gpu_line = run(unavailable(h100))
     assert gpu["device"] == {} and {"cudnn", "efficient"}.isdisjoint(gpu["attention_backend"])
-    assert "not installed" in gpu["fp8_mode"]["te"]  # neither transformer-engine nor torchao here
+    assert "not installed" in gpu["fp8_mode"]["te"]  # transformer-engine is not installed here
     assert "1 × NVIDIA H100 80GB HBM3" in gpu_line
 
 

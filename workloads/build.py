@@ -35,7 +35,8 @@ from workloads.models.attention import AttentionKernel, make_kernel
 @dataclass
 class Built:
     """The model as built (sharded, converted, wrapped: its parameters are what trains), its compiled forward,
-    the context every forward pass runs under (FP8), the attention kernel, the FP8 choice and what ran."""
+    the context every forward pass runs under (FP8), the attention kernel, the FP8 choice and what ran;
+    ``no_backward``: the grad mode of forward passes with no backward (``fp8.no_backward``)."""
 
     model: nn.Module
     forward: Callable[..., Any]
@@ -44,6 +45,7 @@ class Built:
     fp8: fp8.Fp8Choice
     ran: dict[str, Any]
     compile_mode: str = "none"
+    no_backward: Callable[[], AbstractContextManager] = torch.inference_mode
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` compiled with the run's ``--compile-mode`` (itself when none)."""
@@ -93,7 +95,7 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
         model.eval()
     # 5. compile
     mode = opts["compile_mode"] if compile else "none"
-    built = Built(model, model, autocast, kernel, choice, {}, mode)
+    built = Built(model, model, autocast, kernel, choice, {}, mode, fp8.no_backward(choice))
     built.forward = built.compile(model)
     built.ran = {
         "attention": {"requested": opts["attention_backend"], "reason": attn_reason, "window": kernel.window},

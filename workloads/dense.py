@@ -153,7 +153,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     b = build(make, opts, h.device, h.dtype,
               heads=(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), seq_len=p["seq_len"] if mode != "decode" else 1,
               training=mode == "train", mesh=h.mesh)
-    model, fwd, autocast = b.model, b.forward, b.autocast
+    model, fwd, autocast, no_backward = b.model, b.forward, b.autocast, b.no_backward
     batch, seq = p["batch_size"], p["seq_len"]
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
     pool = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(h.device) for _ in range(4)]
@@ -198,18 +198,18 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     elif mode == "prefill":
 
         def step(i: int) -> None:
-            with torch.inference_mode(), autocast():
+            with no_backward(), autocast():
                 fwd(pool[i % len(pool)][:, :-1])
     else:
         # this rank's heads: the width shrinks with them, so head_dim stays the model's
         cache_cfg = replace(cfg, d_model=cfg.d_model // tp, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp)
         cache = KVCache(cache_cfg, batch, seq + 1, device=h.device, dtype=h.dtype)
-        with torch.inference_mode(), autocast():
+        with no_backward(), autocast():
             model(pool[0][:, :seq], kv_cache=cache, start_pos=0)  # fill the context once, untimed
         nxt = pool[1][:, :1].clone()
 
         def step(i: int) -> None:  # greedy: each step's token feeds the next
-            with torch.inference_mode(), autocast():
+            with no_backward(), autocast():
                 logits = fwd(nxt, kv_cache=cache, start_pos=seq)
                 nxt.copy_(parallel.full(logits[:, -1]).argmax(-1, keepdim=True))  # TP: the vocab-sharded logits
 

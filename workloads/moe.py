@@ -182,6 +182,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     opts, tp, device = h.opts, h.world, h.device
     b, meta = _model(h, p)
     model, fwd, autocast, cfg = b.model, b.forward, b.autocast, b.model.moe_cfg
+    no_backward = b.no_backward
     mode, batch, seq, bal = p["mode"], p["batch_size"], p["seq_len"], p["balance"]
     aux_on, free_on = bal["aux_loss_coef"] is not None, bal["bias_update_rate"] is not None
     metrics_on = bal["metrics"] == "on"
@@ -222,7 +223,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     else:
 
         def step(i: int) -> None:
-            with torch.inference_mode(), autocast():
+            with no_backward(), autocast():
                 out = fwd(pool[i % len(pool)][:, :-1])
                 if tracker is not None:
                     tracker.add(i, out.stats)

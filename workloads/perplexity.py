@@ -207,12 +207,12 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     arange = torch.arange(seq, device=dev)
     last = len(ids) - 1
     sums: dict[int, torch.Tensor] = {}
-    fwd, autocast = b.forward, b.autocast
+    fwd, autocast, no_backward = b.forward, b.autocast, b.no_backward
 
     def step(i: int) -> torch.Tensor:
         lo, hi = int(bounds[i]), int(bounds[i + 1])
         pos = (begins_dev[i * batch:(i + 1) * batch, None] + arange).clamp_(max=last)
-        with torch.inference_mode(), autocast():
+        with no_backward(), autocast():
             logits = fwd(ids_dev[pos].long())
             picked = logits.reshape(-1, logits.shape[-1]).index_select(0, flat_dev[lo:hi]).float()
             nll = F.cross_entropy(picked, target_dev[lo:hi], reduction="sum")

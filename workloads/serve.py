@@ -90,7 +90,7 @@ def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, A
     channel = (StepChannel(group, max(p["max_batch"], 16 if te else 1), p["max_prefill_tokens"], h.device)
                if group is not None else None)
     engine = Engine(b.model, b.kernel, p["max_batch"], p["cache_len"], h.device, h.dtype, opts["compile_mode"],
-                    b.autocast, pad_multiple=16 if te else 1, channel=channel)
+                    b.autocast, pad_multiple=16 if te else 1, channel=channel, no_backward=b.no_backward)
     if engine.step_module.flex:
         decode_attn = "flex decoding over each slot's live key blocks"
     elif b.kernel.backend == "auto":

@@ -60,9 +60,11 @@ class Engine:
     def __init__(self, model: Transformer, kernel: AttentionKernel, max_batch: int, cache_len: int,
                  device: torch.device, dtype: torch.dtype, compile_mode: str = "none",
                  autocast: Callable[[], AbstractContextManager] = nullcontext, pad_multiple: int = 1,
-                 channel: StepChannel | None = None) -> None:
+                 channel: StepChannel | None = None,
+                 no_backward: Callable[[], AbstractContextManager] = torch.inference_mode) -> None:
         cfg = model.cfg
         self.model, self.kernel, self.device, self.autocast = model, kernel, device, autocast
+        self.no_backward = no_backward  # the grad mode of every step (build.Built.no_backward)
         self.pad_multiple, self.channel = pad_multiple, channel
         # decode attention: flex where asked, and by default on a GPU (it reads only the live cache blocks)
         flex = kernel.backend == "flex" or (kernel.backend == "auto" and device.type == "cuda")
@@ -166,7 +168,7 @@ class Engine:
 
     def _execute(self, work: Work) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Run ``work``: the decode's next tokens [b] (None without one) and each prefill chunk's next token."""
-        with torch.inference_mode(), self.autocast():
+        with self.no_backward(), self.autocast():
             nxt = self._decode_bucket(work.bucket, work.stage) if work.stage is not None else None
             firsts = [self._prefill(slot, start, tokens) for slot, start, tokens in work.prefill]
         return nxt, firsts
@@ -226,7 +228,7 @@ class Engine:
                 on_shape(k, len(shapes), f"decode batch {size}" if kind == "decode" else "prefill")
             for _ in range(rounds):
                 t0 = time.perf_counter()
-                with torch.inference_mode(), self.autocast():
+                with self.no_backward(), self.autocast():
                     if kind == "prefill":
                         start, length = size
                         self._prefill(0, start, torch.zeros(length, dtype=torch.long, device=self.device)).tolist()

@@ -124,6 +124,15 @@ def _apply_torchao(model: nn.Module, recipe: str, head: bool) -> Callable[[], Ab
     return nullcontext
 
 
+def no_backward(choice: Fp8Choice) -> Callable[[], AbstractContextManager]:
+    """The grad mode of a forward pass with no backward under ``choice``: ``torch.inference_mode``, except
+    ``torch.no_grad`` under torchao's rowwise recipe, whose axiswise-scaled tensors have no reshape in inference
+    mode (torchao 0.18: "aten.reshape.default with axiswise scaling is not supported yet")."""
+    if choice.library == "torchao" and choice.recipe == "rowwise":
+        return torch.no_grad
+    return torch.inference_mode
+
+
 def apply(model: nn.Module, choice: Fp8Choice, head: bool = False) -> Callable[[], AbstractContextManager]:
     """Convert ``model`` in place for ``choice`` (``head``: the LM head too); returns the forward-pass context."""
     if choice.library == "te":
