@@ -26,6 +26,7 @@ from workloads.models.kv_cache import KVCache
 from workloads.models.transformer import Transformer
 from workloads.options import validate
 from workloads.specs.dense import DENSE, DENSE_MODEL_TYPES, checkpoint_checks
+from workloads.specs.serve import SERVE
 
 if TYPE_CHECKING:
     from workloads.models.moe_config import MoEConfig
@@ -323,7 +324,7 @@ def test_logits_and_greedy_decode_equal_transformers(hf_checkpoints, family):
     with torch.no_grad():
         assert rel_err(model(x), hf(x).logits) < 1e-4
     prompt = x[:1, :8]
-    want = hf.generate(prompt, max_new_tokens=16, do_sample=False)[:, 8:]
+    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)[:, 8:]
     assert torch.equal(greedy(model, cfg, prompt, 16), want)
 
 
@@ -403,3 +404,72 @@ def test_btune_train_save_checkpoint_loads_in_transformers(tmp_path):
     x = torch.randint(0, cfg.vocab_size, (2, 32))
     with torch.no_grad():
         assert rel_err(model(x), hf(x).logits) < 1e-4
+
+
+# -- serve --checkpoint ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "gpt2"])
+def test_the_serving_engine_on_a_checkpoint_generates_what_transformers_does(hf_checkpoints, family):
+    """Continuous batching, chunked prefill and slot reuse over a transformers checkpoint (RoPE scaling, a sliding
+    window shorter than the requests, q/k/v biases, learned positions): each request's tokens are
+    ``generate``'s greedy tokens for its prompt."""
+    from test_serve_engine import serve
+
+    from workloads.models.attention import AttentionKernel
+
+    hf, path = hf_checkpoints[family]
+    window = 8 if family == "mistral" else None
+    kernel = AttentionKernel("auto", window)
+    model = ck.load(str(path), "cpu", torch.float32, attention=kernel)[0]
+    res, _ = serve(model, kernel, n=6)
+    assert res.stopped == "drained" and len(res.requests) == 6
+    assert max(r.prompt_len + r.output_len for r in res.requests) > 8  # past the sliding window
+    for r in res.requests:
+        prompt = r.prompt[None].cpu()  # the mask given: generate would mask token 0, its pad token, otherwise
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=r.output_len,
+                           do_sample=False)[0, r.prompt_len:]
+        assert r.tokens == want.tolist(), f"request {r.rid}"
+
+
+@pytest.mark.slow
+def test_btune_run_serve_from_a_checkpoint_records_it(hf_checkpoints, tmp_path):
+    _, path = hf_checkpoints["qwen2"]
+    rec = record_of(btune("run", "serve", "--checkpoint", str(path), "--device", "cpu", "--num-requests", "6",
+                          "--prompt-len", "uniform:4,30", "--output-len", "uniform:2,12", "--out", str(tmp_path)))
+    meta = next(e for e in rec["events"] if e["type"] == "meta")
+    _, info = ck.inspect(str(path))
+    assert {k: meta["checkpoint"][k] for k in ("path", "model_type", "config_sha256", "n_params")} == {
+        "path": os.path.abspath(path), "model_type": "qwen2", "config_sha256": info.config_sha256,
+        "n_params": info.n_params}
+    assert meta["checkpoint"]["load_s"] >= 0 and meta["plan"]["checkpoint"]["config_sha256"] == info.config_sha256
+    assert meta["params"]["total"] == info.n_params and meta["plan"]["model"]["qkv_bias"] is True
+    finished = [e for e in rec["events"] if e["type"] == "request" and e.get("status", "ok") == "ok"]
+    assert len(finished) == 6 and rec["status"] == "ok"
+
+
+def test_serve_refuses_what_contradicts_the_checkpoint_before_launch(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    btune_checkpoint(tmp_path / "gpt2", CONFIGS["gpt2"])  # 128 learned positions
+    btune_checkpoint(tmp_path / "llama", CONFIGS["llama"])  # context 128
+    gpt2, llama = str(tmp_path / "gpt2"), str(tmp_path / "llama")
+    assert refused(capsys, ["run", "serve", "--checkpoint", llama, "--layers", "3"]).endswith(
+        "--layers 3: the checkpoint has 2 layers and runs whole (leave --layers at 0)")
+    assert refused(capsys, ["run", "serve", "--checkpoint", llama, "--max-seq-len", "200"]).endswith(
+        "200 positions per sequence exceed the checkpoint's context of 128")
+    assert refused(capsys, ["run", "serve", "--checkpoint", gpt2, "--prompt-len", "fixed:100",
+                            "--output-len", "fixed:20"]).endswith(
+        "120 positions per sequence: the serving cache rounds up to 256, more than GPT-2's 128 learned positions; "
+        "keep prompt + output at or under 112")
+    assert refused(capsys, ["run", "serve", "--checkpoint", str(tmp_path / "none")]).endswith(
+        f"--checkpoint {tmp_path / 'none'}: not a directory")
+    _edit_config(tmp_path / "llama", intermediate_size=96)
+    assert refused(capsys, ["run", "serve", "--checkpoint", llama]).endswith("the config needs [96, 64]")
+    assert not (tmp_path / "btune_runs").exists()
+    # a fitting request shape passes the checks (the plan then takes the checkpoint's shape)
+    from workloads.serve import plan
+
+    p = plan(validate(SERVE, {"checkpoint": gpt2, "prompt_len": "fixed:100", "output_len": "fixed:12"}), "cpu")
+    assert p["model"]["max_seq_len"] == 128 and p["checkpoint"]["model_type"] == "gpt2"
+    with pytest.raises(ValueError, match="rounds up to 256, more than GPT-2's 128 learned positions"):
+        plan(validate(SERVE, {"checkpoint": gpt2, "max_seq_len": 120}), "cpu")

@@ -274,7 +274,7 @@ def test_logits_and_greedy_decode_equal_transformers(hf_checkpoints, variant):
         assert rel_err(out.logits, hf(x).logits) < 1e-4
     assert (out.stats[:, : cfg.n_experts] > 0).sum() > cfg.n_experts  # tokens went to several experts
     prompt = x[:1, :8]
-    want = hf.generate(prompt, max_new_tokens=16, do_sample=False)[:, 8:]
+    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)[:, 8:]
     assert torch.equal(greedy(model, cfg, prompt, 16), want)
 
 

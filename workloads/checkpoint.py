@@ -395,6 +395,19 @@ def read(path: str) -> tuple[Any, CheckpointInfo]:
     return FAMILIES[info.model_type].to_config(d), info
 
 
+def read_dense(path: str, layers: int = 0, uses: str = "this workload") -> tuple[ModelConfig, dict[str, Any]]:
+    """The dense config of checkpoint ``path`` and its record block (``read``); ValueError (one line) for a MoE
+    checkpoint, which ``uses`` cannot run, or a ``--layers`` other than the checkpoint's (0: its own)."""
+    cfg, info = read(path)
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"--checkpoint {path}: a {info.model_type} checkpoint is a MoE model; {uses} runs dense "
+                         "checkpoints (llama, mistral, qwen2, gpt2)")
+    if layers and layers != cfg.n_layers:
+        raise ValueError(f"--layers {layers}: the checkpoint has {cfg.n_layers} layers and runs whole "
+                         "(leave --layers at 0)")
+    return cfg, info.record()
+
+
 # -- load and save ------------------------------------------------------------------------------------------------
 
 def _args(target: Target, params: dict[str, torch.Tensor]) -> tuple[Transform | None, list[Any]]:

@@ -123,6 +123,28 @@ def read_config(path: str, known: Iterable[str]) -> dict:
     return d
 
 
+def dense_dims(d: dict) -> dict[str, int | None]:
+    """A dense config.json's shape in btune's terms (layers, heads, kv_heads, d_ff, vocab, context; None where
+    absent or not an integer), read the way ``workloads.checkpoint`` reads it, for checks before launch."""
+    gpt2 = d.get("model_type") == "gpt2"
+    keys = {"layers": "n_layer" if gpt2 else "num_hidden_layers", "heads": "n_head" if gpt2 else "num_attention_heads",
+            "kv_heads": "n_head" if gpt2 else "num_key_value_heads", "d_ff": "n_inner" if gpt2 else "intermediate_size",
+            "vocab": "vocab_size", "context": "n_positions" if gpt2 else "max_position_embeddings"}
+
+    def num(key: str) -> int | None:
+        v = d.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    out = {name: num(key) for name, key in keys.items()}
+    if out["kv_heads"] is None:
+        out["kv_heads"] = out["heads"]
+    if gpt2 and out["d_ff"] is None and num("n_embd") is not None:
+        out["d_ff"] = 4 * num("n_embd")  # type: ignore[operator]
+    if out["context"] is None:
+        out["context"] = 1024 if gpt2 else 2048  # workloads.checkpoint's defaults
+    return out
+
+
 def config_sha256(d: dict) -> str:
     """sha256 of a config as canonical JSON (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

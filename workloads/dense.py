@@ -43,7 +43,9 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     mode = opts["mode"]
     checkpoint = None
     if opts.get("checkpoint"):
-        cfg, checkpoint = _checkpoint_config(opts)
+        from workloads import checkpoint as ck
+
+        cfg, checkpoint = ck.read_dense(opts["checkpoint"], opts["layers"], "dense (run moe for Mixtral)")
         run_defaults = {**CHECKPOINT_RUN_DEFAULTS,
                         "seq_len": min(CHECKPOINT_RUN_DEFAULTS["seq_len"], cfg.max_seq_len - (mode == "decode"))}
     else:
@@ -89,19 +91,6 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         **({"checkpoint": checkpoint} if checkpoint else {}),
         **({"data": data} if data else {}),
     }
-
-
-def _checkpoint_config(opts: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
-    """The config of ``--checkpoint`` after its checks, and the record's block; the shape knobs against it."""
-    from workloads import checkpoint as ck
-
-    cfg, info = ck.read(opts["checkpoint"])
-    if not isinstance(cfg, ModelConfig):
-        raise ValueError(f"--checkpoint {opts['checkpoint']}: a {info.model_type} checkpoint is not a dense model")
-    if opts["layers"] and opts["layers"] != cfg.n_layers:
-        raise ValueError(f"--layers {opts['layers']}: the checkpoint has {cfg.n_layers} layers and runs whole "
-                         "(leave --layers at 0)")
-    return cfg, info.record()
 
 
 def _check_save(opts: dict[str, Any], cfg: ModelConfig, checkpoint: dict[str, Any] | None) -> None:

@@ -29,7 +29,7 @@ def print_plan(opts: dict[str, Any], plan: PlanFn) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if device_bytes:
+    if device_bytes and "memory_estimate_bytes" in p:
         need = p["memory_estimate_bytes"]["total"]
         p["device"] = {"name": name, "memory_bytes": device_bytes, "fits": need < 0.95 * device_bytes,
                        "note": f"estimate {need / 2**30:.1f} GiB of {device_bytes / 2**30:.1f} GiB"}

@@ -81,13 +81,10 @@ def _stored_config(opts: dict[str, Any], seq: int) -> tuple[ModelConfig, dict[st
     if opts["checkpoint"]:
         from workloads import checkpoint
 
-        cfg, info = checkpoint.read(opts["checkpoint"])
-        if not isinstance(cfg, ModelConfig):
-            raise ValueError(f"--checkpoint {opts['checkpoint']}: a {info.model_type} checkpoint is a MoE model; "
-                             "perplexity scores dense checkpoints (llama, mistral, qwen2, gpt2) for now")
+        cfg, block = checkpoint.read_dense(opts["checkpoint"], uses="perplexity")
         if seq > cfg.max_seq_len:
             raise ValueError(f"--seq-len {seq} exceeds the checkpoint's context of {cfg.max_seq_len} positions")
-        return cfg, info.record()
+        return cfg, block
     cfg = PRESETS[opts["preset"]]
     return (replace(cfg, max_seq_len=seq) if seq > cfg.max_seq_len else cfg), None
 

@@ -6,7 +6,6 @@ Several replicas: ``torchrun --nproc-per-node N -m workloads.serve --replicas N 
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -14,29 +13,41 @@ import time
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
+from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import bytes_moved, param_counts, serve_flops
 from workloads.options import run_main
 from workloads.protocol import CLOCK_HOST
-from workloads.specs.serve import SERVE, cache_len, lengths, load_checks, resolved
+from workloads.specs.serve import SERVE, cache_len, lengths, load_checks, position_room, resolved
 
 if TYPE_CHECKING:  # the module stays torch-free until a run starts (the plan, --dry-run, option errors)
     from workloads.harness import Harness
 
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-_POSITION_ROOM = 128  # the cache rounds positions up (scratch column, padded chunks, flex blocks)
 
 
 def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
-    """The resolved run: model, cache, load shape, parameter counts, FLOPs per output token (torch-free)."""
-    cfg: ModelConfig = PRESETS[opts["preset"]]
-    if opts["layers"]:
-        cfg = cfg.with_layers(opts["layers"])
+    """The resolved run: model, cache, load shape, parameter counts, FLOPs per output token.
+
+    Torch-free but with ``--checkpoint``, whose config and tensors are checked here (``checkpoint.read_dense``):
+    its shape replaces the preset's, which then gives only the load defaults. ValueError (one line) otherwise."""
+    checkpoint = None
+    if opts.get("checkpoint"):
+        from workloads import checkpoint as ck
+
+        cfg, checkpoint = ck.read_dense(opts["checkpoint"], opts["layers"], "serve")
+    else:
+        cfg = PRESETS[opts["preset"]]
+        if opts["layers"]:
+            cfg = cfg.with_layers(opts["layers"])
     prompt, output = lengths(opts)
     n = cache_len(opts, prompt, output)
-    room = -(-(n + 16) // _POSITION_ROOM) * _POSITION_ROOM
+    room = position_room(n)
     if room > cfg.max_seq_len:  # position tables must cover the cache's spare columns
-        cfg = replace(cfg, max_seq_len=room)
+        if checkpoint is not None and cfg.arch == "gpt":  # a learned table cannot grow (load_checks refuse it)
+            raise ValueError(f"{n} positions per sequence: the serving cache rounds up to {room}, more than "
+                             f"GPT-2's {cfg.max_seq_len} learned positions")
+        cfg = replace(cfg, max_seq_len=room)  # RoPE: a longer table of the same frequencies
     max_batch = int(resolved(opts, "max_batch"))
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     rate = opts["request_rate"]
@@ -66,12 +77,14 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "flops_per_output_token": fpt,
         "kv_cache_bytes": 2 * cfg.n_layers * max_batch * n * kv_heads * cfg.head_dim * _DTYPE_BYTES[dtype],
         "weight_bytes": counts["total"] * _DTYPE_BYTES[dtype],
+        **({"checkpoint": checkpoint} if checkpoint else {}),
     }
 
 
-def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, Any]]:
+def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
     """The model for plan ``p`` through workloads.build, sharded over ``group`` (a tensor-parallel replica's ranks)
-    when given, behind the serving engine (which compiles its own step functions); and what actually ran."""
+    when given, behind the serving engine (which compiles its own step functions); what actually ran; and the
+    checkpoint's record block with its load time (None for random weights)."""
     import torch.distributed as dist
 
     from workloads.build import build
@@ -81,9 +94,25 @@ def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, A
     from workloads.models.transformer import Transformer
 
     opts, cfg, tp = h.opts, ModelConfig(**p["model"]), h.opts["tp"]
-    # every rank builds the same seeded weights; each keeps its slice
+    # every rank builds the same weights (seeded, or the checkpoint's); each keeps its slice
     shard = (lambda model: tensor_parallel.shard(model, dist.get_rank(group), tp, group)) if group is not None else None
-    b = build(lambda kernel: Transformer(cfg, attention=kernel), opts, h.device, h.dtype,
+    make: Any = lambda kernel: Transformer(cfg, attention=kernel)  # noqa: E731
+    loaded: dict[str, Any] = {}
+    if p.get("checkpoint"):
+        from workloads import checkpoint as ck
+
+        # the checkpoint's sliding window unless --attention-window says otherwise (probed with the kernel)
+        opts = {**opts, "attention_window": opts["attention_window"] or cfg.sliding_window or 0}
+        t0 = time.perf_counter()
+
+        def make(kernel: Any) -> Any:
+            h.phase("loading", opts["checkpoint"])
+            model, _, info = ck.load(opts["checkpoint"], h.device, h.dtype, attention=kernel,
+                                          overrides={"max_seq_len": cfg.max_seq_len})
+            loaded["checkpoint"] = {**info.record(), "load_s": round(time.perf_counter() - t0, 3)}
+            return model
+
+    b = build(make, opts, h.device, h.dtype,
               heads=(cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.head_dim),
               seq_len=min(p["max_prefill_tokens"], p["cache_len"]), training=False, shard=shard, tp=tp, compile=False)
     te = b.fp8.library == "te"  # Transformer Engine's FP8 GEMMs want at least 16 rows
@@ -111,7 +140,7 @@ def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, A
         ran["tensor_parallel"] = ("q/k/v, gate/up and the LM head split by output rows, wo and down by input "
                                   "columns with one all-reduce each; greedy over the vocabulary shards; embedding "
                                   "replicated; the leader broadcasts each step's plan to its group")
-    return engine, ran
+    return engine, ran, loaded.get("checkpoint")
 
 
 def _dry_run(opts: dict[str, Any]) -> int:
@@ -119,14 +148,7 @@ def _dry_run(opts: dict[str, Any]) -> int:
     if problems:
         print(f"error: {problems[0][1]}", file=sys.stderr)
         return 2
-    try:
-        import torch
-
-        cuda = opts["device"] != "cpu" and torch.cuda.is_available()
-    except ImportError:
-        cuda = False
-    print(json.dumps(plan(opts, "cuda" if cuda else "cpu"), indent=2, default=str))
-    return 0
+    return print_plan(opts, plan)
 
 
 def _generator(p: dict[str, Any], replica: int, replicas: int) -> Any:
@@ -164,7 +186,7 @@ def run(opts: dict[str, Any]) -> int:
         h.phase("building")
         group = h.join_replicas(replicas, tp)
         p = h.resolve(plan)
-        engine, ran = _engine(h, p, group)
+        engine, ran, loaded = _engine(h, p, group)
         gen = _generator(p, replica, replicas)
     except SETUP_ERRORS as exc:
         return h.setup_failed(exc, "the engine")
@@ -173,6 +195,7 @@ def run(opts: dict[str, Any]) -> int:
            flops_per_token_note="per output token, the prompt's prefill included, at the mean lengths",
            params=p["params"], replicas=replicas, tp=tp,
            step_tokens="output tokens produced by one engine step of this rank's replica",
+           **({"checkpoint": loaded} if loaded else {}),
            **bytes_moved(ModelConfig(**p["model"]), _DTYPE_BYTES[p["dtype"]]))
     device, cuda = h.device, h.device.type == "cuda"
     step_idx = 0

@@ -8,7 +8,11 @@ from typing import Any
 
 from workloads.engine.loadgen import LengthDist
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import TRANSFORMER_KNOBS, transformer_checks
+from workloads.specs.dense import DENSE_MODEL_TYPES, TRANSFORMER_KNOBS, checkpoint_checks, transformer_checks
+
+#: The cache rounds positions up to a multiple of this (scratch column, padded prefill chunks, flex blocks): the
+#: model's position table must cover ``position_room``.
+POSITION_ROOM = 128
 
 #: Per-preset defaults used where --max-batch, --num-requests, --prompt-len, --output-len are left unset.
 SERVE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -37,6 +41,25 @@ def lengths(opts: Mapping[str, Any]) -> tuple[LengthDist, LengthDist]:
 def cache_len(opts: Mapping[str, Any], prompt: LengthDist, output: LengthDist) -> int:
     """KV-cache positions per sequence: --max-seq-len, or the longest prompt plus the longest output."""
     return int(opts.get("max_seq_len") or prompt.high + output.high)
+
+
+def position_room(n: int) -> int:
+    """Positions the model's position table must cover for a cache of ``n`` positions per sequence."""
+    return -(-(n + 16) // POSITION_ROOM) * POSITION_ROOM
+
+
+def checkpoint_dims(opts: Mapping[str, Any]) -> dict[str, Any] | None:
+    """--checkpoint's config.json in btune's terms (``checkpoint_files.dense_dims`` and its model_type), or None
+    without one or when it cannot be read (``checkpoint_checks`` says why)."""
+    from workloads.checkpoint_files import CheckpointError, dense_dims, read_config
+
+    if not opts.get("checkpoint"):
+        return None
+    try:
+        d = read_config(str(opts["checkpoint"]), DENSE_MODEL_TYPES)
+    except CheckpointError:
+        return None
+    return {**dense_dims(d), "model_type": d["model_type"]}
 
 
 def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,13 +99,35 @@ def load_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
     except ValueError as exc:
         out.append(("prompt-len", str(exc)))
         return out
-    cfg = PRESETS.get(str(opts.get("preset")))
     n = cache_len(opts, prompt, output)
+    dims = checkpoint_dims(opts)
     if prompt.high + output.high > n:
         out.append(("max-seq-len", f"prompt up to {prompt.high} plus output up to {output.high} tokens is longer "
                                    f"than the KV cache (--max-seq-len {n})"))
-    elif cfg is not None and n > cfg.max_seq_len:
+    elif dims is not None:
+        out += _checkpoint_fit(opts, dims, n)
+    elif opts.get("checkpoint"):
+        pass  # checkpoint_checks say why it cannot be read
+    elif (cfg := PRESETS.get(str(opts.get("preset")))) is not None and n > cfg.max_seq_len:
         out.append(("max-seq-len", f"{n} positions per sequence exceed {cfg.name}'s context of {cfg.max_seq_len}"))
+    return out
+
+
+def _checkpoint_fit(opts: Mapping[str, Any], dims: Mapping[str, Any], n: int) -> list[tuple[str, str]]:
+    """--layers and the cache's length against the checkpoint (its context; GPT-2's learned position table must
+    also cover the cache's rounding, ``position_room``)."""
+    out: list[tuple[str, str]] = []
+    layers = opts.get("layers") or 0
+    if layers and dims["layers"] is not None and layers != dims["layers"]:
+        out.append(("layers", f"--layers {layers}: the checkpoint has {dims['layers']} layers and runs whole "
+                              "(leave --layers at 0)"))
+    context = dims["context"]
+    if n > context:
+        out.append(("max-seq-len", f"{n} positions per sequence exceed the checkpoint's context of {context}"))
+    elif dims["model_type"] == "gpt2" and position_room(n) > context:
+        out.append(("max-seq-len", f"{n} positions per sequence: the serving cache rounds up to "
+                                   f"{position_room(n)}, more than GPT-2's {context} learned positions; keep "
+                                   f"prompt + output at or under {(context // POSITION_ROOM) * POSITION_ROOM - 16}"))
     return out
 
 
@@ -99,10 +144,17 @@ def serve_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, s
     if int(opts.get("tp") or 1) > 1 and opts.get("fp8_head"):
         out.append(("fp8-head", "--fp8-head: the LM head is split over the vocabulary with --tp and stays in the "
                                 "compute dtype; drop one of them"))
-    cfg = PRESETS.get(str(opts.get("preset")))
-    divides = None if cfg is None else {"attention heads": cfg.n_heads, "KV heads": cfg.n_kv_heads,
-                                        "MLP width": cfg.d_ff, "vocabulary": cfg.vocab_size}
-    return out + transformer_checks({**opts, "mode": "decode"}, machine, divides)
+    found = checkpoint_checks(opts)
+    dims = checkpoint_dims(opts)
+    if dims is not None:
+        divides = {"attention heads": dims["heads"], "KV heads": dims["kv_heads"], "MLP width": dims["d_ff"],
+                   "vocabulary": dims["vocab"]}
+        divides = {k: v for k, v in divides.items() if v is not None}
+    else:
+        cfg = PRESETS.get(str(opts.get("preset")))
+        divides = None if cfg is None else {"attention heads": cfg.n_heads, "KV heads": cfg.n_kv_heads,
+                                            "MLP width": cfg.d_ff, "vocabulary": cfg.vocab_size}
+    return out + found + transformer_checks({**opts, "mode": "decode"}, machine, divides)
 
 
 SERVE = WorkloadSpec(
@@ -115,6 +167,9 @@ SERVE = WorkloadSpec(
     cpu_preset="tiny",
     options=(
         Option("layers", int, 0, "truncate the preset to N layers (0: all)", min=0, max=1024, group="shape"),
+        Option("checkpoint", str, "", "a Hugging Face checkpoint directory (config.json + safetensors: llama, "
+               "mistral, qwen2, gpt2) served instead of random weights (--preset then sets only the "
+               "load defaults; --layers other than the checkpoint's is refused)", group="shape"),
         Option("max-batch", int, 0, "KV-cache slots: sequences decoded together (0: the preset's)", min=0,
                max=4096, group="shape"),
         Option("max-seq-len", int, 0, "KV-cache positions per sequence (0: longest prompt + longest output)",
