@@ -9,7 +9,12 @@
    same directory onto the GPU, alternated, each twice (the first pair reads a cold page cache for whichever
    goes first: both orders are shown), and the two models' logits on one prompt.
 
-usage: python benchmarks/quality_gpu.py [--skip-load] [--out DIR]
+3. The no-backward paths under FP8 rowwise, eager (forward passes run under no_grad there: torchao's rowwise
+   tensors cannot be reshaped in inference mode): dense prefill and decode on tiny-llama.
+4. ``serve --checkpoint``: the load test on the trained tiny model and on the llama-3.1-8b-shaped checkpoint of
+   (2), bf16 and FP8.
+
+usage: python benchmarks/quality_gpu.py [--skip-load] [--skip-quality] [--skip-serve] [--rows WORD,...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -49,13 +54,25 @@ def perplexity(runs: Path, *flags: str) -> dict:
     return load_record(Path(res.stdout.strip().splitlines()[-1]))
 
 
-def quality_table(work: Path) -> None:
+def btune_run(runs: Path, *args: str) -> dict:
+    """``btune run ARGS`` on the GPU; its record, or {"refused": last line}."""
+    res = subprocess.run([sys.executable, "-m", "tuner", "run", "--out", str(runs), *args], env=env(),
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr.strip() or res.stdout.strip()).splitlines() or ["?"]
+        return {"refused": tail[-1][:300]}
+    return load_record(Path(res.stdout.strip().splitlines()[-1]))
+
+
+def quality_table(work: Path, rows: list[str] | None = None) -> None:
     runs = work / "runs"
     settings = [
         ("bf16 (baseline)", ["--dtype", "bf16"]),
         ("fp32", ["--dtype", "fp32"]),
         ("bf16 + FP8 torchao tensorwise", ["--dtype", "bf16", "--fp8-mode", "torchao", "--fp8-recipe", "tensorwise"]),
-        ("bf16 + FP8 torchao rowwise", ["--dtype", "bf16", "--fp8-mode", "torchao", "--fp8-recipe", "rowwise"]),
+        ("bf16 + FP8 torchao rowwise (eager)", ["--dtype", "bf16", "--fp8-mode", "torchao", "--fp8-recipe", "rowwise"]),
+        ("bf16 + FP8 torchao rowwise, compiled", ["--dtype", "bf16", "--fp8-mode", "torchao", "--fp8-recipe",
+                                                  "rowwise", "--compile-mode", "default"]),
         *[(f"bf16, attention {b}", ["--dtype", "bf16", "--attention-backend", b])
           for b in ("math", "flash", "efficient", "cudnn", "flex")],
         ("bf16, compiled (default)", ["--dtype", "bf16", "--compile-mode", "default"]),
@@ -67,6 +84,8 @@ def quality_table(work: Path) -> None:
     print("| setting | perplexity | mean NLL | tokens scored | gate vs bf16 (0.5%) |")
     print("|---|---|---|---|---|")
     for name, flags in settings:
+        if rows and base is not None and not any(w in name for w in rows):
+            continue
         flags = [str(rope) if f == "__ROPE__" else f for f in flags]
         rec = perplexity(runs, *flags)
         if "refused" in rec:
@@ -81,6 +100,50 @@ def quality_table(work: Path) -> None:
             ok, message = gate(base, s, 0.005)
             verdict = f"{'pass' if ok else 'FAIL'}: {message}"
         print(f"| {name} | {q.get('perplexity')} | {q.get('mean_nll')} | {q.get('tokens_scored')} | {verdict} |")
+    print()
+
+
+def no_backward_table(work: Path) -> None:
+    runs = work / "runs"
+    print("| dense tiny-llama, eager | bf16 tokens/s | FP8 rowwise tokens/s | status |")
+    print("|---|---|---|---|")
+    for mode in ("prefill", "decode"):
+        common = ["dense", "--preset", "tiny-llama", "--mode", mode, "--device", "cuda", "--steps", "20",
+                  "--dtype", "bf16"]
+        a = btune_run(runs, *common)
+        b = btune_run(runs, *common, "--fp8-mode", "torchao", "--fp8-recipe", "rowwise")
+        speed = [f"{r['summary'].get('throughput_tokens_per_s') or 0:,.0f}" if "summary" in r else "-" for r in (a, b)]
+        status = "; ".join(r.get("refused") or r["status"] for r in (a, b))
+        print(f"| {mode} | {speed[0]} | {speed[1]} | {status} |")
+    print()
+
+
+def serve_table(work: Path) -> None:
+    runs = work / "runs"
+    big = work / "llama8b"
+    small = ["--prompt-len", "uniform:16,160", "--output-len", "uniform:8,64", "--num-requests", "64",
+             "--max-batch", "16"]
+    large = ["--prompt-len", "uniform:128,1024", "--output-len", "uniform:32,256", "--num-requests", "128",
+             "--max-batch", "32"]
+    settings = [("tiny_model, bf16", MODEL, small, []),
+                ("tiny_model, FP8 torchao rowwise (eager)", MODEL, small,
+                 ["--fp8-mode", "torchao", "--fp8-recipe", "rowwise"]),
+                ("llama-3.1-8b shape, bf16", big, large, []),
+                ("llama-3.1-8b shape, FP8 torchao tensorwise", big, large, ["--fp8-mode", "torchao"])]
+    print("| serve --checkpoint | status | load s | output tok/s | TTFT p50 ms | TPOT p50 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, path, load, knobs in settings:
+        if not (path / "config.json").exists():
+            print(f"| {name} | no checkpoint at {path} | | | | |")
+            continue
+        rec = btune_run(runs, "serve", "--checkpoint", str(path), "--device", "cuda", "--dtype", "bf16", *load, *knobs)
+        if "refused" in rec:
+            print(f"| {name} | failed: {rec['refused']} | | | | |")
+            continue
+        meta = next(e for e in rec["events"] if e["type"] == "meta")
+        sv = rec["summary"]["serving"]
+        print(f"| {name} | {rec['status']} | {meta['checkpoint']['load_s']:.2f} | {sv['output_tokens_per_s']:,.0f} | "
+              f"{sv['ttft_ms']['p50']:.1f} | {sv['tpot_ms']['p50']:.2f} |")
     print()
 
 
@@ -146,6 +209,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--rows", default="", help="quality rows whose name holds one of these words (the baseline always)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="btune-quality-"))
@@ -153,9 +218,12 @@ def main() -> int:
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     if not args.skip_quality:
-        quality_table(work)
+        quality_table(work, [w for w in args.rows.split(",") if w])
+        no_backward_table(work)
     if not args.skip_load:
         load_table(work)
+    if not args.skip_serve:
+        serve_table(work)
     return 0
 
 
