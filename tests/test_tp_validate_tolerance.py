@@ -30,15 +30,6 @@ def test_default_preset_tp2_passes(tmp_path):
     bias = {t["tensor"]: t for t in w["tensors"]}["grad layers.0.attn.wk.bias"]
     assert bias["ok"] and bias["floored"] and bias["max_abs"] <= w["floor"]
     assert bias["scale"] < 1e-6 * w["grad_scale"], "the key bias's gradient is zero up to float noise"
-
-
-@pytest.mark.slow
-def test_another_gpt_shape_passes(tmp_path):
-    res = btune("run", "tp-validate", "--preset", "tiny", "--tp", "2", "--seed", "7", "--batch-size", "3",
-                "--seq-len", "48", "--layers", "1", "--out", str(tmp_path), env=ONE_THREAD)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    w = record_of(res)["summary"]["workload"]
-    assert w["passed"] is True and not w["mismatches"]
     assert "grad pos_embeddings.weight" in {t["tensor"] for t in w["tensors"]}, "GPT arch: learned positions"
 
 
