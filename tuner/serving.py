@@ -3,7 +3,8 @@
 Percentiles are tuner.stats'. Latency statistics cover the finished requests; requests still
 unfinished when the run stopped are counted and never meet an SLO. Throughputs divide by the duration
 from the start of the load to the moment the engine stopped (the last finish when every request
-finished), as vLLM's bench serve does.
+finished), as vLLM's bench serve does. Requests whose ``status`` is ``failed`` (an endpoint's errors) are
+counted by reason under ``failures``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ def itl_ms(record: dict[str, Any]) -> list[float]:
     """The gaps between consecutive tokens of a request record, in ms."""
     ts = record.get("token_s") or []
     return [(b - a) * 1000.0 for a, b in pairwise(ts)]
+
+
+def failed(record: dict[str, Any]) -> bool:
+    """A request that ended in an error (an endpoint's refusal, timeout, HTTP error, cut or malformed stream)."""
+    return record.get("status") == "failed"
+
+
+def failure_reason(record: dict[str, Any]) -> str:
+    """A failed request's reason: its error up to the first colon (``HTTP 500``, ``timeout``, ...)."""
+    return str(record.get("error") or "unknown").split(":", 1)[0].strip() or "unknown"
 
 
 def meets_slo(record: dict[str, Any], slo_ttft_ms: float, slo_tpot_ms: float) -> bool:
@@ -46,9 +57,14 @@ def peak_concurrency(records: Iterable[dict[str, Any]]) -> int:
 
 def serving_summary(records: list[dict[str, Any]], duration_s: float, slo_ttft_ms: float,
                     slo_tpot_ms: float) -> dict[str, Any]:
-    """TTFT, TPOT, ITL and E2E statistics, throughputs, goodput, peak concurrency and unfinished requests."""
+    """TTFT, TPOT, ITL and E2E statistics, throughputs, goodput, peak concurrency, unfinished requests and failed
+    ones (total and by reason; a failed request is neither finished nor unfinished)."""
     finished = [r for r in records if r.get("finished")]
-    unfinished = [r for r in records if not r.get("finished")]
+    unfinished = [r for r in records if not r.get("finished") and not failed(r)]
+    reasons: dict[str, int] = {}
+    for r in records:
+        if failed(r):
+            reasons[failure_reason(r)] = reasons.get(failure_reason(r), 0) + 1
     good = sum(meets_slo(r, slo_ttft_ms, slo_tpot_ms) for r in finished)
     out_tokens = sum(r["output_tokens"] for r in finished)
     prompt_tokens = sum(r["prompt_len"] for r in finished)
@@ -71,4 +87,5 @@ def serving_summary(records: list[dict[str, Any]], duration_s: float, slo_ttft_m
         "prompt_tokens": prompt_tokens,
         "output_tokens": out_tokens,
         "peak_concurrency": peak_concurrency(records),
+        "failures": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
     }

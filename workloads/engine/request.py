@@ -71,10 +71,14 @@ def _ms(x: float | None) -> float | None:
 
 
 def timeline(rid: int, arrival: float, token_times: list[float], finish: float | None, prompt_len: int,
-             output_len: int, replica: int = 0, client: int | None = None) -> dict[str, Any]:
-    """Raw times (s since the load began) and the derived latencies (ms); None where undefined."""
+             output_len: int, replica: int = 0, client: int | None = None,
+             output_tokens: int | None = None) -> dict[str, Any]:
+    """Raw times (s since the load began) and the derived latencies (ms); None where undefined.
+
+    ``output_tokens``: the tokens produced when a time is not known for each (an endpoint's stream chunks may
+    carry several); default one per entry of ``token_times``. TPOT divides by it less one."""
     first = token_times[0] if token_times else None
-    n = len(token_times)
+    n = len(token_times) if output_tokens is None else output_tokens
     ttft = first - arrival if first is not None else None
     e2e = finish - arrival if finish is not None else None
     tpot = (e2e - ttft) / (n - 1) if e2e is not None and ttft is not None and n > 1 else None
