@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from workloads.checkpoint_files import (
-    IGNORED_SUFFIXES,
     INDEX,
     SINGLE,
     ST_DTYPES,
@@ -35,6 +34,7 @@ from workloads.checkpoint_files import (
     Entry,
     check_files,
     config_sha256,
+    resolve_names,
 )
 from workloads.models.attention import AttentionKernel
 from workloads.models.config import ModelConfig, RopeScaling
@@ -320,24 +320,7 @@ def _meta_model(family: Family, cfg: Any, attention: AttentionKernel | None = No
 
 def _resolve(family: Family, names: dict[str, Target], tensors: dict[str, Entry], tied: bool) -> dict[str, str]:
     """{expected name: name in the files}; CheckpointError for a missing or an unexpected tensor."""
-    found: dict[str, str] = {}
-    prefix = family.base_prefix
-    for name in names:
-        if name in tensors:
-            found[name] = name
-        elif prefix and name.startswith(prefix) and name[len(prefix):] in tensors:
-            found[name] = name[len(prefix):]
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise CheckpointError(f"{len(missing)} tensors of the config are not in the checkpoint, first {missing[0]}")
-    used = set(found.values())
-    extra = [n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES)
-             and not (tied and n == "lm_head.weight")]
-    if extra:
-        raise CheckpointError(f"tensor {extra[0]} (and {len(extra) - 1} more) is not a weight of this "
-                              f"{family.model_type} config" if len(extra) > 1 else
-                              f"tensor {extra[0]} is not a weight of this {family.model_type} config")
-    return found
+    return resolve_names(names, tensors, family.base_prefix, tied, family.model_type)
 
 
 def _check(path: str) -> tuple[dict, Family, Any, dict[str, str], dict[str, Entry], CheckpointInfo]:

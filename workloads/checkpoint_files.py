@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 INDEX = "model.safetensors.index.json"
@@ -221,6 +221,29 @@ def expected_shapes(d: dict) -> tuple[dict[str, tuple[int, ...]], str] | None:
         return None
 
 
+def resolve_names(names: Iterable[str], tensors: Mapping[str, Entry], prefix: str, tied: bool,
+                  model_type: str) -> dict[str, str]:
+    """{expected name: its name in the files} (a bare base model's without ``prefix``); CheckpointError for a
+    missing tensor or one left over (old buffers and a tied head's copy aside)."""
+    names = list(names)
+    found: dict[str, str] = {}
+    for name in names:
+        if name in tensors:
+            found[name] = name
+        elif prefix and name.startswith(prefix) and name[len(prefix):] in tensors:
+            found[name] = name[len(prefix):]
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensors of the config are not in the checkpoint, first {missing[0]}")
+    used = set(found.values())
+    extra = [n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES)
+             and not (tied and n == "lm_head.weight")]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"tensor {extra[0]}{more} is not a weight of this {model_type} config")
+    return found
+
+
 def check_tensors(d: dict, tensors: dict[str, Entry]) -> None:
     """Every tensor config.json ``d`` implies in ``tensors`` (a bare base model's without the prefix), with the
     shape it implies, and none left over; CheckpointError otherwise."""
@@ -233,21 +256,8 @@ def check_tensors(d: dict, tensors: dict[str, Entry]) -> None:
         raise CheckpointError(f"{fused} is transformers' fused in-memory expert layout "
                               "(save_pretrained(save_original_format=False)); btune reads the per-expert w1/w2/w3 "
                               "layout save_pretrained writes by default")
-    found: dict[str, str] = {}
-    for name in want:
-        if name in tensors:
-            found[name] = name
-        elif prefix and name.startswith(prefix) and name[len(prefix):] in tensors:
-            found[name] = name[len(prefix):]
-    missing = [n for n in want if n not in found]
-    if missing:
-        raise CheckpointError(f"{len(missing)} tensors of the config are not in the checkpoint, first {missing[0]}")
-    used, tied = set(found.values()), bool(d.get("tie_word_embeddings", d["model_type"] == "gpt2"))
-    extra = [n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES)
-             and not (tied and n == "lm_head.weight")]
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise CheckpointError(f"tensor {extra[0]}{more} is not a weight of this {d['model_type']} config")
+    found = resolve_names(want, tensors, prefix, bool(d.get("tie_word_embeddings", d["model_type"] == "gpt2")),
+                          d["model_type"])
     for name, shape in want.items():
         got = tensors[found[name]].shape
         if got != shape:
