@@ -78,11 +78,60 @@ def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Options of btune's own engine, refused with --endpoint (a server's engine is its own).
+ENGINE_ONLY = ("dtype", "fp8-mode", "fp8-recipe", "fp8-head", "attention-backend", "attention-window", "compile-mode",
+               "tp", "replicas", "checkpoint", "layers", "max-batch", "max-prefill-tokens", "max-seq-len",
+               "memory-profile", "steps")
+#: Options that only mean something with --endpoint, and their defaults.
+ENDPOINT_ONLY = {"model": "", "api": "completions", "tokenizer": "", "prompts": "", "request-timeout": 600.0,
+                 "api-key-env": ""}
+
+
+def endpoint_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """--endpoint's URL and its companions; the engine's knobs refused with it, its own refused without it."""
+    import os
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    url = str(opts.get("endpoint") or "")
+    if not url:
+        return [(k, f"--{k} applies to --endpoint (a server speaking the OpenAI API); give --endpoint URL")
+                for k, default in ENDPOINT_ONLY.items() if opts.get(k.replace("-", "_"), default) != default][:1]
+    out: list[tuple[str, str]] = []
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a malformed port raises here
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:
+        out.append(("endpoint", f"--endpoint {url!r}: not an http(s) URL (e.g. http://127.0.0.1:8000/v1)"))
+    if not opts.get("model"):
+        out.append(("model", "--endpoint needs --model NAME (the model the server serves)"))
+    defaults = {o.dest: o.default for o in SERVE_OPTIONS}
+    defaults["steps"] = 0
+    for name in ENGINE_ONLY:
+        dest = name.replace("-", "_")
+        if dest in opts and opts[dest] != defaults.get(dest):
+            out.append((name, f"--{name} applies to btune's engine, not to a server load-tested with --endpoint"))
+    tok = str(opts.get("tokenizer") or "")
+    if tok and not (Path(tok) / "tokenizer.json").is_file():
+        out.append(("tokenizer", f"--tokenizer {tok}: no tokenizer.json in that directory"))
+    prompts = str(opts.get("prompts") or "")
+    if prompts and not Path(prompts).is_file():
+        out.append(("prompts", f"--prompts {prompts}: no such file"))
+    key = str(opts.get("api_key_env") or "")
+    if key and key not in os.environ:
+        out.append(("api-key-env", f"--api-key-env {key}: that environment variable is not set"))
+    return out
+
+
 def load_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Load and shape options that contradict each other or cannot fit, whatever the machine."""
+    """Load and shape options that contradict each other or cannot fit, whatever the machine (with --endpoint:
+    the load's options and ``endpoint_checks``; the server's limits are its own)."""
     from workloads.models.config import PRESETS
 
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str]] = endpoint_checks(opts)
     rate, conc = opts.get("request_rate"), opts.get("concurrency")
     if rate is not None and conc is not None:
         out.append(("concurrency", "--request-rate (open loop) and --concurrency (closed loop) contradict each "
@@ -98,6 +147,8 @@ def load_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
         prompt, output = lengths(opts)
     except ValueError as exc:
         out.append(("prompt-len", str(exc)))
+        return out
+    if opts.get("endpoint"):
         return out
     n = cache_len(opts, prompt, output)
     dims = checkpoint_dims(opts)
@@ -136,6 +187,8 @@ def serve_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, s
     from workloads.models.config import PRESETS
 
     out = load_checks(opts)
+    if opts.get("endpoint"):
+        return out
     backend = opts.get("attention_backend", "auto")
     if backend == "flash":
         out.append(("attention-backend", "--attention-backend flash: the flash kernel takes no mask, and decoding "
@@ -157,15 +210,24 @@ def serve_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, s
     return out + found + transformer_checks({**opts, "mode": "decode"}, machine, divides)
 
 
-SERVE = WorkloadSpec(
-    name="serve",
-    module="workloads.serve",
-    description="Inference serving load test: KV-cache engine with continuous batching and chunked prefill, "
-                "open- or closed-loop load; TTFT, TPOT, ITL, E2E percentiles and goodput",
-    presets=tuple(SERVE_DEFAULTS),
-    default_preset="tiny",
-    cpu_preset="tiny",
-    options=(
+#: --endpoint and its companions: load-test a server speaking the OpenAI API instead of btune's engine.
+ENDPOINT_OPTIONS: tuple[Option, ...] = (
+    Option("endpoint", str, "", "load-test a server speaking the OpenAI API at this base URL (e.g. "
+           "http://127.0.0.1:8000/v1) instead of btune's engine (empty: the engine)", group="endpoint"),
+    Option("model", str, "", "--endpoint: the model name sent in each request (required)", group="endpoint"),
+    Option("api", str, "completions", "--endpoint: which API: /completions or /chat/completions",
+           ("completions", "chat"), group="endpoint"),
+    Option("tokenizer", str, "", "--endpoint: a local directory with tokenizer.json: exact prompt lengths, and "
+           "output tokens counted when the server gives no usage", group="endpoint"),
+    Option("prompts", str, "", "--endpoint: prompts from a ShareGPT JSON or JSONL ({\"prompt\"|\"text\": ...}) "
+           "file, sampled with the seed (empty: synthetic prompts of --prompt-len)", group="endpoint"),
+    Option("request-timeout", float, 600.0, "--endpoint: seconds one request may take before it fails", min=0.001,
+           group="endpoint"),
+    Option("api-key-env", str, "", "--endpoint: the environment variable holding the API key (sent as a Bearer "
+           "token; never recorded)", group="endpoint"),
+)
+
+SERVE_OPTIONS: tuple[Option, ...] = (
         Option("layers", int, 0, "truncate the preset to N layers (0: all)", min=0, max=1024, group="shape"),
         Option("checkpoint", str, "", "a Hugging Face checkpoint directory (config.json + safetensors: llama, "
                "mistral, qwen2, gpt2) served instead of random weights (--preset then sets only the "
@@ -196,7 +258,19 @@ SERVE = WorkloadSpec(
                "stream shared round-robin, reported once by rank 0", min=1, max=1024, group="parallel"),
         *(o for o in TRANSFORMER_KNOBS if o.name != "activation-checkpointing"),
         Option("dry-run", bool, False, "print the plan as JSON (config, cache, load, FLOPs) and exit"),
-    ),
+        *ENDPOINT_OPTIONS,
+)
+
+SERVE = WorkloadSpec(
+    name="serve",
+    module="workloads.serve",
+    description="Inference serving load test: KV-cache engine with continuous batching and chunked prefill, "
+                "or any server speaking the OpenAI API (--endpoint); open- or closed-loop load; TTFT, TPOT, ITL, "
+                "E2E percentiles and goodput",
+    presets=tuple(SERVE_DEFAULTS),
+    default_preset="tiny",
+    cpu_preset="tiny",
+    options=SERVE_OPTIONS,
     checks=serve_checks,
     preset_values=preset_values,
 )
