@@ -2,6 +2,8 @@
 
 Run alone: ``python -m workloads.serve --preset tiny --num-requests 16`` (events as JSON lines on stdout).
 Several replicas: ``torchrun --nproc-per-node N -m workloads.serve --replicas N ...``.
+With ``--endpoint URL --model NAME`` the same load goes over HTTP to a server speaking the OpenAI API
+(``workloads.client``; no torch on that path).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
 
     Torch-free but with ``--checkpoint``, whose config and tensors are checked here (``checkpoint.read_dense``):
     its shape replaces the preset's, which then gives only the load defaults. ValueError (one line) otherwise."""
+    if opts.get("endpoint"):
+        return endpoint_plan(opts)
     checkpoint = None
     if opts.get("checkpoint"):
         from workloads import checkpoint as ck
@@ -79,6 +83,89 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "weight_bytes": counts["total"] * _DTYPE_BYTES[dtype],
         **({"checkpoint": checkpoint} if checkpoint else {}),
     }
+
+
+def endpoint_plan(opts: dict[str, Any]) -> dict[str, Any]:
+    """--endpoint's plan: the load (closed loop without --concurrency: the preset's --max-batch clients), the
+    SLOs and the server; no model (the server's is unknown here). Torch-free."""
+    prompt, output = lengths(opts)
+    rate = opts["request_rate"]
+    num = opts["num_requests"] or (0 if opts["duration"] else resolved(opts, "num_requests"))
+    load = {"mode": "open" if rate is not None else "closed", "request_rate": rate,
+            "burstiness": opts["burstiness"] if rate is not None else None,
+            "concurrency": None if rate is not None else (opts["concurrency"] or resolved(opts, "max_batch")),
+            "num_requests": num, "duration_s": opts["duration"], "drain_timeout_s": opts["drain_timeout"],
+            "prompt_len": str(prompt), "output_len": str(output), "seed": opts["seed"]}
+    return {"endpoint": {"url": opts["endpoint"], "model": opts["model"], "api": opts["api"]}, "load": load,
+            "slo": {"ttft_ms": opts["slo_ttft_ms"], "tpot_ms": opts["slo_tpot_ms"]}, "dtype": None,
+            "prompts": opts["prompts"] or "synthetic", "request_timeout_s": opts["request_timeout"]}
+
+
+def _run_endpoint(opts: dict[str, Any]) -> int:
+    """The load against ``--endpoint``: probe the optional fields, send the load, one ``request`` event per
+    request, the summary. Exit 1 when no request reached the server (an error event names why), 130 when
+    interrupted, 2 on a bad option or file. Torch is never imported."""
+    import asyncio
+    import os
+
+    from workloads.client.load import Endpoint, EndpointLoad, probe
+    from workloads.client.prompts import Prompts, load_tokenizer
+    from workloads.protocol import Emitter
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # as Harness: the console's cancel is a SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    em = Emitter()
+
+    def failed(message: str, code: int, kind: str) -> int:
+        em.error(message, kind=kind)
+        print(f"error: {message}", file=sys.stderr)
+        em.close()
+        return code
+
+    problems = load_checks(opts)
+    if problems:
+        return failed(problems[0][1], 2, "config")
+    em.phase("building", "prompts")
+    try:
+        p = endpoint_plan(opts)
+        tokenizer = load_tokenizer(opts["tokenizer"]) if opts["tokenizer"] else None
+        prompts = Prompts(opts["seed"], tokenizer, opts["prompts"])
+        gen = _generator(p, 0, 1)
+    except ValueError as exc:
+        return failed(str(exc), 2, "config")
+    key = os.environ.get(opts["api_key_env"]) if opts["api_key_env"] else None
+    ep = Endpoint(opts["endpoint"], opts["model"], opts["api"], opts["request_timeout"], key)
+    em.phase("probing", "optional request fields")
+    dropped, usage = asyncio.run(probe(ep))
+    ep = replace(ep, dropped=dropped)
+    block = {**p["endpoint"], "dropped": list(dropped),
+             "token_count": "usage" if usage else "tokenizer" if tokenizer is not None else "chunks",
+             "prompt_lengths": "exact (tokenizer)" if prompts.exact else "approximate (one word per token)",
+             "prompts": prompts.source()}
+    em.meta(workload="serve", options=opts, plan=p, device="endpoint", device_name=opts["endpoint"], n_devices=1,
+            precision=None, flops_per_token=None, replicas=1, tp=1, endpoint=block)
+    load = EndpointLoad(ep, gen, prompts, lambda rec: em.emit("request", **rec), opts["drain_timeout"], tokenizer,
+                        on_draining=lambda: em.phase("draining"))
+
+    def interrupt(*_: Any) -> None:  # the first Ctrl+C stops sending, a second ends the drain
+        (load.abort if load.stop.is_set() else load.stop).set()
+
+    em.phase("measuring")
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        res = load.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    interrupted = res.stopped == "interrupted"
+    counted = sorted(res.token_count)
+    em.summary(load_duration_s=res.end, slo=p["slo"], interrupted=interrupted,
+               endpoint={**block, "token_count": counted[0] if len(counted) == 1 else counted or block["token_count"],
+                         "stopped": res.stopped, "reached": res.connected})
+    if not res.connected:
+        why = (res.first_error or "no request was sent").split(":", 1)[0]
+        return failed(f"{opts['endpoint']}: {why} (no request reached the server)", 1, "error")
+    em.close()
+    return 130 if interrupted else 0
 
 
 def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
@@ -166,6 +253,8 @@ def _generator(p: dict[str, Any], replica: int, replicas: int) -> Any:
 def run(opts: dict[str, Any]) -> int:
     if opts["dry_run"]:
         return _dry_run(opts)
+    if opts.get("endpoint"):
+        return _run_endpoint(opts)
 
     import torch
 

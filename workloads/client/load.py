@@ -73,27 +73,39 @@ def _connect_error(exc: aiohttp.ClientConnectorError) -> str:
     return f"connection failed: {str(exc.os_error or exc)[:200]}"
 
 
-async def _probe_one(session: aiohttp.ClientSession, ep: Endpoint, fields: frozenset[str]) -> int | None:
-    """The HTTP status of a one-token request with ``fields`` (its stream read to the end); None when it
-    could not be sent."""
+async def _probe_one(session: aiohttp.ClientSession, ep: Endpoint, fields: frozenset[str]) -> tuple[int | None, bool]:
+    """The HTTP status of a one-token request with ``fields`` (None when it could not be sent), and whether its
+    stream carried a ``usage`` token count."""
     body = build_payload(ep.api, ep.model, "Hello", 1, fields)
     try:
         async with asyncio.timeout(ep.timeout):
             async with session.post(url_for(ep.url, ep.api), json=body) as resp:
-                await resp.read()
-                return resp.status
+                raw = await resp.read()
     except (aiohttp.ClientError, TimeoutError, OSError):
-        return None
+        return None, False
+    usage = False
+    if resp.status < 400:
+        parser = SSEParser()
+        try:
+            for data in [*parser.feed(raw), *parser.close()]:
+                obj = json.loads(data) if data.strip() != "[DONE]" else None
+                usage = usage or (isinstance(obj, dict) and usage_tokens(obj) is not None)
+        except (SSEError, json.JSONDecodeError):
+            pass  # the load's requests will say so
+    return resp.status, usage
 
 
-async def probe(ep: Endpoint) -> tuple[str, ...]:
+async def probe(ep: Endpoint) -> tuple[tuple[str, ...], bool]:
     """The optional fields the server refuses (400/422): one request with all of them, and only when that is
-    refused, one request per field."""
+    refused, one request per field; and whether the server reported usage."""
     async with _session(ep) as session:
-        every = frozenset(OPTIONAL[ep.api])
-        if await _probe_one(session, ep, every) not in REFUSED:
-            return ()
-        return tuple(f for f in OPTIONAL[ep.api] if await _probe_one(session, ep, frozenset({f})) in REFUSED)
+        status, usage = await _probe_one(session, ep, frozenset(OPTIONAL[ep.api]))
+        if status not in REFUSED:
+            return (), usage
+        dropped = tuple(f for f in OPTIONAL[ep.api] if (await _probe_one(session, ep, frozenset({f})))[0] in REFUSED)
+        if "stream_options" not in dropped:
+            _, usage = await _probe_one(session, ep, frozenset(OPTIONAL[ep.api]) - set(dropped))
+        return dropped, usage
 
 
 class EndpointLoad:
