@@ -393,7 +393,34 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("runs", help="list the runs directory, or recover interrupted runs")
     rs.add_argument("action", nargs="?", choices=("list", "recover"), default="list")
     rs.add_argument("--out", help="runs directory")
+
+    sub.add_parser("serve-api", add_help=False, help="btune's serving engine behind an OpenAI-compatible API on "
+                   "127.0.0.1:8000 (btune serve-api --help lists its options)")
     return p
+
+
+def cmd_serve_api(argv: list[str]) -> int:
+    """``btune serve-api [options]``: the options checked here (one line, exit 2), then this process becomes
+    ``python -m workloads.api_server`` with them (exec: its signals, output and exit status are the command's)."""
+    import os
+
+    from workloads.api_server.spec import API_SERVER
+    from workloads.options import Machine, validate
+    from workloads.options import build_parser as options_parser
+
+    parser = options_parser(API_SERVER, prog="btune serve-api")
+    if {"-h", "--help"} & set(argv):
+        parser.print_help()
+        return 0
+    ns = parser.parse_args(argv)
+    opts = validate(API_SERVER, {k: v for k, v in vars(ns).items() if v is not None})
+    problems = API_SERVER.checks(opts, Machine()) if API_SERVER.checks else []
+    if problems:
+        raise CliError(problems[0][1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", API_SERVER.module, *argv])
+    return 0  # not reached: exec replaced this process
 
 
 SWEEP_HELP = """Run a workload once for every combination of option values, each run its own process and
@@ -460,6 +487,8 @@ def _dispatch(argv: Sequence[str]) -> int:
         argv, command = argv[:cut], argv[cut + 1:]
         if not command:
             raise CliError("btune run --: no command after -- (btune run -- python train.py)")
+    if argv[:1] == ["serve-api"]:
+        return cmd_serve_api(argv[1:])
     _help_for_workload(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
