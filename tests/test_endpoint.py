@@ -231,10 +231,12 @@ def test_unreachable_endpoint_is_one_line_and_a_valid_record(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"
     rec = run(tmp_path, url, "m", "--request-rate", "100", "--num-requests", "3", code=1)
     res = rec["_res"]
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {url}: connection refused (no request reached the server)"], res.stderr
+    want = f"{url}: connection refused (no request reached the server)"
+    # the workload's one line as the console relays it live, then the console's verdict quoting it
+    errors = [line for line in res.stdout.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {want}", f"error: exit status 1: {want}"], res.stdout
     assert "Traceback" not in res.stderr + res.stdout
-    assert rec["status"] == "failed"
+    assert rec["status"] == "failed" and rec["error"]["message"] == f"exit status 1: {want}"
     assert [r["status"] for r in requests_of(rec)] == ["failed"] * 3
 
 

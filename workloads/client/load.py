@@ -102,7 +102,10 @@ async def probe(ep: Endpoint) -> tuple[tuple[str, ...], bool]:
         status, usage = await _probe_one(session, ep, frozenset(OPTIONAL[ep.api]))
         if status not in REFUSED:
             return (), usage
-        dropped = tuple(f for f in OPTIONAL[ep.api] if (await _probe_one(session, ep, frozenset({f})))[0] in REFUSED)
+        dropped: tuple[str, ...] = ()
+        for f in OPTIONAL[ep.api]:
+            if (await _probe_one(session, ep, frozenset({f})))[0] in REFUSED:
+                dropped += (f,)
         if "stream_options" not in dropped:
             _, usage = await _probe_one(session, ep, frozenset(OPTIONAL[ep.api]) - set(dropped))
         return dropped, usage
