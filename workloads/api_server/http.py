@@ -183,29 +183,39 @@ class Api:
                 finished = True
                 return web.json_response(out.whole("".join(pieces)))
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-            await resp.prepare(request)
-            if chat:
-                await resp.write(out.sse(out.chunk({"role": "assistant", "content": ""}, None)))
-            n = 0
-            while (item := await job.out.get()) is not DONE:
-                if isinstance(item, Exception):
-                    finished = True
-                    await resp.write(out.sse({"error": {"message": str(item), "type": "server_error",
-                                                        "param": None, "code": None}}))
-                    break
-                n += 1
-                text = decoder.push(item, n == max_tokens)
-                await resp.write(out.sse(out.chunk(text, "length" if n == max_tokens else None)))
-            else:
-                finished = True
-                if include_usage:
-                    await resp.write(out.sse(out.usage_chunk()))
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
+            try:
+                finished = await self._stream(request, resp, job, out, decoder, include_usage)
+            except ConnectionResetError:  # the client went away mid-stream
+                pass
             return resp
         finally:
             if not finished:  # the client went away (or the handler failed): free the request's slot
                 self.worker.cancel(job)
+
+    async def _stream(self, request: web.Request, resp: web.StreamResponse, job: Job, out: _Output, decoder: Any,
+                      include_usage: bool) -> bool:
+        """Stream ``job``'s tokens as server-sent events; True once the engine is done with it."""
+        max_tokens, chat, finished = out.usage["completion_tokens"], out.chat, False
+        await resp.prepare(request)
+        if chat:
+            await resp.write(out.sse(out.chunk({"role": "assistant", "content": ""}, None)))
+        n = 0
+        while (item := await job.out.get()) is not DONE:
+            if isinstance(item, Exception):
+                finished = True
+                await resp.write(out.sse({"error": {"message": str(item), "type": "server_error",
+                                                    "param": None, "code": None}}))
+                break
+            n += 1
+            text = decoder.push(item, n == max_tokens)
+            await resp.write(out.sse(out.chunk(text, "length" if n == max_tokens else None)))
+        else:
+            finished = True
+            if include_usage:
+                await resp.write(out.sse(out.usage_chunk()))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return finished
 
 
 class _Output:
