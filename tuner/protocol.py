@@ -113,6 +113,8 @@ def _nums(*names: str) -> dict[str, Any]:
 
 
 #: A request's end (the ``request`` event's optional ``status``; without it, ``finished`` says finished or not).
+#: A rate sweep's or --find-max-rate's requests also carry ``segment`` (their load's index), ``rate`` (its offered
+#: requests/s; null: all at once) and ``search`` (true: a --find-max-rate probe).
 REQUEST_STATUSES = ("finished", "failed", "unfinished")
 #: Per type: field -> kind, and the fields an event of that type cannot do without.
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -138,7 +140,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "request": {"rid": _int, "replica": _int, "client": _opt(_int), "finished": _bool, "prompt_len": _int,
                 "output_len": _int, "output_tokens": _int, "arrival_s": _opt(_num), "first_token_s": _opt(_num),
                 "finish_s": _opt(_num), "token_s": _list(_num), "ttft_ms": _opt(_num), "tpot_ms": _opt(_num),
-                "e2e_ms": _opt(_num), "status": lambda v: v in REQUEST_STATUSES, "error": _opt(_str)},
+                "e2e_ms": _opt(_num), "status": lambda v: v in REQUEST_STATUSES, "error": _opt(_str),
+                "segment": _opt(_int), "rate": _opt(_nonneg), "search": _opt(_bool)},
     "log": {"message": _str, "level": _str, "stream": _str},
     "phase": {"phase": _str, "detail": _opt(_str), "k": _opt(_int), "n": _opt(_int)},
     "summary": {"passed": _bool, "interrupted": _bool, "tp": _int, "tolerance": _opt(_num),

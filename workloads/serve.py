@@ -8,6 +8,7 @@ With ``--endpoint URL --model NAME`` the same load goes over HTTP to a server sp
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -20,7 +21,8 @@ from workloads.models.config import PRESETS, ModelConfig
 from workloads.models.flops import bytes_moved, param_counts, serve_flops
 from workloads.options import run_main
 from workloads.protocol import CLOCK_HOST
-from workloads.specs.serve import SERVE, cache_len, lengths, load_checks, position_room, resolved
+from workloads.slo import GOOD_FRACTION
+from workloads.specs.serve import SERVE, cache_len, lengths, load_checks, position_room, request_rates, resolved
 
 if TYPE_CHECKING:  # the module stays torch-free until a run starts (the plan, --dry-run, option errors)
     from workloads.harness import Harness
@@ -54,7 +56,7 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         cfg = replace(cfg, max_seq_len=room)  # RoPE: a longer table of the same frequencies
     max_batch = int(resolved(opts, "max_batch"))
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    rate = opts["request_rate"]
+    rate = next(iter(request_rates(opts)), None)
     num = opts["num_requests"] or (0 if opts["duration"] else resolved(opts, "num_requests"))
     load = {"mode": "open" if rate is not None else "closed", "request_rate": rate,
             "burstiness": opts["burstiness"] if rate is not None else None,
@@ -89,13 +91,19 @@ def endpoint_plan(opts: dict[str, Any]) -> dict[str, Any]:
     """--endpoint's plan: the load (closed loop without --concurrency: the preset's --max-batch clients), the
     SLOs and the server; no model (the server's is unknown here). Torch-free."""
     prompt, output = lengths(opts)
-    rate = opts["request_rate"]
+    rates = request_rates(opts)
+    search = bool(opts.get("find_max_rate"))
+    rate = rates[0] if rates else 1.0 if search else None
     num = opts["num_requests"] or (0 if opts["duration"] else resolved(opts, "num_requests"))
     load = {"mode": "open" if rate is not None else "closed", "request_rate": rate,
             "burstiness": opts["burstiness"] if rate is not None else None,
             "concurrency": None if rate is not None else (opts["concurrency"] or resolved(opts, "max_batch")),
             "num_requests": num, "duration_s": opts["duration"], "drain_timeout_s": opts["drain_timeout"],
             "prompt_len": str(prompt), "output_len": str(output), "seed": opts["seed"]}
+    if len(rates) > 1:  # a sweep: one load (segment) per rate, in order
+        load["request_rates"] = rates
+    if search:  # --find-max-rate: the rates are found as it goes
+        load["find_max_rate"] = {"start": rate, "max_steps": opts["max_rate_steps"], "good_fraction": GOOD_FRACTION}
     return {"endpoint": {"url": opts["endpoint"], "model": opts["model"], "api": opts["api"]}, "load": load,
             "slo": {"ttft_ms": opts["slo_ttft_ms"], "tpot_ms": opts["slo_tpot_ms"]}, "dtype": None,
             "prompts": opts["prompts"] or "synthetic", "request_timeout_s": opts["request_timeout"]}
@@ -110,6 +118,7 @@ def _run_endpoint(opts: dict[str, Any]) -> int:
 
     from workloads.client.load import Endpoint, EndpointLoad, probe
     from workloads.client.prompts import Prompts, load_tokenizer
+    from workloads.client.rates import RateSearch
     from workloads.protocol import Emitter
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # as Harness: the console's cancel is a SIGINT
@@ -130,7 +139,8 @@ def _run_endpoint(opts: dict[str, Any]) -> int:
         p = endpoint_plan(opts)
         tokenizer = load_tokenizer(opts["tokenizer"]) if opts["tokenizer"] else None
         prompts = Prompts(opts["seed"], tokenizer, opts["prompts"])
-        gen = _generator(p, 0, 1)
+        _generator(p, 0, 1)  # the load's shape, checked before anything is sent
+        search = RateSearch(p["load"]["request_rate"], opts["max_rate_steps"]) if opts["find_max_rate"] else None
     except ValueError as exc:
         return failed(str(exc), 2, "config")
     key = os.environ.get(opts["api_key_env"]) if opts["api_key_env"] else None
@@ -144,21 +154,13 @@ def _run_endpoint(opts: dict[str, Any]) -> int:
              "prompts": prompts.source()}
     em.meta(workload="serve", options=opts, plan=p, device="endpoint", device_name=opts["endpoint"], n_devices=1,
             precision=None, flops_per_token=None, replicas=1, tp=1, endpoint=block)
-    load = EndpointLoad(ep, gen, prompts, lambda rec: em.emit("request", **rec), opts["drain_timeout"], tokenizer,
-                        on_draining=lambda: em.phase("draining"))
-
-    def interrupt(*_: Any) -> None:  # the first Ctrl+C stops sending, a second ends the drain
-        (load.abort if load.stop.is_set() else load.stop).set()
-
-    em.phase("measuring")
-    previous = signal.signal(signal.SIGINT, interrupt)
-    try:
-        res = load.run()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    res = _endpoint_loads(em, p, search, lambda gen: EndpointLoad(
+        ep, gen, prompts, lambda rec: None, opts["drain_timeout"], tokenizer, on_draining=lambda: em.phase("draining")))
     interrupted = res.stopped == "interrupted"
     counted = sorted(res.token_count)
-    em.summary(load_duration_s=res.end, slo=p["slo"], interrupted=interrupted,
+    extra = {"search": {"probes": [{"rate": r, "passed": ok} for r, ok in search.probes], "max_rate": search.best}
+             } if search is not None else {}
+    em.summary(load_duration_s=res.end, slo=p["slo"], interrupted=interrupted, **extra,
                endpoint={**block, "token_count": counted[0] if len(counted) == 1 else counted or block["token_count"],
                          "stopped": res.stopped, "reached": res.connected})
     if not res.connected:
@@ -166,6 +168,73 @@ def _run_endpoint(opts: dict[str, Any]) -> int:
         return failed(f"{opts['endpoint']}: {why} (no request reached the server)", 1, "error")
     em.close()
     return 130 if interrupted else 0
+
+
+def _endpoint_loads(em: Any, p: dict[str, Any], search: Any, make_load: Any) -> Any:
+    """The load, or one load per segment (a --request-rate sweep, --find-max-rate's probes) one after another.
+
+    A segment's request events carry ``segment``, its offered ``rate`` (null: all at once) and, when searching,
+    ``search``; their times are seconds since the first segment began and their ids follow on. A probe passes by
+    ``workloads.slo.passes`` (the console's goodput predicate). The first Ctrl+C stops sending (no further
+    segment), a second ends the drain. Returns the loads' results merged (``end``: since the first began)."""
+    from workloads.client.load import LoadResult
+    from workloads.client.rates import rate_text
+    from workloads.slo import passes
+
+    load, slo = p["load"], p["slo"]
+    sweep = load.get("request_rates")
+    segmented = search is not None or sweep is not None
+    rates: Any = iter(search.next, None) if search is not None else iter(sweep or [load["request_rate"]])
+    total = search.steps if search is not None else len(sweep or [0])
+    out = LoadResult()
+    origin: list[float] = []  # the first segment's start (perf_counter)
+    current: Any = None
+    first_rid = 0
+
+    def interrupt(*_: Any) -> None:
+        (current.abort if current.stop.is_set() else current.stop).set()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        for k, rate in enumerate(rates):
+            records: list[dict[str, Any]] = []
+            current = make_load(_generator({**p, "load": {**load, "request_rate": rate}} if segmented else p, 0, 1))
+
+            def on_request(rec: dict[str, Any], k: int = k, rate: Any = rate, first_rid: int = first_rid,
+                           records: list[dict[str, Any]] = records, this: Any = current) -> None:
+                if not origin:  # the first load's start is the run's clock origin
+                    origin.append(this.started_at)
+                if segmented:
+                    dt = this.started_at - origin[0]
+                    rec.update(rid=rec["rid"] + first_rid, segment=k, rate=rate if math.isfinite(rate) else None,
+                               arrival_s=rec["arrival_s"] + dt, token_s=[t + dt for t in rec["token_s"]],
+                               **{f: rec[f] + dt for f in ("first_token_s", "finish_s") if rec.get(f) is not None})
+                    if search is not None:
+                        rec["search"] = True
+                records.append(rec)
+                em.emit("request", **rec)
+
+            current.on_request = on_request
+            if segmented:
+                em.phase("measuring", f"rate {rate_text(rate)}/s", k + 1, total)
+            else:
+                em.phase("measuring")
+            res = current.run()
+            if not origin:
+                origin.append(current.started_at)
+            first_rid = max((r["rid"] + 1 for r in records), default=first_rid)
+            out.end = current.started_at - origin[0] + res.end
+            out.connected = out.connected or res.connected
+            out.first_error = out.first_error or res.first_error
+            out.token_count |= res.token_count
+            out.stopped = res.stopped
+            if search is not None:
+                search.report(rate, passes(records, slo["ttft_ms"], slo["tpot_ms"]))
+            if res.stopped == "interrupted" or not res.connected:
+                break
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return out
 
 
 def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
@@ -246,7 +315,7 @@ def _generator(p: dict[str, Any], replica: int, replicas: int) -> Any:
     common = {"num_requests": load["num_requests"], "duration": load["duration_s"], "replica": replica,
               "replicas": replicas}
     if load["mode"] == "open":
-        return OpenLoop(load["request_rate"], load["burstiness"], prompt, output, load["seed"], **common)
+        return OpenLoop(float(load["request_rate"]), load["burstiness"], prompt, output, load["seed"], **common)
     return ClosedLoop(load["concurrency"], prompt, output, load["seed"], **common)
 
 

@@ -143,6 +143,11 @@ class EndpointLoad:
             raise error[0]
         return self.result
 
+    @property
+    def started_at(self) -> float:
+        """When the load began (``time.perf_counter()``); a record's times are seconds since then."""
+        return self._t0
+
     def _now(self) -> float:
         return time.perf_counter() - self._t0
 

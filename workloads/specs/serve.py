@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from workloads.client.rates import MAX_RATE_STEPS, parse_rates
 from workloads.engine.loadgen import LengthDist
 from workloads.options import Machine, Option, WorkloadSpec
 from workloads.specs.dense import DENSE_MODEL_TYPES, TRANSFORMER_KNOBS, checkpoint_checks, transformer_checks
@@ -36,6 +37,12 @@ def resolved(opts: Mapping[str, Any], key: str) -> Any:
 def lengths(opts: Mapping[str, Any]) -> tuple[LengthDist, LengthDist]:
     """The prompt and output length distributions (ValueError with the reason when malformed)."""
     return LengthDist.parse(resolved(opts, "prompt_len")), LengthDist.parse(resolved(opts, "output_len"))
+
+
+def request_rates(opts: Mapping[str, Any]) -> list[float]:
+    """--request-rate's rates in requests/s, in order (empty: closed loop); ValueError (one line) when malformed."""
+    text = opts.get("request_rate")
+    return [] if text in (None, "") else parse_rates(str(text))
 
 
 def cache_len(opts: Mapping[str, Any], prompt: LengthDist, output: LengthDist) -> int:
@@ -84,7 +91,7 @@ ENGINE_ONLY = ("dtype", "fp8-mode", "fp8-recipe", "fp8-head", "attention-backend
                "memory-profile", "steps")
 #: Options that only mean something with --endpoint, and their defaults.
 ENDPOINT_ONLY = {"model": "", "api": "completions", "tokenizer": "", "prompts": "", "request-timeout": 600.0,
-                 "api-key-env": ""}
+                 "api-key-env": "", "find-max-rate": False, "max-rate-steps": MAX_RATE_STEPS}
 
 
 def endpoint_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -132,16 +139,30 @@ def load_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
     from workloads.models.config import PRESETS
 
     out: list[tuple[str, str]] = endpoint_checks(opts)
-    rate, conc = opts.get("request_rate"), opts.get("concurrency")
+    conc = opts.get("concurrency")
+    rate = opts.get("request_rate") if opts.get("request_rate") not in (None, "") else None
+    try:
+        rates = request_rates(opts)
+    except ValueError as exc:
+        out.append(("request-rate", str(exc)))
+        rates = []
     if rate is not None and conc is not None:
         out.append(("concurrency", "--request-rate (open loop) and --concurrency (closed loop) contradict each "
                                    "other; give one"))
-    if rate is not None and not rate > 0:
-        out.append(("request-rate", f"--request-rate {rate:g}: a request rate must be > 0 (inf: all at once)"))
+    if len(rates) > 1 and not opts.get("endpoint"):
+        out.append(("request-rate", f"--request-rate {rate}: several rates (a sweep) apply to --endpoint; btune's "
+                                    "engine takes one rate"))
+    if opts.get("find_max_rate") and opts.get("endpoint"):
+        if conc is not None:
+            out.append(("find-max-rate", "--find-max-rate searches open-loop request rates: drop --concurrency"))
+        elif len(rates) > 1 or (rates and math.isinf(rates[0])):
+            out.append(("find-max-rate", f"--find-max-rate starts at one finite --request-rate, not {rate}"))
+        if opts.get("duration"):
+            out.append(("find-max-rate", "--find-max-rate: each probe is a load of --num-requests; drop --duration"))
     burst = opts.get("burstiness", 1.0)
     if burst is not None and not (burst > 0 and math.isfinite(burst)):
         out.append(("burstiness", f"--burstiness {burst:g}: the gamma shape must be a finite number > 0"))
-    elif burst not in (None, 1.0) and rate is None:
+    elif burst not in (None, 1.0) and rate is None and not opts.get("find_max_rate"):
         out.append(("burstiness", "--burstiness shapes open-loop arrivals: it needs --request-rate"))
     try:
         prompt, output = lengths(opts)
@@ -225,6 +246,11 @@ ENDPOINT_OPTIONS: tuple[Option, ...] = (
            group="endpoint"),
     Option("api-key-env", str, "", "--endpoint: the environment variable holding the API key (sent as a Bearer "
            "token; never recorded)", group="endpoint"),
+    Option("find-max-rate", bool, False, "--endpoint: search for the highest request rate at which 99% of "
+           "requests meet --slo-ttft-ms and --slo-tpot-ms (from --request-rate or 1/s: double until a rate "
+           "fails, then bisect), each probe a load of --num-requests", group="endpoint"),
+    Option("max-rate-steps", int, MAX_RATE_STEPS, "--find-max-rate: loads in all, doubling and bisecting",
+           min=1, max=64, group="endpoint"),
 )
 
 SERVE_OPTIONS: tuple[Option, ...] = (
@@ -241,8 +267,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         Option("prompt-len", str, "", "prompt lengths: fixed:N, uniform:A,B or normal:MEAN,STD (empty: the "
                "preset's)", group="load"),
         Option("output-len", str, "", "output lengths, same forms (empty: the preset's)", group="load"),
-        Option("request-rate", float, None, "open loop: requests/s, gamma-distributed gaps (Poisson at "
-               "burstiness 1; inf: all at once)", min=0, group="load"),
+        Option("request-rate", str, None, "open loop: requests/s, gamma-distributed gaps (Poisson at "
+               "burstiness 1; inf: all at once); with --endpoint a comma list (1,2,4,8) runs one load per rate, "
+               "in order, and --find-max-rate starts its search here", group="load"),
         Option("burstiness", float, 1.0, "open loop: gamma shape of the gaps (<1 burstier, >1 more regular)",
                min=0, group="load"),
         Option("concurrency", int, None, "closed loop: clients each sending its next request when the last "
