@@ -155,6 +155,32 @@ def _bytes(v: Any) -> str:
     return f"{v:.0f} B"
 
 
+def curve_section(summary: dict[str, Any]) -> list[str]:
+    """A rate sweep's or --find-max-rate's curve (``serving.curve``, tuner.serving): one row per load, and the
+    max rate found; no lines without one."""
+    points = dig(summary, ("serving", "curve"))
+    if not isinstance(points, list) or not points:
+        return []
+    rows = []
+    for p in (q for q in points if isinstance(q, dict)):
+        rate = p.get("rate")
+        rows.append([str(p.get("segment")), f"{fmt(rate)}/s" if number(rate) else "inf",
+                     fmt(p.get("request_throughput")), fmt(p.get("output_tokens_per_s")),
+                     fmt(p.get("good_fraction"), "%"), "yes" if p.get("passed") else "no",
+                     fmt(dig(p, ("ttft_ms", "p50"))), fmt(dig(p, ("ttft_ms", "p99"))),
+                     fmt(dig(p, ("tpot_ms", "p50"))), fmt(dig(p, ("tpot_ms", "p99"))),
+                     fmt(p.get("failed"), kind="count"), fmt(p.get("unfinished"), kind="count")])
+    header = ["load", "rate", "req/s", "out tok/s", "within SLOs", ">= 99%", "TTFT p50 ms", "TTFT p99 ms",
+              "TPOT p50 ms", "TPOT p99 ms", "failed", "unfinished"]
+    out = ["", table(rows, header, left=(0,))]
+    serving = summary.get("serving") or {}
+    if "max_rate" in serving:
+        best = serving["max_rate"]
+        out.append(f"max rate with >= 99% of requests within the SLOs: {fmt(best)} req/s" if number(best)
+                   else "max rate: none (no rate tried kept 99% of requests within the SLOs)")
+    return out
+
+
 def memory_section(summary: dict[str, Any]) -> list[str]:
     """The memory profile (``--memory-profile``, tuner.memory): the window's peak beside torch's and the dry-run
     estimate, the top allocation sites at the peak, the snapshot; no lines for a run without one."""
@@ -206,6 +232,7 @@ def show(rec: dict[str, Any], printed_notes: frozenset[str] = frozenset()) -> st
                      f"{dig(s, ('steps', 'steady'))} steady")
     lines.append("")
     lines.append(blocks(s, workload))
+    lines += curve_section(s)
     profile = phase_table(s)
     if profile:
         lines += ["", profile]
