@@ -235,7 +235,8 @@ class EndpointLoad:
 
     async def _stream(self, session: aiohttp.ClientSession, body: dict[str, Any], times: list[float],
                       parts: list[str], usage: list[int]) -> None:
-        """POST ``body`` and read its SSE stream to [DONE], noting each content chunk's time and text."""
+        """POST ``body`` and read its SSE stream to [DONE] (or to its end after a chunk with a finish_reason, as
+        transformers serve ends its streams), noting each content chunk's time and text."""
         api = self.ep.api
         async with session.post(url_for(self.ep.url, api), json=body) as resp:
             self.result.connected = True
@@ -243,6 +244,7 @@ class EndpointLoad:
                 detail = (await resp.text(errors="replace"))[:200].replace("\n", " ")
                 raise _Failed(f"HTTP {resp.status}: {detail}")
             parser = SSEParser()
+            ended = False  # a choice said why it stopped (finish_reason)
             async for chunk in resp.content.iter_any():
                 t = self._now()
                 try:
@@ -267,7 +269,12 @@ class EndpointLoad:
                     if text:
                         times.append(t)
                         parts.append(text)
-            raise _Failed("stream cut: the stream ended before [DONE]")
+                    choices = obj.get("choices")
+                    if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason")
+                                                         for c in choices):
+                        ended = True
+            if not ended:
+                raise _Failed("stream cut: the stream ended before [DONE]")
 
     def _count(self, usage: list[int], parts: list[str], times: list[float]) -> tuple[int, str]:
         """Output tokens, and how they were counted: the server's usage, the tokenizer, or content chunks."""
