@@ -288,5 +288,19 @@ def test_console_and_workload_share_the_slo_predicate():
     assert tuner.serving.meets_slo is workloads.slo.meets_slo
 
 
+def test_the_app_draws_the_curve_as_bars_coloured_by_the_slos():
+    from tuner.tui.widgets.latency import curve_lines
+
+    points = [{"rate": 2.0, "request_throughput": 2.0, "good_fraction": 1.0, "passed": True, "ttft_ms": {"p99": 5}},
+              {"rate": 8.0, "request_throughput": 4.0, "good_fraction": 0.5, "passed": False, "ttft_ms": {"p99": 300}}]
+    lines = curve_lines(points, 100)
+    assert len(lines) == 3 and curve_lines(None, 100) == []
+    bars = [line.plain.count("█") for line in lines[1:]]
+    assert bars[1] == 2 * bars[0] > 0  # proportional to request throughput
+    styles = [{str(span.style) for span in line.spans} for line in lines[1:]]
+    assert styles == [{"green"}, {"red"}]
+    assert "8.000/s" in lines[2].plain and "50.0% within SLOs" in lines[2].plain
+
+
 if __name__ == "__main__":
     serve(int(sys.argv[1]))

@@ -91,6 +91,7 @@ class LatencyPanel(Panel):
         else:
             lines = table + pack(side, width)
         lines += figure_rows(rest, width)
+        lines += curve_lines(((summary or {}).get("serving") or {}).get("curve"), width)
         slo = (summary or {}).get("serving", {}) or {}
         slo = slo.get("slo") or {}
         window = len(view.requests)
@@ -105,3 +106,25 @@ class LatencyPanel(Panel):
 def short_figure(f: Figure) -> str:
     """A scalar serving figure with the panel's short label."""
     return f"{SIDE[f.metric.name]} {figure_value(f)}"
+
+
+def curve_lines(points: Any, width: int) -> list[Text]:
+    """A rate sweep's or --find-max-rate's curve (``serving.curve``) as a bar chart: one row per load, its offered
+    rate, a bar of its request throughput (green: >= 99% of its requests within the SLOs, red: fewer), the
+    throughput, the fraction within the SLOs and TTFT p99; no rows without a curve."""
+    rows = [p for p in points if isinstance(p, dict)] if isinstance(points, list) else []
+    if not rows:
+        return []
+    top = max((p.get("request_throughput") or 0.0 for p in rows), default=0.0) or 1.0
+    labels = [(f"{fmt(p.get('rate'))}/s" if isinstance(p.get("rate"), (int, float)) else "inf",
+               f" {fmt(p.get('request_throughput'))} req/s · {fmt(p.get('good_fraction'), '%')} within SLOs · "
+               f"TTFT p99 {fmt((p.get('ttft_ms') or {}).get('p99'))} ms") for p in rows]
+    left = max(len(rate) for rate, _ in labels) + 1
+    bar_width = max(4, min(40, width - left - max(len(tail) for _, tail in labels)))
+    out = [Text("throughput by offered rate (green: >= 99% within the SLOs)", style="dim")]
+    for p, (rate, tail) in zip(rows, labels, strict=True):
+        n = round((p.get("request_throughput") or 0.0) / top * bar_width)
+        line = Text(rate.rjust(left - 1) + " ")
+        line.append("█" * n, style="green" if p.get("passed") else "red").append(" " * (bar_width - n))
+        out.append(line.append(tail))
+    return out
