@@ -76,6 +76,8 @@ REGISTRY: tuple[Metric, ...] = (
            everywhere=True, kind="count"),
     Metric("requests_unfinished", "requests unfinished", ("serving", "requests", "unfinished"), "", False,
            "serving", everywhere=True, kind="count", short="unfinished", headline=("value",)),
+    Metric("requests_failed", "requests failed", ("serving", "failures", "total"), "", False, "serving",
+           everywhere=True, kind="count", short="failed", headline=("value",)),
     Metric("load_duration", "load duration", ("serving", "duration_s"), "s", False, "serving", everywhere=True),
     Metric("request_throughput", "request throughput", ("serving", "request_throughput"), "req/s", True, "serving",
            everywhere=True, short="requests", headline=("value",)),

@@ -134,8 +134,7 @@ def blocks(summary: dict[str, Any], workload: Any) -> str:
             rows.append([f.label, fmt(f.value / div, unit, f.kind), unit if unit != "%" else ""])
         if block == "serving":
             fails = dig(summary, ("serving", "failures")) or {}
-            if fails.get("total"):  # an endpoint's failed requests, by reason
-                rows.append(["failed requests", str(fails["total"]), ""])
+            if fails.get("total"):  # an endpoint's failed requests (the registry's row above), by reason
                 rows += [[f"  failed: {why}", str(n), ""] for why, n in (fails.get("by_reason") or {}).items()]
             slo = dig(summary, ("serving", "slo")) or {}
             block += f" (SLOs: TTFT <= {fmt(slo.get('ttft_ms'))} ms, TPOT <= {fmt(slo.get('tpot_ms'))} ms)"
