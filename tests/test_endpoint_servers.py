@@ -128,3 +128,49 @@ def test_transformers_serve_is_load_tested_with_the_same_metrics(transformers_se
     assert all(0 < len(r["token_s"]) <= r["output_tokens"] for r in reqs)  # a chunk may carry several tokens
     check_latencies(rec)
     assert Path(rec["config"]["options"]["tokenizer"]) == TINY_MODEL
+
+
+def test_the_app_launches_an_endpoint_run_and_shows_its_failures(tmp_path):
+    """The launch form's endpoint fields build the command line; the replay of an endpoint run whose server
+    failed half the requests shows the serving panel with the failed count from the registry."""
+    from test_endpoint import start_server
+    from test_tui_support import make_app, run, until
+
+    from tuner.launch import build_config
+    from tuner.runs import load_record
+    from tuner.tui.screens.launch import LaunchScreen
+    from tuner.tui.screens.replay import ReplayScreen
+
+    proc, url = start_server()
+    try:
+        res = btune("run", "serve", "--endpoint", url, "--model", "flaky", "--concurrency", "1", "--num-requests",
+                    "4", "--output-len", "fixed:3", "--out", str(tmp_path))
+    finally:
+        proc.kill()
+        proc.wait()
+    rec = load_record(Path(res.stdout.strip().splitlines()[-1]))
+    assert rec["summary"]["serving"]["failures"]["total"] == 2
+
+    async def body() -> tuple[str, str, str]:
+        app = make_app(tmp_path, python="python")
+        async with app.run_test(size=(110, 40)) as pilot:
+            screen = app.screen
+            assert isinstance(screen, LaunchScreen)
+            await until(pilot, lambda: screen.ready, 10, "the launch screen")
+            screen.select_workload("serve")
+            await until(pilot, lambda: screen.spec.name == "serve" and screen.ready, 20, "the serve form")
+            screen.set_option("endpoint", url)
+            screen.set_option("model", "flaky")
+            await until(pilot, lambda: "--endpoint" in str(screen.query_one("#command").render()), 10, "endpoint")
+            values, errors = screen.form.collect()
+            assert not errors, errors
+            command = str(screen.query_one("#command").render())
+            expected = build_config("serve", values, python="python", machine=app.machine.machine).command_line
+            await app.push_screen(ReplayScreen(rec, autoplay=False, at_end=True))
+            await pilot.pause()
+            panel = app.screen.query_one("#latency")
+            return command, f"$ {expected}", panel.text.plain + " " + str(panel.border_subtitle)
+
+    command, expected, shown = run(body())
+    assert command == expected and f"--endpoint {url} --model flaky" in command
+    assert "requests failed 2" in shown and "4 requests" in shown, shown
