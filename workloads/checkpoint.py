@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -467,6 +468,25 @@ def load(path: str, device: torch.device | str, dtype: torch.dtype, attention: A
     if finish is not None:
         finish()
     return model.eval(), cfg, info
+
+
+def loader(h: Any, opts: Mapping[str, Any], window: int | None, overrides: Mapping[str, Any] | None = None,
+           into: dict[str, Any] | None = None) -> tuple[dict[str, Any], Callable[[AttentionKernel], nn.Module]]:
+    """For a run's ``build``: its options with the checkpoint's sliding window (``window``) as the attention window
+    unless --attention-window gives one (the kernel is probed with it), and a model constructor that loads
+    ``opts["checkpoint"]`` on the harness ``h``'s device and dtype (phase "loading") and puts the checkpoint's
+    record block, with the time since this call, in ``into["checkpoint"]``."""
+    opts = {**opts, "attention_window": opts["attention_window"] or window or 0}
+    t0 = time.perf_counter()
+
+    def make(kernel: AttentionKernel) -> nn.Module:
+        h.phase("loading", opts["checkpoint"])
+        model, _, info = load(opts["checkpoint"], h.device, h.dtype, attention=kernel, overrides=overrides)
+        if into is not None:
+            into["checkpoint"] = {**info.record(), "load_s": round(time.perf_counter() - t0, 3)}
+        return model
+
+    return opts, make
 
 
 def save(model: nn.Module, cfg: Any, path: str, model_type: str | None = None,

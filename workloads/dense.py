@@ -128,16 +128,10 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     if p.get("checkpoint"):
         from workloads import checkpoint as ck
 
-        # the checkpoint's sliding window unless --attention-window says otherwise (probed with the kernel)
-        opts = {**opts, "attention_window": opts["attention_window"] or cfg.sliding_window or 0}
-        t0 = time.perf_counter()
+        opts, load = ck.loader(h, opts, cfg.sliding_window, model_overrides(opts), into=meta)
 
         def make(kernel: Any) -> Any:
-            h.phase("loading", opts["checkpoint"])
-            model, _, info = ck.load(opts["checkpoint"], h.device, h.dtype, attention=kernel,
-                                     overrides=model_overrides(opts))
-            meta["checkpoint"] = {**info.record(), "load_s": round(time.perf_counter() - t0, 3)}
-            return model.train(mode == "train")
+            return load(kernel).train(mode == "train")
 
     b = build(make, opts, h.device, h.dtype,
               heads=(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), seq_len=p["seq_len"] if mode != "decode" else 1,

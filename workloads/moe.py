@@ -10,7 +10,6 @@ console computes the balance figures (tuner.balance).
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -128,16 +127,12 @@ def _model(h: Harness, p: dict[str, Any]) -> tuple[Built, dict[str, Any]]:
     if p.get("checkpoint"):
         from workloads import checkpoint as ck
 
-        # the checkpoint's sliding window unless --attention-window says otherwise (probed with the kernel)
-        opts = {**opts, "attention_window": opts["attention_window"] or cfg.base.sliding_window or 0}
-        t0 = time.perf_counter()
+        opts, load = ck.loader(h, opts, cfg.base.sliding_window, into=meta)
 
         def make(kernel: Any) -> Any:
-            h.phase("loading", opts["checkpoint"])
-            model, _, info = ck.load(opts["checkpoint"], h.device, h.dtype, attention=kernel)
+            model = load(kernel)
             model.set_experts(impl, gemm_used)
             model.set_capacity(cfg.capacity_factor)
-            meta["checkpoint"] = {**info.record(), "load_s": round(time.perf_counter() - t0, 3)}
             return model.train(p["mode"] == "train")
 
     b = build(make, opts, h.device, h.dtype, heads=(cfg.base.n_heads, cfg.base.n_kv_heads, cfg.base.head_dim),

@@ -257,16 +257,7 @@ def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, A
     if p.get("checkpoint"):
         from workloads import checkpoint as ck
 
-        # the checkpoint's sliding window unless --attention-window says otherwise (probed with the kernel)
-        opts = {**opts, "attention_window": opts["attention_window"] or cfg.sliding_window or 0}
-        t0 = time.perf_counter()
-
-        def make(kernel: Any) -> Any:
-            h.phase("loading", opts["checkpoint"])
-            model, _, info = ck.load(opts["checkpoint"], h.device, h.dtype, attention=kernel,
-                                          overrides={"max_seq_len": cfg.max_seq_len})
-            loaded["checkpoint"] = {**info.record(), "load_s": round(time.perf_counter() - t0, 3)}
-            return model
+        opts, make = ck.loader(h, opts, cfg.sliding_window, {"max_seq_len": cfg.max_seq_len}, into=loaded)
 
     b = build(make, opts, h.device, h.dtype,
               heads=(cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.head_dim),
