@@ -27,7 +27,7 @@ WIDE = 12 + 4 * CELL + 3 + SIDE_WIDTH  # from this width the mean column fits be
 SIDE = {"goodput": "goodput", "request_throughput": "requests", "output_tokens_per_s": "output",
         "total_tokens_per_s": "total", "load_duration": "load"}
 #: Counts said in the closing line instead.
-COUNTS = ("requests_finished", "requests_unfinished")
+COUNTS = ("requests_finished", "requests_unfinished", "requests_failed")
 #: The engine's MBU and bytes moved: the throughput panel's MBU line says them.
 ELSEWHERE = ("engine_mbu", "engine_bandwidth")
 PERIOD_S = 1.0  # the live block is recomputed at most once a second
@@ -96,8 +96,10 @@ class LatencyPanel(Panel):
         slo = slo.get("slo") or {}
         window = len(view.requests)
         scope = "the run" if final else "all requests" if window == view.requests_seen else f"the last {window:,}"
-        unfinished = counts.get("requests_unfinished")
-        left = f" ({fmt(unfinished)} unfinished)" if unfinished else ""
+        left = ", ".join(f"{fmt(counts[name])} {word}" for name, word in (("requests_failed", "failed"),
+                                                                           ("requests_unfinished", "unfinished"))
+                         if counts.get(name))
+        left = f" ({left})" if left else ""
         self.border_subtitle = (f"{view.requests_seen:,} requests{left} · over {scope} · SLOs TTFT <= "
                                 f"{slo.get('ttft_ms')} ms, TPOT <= {slo.get('tpot_ms')} ms")
         return lines
