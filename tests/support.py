@@ -130,3 +130,18 @@ def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err and not out, (out, err)
     return lines[0]
+
+
+def start_program_server(program: str | Path) -> tuple[subprocess.Popen, str]:
+    """``python PROGRAM PORT`` (a test file that serves on 127.0.0.1:PORT when run) on a free port; the process
+    and its base URL (``http://127.0.0.1:PORT/v1``) once the port accepts connections."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(program), str(port)], env=environ())
+
+    def up() -> bool:
+        assert proc.poll() is None, f"{program} ended with {proc.returncode}"
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(up, 30, f"the test server {Path(program).name}")
+    return proc, f"http://127.0.0.1:{port}/v1"

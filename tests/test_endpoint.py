@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import btune, environ, free_port, record_of, refused, wait_until
+from support import btune, free_port, record_of, refused, start_program_server
 
 from tuner.serving import serving_summary
 from workloads.client.payload import build_payload, content_of, usage_tokens
@@ -76,17 +76,7 @@ def serve(port: int) -> None:
 
 def start_server() -> tuple[subprocess.Popen, str]:
     """This file as a server on a free port; its base URL once it answers."""
-    import socket
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, str(port)], env=environ())
-
-    def up() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(up, 30, "the test server")
-    return proc, f"http://127.0.0.1:{port}/v1"
+    return start_program_server(__file__)
 
 
 @pytest.fixture(scope="module")

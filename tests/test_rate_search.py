@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import btune, environ, free_port, record_of, refused, wait_until
+from support import btune, record_of, refused, start_program_server
 
 from tuner.serving import curve, max_rate, serving_summary
 from workloads.client.rates import RateSearch, parse_rates, rate_text, search
@@ -67,17 +66,8 @@ def serve(port: int) -> None:
 
 @pytest.fixture(scope="module")
 def server():
-    import socket
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, str(port)], env=environ())
-
-    def up() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(up, 30, "the test server")
-    yield f"http://127.0.0.1:{port}/v1"
+    proc, url = start_program_server(__file__)
+    yield url
     proc.kill()
     proc.wait()
 
