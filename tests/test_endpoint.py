@@ -202,8 +202,11 @@ def test_server_killed_mid_run_and_drain(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     statuses = [(r["status"], (r.get("error") or "").split(":")[0]) for r in requests_of(rec)]
     # the probe was the 1st request, the load's 1st the 2nd; the 3rd dies mid-stream; then nothing listens
-    assert statuses == [("finished", ""), ("failed", "stream cut"), ("failed", "connection refused"),
-                        ("failed", "connection refused"), ("failed", "connection refused")]
+    assert statuses[:2] == [("finished", ""), ("failed", "stream cut")]
+    # then nothing listens: refused, or (the next one sent while the killed process's socket was still going
+    # away, on a loaded machine) cut as well; the last is refused
+    assert all(st == "failed" and why in ("connection refused", "stream cut") for st, why in statuses[2:])
+    assert statuses[-1] == ("failed", "connection refused") and len(statuses) == 5
     assert rec["status"] == "ok" and rec["summary"]["serving"]["failures"]["total"] == 4
 
 
