@@ -35,6 +35,7 @@ from workloads.checkpoint_files import (
     Entry,
     check_files,
     config_sha256,
+    layers_refusal,
     resolve_names,
 )
 from workloads.models.attention import AttentionKernel
@@ -386,9 +387,9 @@ def read_dense(path: str, layers: int = 0, uses: str = "this workload") -> tuple
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"--checkpoint {path}: a {info.model_type} checkpoint is a MoE model; {uses} runs dense "
                          "checkpoints (llama, mistral, qwen2, gpt2)")
-    if layers and layers != cfg.n_layers:
-        raise ValueError(f"--layers {layers}: the checkpoint has {cfg.n_layers} layers and runs whole "
-                         "(leave --layers at 0)")
+    why = layers_refusal(layers, cfg.n_layers)
+    if why:
+        raise ValueError(why)
     return cfg, info.record()
 
 

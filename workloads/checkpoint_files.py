@@ -145,6 +145,14 @@ def dense_dims(d: dict) -> dict[str, int | None]:
     return out
 
 
+def layers_refusal(layers: int | None, have: int | None) -> str | None:
+    """Why ``--layers`` cannot apply to a dense checkpoint of ``have`` layers (it runs whole; 0 or None: its own),
+    or None."""
+    if layers and have is not None and layers != have:
+        return f"--layers {layers}: the checkpoint has {have} layers and runs whole (leave --layers at 0)"
+    return None
+
+
 def config_sha256(d: dict) -> str:
     """sha256 of a config as canonical JSON (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from workloads.checkpoint_files import layers_refusal
 from workloads.options import COMMON_OPTIONS, Machine, Option, WorkloadSpec
 from workloads.specs.dense import checkpoint_checks
 from workloads.specs.serve import POSITION_ROOM, SERVE, SERVE_DEFAULTS, checkpoint_dims, position_room
@@ -61,9 +62,9 @@ def server_checks(opts: Mapping[str, Any], machine: Machine | None = None) -> li
     ctx = context(opts)
     n = cache_len(opts)
     dims = checkpoint_dims(opts)
-    if dims is not None and opts.get("layers") and dims["layers"] not in (None, opts["layers"]):
-        out.append(("layers", f"--layers {opts['layers']}: the checkpoint has {dims['layers']} layers and runs "
-                              "whole (leave --layers at 0)"))
+    why = layers_refusal(opts.get("layers"), dims["layers"]) if dims is not None else None
+    if why:
+        out.append(("layers", why))
     if ctx is not None and position_room(n) > ctx:
         out.append(("max-seq-len", f"--max-seq-len {n}: the serving cache rounds up to {position_room(n)} "
                                    f"positions, more than the model's context of {ctx}; at most "

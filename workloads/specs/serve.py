@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from workloads.checkpoint_files import layers_refusal
 from workloads.client.rates import MAX_RATE_STEPS, parse_rates
 from workloads.engine.loadgen import LengthDist
 from workloads.options import Machine, Option, WorkloadSpec
@@ -189,10 +190,9 @@ def _checkpoint_fit(opts: Mapping[str, Any], dims: Mapping[str, Any], n: int) ->
     """--layers and the cache's length against the checkpoint (its context; GPT-2's learned position table must
     also cover the cache's rounding, ``position_room``)."""
     out: list[tuple[str, str]] = []
-    layers = opts.get("layers") or 0
-    if layers and dims["layers"] is not None and layers != dims["layers"]:
-        out.append(("layers", f"--layers {layers}: the checkpoint has {dims['layers']} layers and runs whole "
-                              "(leave --layers at 0)"))
+    why = layers_refusal(opts.get("layers"), dims["layers"])
+    if why:
+        out.append(("layers", why))
     context = dims["context"]
     if n > context:
         out.append(("max-seq-len", f"{n} positions per sequence exceed the checkpoint's context of {context}"))
