@@ -2,7 +2,8 @@
 serve-api``, driven by the same seeded load through ``btune run serve --endpoint``.
 
 1. In process: ``btune run serve`` closed loop (``--concurrency`` = ``--max-batch``), which also measures the
-   capacity, then open loop at half that capacity (Poisson).
+   capacity, then open loop at half that capacity (Poisson), then one client sending one request at a time (the
+   HTTP path's own latency, no queueing).
 2. ``btune serve-api`` with the same model and engine knobs on 127.0.0.1, and the same two loads through
    ``--endpoint`` (completions API, streamed; the word code of random weights makes a synthetic prompt of n
    words exactly n tokens, so the prompts are as long as the in-process ones).
@@ -91,12 +92,14 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--compile-mode", default="reduce-overhead")
     ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--single-requests", type=int, default=24, help="one client, one request at a time (0: skip)")
     ap.add_argument("--probe-requests", type=int, default=64)
     ap.add_argument("--max-rate-steps", type=int, default=6)
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--prompt-len", default="uniform:128,1024")
     ap.add_argument("--output-len", default="uniform:32,256")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--capacity", type=float, default=0.0, help="skip the in-process loads: this capacity (req/s)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="btune-endpoint-"))
@@ -117,14 +120,21 @@ def main() -> int:
         return rec
 
     inproc_engine = engine[2:]  # the load names the preset
-    log("in process, closed loop (compiles)")
-    cap = keep(f"in process, closed loop ({args.max_batch} clients)", btune_run(runs, *inproc_engine, *load, *closed))
-    if "refused" in cap:
-        return 1
-    capacity = cap["summary"]["serving"]["request_throughput"]
+    capacity = args.capacity
+    if not capacity:
+        log("in process, closed loop (compiles)")
+        cap = keep(f"in process, closed loop ({args.max_batch} clients)",
+                   btune_run(runs, *inproc_engine, *load, *closed))
+        if "refused" in cap:
+            return 1
+        capacity = cap["summary"]["serving"]["request_throughput"]
     rate = round(capacity / 2, 2)
     log(f"capacity {capacity:.2f} req/s; open loop at {rate}")
-    keep(f"in process, open loop {rate} req/s", btune_run(runs, *inproc_engine, *load, "--request-rate", str(rate)))
+    single = ["--concurrency", "1", "--num-requests", str(args.single_requests)]  # the later --num-requests wins
+    if not args.capacity:
+        keep(f"in process, open loop {rate} req/s", btune_run(runs, *inproc_engine, *load, "--request-rate", str(rate)))
+        if args.single_requests:
+            keep("in process, one client", btune_run(runs, *inproc_engine, *load, *single))
 
     log("serve-api starting (compiles)")
     t = time.monotonic()
@@ -134,9 +144,11 @@ def main() -> int:
     try:
         keep(f"HTTP (serve-api), closed loop ({args.max_batch} clients)", btune_run(runs, *client, *load, *closed))
         keep(f"HTTP (serve-api), open loop {rate} req/s", btune_run(runs, *client, *load, "--request-rate", str(rate)))
+        if args.single_requests:
+            keep("HTTP (serve-api), one client", btune_run(runs, *client, *load, *single))
         log("find-max-rate")
-        search = btune_run(runs, *client, *load[:-4], "--num-requests", str(args.probe_requests), "--seed", "0",
-                           "--find-max-rate", "--request-rate", str(round(capacity / 4, 2)),
+        search = btune_run(runs, *client, *load, "--num-requests", str(args.probe_requests), "--find-max-rate",
+                           "--request-rate", str(round(capacity / 4, 2)),
                            "--max-rate-steps", str(args.max_rate_steps))
     finally:
         proc.terminate()
