@@ -145,10 +145,16 @@ def test_a_sweep_runs_one_segment_per_rate_in_order(server, tmp_path):
     assert "TTFT p99 ms" in table and "2.000/s" in table and "4.000/s" in table
 
 
+@pytest.fixture(scope="module")
+def searched(server, tmp_path_factory):
+    """The record of one --find-max-rate run against the server: 4/s and 8/s pass, 16/s and 12/s fail."""
+    return run(tmp_path_factory.mktemp("search"), server, "--find-max-rate", "--request-rate", "4",
+               "--max-rate-steps", "4", "--num-requests", str(PROBE))
+
+
 @pytest.mark.slow
-def test_find_max_rate_doubles_then_bisects_to_the_knee(server, tmp_path):
-    rec = run(tmp_path, server, "--find-max-rate", "--request-rate", "4", "--max-rate-steps", "4",
-              "--num-requests", str(PROBE))
+def test_find_max_rate_doubles_then_bisects_to_the_knee(searched):
+    rec = searched
     reqs = requests_of(rec)
     assert rec["status"] == "ok" and [r["rid"] for r in reqs] == list(range(4 * PROBE))
     assert all(r["search"] is True for r in reqs)
@@ -161,6 +167,112 @@ def test_find_max_rate_doubles_then_bisects_to_the_knee(server, tmp_path):
     probes = rec["summary"]["workload"]["search"]["probes"]
     assert [(p["rate"], p["passed"]) for p in probes] == [(p["rate"], p["passed"]) for p in s["curve"]]
     assert "max rate with >= 99% of requests within the SLOs: 8.000 req/s" in rec["_show"]
+
+
+# -- slow: the app's serving panel charts the curve -----------------------------------------------------------------
+
+def curve_state(app) -> dict:
+    """What the serving panel shows of the curve: whether its charts are shown, the points each chart drew as
+    marks (pass and fail, by rate; drawn at a size, not only given), its rules, and its text."""
+    from textual_plot.plot_widget import ScatterPlot
+
+    from tuner.tui.widgets.latency import FAIL, PASS, LatencyPanel
+
+    panel = app.screen.query_one(LatencyPanel)
+    out = {"charted": panel.curve_box.display, "rows": panel.curve_rows.display and str(panel.curve_rows.content),
+           "text": panel.text.plain}
+    for name, chart in panel.curve_charts.items():
+        drawn = [d for d in chart._datasets if isinstance(d, ScatterPlot)] if chart._drawn else []
+        out[name] = {"pass": sorted(x for d in drawn if d.marker_style == PASS[0] for x in d.x),
+                     "fail": sorted(x for d in drawn if d.marker_style == FAIL[0] for x in d.x),
+                     "rules": [x for x, _ in chart.rules]}
+    return out
+
+
+def charted(app) -> bool:
+    from tuner.tui.widgets.latency import LatencyPanel
+
+    panel = app.screen.query_one(LatencyPanel)
+    return panel.curve_box.display and all(c._drawn for c in panel.curve_charts.values())
+
+
+@pytest.mark.slow
+def test_the_app_charts_the_curve_in_replay_and_keeps_it_to_rows_when_narrow(searched):
+    import asyncio
+
+    from test_tui_support import make_app, recorded, until
+
+    from tuner.tui.screens.replay import ReplayScreen
+
+    async def shown(rec: dict, size: tuple[int, int], wait: bool = True) -> dict:
+        app = make_app(Path("."))
+        async with app.run_test(size=size) as pilot:
+            await app.push_screen(ReplayScreen(rec, autoplay=False, at_end=True))
+            await pilot.pause()
+            if wait:
+                await until(pilot, lambda: charted(app), 10, "the curve's charts")
+            else:
+                await pilot.pause(0.5)
+            return curve_state(app)
+
+    for size in ((120, 40), (80, 24)):
+        state = asyncio.run(shown(searched, size))
+        assert state["charted"], size
+        # 4/s and 8/s within the SLOs, 12/s and 16/s not, on both charts (the latency chart marks TTFT and TPOT)
+        assert state["rps"] == {"pass": [4.0, 8.0], "fail": [12.0, 16.0], "rules": [8.0]}
+        assert state["ms"] == {"pass": [4.0, 4.0, 8.0, 8.0], "fail": [12.0, 12.0, 16.0, 16.0], "rules": [8.0]}
+        assert "max rate 8.000 req/s" in state["text"]
+        rows = state["rows"].splitlines()  # a row per load, in the order they ran, after a header
+        assert len(rows) == 5 and "TTFT p99 ms" in rows[0]
+        assert [r.split()[:2] for r in rows[1:]] == [["4.000/s", "●"], ["8.000/s", "●"], ["16.00/s", "×"],
+                                                      ["12.00/s", "×"]]
+    narrow = asyncio.run(shown(searched, (60, 30), wait=False))  # no room for two charts: the rows of bars
+    assert not narrow["charted"] and not narrow["rows"]
+    assert "throughput by offered rate" in narrow["text"] and "max rate 8.000 req/s" in narrow["text"]
+    plain = asyncio.run(shown(recorded("synthetic"), (120, 40), wait=False))  # no curve: neither
+    assert not plain["charted"] and not plain["rows"] and "rate" not in plain["text"]
+
+
+@pytest.mark.slow
+def test_the_app_charts_the_curve_live_as_its_loads_finish(searched):
+    import asyncio
+
+    from test_tui_support import until
+    from textual.app import App
+
+    from tuner import tui
+    from tuner.feed import RunFeed
+    from tuner.replay import timeline
+    from tuner.tui.widgets.dashboard import Dashboard
+
+    class One(App[None]):
+        CSS_PATH = Path(tui.__file__).parent / "app.tcss"
+
+        def compose(self):
+            yield Dashboard()
+
+    async def body() -> None:
+        app = One()
+        async with app.run_test(size=(120, 40)) as pilot:
+            feed, dash = RunFeed(), app.query_one(Dashboard)
+            events = timeline(searched)
+            third = next(i for i, e in enumerate(events) if e["type"] == "request" and e["segment"] == 2)
+            for ev in events[:third + 1]:  # the first two loads (4/s and 8/s) have run, the third has begun
+                feed(ev)
+            view = feed.view()
+            # the screens redraw at their refresh rate (a panel's first draw comes before the layout sized it)
+            await until(pilot, lambda: dash.show(view) or charted(app), 10, "the curve's charts, live")
+            state = curve_state(app)
+            assert state["rps"] == {"pass": [4.0, 8.0], "fail": [], "rules": [8.0]}
+            for ev in events[third + 1:]:
+                feed(ev)
+            feed.finish(searched["summary"])
+            view = feed.view()
+            await until(pilot, lambda: dash.show(view) or curve_state(app)["rps"]["fail"] == [12.0, 16.0], 10,
+                        "the whole curve")
+            assert curve_state(app)["rps"] == {"pass": [4.0, 8.0], "fail": [12.0, 16.0], "rules": [8.0]}
+
+    asyncio.run(body())
 
 
 # -- quick --------------------------------------------------------------------------------------------------------
@@ -292,5 +404,31 @@ def test_the_app_draws_the_curve_as_bars_coloured_by_the_slos():
     assert "8.000/s" in lines[2].plain and "50.0% within SLOs" in lines[2].plain
 
 
+
+def test_the_app_charts_throughput_and_p99_latency_against_the_offered_rate():
+    from tuner.tui.widgets.latency import FAIL, PASS, RULE, curve_legend, curve_rows, curve_series
+
+    points = [{"rate": 8.0, "request_throughput": 7.5, "passed": True, "ttft_ms": {"p99": 20}, "tpot_ms": {"p99": 5}},
+              {"rate": 2.0, "request_throughput": 2.0, "passed": True, "ttft_ms": {"p99": 10}, "tpot_ms": {"p99": 4}},
+              {"rate": None, "request_throughput": 9.0, "passed": False, "ttft_ms": {"p99": None},
+               "tpot_ms": {"p99": 9}}]
+    (lines, marks, rules, _), (ms_lines, ms_marks, ms_rules, _) = curve_series(points, 8.0)
+    offered, got = lines
+    assert offered.xs == offered.ys == (0.0, 8.0)  # the diagonal up to the highest finite rate
+    assert got.xs == (2.0, 8.0, math.inf) and got.ys == (2.0, 7.5, 9.0)  # by rate, all at once last
+    assert [(m.style, m.char, m.xs) for m in marks] == [(*PASS, (2.0, 8.0)), (*FAIL, (math.inf,))]
+    assert rules == ms_rules == [(8.0, RULE)] and curve_series(points, None)[0][2] == []
+    ttft, tpot = ms_lines
+    assert ttft.xs == (2.0, 8.0) and tpot.ys == (4.0, 5.0, 9.0)  # no TTFT p99 all at once: no point there
+    assert [m.xs for m in ms_marks] == [(2.0, 8.0), (), (2.0, 8.0), (math.inf,)]
+    rows = [line.plain for line in curve_rows(points, 76)]
+    assert "out tok/s" in rows[0] and [r.split()[:2] for r in rows[1:]] == [["8.000/s", "●"], ["2.000/s", "●"],
+                                                                          ["inf", "×"]]
+    assert all(len(r) <= 76 for r in rows) and "out tok/s" not in curve_rows(points, 60)[0].plain
+    assert "max rate 8.000 req/s" in curve_legend({"max_rate": 8.0}, 76)[0].plain
+    assert "max rate" not in "".join(t.plain for t in curve_legend({}, 76))  # a sweep: no max rate
+
+
 if __name__ == "__main__":
     serve(int(sys.argv[1]))
+

@@ -6,6 +6,7 @@ the SVGs under tests/__snapshots__/.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,39 @@ def test_replay_serving_latency_synthetic(snap_compare, size):
     rec = recorded("synthetic")
     app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
     assert snap_compare(app, terminal_size=size, run_before=_settle)
+
+
+#: A --find-max-rate curve for the synthetic serving run (fixed figures: no run's timing in the snapshot): 4/s and
+#: 8/s within the SLOs, 16/s and 12/s not.
+CURVE = [{"segment": k, "rate": rate, "request_throughput": rps, "output_tokens_per_s": rps * 64,
+          "good_fraction": good, "passed": good >= 0.99, "ttft_ms": {"p50": ttft / 2, "p99": ttft},
+          "tpot_ms": {"p50": tpot - 1, "p99": tpot}}
+         for k, (rate, rps, good, ttft, tpot) in enumerate([(4.0, 3.91, 1.0, 14.2, 6.1), (8.0, 7.62, 1.0, 21.5, 6.4),
+                                                            (16.0, 10.9, 0.5, 310.0, 9.9),
+                                                            (12.0, 10.1, 0.9, 305.0, 8.0)])]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_replay_serving_curve(snap_compare, size):
+    """A rate search's curve in the serving panel (scrolled into view): throughput and TTFT/TPOT p99 against the
+    offered rate, each load marked within the SLOs or not, the max rate as a rule, a row per load."""
+    from tuner.tui.widgets.latency import LatencyPanel
+
+    rec = copy.deepcopy(recorded("synthetic"))
+    rec["summary"]["serving"].update(curve=CURVE, max_rate=8.0)
+
+    async def ready(pilot: Any) -> None:
+        def drawn() -> bool:
+            panels = pilot.app.screen.query(LatencyPanel)
+            return bool(panels) and all(c._drawn for c in panels.first().curve_charts.values())
+
+        await until(pilot, drawn, 10, "the curve's charts")
+        await _settle(pilot)
+        pilot.app.screen.query_one("#panels-scroll").scroll_end(animate=False)
+        await _settle(pilot)
+
+    app = ScreenApp.make(lambda: ReplayScreen(rec, autoplay=False, at_end=True))
+    assert snap_compare(app, terminal_size=size, run_before=ready)
 
 
 def test_compare_screen(snap_compare):

@@ -17,9 +17,10 @@ from tuner.progress import Progress, Tracker
 from tuner.summary import is_steady
 
 Event = dict[str, Any]
-#: The request fields the serving block reads (tuner.results.serving).
+#: The request fields the serving block reads (tuner.results.serving): a rate sweep's or search's load (``segment``,
+#: its offered ``rate``, ``search``) too, so the curve grows live.
 REQUEST_FIELDS = ("rid", "arrival_s", "finish_s", "finished", "prompt_len", "output_tokens", "token_s", "ttft_ms",
-                  "tpot_ms", "e2e_ms")
+                  "tpot_ms", "e2e_ms", "segment", "rate", "search")
 
 
 @dataclass

@@ -6,6 +6,9 @@ under the y-axis labels and time ticks (``30s``, ``2m``, ``1h30``) along the x a
 thinned to about two points per braille column, so a redraw costs the same whatever the run's length.
 Ticks are chosen here, not by the plot, so they never crowd a short chart. The chart takes no focus and
 no zoom: scrolling the mouse over it scrolls the dashboard around it.
+
+XYChart is the same kind of chart against a numeric x axis instead of time (the serving panel's rate curve):
+lines, points marked by a character each, vertical rules, and a legend across its top row.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from rich.markup import escape
 from textual import events
 from textual.widget import Widget
 from textual_hires_canvas import Canvas, TextAlign
@@ -34,6 +38,16 @@ class Series:
     xs: tuple[float, ...]
     ys: tuple[float, ...]
     style: str = "green"
+
+
+@dataclass(frozen=True)
+class Marks:
+    """Points drawn as one character each, not joined (an XYChart's): x, y in the chart's units, a Rich style."""
+
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    style: str = "green"
+    char: str = "●"
 
 
 def time_label(seconds: float) -> str:
@@ -87,6 +101,11 @@ def value_ticks(lo: float, hi: float, max_ticks: int) -> tuple[float, float, lis
     return lo, hi, [lo + i * step for i in range(n + 1)]
 
 
+def y_tick_count(rows: int) -> int:
+    """How many y intervals a plot ``rows`` high takes (one tick every other row; two rows or fewer: the ends)."""
+    return 1 if rows <= 2 else (rows + 1) // 2 + 1
+
+
 def time_ticks(t_min: float, t_max: float, max_ticks: int) -> tuple[float, float, list[float]]:
     """The time axis' ends (at least a second apart) and its ticks (whole steps between them)."""
     t_max = max(t_max, t_min + 1.0)
@@ -120,7 +139,44 @@ class _Labels(AxisFormatter):
         return [self.label(t) for t in ticks]
 
 
-class TimeChart(PlotWidget, can_focus=False):
+class PlotChart(PlotWidget, can_focus=False):
+    """What the app's charts share: no focus and no zoom (the mouse wheel scrolls the dashboard), y tick labels
+    in MARGIN_LEFT columns with the unit under them, one refresh per canvas per draw."""
+
+    TOP: ClassVar[int] = 0  # rows above the plot
+
+    def __init__(self, unit: str, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes, allow_pan_and_zoom=False)
+        self.unit = unit
+
+    def on_mount(self) -> None:
+        self.margin_top, self.margin_bottom, self.margin_left = self.TOP, 1, MARGIN_LEFT
+        self.set_y_formatter(_Labels(si_label))
+
+    # -- drawing and events --------------------------------------------------------------------
+    def _render_plot(self) -> None:
+        """The plot's drawing, with each canvas refreshed once at the end instead of once per pixel drawn."""
+        with ExitStack() as stack:
+            for canvas in self.query(Canvas):
+                stack.enter_context(canvas.batch_refresh())
+            super()._render_plot()
+
+    def _render_x_label(self) -> None:
+        """The unit, under the y tick labels (the plot's own x label needs two more rows)."""
+        margin = self.query_one("#margin-bottom", Canvas)
+        margin.write_text(0, 0, f"[{self.get_component_rich_style('plot--tick')}]{self.unit[:MARGIN_LEFT - 2]}",
+                          TextAlign.LEFT)
+
+    def _on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
+        event.prevent_default()  # no zoom (nor the plot's event.stop): the dashboard scrolls
+        _scroll_parent(self, 1)
+
+    def _on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
+        event.prevent_default()
+        _scroll_parent(self, -1)
+
+
+class TimeChart(PlotChart):
     """A line chart of series against time, with its unit; ``set_series`` redraws it if the data changed."""
 
     DEFAULT_CSS = """
@@ -132,16 +188,14 @@ class TimeChart(PlotWidget, can_focus=False):
     def __init__(self, unit: str, *, floor: float | None = 0.0, id: str | None = None,
                  classes: str | None = None) -> None:
         """``floor``: the y axis starts at or below it (None: at the data's minimum)."""
-        super().__init__(id=id, classes=classes, allow_pan_and_zoom=False)
-        self.unit, self.floor = unit, floor
+        super().__init__(unit, id=id, classes=classes)
+        self.floor = floor
         self._data: tuple[Any, ...] | None = None
         self._drawn: tuple[Any, ...] | None = None
         self._picture: tuple[Any, ...] | None = None  # the dots last drawn
 
     def on_mount(self) -> None:
-        self.margin_top, self.margin_bottom, self.margin_left = 0, 1, MARGIN_LEFT
         self.set_x_formatter(_Labels(time_label))
-        self.set_y_formatter(_Labels(si_label))
 
     # -- data ----------------------------------------------------------------------------------
     def set_series(self, series: Sequence[Series], t_end: float, ceiling: float | None = None,
@@ -173,7 +227,7 @@ class TimeChart(PlotWidget, can_focus=False):
             hi = max(hi, ceiling)
         if hi <= lo:
             hi = lo + (abs(lo) or 1.0)
-        y_lo, y_hi, y_ticks = value_ticks(lo, hi, 1 if height <= 2 else (height + 1) // 2 + 1)
+        y_lo, y_hi, y_ticks = value_ticks(lo, hi, y_tick_count(height))
         x_lo, x_hi, x_ticks = time_ticks(t_start, t_end, max(1, width // 8))
         lines = []
         for s in series:
@@ -200,27 +254,88 @@ class TimeChart(PlotWidget, can_focus=False):
         self.set_xticks(x_ticks)
         self.set_yticks(y_ticks)
 
-    # -- drawing and events --------------------------------------------------------------------
-    def _render_plot(self) -> None:
-        """The plot's drawing, with each canvas refreshed once at the end instead of once per pixel drawn."""
-        with ExitStack() as stack:
-            for canvas in self.query(Canvas):
-                stack.enter_context(canvas.batch_refresh())
-            super()._render_plot()
 
-    def _render_x_label(self) -> None:
-        """The unit, under the y tick labels (the plot's own x label needs two more rows)."""
-        margin = self.query_one("#margin-bottom", Canvas)
-        margin.write_text(0, 0, f"[{self.get_component_rich_style('plot--tick')}]{self.unit[:MARGIN_LEFT - 2]}",
-                          TextAlign.LEFT)
+class XYChart(PlotChart):
+    """Lines (``Series``), marked points (``Marks``) and vertical rules against a numeric x axis from 0, with
+    the y unit under the y labels and a legend across the top row; ``set_data`` redraws it if the data
+    changed. An x of ``math.inf`` (a load offered all at once) is drawn one tick step past the last finite
+    tick, labelled ``inf``. Rules are drawn before the marks, so a mark on a rule stays visible."""
 
-    def _on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
-        event.prevent_default()  # no zoom (nor the plot's event.stop): the dashboard scrolls
-        _scroll_parent(self, 1)
+    DEFAULT_CSS = """
+    XYChart { height: 100%; width: 1fr; }
+    XYChart > .plot--axis { color: $foreground-darken-3; }
+    XYChart > .plot--tick { color: $foreground-muted; text-style: none; }
+    """
+    TOP = 1  # the legend
+    PAD = 1.05  # the axes reach past the largest value, so no point sits on the frame
 
-    def _on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
-        event.prevent_default()
-        _scroll_parent(self, -1)
+    def __init__(self, unit: str, *, x_suffix: str = "", id: str | None = None, classes: str | None = None) -> None:
+        """``x_suffix``: written after each x tick label but 0 (``/s``: ``5/s``)."""
+        super().__init__(unit, id=id, classes=classes)
+        self.x_suffix = x_suffix
+        self.lines: tuple[Series, ...] = ()
+        self.marks: tuple[Marks, ...] = ()
+        self.rules: tuple[tuple[float, str], ...] = ()
+        self.legend: tuple[tuple[str, str], ...] = ()
+        self._drawn: tuple[Any, ...] | None = None
+
+    def set_data(self, lines: Sequence[Series], marks: Sequence[Marks] = (),
+                 rules: Sequence[tuple[float, str]] = (), legend: Sequence[tuple[str, str]] = ()) -> None:
+        """Draw ``lines`` (joined in the order given), ``marks``, vertical ``rules`` (x, style) and a ``legend``
+        ((text, style) items) across the top row. Nothing is redrawn when the data and the size are what was
+        drawn last."""
+        self.lines, self.marks, self.rules, self.legend = tuple(lines), tuple(marks), tuple(rules), tuple(legend)
+        self._draw()
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._draw)  # the same data at the new size
+
+    def _draw(self) -> None:
+        width, height = self.size.width - MARGIN_LEFT - 2, self.size.height - self.TOP - 3
+        key = (self.lines, self.marks, self.rules, self.legend, self.unit, width, height)
+        if key == self._drawn or width < 4 or height < 1:
+            return
+        self._drawn = key
+        shown = (*self.lines, *self.marks)
+        xs = [x for s in shown for x in s.xs] + [x for x, _ in self.rules]
+        finite = [x for x in xs if math.isfinite(x)]
+        x_lo, x_hi, x_ticks = value_ticks(0.0, max(finite, default=1.0) * self.PAD, max(1, width // 8))
+        names = {t: si_label(t) + self.x_suffix if t else "0" for t in x_ticks}
+        inf_x = math.inf
+        if any(math.isinf(x) for x in xs):
+            inf_x = x_hi + (x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else x_hi or 1.0)
+            x_hi = inf_x * (1 + 1e-9)  # just past it: the point stays inside the frame
+            x_ticks.append(inf_x)
+            names[inf_x] = "inf"
+        ys = [y for s in shown for y in s.ys if math.isfinite(y)]
+        y_lo, y_hi, y_ticks = value_ticks(0.0, max(max(ys, default=0.0) * self.PAD, 1e-9), y_tick_count(height))
+
+        def at(values: tuple[float, ...]) -> list[float]:
+            return [inf_x if math.isinf(x) else x for x in values]
+
+        self.clear()
+        for s in self.lines:
+            if s.xs:
+                self.plot(at(s.xs), list(s.ys), line_style=s.style, hires_mode=HiResMode.BRAILLE)
+        for x, style in self.rules:
+            rule_x = inf_x if math.isinf(x) else x
+            self.plot([rule_x, rule_x], [y_lo, y_lo + (y_hi - y_lo) * 0.999], line_style=style,
+                      hires_mode=HiResMode.BRAILLE)
+        for m in self.marks:
+            if m.xs:
+                self.scatter(at(m.xs), list(m.ys), marker=m.char, marker_style=m.style)
+        self.set_x_formatter(_Labels(lambda t: names.get(t, si_label(t))))
+        self.set_xlimits(x_lo, x_hi)
+        self.set_ylimits(y_lo, y_hi)
+        self.set_xticks(x_ticks)
+        self.set_yticks(y_ticks)
+
+    def _render_y_label(self) -> None:
+        """The legend, across the top row from the plot's left edge."""
+        margin = self.query_one("#margin-top", Canvas)
+        text = "  ".join(f"[{style}]{escape(label)}[/]" for label, style in self.legend)
+        if text:
+            margin.write_text(MARGIN_LEFT, 0, text, TextAlign.LEFT)
 
 
 def _scroll_parent(widget: Widget, direction: int) -> None:

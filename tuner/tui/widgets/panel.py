@@ -141,15 +141,15 @@ class Panel(Vertical):
         height = max(1, len(lines))
         self.figures.update(text, layout=height != self._height)  # lines never wrap: same count, same size
         self._height, self._text = height, text
-        if self.charts:
-            self.draw_charts(view)
+        self.draw_charts(view)
 
     def render_view(self, view: FeedView, width: int) -> list[Text]:
         """The panel's lines for ``view`` at ``width`` columns."""
         raise NotImplementedError
 
     def draw_charts(self, view: FeedView) -> None:
-        """Give each chart its series (``TimeChart.set_series``; it redraws only what changed)."""
+        """Give each chart its series (``TimeChart.set_series``; it redraws only what changed); called after
+        ``render_view`` on every redraw."""
 
 
 def since_start(view: FeedView, t: object) -> float | None:
