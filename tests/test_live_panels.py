@@ -53,6 +53,21 @@ def test_latency_panel_shows_itl_and_goodput_under_the_runs_slos():
     assert f"{block['goodput']:.3f}" in shown
 
 
+def test_failed_endpoint_requests_count_live_as_in_the_record():
+    feed = RunFeed()
+    feed(make_event("meta", rank=0, workload="serve", options={"slo_ttft_ms": 100.0, "slo_tpot_ms": 20.0}))
+    for i in range(4):
+        feed(_request(i, 0.1 * i, [0.01, 0.01], 0.05))
+    for rid, error in ((4, "HTTP 500: boom"), (5, "timeout: after 1.0 s"), (6, "HTTP 500: again")):
+        feed(make_event("request", rank=0, rid=rid, replica=0, finished=False, prompt_len=10, output_len=3,
+                        output_tokens=0, arrival_s=0.5, first_token_s=None, finish_s=None, token_s=[],
+                        ttft_ms=None, tpot_ms=None, e2e_ms=None, status="failed", error=error))
+    block = live_block(feed.view())
+    assert block["requests"]["finished"] == 4 and block["requests"]["unfinished"] == 0
+    assert block["failures"] == {"total": 3, "by_reason": {"HTTP 500": 2, "timeout": 1}}
+    assert "(3 failed)" in text(LatencyPanel(), feed)
+
+
 def _energy(gpu: int, t: float, mj: float, uuid: str | None = None) -> dict:
     ev = make_event("energy", rank=-1, gpu=gpu, mj=mj)
     ev["t"] = t

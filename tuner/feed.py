@@ -18,9 +18,10 @@ from tuner.summary import is_steady
 
 Event = dict[str, Any]
 #: The request fields the serving block reads (tuner.results.serving): a rate sweep's or search's load (``segment``,
-#: its offered ``rate``, ``search``) too, so the curve grows live.
+#: its offered ``rate``, ``search``) too, so the curve grows live, and an endpoint request's ``status`` and
+#: ``error``, so failures count live as they do in the record.
 REQUEST_FIELDS = ("rid", "arrival_s", "finish_s", "finished", "prompt_len", "output_tokens", "token_s", "ttft_ms",
-                  "tpot_ms", "e2e_ms", "segment", "rate", "search")
+                  "tpot_ms", "e2e_ms", "segment", "rate", "search", "status", "error")
 
 
 @dataclass
