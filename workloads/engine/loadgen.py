@@ -13,6 +13,7 @@ import heapq
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -213,3 +214,14 @@ class ClosedLoop:
 
 
 LoadGenerator = OpenLoop | ClosedLoop
+
+
+def from_load(load: dict[str, Any], replica: int = 0, replicas: int = 1) -> LoadGenerator:
+    """The generator a plan's ``load`` block describes (workloads.serve's and --endpoint's), ``replica``'s share.
+    ValueError on a bad shape (a length form, a concurrency below 1)."""
+    prompt, output = LengthDist.parse(load["prompt_len"]), LengthDist.parse(load["output_len"])
+    common = {"num_requests": load["num_requests"], "duration": load["duration_s"], "replica": replica,
+              "replicas": replicas}
+    if load["mode"] == "open":
+        return OpenLoop(float(load["request_rate"]), load["burstiness"], prompt, output, load["seed"], **common)
+    return ClosedLoop(load["concurrency"], prompt, output, load["seed"], **common)
