@@ -210,7 +210,7 @@ def test_the_app_charts_the_curve_in_replay_and_keeps_it_to_rows_when_narrow(sea
             await app.push_screen(ReplayScreen(rec, autoplay=False, at_end=True))
             await pilot.pause()
             if wait:
-                await until(pilot, lambda: charted(app), 10, "the curve's charts")
+                await until(pilot, lambda: charted(app), 60, "the curve's charts")
             else:
                 await pilot.pause(0.5)
             return curve_state(app)
@@ -261,14 +261,14 @@ def test_the_app_charts_the_curve_live_as_its_loads_finish(searched):
                 feed(ev)
             view = feed.view()
             # the screens redraw at their refresh rate (a panel's first draw comes before the layout sized it)
-            await until(pilot, lambda: dash.show(view) or charted(app), 10, "the curve's charts, live")
+            await until(pilot, lambda: dash.show(view) or charted(app), 60, "the curve's charts, live")
             state = curve_state(app)
             assert state["rps"] == {"pass": [4.0, 8.0], "fail": [], "rules": [8.0]}
             for ev in events[third + 1:]:
                 feed(ev)
             feed.finish(searched["summary"])
             view = feed.view()
-            await until(pilot, lambda: dash.show(view) or curve_state(app)["rps"]["fail"] == [12.0, 16.0], 10,
+            await until(pilot, lambda: dash.show(view) or curve_state(app)["rps"]["fail"] == [12.0, 16.0], 60,
                         "the whole curve")
             assert curve_state(app)["rps"] == {"pass": [4.0, 8.0], "fail": [12.0, 16.0], "rules": [8.0]}
 
