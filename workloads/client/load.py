@@ -73,14 +73,24 @@ def _connect_error(exc: aiohttp.ClientConnectorError) -> str:
     return f"connection failed: {str(exc.os_error or exc)[:200]}"
 
 
+#: Seconds the probe waits for a one-token answer's body once its status came (a stalled stream is the load's
+#: requests' to report, under --request-timeout).
+PROBE_BODY_S = 5.0
+
+
 async def _probe_one(session: aiohttp.ClientSession, ep: Endpoint, fields: frozenset[str]) -> tuple[int | None, bool]:
     """The HTTP status of a one-token request with ``fields`` (None when it could not be sent), and whether its
     stream carried a ``usage`` token count."""
     body = build_payload(ep.api, ep.model, "Hello", 1, fields)
+    raw = b""
     try:
         async with asyncio.timeout(ep.timeout):
             async with session.post(url_for(ep.url, ep.api), json=body) as resp:
-                raw = await resp.read()
+                try:  # the status decides; a stream that stalls after it only costs PROBE_BODY_S
+                    async with asyncio.timeout(min(ep.timeout, PROBE_BODY_S)):
+                        raw = await resp.read()
+                except TimeoutError:
+                    pass
     except (aiohttp.ClientError, TimeoutError, OSError):
         return None, False
     usage = False
