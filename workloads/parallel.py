@@ -19,18 +19,14 @@ import sys
 import threading
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import Partial, Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    RowwiseParallel,
-    loss_parallel,
-    parallelize_module,
-)
+
+if TYPE_CHECKING:  # DTensor's modules load torch's compiler (seconds): imported where a mesh is made or used
+    from torch.distributed.device_mesh import DeviceMesh
 
 ENV_COLLECTIVE_TIMEOUT = "BTUNE_COLLECTIVE_TIMEOUT_S"
 
@@ -48,6 +44,8 @@ def init(device_type: str) -> DeviceMesh:
 
     Collectives time out (``BTUNE_COLLECTIVE_TIMEOUT_S``, default 300 s) so a dead rank never hangs the run.
     """
+    from torch.distributed.device_mesh import init_device_mesh
+
     timeout = timedelta(seconds=float(os.environ.get(ENV_COLLECTIVE_TIMEOUT, "300")))
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -59,6 +57,8 @@ def init(device_type: str) -> DeviceMesh:
 def replica_groups(device_type: str, replicas: int, tp: int) -> dist.ProcessGroup | None:
     """Serving: join torchrun's group as one of ``replicas`` x ``tp`` ranks (replica r holds ranks r*tp ..
     r*tp + tp - 1) and return this rank's tensor-parallel group (None at tp 1)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     init(device_type)
     if tp == 1:
         return None
@@ -158,6 +158,9 @@ def plan(model: nn.Module, wrong_layer: int | None = None) -> dict[str, object]:
     ``wrong_layer`` plants a classic bug for the validator to catch: that layer's ``wo`` skips its
     all-reduce (its output stays a partial sum on each rank).
     """
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
     p: dict[str, object] = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "output": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
@@ -180,6 +183,8 @@ def plan(model: nn.Module, wrong_layer: int | None = None) -> dict[str, object]:
 
 def apply_tp(model: nn.Module, mesh: DeviceMesh, wrong_layer: int | None = None) -> nn.Module:
     """Shard ``model`` in place over ``mesh`` (MoE layers: TP inside the routed experts)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
     for layer in model.layers:  # type: ignore[attr-defined]
         if getattr(layer, "moe", None) is not None:
             shard_experts(layer.moe.experts, mesh.get_local_rank(), mesh.size())
@@ -195,7 +200,11 @@ def param_groups(model: nn.Module) -> list[dict[str, list[nn.Parameter]]]:
 
 def loss_context(tp: int) -> AbstractContextManager:
     """The context the cross-entropy of vocabulary-sharded logits runs under."""
-    return loss_parallel() if tp > 1 else nullcontext()
+    if tp == 1:
+        return nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -21,17 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
 from workloads.engine.cache import SlotKVCache
-from workloads.models.attention import AttentionKernel, visible
+from workloads.models.attention import AttentionKernel, compiled_flex, visible
 from workloads.models.rope import rotate
 from workloads.models.transformer import Transformer
 
 _SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
          "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 FLEX_BLOCK = 128
-_flex_compiled = torch.compile(flex_attention, dynamic=False)  # flex must run compiled; compiled once lazily
 
 
 def prefill_chunk(model: Transformer, kernel: AttentionKernel, cache: SlotKVCache, slot: int, tokens: torch.Tensor,
@@ -115,6 +114,8 @@ class DecodeStep(nn.Module):
         self.register_buffer("blocks", torch.arange(cache.positions // FLEX_BLOCK, device=cache.k[0].device),
                              persistent=False)
         self.flex = flex
+        if flex:  # made here, outside the traced step (torch.compile of the step inlines it)
+            compiled_flex(True)
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         self.gate_up: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         for layer in model.layers:
@@ -154,7 +155,7 @@ class DecodeStep(nn.Module):
         b, h, d = q.shape
         hkv = k.shape[1]
         if block_mask is not None:
-            y = _flex_compiled(q[:, :, None], k, v, block_mask=block_mask, enable_gqa=h != hkv)
+            y = compiled_flex(True)(q[:, :, None], k, v, block_mask=block_mask, enable_gqa=h != hkv)
             return y.reshape(b, h * d)
         qg = q.view(b, hkv, h // hkv, d)  # query head j uses KV head j // (h / hkv), as repeat_interleave
         assert mask is not None

@@ -16,6 +16,7 @@ import shutil
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,21 @@ FLEX_BLOCK = 128
 
 Mask = torch.Tensor | BlockMask | None
 
-# Compiled lazily on first call. CPU: static shapes (dynamic shapes broke the CPU flex template in torch
-# 2.13). CUDA: automatic dynamic shapes, so decode over a growing cache does not recompile every 128 tokens.
-_flex_static = torch.compile(flex_attention, dynamic=False)
-_flex_dynamic = torch.compile(flex_attention)
+#: flex_attention compiled, by static shapes, and the block-mask builder kept out of traced code: made on first use
+#: (``compiled_flex``, a flex kernel's constructor), since ``torch.compile`` and ``torch.compiler.disable`` load
+#: torch's compiler (seconds of start-up that runs without flex never need).
+_FLEX: dict[Any, Any] = {}
+
+
+def compiled_flex(static: bool) -> Any:
+    """flex_attention compiled (it must run compiled). CPU: static shapes (dynamic shapes broke the CPU flex
+    template in torch 2.13). CUDA: automatic dynamic shapes, so decode over a growing cache does not recompile
+    every 128 tokens. Made outside any traced code: a flex kernel's and the decode step's constructors call it
+    first."""
+    fn = _FLEX.get(static)
+    if fn is None:
+        fn = _FLEX[static] = torch.compile(flex_attention, dynamic=False if static else None)
+    return fn
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,10 @@ class AttentionKernel:
             raise ValueError(f"attention backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"attention window must be >= 1, got {self.window}")
+        if self.backend == "flex":  # outside any traced code (a compiled model inlines them)
+            compiled_flex(True), compiled_flex(False)
+            # block masks are built eagerly, never traced (a graph break in a compiled model)
+            _FLEX.setdefault("mask", torch.compiler.disable(_make_block_mask))
 
     @property
     def kv_multiple(self) -> int:
@@ -63,7 +79,7 @@ class AttentionKernel:
         """The mask for ``q_len`` queries at the end of ``kv_len`` keys; None where ``is_causal`` suffices."""
         if self.backend == "flex":
             q_pad, kv_pad = _flex_lengths(q_len, kv_len, torch.device(device))
-            return _block_mask(q_len, q_pad, kv_len, kv_pad, self.window, str(device))
+            return _FLEX["mask"](q_len, q_pad, kv_len, kv_pad, self.window, str(device))
         if self.window is None and (q_len == kv_len or q_len == 1):
             return None
         return causal_mask(q_len, kv_len, self.window, device)
@@ -78,7 +94,7 @@ class AttentionKernel:
                 k, v = F.pad(k, (0, 0, 0, kv_pad - k.shape[2])), F.pad(v, (0, 0, 0, kv_pad - v.shape[2]))
             if q_pad > q_len:
                 q = F.pad(q, (0, 0, 0, q_pad - q_len))
-            flex = _flex_static if q.device.type == "cpu" else _flex_dynamic
+            flex = compiled_flex(q.device.type == "cpu")
             return flex(q, k, v, block_mask=mask, enable_gqa=gqa)[:, :, :q_len]
         if gqa and self.expand_kv:
             rep = q.shape[1] // k.shape[1]
@@ -115,9 +131,8 @@ def _flex_lengths(q_len: int, kv_len: int, device: torch.device) -> tuple[int, i
     return q, kv
 
 
-@torch.compiler.disable
 @functools.lru_cache(maxsize=64)
-def _block_mask(q_len: int, q_pad: int, kv_len: int, kv_pad: int, window: int | None, device: str) -> BlockMask:
+def _make_block_mask(q_len: int, q_pad: int, kv_len: int, kv_pad: int, window: int | None, device: str) -> BlockMask:
     # Offsets live in tensors, not Python ints: compiled flex guards on closure constants and would
     # recompile for every new length (and fall back to eager after the recompile limit).
     offset = torch.tensor(kv_len - q_len, device=device)
