@@ -5,7 +5,6 @@ window's counts. Panels are rendered from a RunFeed fed by hand (no app, no proc
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,21 +197,14 @@ def test_throughput_panel_says_the_window_and_mfu_then_the_run():
 
 @pytest.mark.slow
 def test_log_keeps_to_a_line_until_the_program_writes_and_panels_redraw_only_on_change():
-    from textual.app import App
+    from test_tui_support import DashboardApp
 
-    from tuner import tui
     from tuner.tui.widgets.dashboard import Dashboard
     from tuner.tui.widgets.log import LogPanel
     from tuner.tui.widgets.throughput import ThroughputPanel
 
-    class One(App[None]):
-        CSS_PATH = Path(tui.__file__).parent / "app.tcss"
-
-        def compose(self):
-            yield Dashboard()
-
     async def body() -> None:
-        app = One()
+        app = DashboardApp()
         async with app.run_test(size=(120, 40)) as pilot:
             feed = RunFeed()
             dash = app.query_one(Dashboard)

@@ -237,22 +237,14 @@ def test_the_app_charts_the_curve_in_replay_and_keeps_it_to_rows_when_narrow(sea
 def test_the_app_charts_the_curve_live_as_its_loads_finish(searched):
     import asyncio
 
-    from test_tui_support import until
-    from textual.app import App
+    from test_tui_support import DashboardApp, until
 
-    from tuner import tui
     from tuner.feed import RunFeed
     from tuner.replay import timeline
     from tuner.tui.widgets.dashboard import Dashboard
 
-    class One(App[None]):
-        CSS_PATH = Path(tui.__file__).parent / "app.tcss"
-
-        def compose(self):
-            yield Dashboard()
-
     async def body() -> None:
-        app = One()
+        app = DashboardApp()
         async with app.run_test(size=(120, 40)) as pilot:
             feed, dash = RunFeed(), app.query_one(Dashboard)
             events = timeline(searched)

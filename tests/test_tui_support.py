@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from textual.app import App, ComposeResult
 from textual.pilot import Pilot
 
 from tuner import runs
@@ -18,6 +19,17 @@ from workloads.options import Machine
 
 DATA = Path(__file__).parent / "data" / "runs"
 NO_GPU = MachineInfo(Machine(reason="NVML Shared Library Not Found"))
+
+
+class DashboardApp(App[None]):
+    """The live dashboard alone, in the app's stylesheet: panels fed by hand from a RunFeed."""
+
+    CSS_PATH = Path(__file__).parents[1] / "tuner" / "tui" / "app.tcss"
+
+    def compose(self) -> ComposeResult:
+        from tuner.tui.widgets.dashboard import Dashboard
+
+        yield Dashboard()
 
 
 def recorded(workload: str, status: str = "ok") -> dict[str, Any]:
