@@ -60,7 +60,8 @@ def test_every_core_module_is_under_the_contracts():
     layers = [[m.strip() for m in layer.replace("|", ":").split(":")] for layer in
               named["The app above the console core above the workloads"]["layers"]]
     assert layers[0] == [APP] and layers[-1] == ["workloads"]
-    assert sorted(layers[1]) == [m for m in core if m != "tuner"]  # the package itself contains the top layer
+    # the package itself contains the top layer; a subpackage named in the layer holds its modules (tuner.bench)
+    assert sorted(layers[1]) == [m for m in core if m != "tuner" and not any(m.startswith(f"{p}.") for p in layers[1])]
     for name in ("The console core and the workloads never import textual", "The console core never imports torch"):
         contract = named[name]
         assert str(contract.get("as_packages", True)).lower() == "false", name  # sources are single modules

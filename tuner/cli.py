@@ -154,6 +154,26 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     return run_sweep(configs, out_dir, sys.stdout, telemetry=not args.no_telemetry)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tuner.bench import BenchError
+    from tuner.bench.config import load
+    from tuner.bench.history import History
+    from tuner.bench.run import run_bench
+
+    try:
+        config = load(args.config)
+        jobs = [config.job(args.job)] if args.job else list(config.jobs)
+        out_dir = runs.ensure_writable(runs.runs_dir(args.out))
+        history = History(args.history or out_dir / "bench-history.sqlite")
+        try:
+            return run_bench(config, jobs, out_dir, history, sys.stdout, commit=args.commit, baseline=args.baseline,
+                             telemetry=not args.no_telemetry)
+        finally:
+            history.close()
+    except BenchError as exc:
+        raise CliError(f"btune bench: {exc}") from None
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     rec = load_run(args.run, args.out)
     if args.json:
@@ -359,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
     sw.add_argument("--repeat", type=positive, default=1, help="runs of each combination (default 1)")
 
+    bn = sub.add_parser("bench", help="continuous benchmarking: jobs from a TOML file, a history, regression alerts",
+                        description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        allow_abbrev=False)
+    bn.add_argument("config", help="the bench file (TOML; docs/examples/bench.toml)")
+    bn.add_argument("--job", help="run only this job (bisecting)")
+    bn.add_argument("--history", help="the history file (SQLite; default RUNS_DIR/bench-history.sqlite)")
+    bn.add_argument("--baseline", type=positive, metavar="ROUND",
+                    help="compare against this round of the history (default: each job's previous round)")
+    bn.add_argument("--commit", metavar="SHA", help="the commit of your code this round measures (recorded)")
+    bn.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
+    bn.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
+
     for name, helptext in (("show", "one run"),):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("run", help="run file or id")
@@ -423,6 +455,12 @@ def cmd_serve_api(argv: list[str]) -> int:
     return 0  # not reached: exec replaced this process
 
 
+BENCH_HELP = """Run a bench file's jobs (built-in workloads or commands, each repeated), write a result directory
+(the run records, summary.json, report.md, report.json), append every job's figures to the history and
+report regressions: against the baseline round (Welch's t-test across the repeats and the metric's
+tolerance, in the bad direction only) and over the history (change points that persist two rounds),
+and figures that went missing. Exit status: 0 ok, 1 on a regression, missing data or a failed run,
+2 on bad input (nothing runs)."""
 SWEEP_HELP = """Run a workload once for every combination of option values, each run its own process and
 record, then print one table: a row per run, named by the options that differ, with the headline
 figures and whether each config's step time differs from the first row's beyond run-to-run noise.
@@ -498,7 +536,7 @@ def _dispatch(argv: Sequence[str]) -> int:
         return cmd_sweep(args, extra)
     if extra:
         raise CliError(f"btune {args.command}: unrecognized arguments: {' '.join(extra)}")
-    return {"list": cmd_list, "show": cmd_show, "compare": cmd_compare, "export": cmd_export,
+    return {"list": cmd_list, "bench": cmd_bench, "show": cmd_show, "compare": cmd_compare, "export": cmd_export,
             "runs": cmd_runs}[args.command](args)
 
 
