@@ -127,8 +127,10 @@ def test_show_compare_export(tiny_run, tmp_path):
     assert csv_text.splitlines()[0] == "run_id,workload,status,started,options,metric,statistic,value,unit"
     assert len(csv_text.splitlines()) == len(rows) + 1
     prom = btune("export", str(tiny_run), "--format", "prometheus").stdout
-    assert "# TYPE btune_step_ms gauge" in prom
-    assert f'btune_step_ms{{run_id="{rec["id"]}",workload="dense",status="ok",stat="p50"' in prom
+    assert "# TYPE btune_step_seconds summary" in prom
+    p50_s = rec["summary"]["step_ms"]["p50"] / 1000
+    assert f'btune_step_seconds{{quantile="0.5",run="{rec["id"]}",status="ok",workload="dense"}} {p50_s!r}' in prom
+    assert "opt_" not in prom and 'btune_run_info{' in prom and 'preset="tiny"' in prom
     out = tmp_path / "x.csv"
     assert btune("export", str(tiny_run), "--format", "csv", "-o", str(out)).returncode == 0
     assert out.read_text() == csv_text

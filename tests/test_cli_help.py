@@ -114,7 +114,7 @@ def test_export_out_with_a_file_suffix_writes_that_file(tmp_path, monkeypatch, c
     text = (tmp_path / "runs.csv").read_text()
     assert text.splitlines()[0] == "run_id,workload,status,started,options,metric,statistic,value,unit"  # csv
     assert cli.main(["export", str(RUN), "-o", "x.prom"]) == 0  # the suffix picks the format
-    assert "# TYPE btune_step_ms gauge" in (tmp_path / "x.prom").read_text()
+    assert "# TYPE btune_step_seconds summary" in (tmp_path / "x.prom").read_text()
     assert cli.main(["export", str(RUN), "--format", "json", "-o", "y.csv"]) == 0  # --format wins
     assert orjson.loads((tmp_path / "y.csv").read_bytes())[0]["run_id"] == RUN.stem
 

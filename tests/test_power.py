@@ -114,7 +114,7 @@ def test_export_has_the_profile_by_phase_name_and_the_series():
     flat = {(r["metric"], r["statistic"]): r["value"] for r in rows(rec)}
     assert flat[("phase_energy_j", "eval")] == pytest.approx(420 * 1.2 * 3, rel=1e-6)
     assert flat[("phase_power_w", "measuring")] == pytest.approx(610 * 3, rel=1e-6)
-    assert b"phase_energy_j" in export([rec], "prometheus")
+    assert b'btune_phase_energy_joules{phase="eval",' in export([rec], "prometheus")
     table = list(csv.DictReader(io.StringIO(export_series([rec], "csv").decode())))
     power0 = [r for r in table if r["gpu"] == "0" and r["field"] == "power_w"]
     assert len(power0) == 91 and float(power0[30]["value"]) == pytest.approx(610.0)

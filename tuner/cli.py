@@ -134,14 +134,42 @@ def cmd_run(args: argparse.Namespace, extra: list[str], command: list[str] | Non
 
         return subprocess.call(config.argv)
     out_dir = runs.ensure_writable(runs.runs_dir(args.out))
+    metrics = start_metrics(args)
     code = 0
-    for n, one in enumerate(config.repeats(args.repeat), 1):
-        if args.repeat > 1 and not args.json:
-            print(f"btune: run {n} of {args.repeat}")
-        code = execute(one, out_dir, json_lines=args.json, telemetry=not args.no_telemetry)
-        if code:  # a failed, cancelled or unrecorded run ends the repeats
-            break
+    try:
+        for n, one in enumerate(config.repeats(args.repeat), 1):
+            if args.repeat > 1 and not args.json:
+                print(f"btune: run {n} of {args.repeat}")
+            code = execute(one, out_dir, json_lines=args.json, telemetry=not args.no_telemetry, metrics=metrics)
+            if code:  # a failed, cancelled or unrecorded run ends the repeats
+                break
+    finally:
+        if metrics is not None:
+            metrics.close()
     return code
+
+
+def add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` and ``--metrics-host``: a live Prometheus endpoint (tuner.prom; docs/prometheus.md)."""
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve the live figures for Prometheus on PORT (/metrics; docs/prometheus.md)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="the address --metrics-port listens on (default 127.0.0.1)")
+
+
+def start_metrics(args: argparse.Namespace) -> Any:
+    """The live endpoint ``--metrics-port`` asks for (a tuner.prom.MetricsServer), or None; CliError (exit 2)
+    when it cannot listen."""
+    if args.metrics_port is None:
+        return None
+    from tuner.prom import MetricsPortError, serve_metrics
+
+    if not 0 < args.metrics_port < 65536:
+        raise CliError(f"--metrics-port {args.metrics_port}: a port is 1..65535")
+    try:
+        return serve_metrics(args.metrics_port, args.metrics_host)
+    except MetricsPortError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
@@ -351,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sample-hz", type=finite, default=10.0, help="telemetry samples per second (default 10)")
     run.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
     run.add_argument("--json", action="store_true", help="print events as JSON lines instead of a status line")
+    add_metrics_flags(run)
     run.add_argument("--repeat", type=positive, default=1,
                      help="run the config N times, each its own process and record (compare tests across runs)")
     run.add_argument("--nnodes", type=int, default=1, help="nodes in a multi-node --tp run (torchrun rendezvous)")

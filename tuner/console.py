@@ -177,11 +177,18 @@ class JsonLines:
 
 
 def execute(config: RunConfig, out_dir: Path, json_lines: bool = False, telemetry: bool = True,
-            out: TextIO | None = None) -> int:
+            out: TextIO | None = None, metrics: Any = None) -> int:
     """Run to the end with a console status; Ctrl+C, SIGTERM and SIGHUP cancel the run (its record is
-    still written). 0 when the run ended ok, 1 when it did not, 2 when its record could not be written."""
+    still written). ``metrics``: a live endpoint (tuner.prom.MetricsServer) that serves this run while it runs.
+    0 when the run ended ok, 1 when it did not, 2 when its record could not be written."""
     out = out or sys.stdout
     runner = make_runner(config, out_dir, telemetry)
+    if metrics is not None:
+        from tuner.feed import RunFeed
+
+        feed = RunFeed()
+        runner.subscribe(feed)
+        runner.subscribe(metrics.collector.watch(feed, runner.run_id, config.workload, config.options))
     status = ConsoleStatus(out, out.isatty())
     json_out = JsonLines(out) if json_lines else None
     runner.subscribe(json_out or status)

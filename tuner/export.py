@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -138,33 +137,11 @@ def to_csv(recs: Iterable[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-_LABEL_OK = re.compile(r"[^a-zA-Z0-9_]")
-
-
-def _label_value(v: Any) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 def to_prometheus(recs: Iterable[dict[str, Any]]) -> str:
-    """Prometheus text format: ``btune_<metric>{run_id=..., workload=..., stat=..., <options>} value``."""
-    by_metric: dict[str, list[str]] = {}
-    units: dict[str, str] = {}
-    for rec in recs:
-        for r in rows(rec):
-            name = "btune_" + _LABEL_OK.sub("_", r["metric"])
-            labels = {"run_id": r["run_id"], "workload": r["workload"], "status": r["status"], "stat": r["statistic"]}
-            for k, v in r["options"].items():
-                if isinstance(v, (str, int, float, bool)):
-                    labels["opt_" + _LABEL_OK.sub("_", k)] = v
-            text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
-            by_metric.setdefault(name, []).append(f"{name}{{{text}}} {float(r['value'])!r}")
-            units.setdefault(name, r["unit"])
-    out = []
-    for name, lines in by_metric.items():
-        out.append(f"# HELP {name} btune run metric ({units[name] or 'unitless'})")
-        out.append(f"# TYPE {name} gauge")
-        out.extend(lines)
-    return "\n".join(out) + "\n"
+    """Prometheus text: the live endpoint's names and base units (tuner.prom, docs/prometheus.md)."""
+    from tuner.prom import to_prometheus as text
+
+    return text(recs)
 
 
 def export(recs: list[dict[str, Any]], fmt: str) -> bytes:

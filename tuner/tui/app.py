@@ -53,6 +53,7 @@ class BtuneApp(App[int]):
         super().__init__()
         self.runs_dir = Path(runs_dir)
         self.refresh_hz = refresh_hz
+        self.metrics: Any = None  #: a live Prometheus endpoint (tuner.prom.MetricsServer) live screens report to
         self.machine = machine
         self.python = python
         self.telemetry = telemetry
@@ -133,13 +134,15 @@ def quit_question(live: LiveScreen) -> str:
     return "A run is live. Cancel it and quit? (its record is kept)"
 
 
-def run_app(runs_dir: Path, refresh_hz: float = 4.0, no_color: bool = False) -> int:
-    """Run the app in the terminal until it quits; returns the exit status. AppError: a bad ``refresh_hz``."""
+def run_app(runs_dir: Path, refresh_hz: float = 4.0, no_color: bool = False, metrics: Any = None) -> int:
+    """Run the app in the terminal until it quits; returns the exit status. AppError: a bad ``refresh_hz``.
+    ``metrics``: a live Prometheus endpoint (tuner.prom.MetricsServer) that serves the run being watched."""
     if not 0 < refresh_hz <= MAX_REFRESH_HZ:
         raise AppError(f"btune-tui: --refresh {refresh_hz:g}: expected a number in (0, {MAX_REFRESH_HZ:g}]")
     if no_color:
         os.environ["NO_COLOR"] = "1"  # Textual reads it when the app is created
     app = BtuneApp(runs_dir, refresh_hz)
+    app.metrics = metrics
     app.run()
     runner = app.live_runner
     if runner is not None:  # the app ended some other way (a signal, a crash): the live screen cancelled it

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from tuner import runs
-from tuner.cli import CliError, Parser, finite, guarded, load_run
+from tuner.cli import CliError, Parser, add_metrics_flags, finite, guarded, load_run, start_metrics
 
 
 def _tui(argv: Sequence[str]) -> int:
@@ -22,6 +22,7 @@ def _tui(argv: Sequence[str]) -> int:
     p.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
     p.add_argument("--refresh", type=finite, default=4.0, help="panel redraws per second (default 4)")
     p.add_argument("--no-color", action="store_true", help="monochrome (NO_COLOR is honoured too)")
+    add_metrics_flags(p)
     args = p.parse_args(list(argv))
     if args.replay:
         from tuner.replay import replay
@@ -35,10 +36,15 @@ def _tui(argv: Sequence[str]) -> int:
         from tuner.tui.app import AppError, run_app
     except ImportError as exc:
         raise CliError(f"btune-tui needs textual ({exc}); `btune` and `btune-tui --replay` work without it") from None
+    metrics = start_metrics(args)
     try:
-        return run_app(runs_dir=runs.runs_dir(args.out), refresh_hz=args.refresh, no_color=args.no_color)
+        return run_app(runs_dir=runs.runs_dir(args.out), refresh_hz=args.refresh, no_color=args.no_color,
+                       metrics=metrics)
     except AppError as exc:
         raise CliError(str(exc)) from None
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,34 +10,10 @@ from typing import Any
 
 from rich.text import Text
 
-from tuner.feed import FeedView
+from tuner.feed import FeedView, energy_so_far, joules_per_token, run_gpus
 from tuner.report import fmt, quantity
-from tuner.summary import energy_gpus
 from tuner.tui.widgets.gpu_rows import folded, gpu_label, gpu_series, latest, spread
 from tuner.tui.widgets.panel import Panel, dim, pack, row, run_seconds, window_start
-
-
-def run_gpus(view: FeedView) -> tuple[list[int] | None, str | None]:
-    """The GPUs whose energy is the run's (tuner.summary.energy_gpus on the readings so far), and a note."""
-    keys, note = energy_gpus(view.energy_boards, view.metas)
-    return (None if keys is None else [int(k) for k in keys]), note
-
-
-def energy_so_far(view: FeedView, readings: dict[int, Any] | None = None) -> float | None:
-    """Joules from the NVML energy counter of the run's GPUs: last minus first reading, summed."""
-    readings = view.energy if readings is None else readings
-    gpus, _ = run_gpus(view)
-    if not readings or gpus is None:
-        return None
-    joules = [(last[1] - first[1]) / 1000.0 for gpu, (first, last) in readings.items() if gpu in gpus]
-    return sum(joules) if joules else None
-
-
-def joules_per_token(view: FeedView) -> float | None:
-    """Energy since the first steady step over the steady tokens since: never a warm-up figure."""
-    joules = energy_so_far(view, view.steady_energy)
-    return joules / view.steady_tokens if joules and view.steady_tokens else None
-
 
 
 def with_unit(value: Any, unit: str) -> str:
