@@ -289,3 +289,45 @@ def test_job_runs_one_job_and_a_persisting_change_is_a_change_point(rounds):
     h = History(history)
     last = h.rounds()[-1]["id"]
     assert h.job_runs(last) == {"script": ["ok", "ok"]}
+
+
+# -- reading the history back ---------------------------------------------------------------------
+def _history_with_a_step(path: Path) -> list[int]:
+    h = History(path)
+    ids = []
+    for n, mean in enumerate([100.0] * 6 + [130.0] * 3):
+        rnd = h.start_round("n", "", f"sha{n}", "")
+        h.add_job(rnd, "j", _job_rows([mean + 0.5, mean - 0.5], "step_ms.p50"))
+        h.add_job(rnd, "k", _job_rows([5.0, 5.0], "duration"))
+        h.end_round(rnd, {"gpu": "H200"})
+        ids.append(rnd)
+    h.close()
+    return ids
+
+
+def test_bench_history_marks_the_change(tmp_path, capsys):
+    from tuner import cli
+
+    ids = _history_with_a_step(tmp_path / "h.sqlite")
+    assert cli.main(["bench", "history", "j", "step_ms.p50", "--history", str(tmp_path / "h.sqlite")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "j step_ms.p50 (ms)" and len(lines) == 1 + len(ids)
+    marked = [line for line in lines if "<-" in line]
+    assert len(marked) == 1 and f"round {ids[6]:>4}" in marked[0] and "REGRESSION" in marked[0]
+    assert "sha6" in marked[0] and "k duration" not in out
+
+
+def test_bench_export_flat_rows(tmp_path, capsys):
+    from tuner import cli
+
+    _history_with_a_step(tmp_path / "h.sqlite")
+    assert cli.main(["bench", "export", "--format", "csv", "--history", str(tmp_path / "h.sqlite")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "round,started,commit,gpu,job,metric,value,unit,run_id" and len(lines) == 1 + 9 * 4
+    assert lines[1].split(",")[2:] == ["sha0", "H200", "j", "step_ms.p50", "100.5", "ms", "r0"]
+    assert cli.main(["bench", "export", "--history", str(tmp_path / "h.sqlite")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 36 and rows[-1]["job"] == "k" and rows[-1]["value"] == 5.0
+    assert "no history at" in refused(capsys, ["bench", "export", "--history", str(tmp_path / "none.sqlite")])
+    assert "invalid choice" in refused(capsys, ["bench", "export", "--format", "prometheus"])

@@ -202,6 +202,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"btune bench: {exc}") from None
 
 
+def cmd_bench_query(argv: list[str]) -> int:
+    """``btune bench history [JOB] [METRIC]`` and ``btune bench export --format csv|json``: the history read back."""
+    from tuner.bench import BenchError
+    from tuner.bench.history import History
+    from tuner.bench.report import export_rows, history_chart
+
+    action = argv[0]
+    p = Parser(prog=f"btune bench {action}", allow_abbrev=False,
+               description="The history per round, change points marked" if action == "history" else
+               "The history's flat rows: round, started, commit, gpu, job, metric, value, unit, run_id")
+    if action == "history":
+        p.add_argument("job", nargs="?", help="only this job")
+        p.add_argument("metric", nargs="?", help="only this figure (a registry name, name.stat for a statistic)")
+        p.add_argument("--tolerance", type=finite, default=0.05, help="the smallest change marked (default 0.05)")
+    else:
+        p.add_argument("--format", choices=("csv", "json"), default="json")
+    p.add_argument("--history", help="the history file (default RUNS_DIR/bench-history.sqlite)")
+    p.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
+    args = p.parse_args(argv[1:])
+    path = Path(args.history) if args.history else runs.runs_dir(args.out) / "bench-history.sqlite"
+    if not path.is_file():
+        raise CliError(f"btune bench {action}: no history at {path}")
+    try:
+        history = History(path)
+        rows = history.rows()
+        history.close()
+    except BenchError as exc:
+        raise CliError(f"btune bench {action}: {exc}") from None
+    if action == "history":
+        print(history_chart(rows, args.job, args.metric, args.tolerance), end="")
+    else:
+        sys.stdout.buffer.write(export_rows(rows, args.format))
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     rec = load_run(args.run, args.out)
     if args.json:
@@ -489,7 +524,10 @@ BENCH_HELP = """Run a bench file's jobs (built-in workloads or commands, each re
 report regressions: against the baseline round (Welch's t-test across the repeats and the metric's
 tolerance, in the bad direction only) and over the history (change points that persist two rounds),
 and figures that went missing. Exit status: 0 ok, 1 on a regression, missing data or a failed run,
-2 on bad input (nothing runs)."""
+2 on bad input (nothing runs).
+
+Read the history back: btune bench history [JOB] [METRIC] (each figure per round, changes marked),
+btune bench export --format csv|json (flat rows)."""
 SWEEP_HELP = """Run a workload once for every combination of option values, each run its own process and
 record, then print one table: a row per run, named by the options that differ, with the headline
 figures and whether each config's step time differs from the first row's beyond run-to-run noise.
@@ -554,6 +592,8 @@ def _dispatch(argv: Sequence[str]) -> int:
         argv, command = argv[:cut], argv[cut + 1:]
         if not command:
             raise CliError("btune run --: no command after -- (btune run -- python train.py)")
+    if argv[:1] == ["bench"] and argv[1:2] in (["history"], ["export"]):
+        return cmd_bench_query(argv[1:])
     if argv[:1] == ["serve-api"]:
         return cmd_serve_api(argv[1:])
     _help_for_workload(argv)

@@ -43,3 +43,58 @@ def as_json(summary: dict[str, Any], findings: list[Finding]) -> dict[str, Any]:
     """The report as one JSON document: the summary and every finding."""
     return {**summary, "findings": [f.as_dict() for f in findings],
             "regression": any(f.regression for f in findings)}
+
+
+def history_chart(rows: list[dict[str, Any]], job: str | None = None, metric: str | None = None,
+                  tolerance: float = 0.05, width: int = 30) -> str:
+    """Each (job, figure) series of the history as text, a row per round with a bar, and its significant
+    changes marked (the change-point rule; ``REGRESSION`` where it would alert)."""
+    from tuner.bench.detect import change_rule
+    from tuner.metrics import REGISTRY
+
+    better = {m.name: m.higher_is_better for m in REGISTRY}
+    series: dict[tuple[str, str], dict[int, list[float]]] = {}
+    meta: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if (job and row["job"] != job) or (metric and row["metric"] != metric):
+            continue
+        series.setdefault((row["job"], row["metric"]), {}).setdefault(row["round"], []).append(row["value"])
+        meta[row["round"]] = row
+    if not series:
+        return "no values" + (f" of job {job!r}" if job else "") + (f", figure {metric!r}" if metric else "")
+    out: list[str] = []
+    for (jname, key), by_round in sorted(series.items()):
+        ids = sorted(by_round)
+        means = [sum(by_round[i]) / len(by_round[i]) for i in ids]
+        unit = next((r["unit"] for r in rows if r["job"] == jname and r["metric"] == key), "")
+        marks = {f.baseline: f.message for f in change_rule(jname, key, ids, means, tolerance,
+                                                            better.get(key.split(".")[0], True))}
+        lo, hi = min(means), max(means)
+        out.append(f"{jname} {key}" + (f" ({unit})" if unit else ""))
+        for i, mean in zip(ids, means, strict=True):
+            bar = "#" * (1 + round((width - 1) * (mean - lo) / (hi - lo))) if hi > lo else "#" * (width // 2)
+            mark = f"  <- {marks[i]}" if i in marks else ""
+            info = meta[i]
+            out.append(f"  round {i:>4}  {info['started']}  {str(info.get('commit') or '-')[:10]:<10}  "
+                       f"{fmt(mean):>10}  {bar:<{width}}{mark}".rstrip())
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+EXPORT_COLUMNS = ("round", "started", "commit", "gpu", "job", "metric", "value", "unit", "run_id")
+
+
+def export_rows(rows: list[dict[str, Any]], format_: str) -> bytes:
+    """The history's flat rows (EXPORT_COLUMNS) as CSV or a JSON list."""
+    if format_ == "json":
+        from tuner.runs import dumps
+
+        return dumps([{k: r[k] for k in EXPORT_COLUMNS} for r in rows]) + b"\n"
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(EXPORT_COLUMNS)
+    writer.writerows([r[k] for k in EXPORT_COLUMNS] for r in rows)
+    return buf.getvalue().encode()
