@@ -162,7 +162,8 @@ def test_prometheus_client_is_imported_only_by_the_endpoint():
 # -- a real Prometheus ---------------------------------------------------------------------------------------------
 #: Dashboard queries that need a GPU (NVML samples, a peak for MFU/MBU, the energy counter): on a CPU machine they
 #: parse and return no data.
-GPU_ONLY = ("DCGM_FI_DEV_", "btune_mfu_", "btune_mbu_", "btune_energy_", "btune_torch_memory_peak_bytes")
+GPU_ONLY = ("DCGM_FI_DEV_", "btune_mfu_", "btune_mbu_", "btune_engine_mbu_", "btune_energy_",
+            "btune_torch_memory_peak_bytes")
 
 
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never through a proxy

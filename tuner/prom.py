@@ -44,7 +44,7 @@ NAMES: dict[str, str] = {
     "joules_per_token": "btune_energy_per_token_joules",
     "torch_mem_peak": "btune_torch_memory_peak_bytes",
     "memory_profile_peak": "btune_memory_profile_peak_bytes",
-    "host_cpu": "btune_process_cpu_percent",
+    "host_cpu": "btune_process_cpu_cores_mean",
     "host_rss": "btune_process_resident_memory_max_bytes",
     "tokens_total": "btune_tokens_total",
     "duration": "btune_run_duration_seconds",
@@ -56,6 +56,8 @@ NAMES: dict[str, str] = {
     "compile_s": "btune_compile_seconds",
     "energy_integrated": "btune_energy_integrated_joules",
 }
+#: Factors for registry figures whose unit is not in UNITS' terms (host CPU: 100 is one core).
+FACTORS: dict[str, float] = {"host_cpu": 0.01}
 #: The statistics of a described metric that become a summary's quantiles.
 QUANTILES = {"p50": "0.5", "p90": "0.9", "p95": "0.95", "p99": "0.99"}
 #: Serving latency histograms' buckets, seconds.
@@ -78,6 +80,7 @@ _BAD = re.compile(r"[^a-zA-Z0-9_]")
 def prom_name(metric: Metric) -> tuple[str, float]:
     """A registry metric's Prometheus name and the factor from its unit to the name's base unit."""
     suffix, factor = UNITS.get(metric.unit, ("", 1.0))
+    factor = FACTORS.get(metric.name, factor)
     if metric.name in NAMES:
         return NAMES[metric.name], factor
     stem = re.sub(r"_(ms|s|mb)$", "", metric.name)
@@ -374,8 +377,8 @@ def live_families(watched: Iterable[Watched]) -> Families:
             host = view.host[-1]
             fams.add("btune_process_resident_memory_bytes", "gauge", "The run's process tree memory (RSS).",
                      labels, host.get("proc_rss_mb"), 2.0 ** 20)
-            fams.add("btune_process_cpu_percent_current", "gauge", "The run's process tree CPU % (100: one core).",
-                     labels, host.get("proc_cpu_percent"))
+            fams.add("btune_process_cpu_cores", "gauge", "The run's process tree CPU use, in cores (1: one core busy).",
+                     labels, host.get("proc_cpu_percent"), 0.01)
         if w.histograms.observed:
             for name in HISTOGRAMS:
                 fam = fams.get(f"btune_request_{name}_seconds", "histogram",
