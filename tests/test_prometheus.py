@@ -265,3 +265,31 @@ def test_a_real_prometheus_scrapes_a_run_and_answers_the_dashboard(tmp_path):
 def test_btune_help_is_unchanged_by_the_endpoint():
     res = btune("run", "--help")
     assert "--metrics-port PORT" in res.stdout and "--metrics-host HOST" in res.stdout
+
+
+@pytest.mark.slow
+def test_btune_tui_serves_the_run_it_watches(tmp_path):
+    from test_tui_support import make_app, run, until
+
+    from tests.test_tui import TINY, _launch
+    from tuner.prom import serve_metrics
+
+    server = serve_metrics(free_port())
+
+    async def body() -> tuple[str, str]:
+        app = make_app(tmp_path)
+        app.metrics = server
+        async with app.run_test(size=(100, 30)) as pilot:
+            live = await _launch(pilot, TINY)
+            await until(pilot, lambda: not live.is_live, 90, "the end of the run")
+            assert live.runner is not None
+            with LOCAL.open(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
+                return live.runner.run_id, r.read().decode()
+
+    try:
+        run_id, text = run(body())
+    finally:
+        server.close()
+    got = samples(text)
+    assert one(got, "btune_steps_total", run=run_id, workload="dense") == 3  # TINY: 1 warm-up + 2 steps
+    assert one(got, "btune_tokens_per_second", run=run_id) > 0
