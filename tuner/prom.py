@@ -361,8 +361,6 @@ def live_families(watched: Iterable[Watched]) -> Families:
                  energy_so_far(view))
         fams.add("btune_energy_per_token_joules", "gauge", "Energy per token since the first steady step.", labels,
                  joules_per_token(view))
-        last_loss = next((s.get("loss") for s in reversed(view.steps) if _finite(s.get("loss"))), None)
-        fams.add("btune_loss", "gauge", "The latest step's loss.", labels, last_loss)
         uuids = {str(k): (cols.get("uuid") or [None])[-1] for k, cols in view.energy_boards.items()}
         for gpu, samples in view.gpus.items():
             last = samples[-1] if samples else {}
