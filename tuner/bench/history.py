@@ -40,13 +40,13 @@ def _iso(t: float) -> str:
 class History:
     """An open history file (BenchError, one line, when it is unreadable, locked or from a newer btune)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, busy_ms: int = BUSY_MS) -> None:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=BUSY_MS / 1000, isolation_level=None)
-            self.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db = sqlite3.connect(self.path, timeout=busy_ms / 1000, isolation_level=None)
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
+            self._wal(time.monotonic() + busy_ms / 1000)
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -66,6 +66,19 @@ class History:
             raise BenchError(f"cannot use history {self.path}: {exc}") from None
         except OSError as exc:
             raise BenchError(f"cannot use history {self.path}: {exc.strerror or exc}") from None
+
+    def _wal(self, deadline: float) -> None:
+        """WAL mode (persistent in the file); a new file's first openers may race for it, which SQLite answers
+        busy without waiting, so this retries until ``deadline``."""
+        while True:
+            try:
+                if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if not ("locked" in str(exc) or "busy" in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.db.close()
