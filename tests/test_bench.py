@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import multiprocessing
 import random
+import socket
 import sqlite3
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
-from support import ROOT, btune, refused
+from support import ROOT, btune, free_port, refused, start_btune, wait_until
 
 from tuner.bench import BenchError
 from tuner.bench.config import load, parse
@@ -349,3 +351,61 @@ def test_bench_export_flat_rows(tmp_path, capsys):
     assert len(rows) == 36 and rows[-1]["job"] == "k" and rows[-1]["value"] == 5.0
     assert "no history at" in refused(capsys, ["bench", "export", "--history", str(tmp_path / "none.sqlite")])
     assert "invalid choice" in refused(capsys, ["bench", "export", "--format", "prometheus"])
+
+
+# -- the live endpoint ----------------------------------------------------------------------------
+def test_metrics_port_in_use_or_a_bad_host_is_one_line_and_nothing_runs(tmp_path, capsys):
+    cfg, out = write(tmp_path, SCRIPT), tmp_path / "runs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = refused(capsys, ["bench", str(cfg), "--out", str(out), "--metrics-port", str(port)])
+    assert line == f"error: --metrics-port {port}: cannot listen on 127.0.0.1:{port}: Address already in use"
+    line = refused(capsys, ["bench", str(cfg), "--out", str(out), "--metrics-port", str(free_port()),
+                            "--metrics-host", "no-such-host.invalid"])
+    assert line.startswith("error: --metrics-port ") and "no-such-host.invalid" in line
+    assert "a port is 1..65535" in refused(capsys, ["bench", str(cfg), "--metrics-port", "0"])
+    assert not out.exists()  # no history, no result directory, no run
+
+
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never through a proxy
+
+
+@pytest.mark.slow
+def test_metrics_port_serves_the_bench_run_that_is_running(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cfg = write(tmp_path, '[[job]]\nname = "serve"\nworkload = "serve"\nrepeats = 1\n'
+                          'options = { preset = "tiny", num_requests = 8, device = "cpu" }\n')
+    port, out = free_port(), tmp_path / "runs"
+    proc = start_btune("bench", str(cfg), "--out", str(out), "--history", str(tmp_path / "h.sqlite"),
+                       "--no-telemetry", "--metrics-port", str(port))
+
+    def scrape() -> dict[str, list] | None:
+        try:
+            with LOCAL.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        got: dict[str, list] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                got.setdefault(s.name, []).append(s)
+        served = [s for s in got.get("btune_request_e2e_seconds_count", []) if s.value > 0]
+        return got if served or got.get("btune_tokens_per_second") else None
+
+    try:
+        got = wait_until(scrape, 120, "the bench's endpoint to serve its run's figures", every=0.2)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stdout + stderr
+    (info,) = got["btune_run_info"]
+    rec = json.loads(next(out.glob("bench/*/summary.json")).read_text())
+    run_id = rec["jobs"][0]["runs"][0]["run_id"]
+    assert info.labels["run"] == run_id and info.labels["workload"] == "serve"
+    figures = got.get("btune_request_e2e_seconds_count", []) + got.get("btune_tokens_per_second", [])
+    assert figures and all(s.labels["run"] == run_id for s in figures)

@@ -191,13 +191,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
         jobs = [config.job(args.job)] if args.job else list(config.jobs)
-        out_dir = runs.ensure_writable(runs.runs_dir(args.out))
-        history = History(args.history or out_dir / "bench-history.sqlite")
+        metrics = start_metrics(args)  # one endpoint for the whole round, refused before anything is written
         try:
-            return run_bench(config, jobs, out_dir, history, sys.stdout, commit=args.commit, baseline=args.baseline,
-                             telemetry=not args.no_telemetry)
+            out_dir = runs.ensure_writable(runs.runs_dir(args.out))
+            history = History(args.history or out_dir / "bench-history.sqlite")
+            try:
+                return run_bench(config, jobs, out_dir, history, sys.stdout, commit=args.commit,
+                                 baseline=args.baseline, telemetry=not args.no_telemetry, metrics=metrics)
+            finally:
+                history.close()
         finally:
-            history.close()
+            if metrics is not None:
+                metrics.close()
     except BenchError as exc:
         raise CliError(f"btune bench: {exc}") from None
 
@@ -454,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--commit", metavar="SHA", help="the commit of your code this round measures (recorded)")
     bn.add_argument("--out", help="runs directory (default $BTUNE_RUNS_DIR or ./btune_runs)")
     bn.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
+    add_metrics_flags(bn)
 
     for name, helptext in (("show", "one run"),):
         sp = sub.add_parser(name, help=helptext)

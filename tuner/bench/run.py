@@ -1,5 +1,7 @@
 """One bench round: run every job's repeats (as a sweep runs its configs), append them to the history, detect
-regressions and write the report. Exit status 0 ok, 1 on a regression, missing data or a failed run."""
+regressions and write the report. Exit status 0 ok, 1 on a regression, missing data or a failed run.
+With a live endpoint (``btune bench --metrics-port``), one endpoint serves the whole round: it follows each run
+as it starts (labels run and workload say which)."""
 
 from __future__ import annotations
 
@@ -91,9 +93,20 @@ def analyse(history: History, config: BenchConfig, jobs: list[Job], round_id: in
     return findings
 
 
+def _watch(metrics: Any, runner: Runner, config: Any) -> None:
+    """Point the live endpoint at this run (the previous one is dropped)."""
+    from tuner.feed import RunFeed
+
+    feed = RunFeed()
+    runner.subscribe(feed)
+    runner.subscribe(metrics.collector.watch(feed, runner.run_id, config.workload, config.options))
+
+
 def run_bench(config: BenchConfig, jobs: list[Job], out_base: Path, history: History, out: TextIO,
-              commit: str | None = None, baseline: int | None = None, telemetry: bool = True) -> int:
-    """Run one round and report it (see the module docstring for the exit status)."""
+              commit: str | None = None, baseline: int | None = None, telemetry: bool = True,
+              metrics: Any = None) -> int:
+    """Run one round and report it (see the module docstring for the exit status). ``metrics``: a live endpoint
+    (tuner.prom.MetricsServer) that serves each run while it runs."""
     if baseline is not None and baseline not in {r["id"] for r in history.rounds()}:
         raise BenchError(f"--baseline {baseline}: no such round in {history.path}")
     started = time.time()
@@ -136,6 +149,8 @@ def run_bench(config: BenchConfig, jobs: list[Job], out_base: Path, history: His
                 try:
                     runner = make_runner(one, result_dir, telemetry)
                     current.append(runner)
+                    if metrics is not None:
+                        _watch(metrics, runner, one)
                     try:
                         result = runner.run()
                     except KeyboardInterrupt:
