@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tuner.bench.detect import Finding
@@ -45,33 +46,64 @@ def as_json(summary: dict[str, Any], findings: list[Finding]) -> dict[str, Any]:
             "regression": any(f.regression for f in findings)}
 
 
-def history_chart(rows: list[dict[str, Any]], job: str | None = None, metric: str | None = None,
-                  tolerance: float = 0.05, width: int = 30) -> str:
-    """Each (job, figure) series of the history as text, a row per round with a bar, and its significant
-    changes marked (the change-point rule; ``REGRESSION`` where it would alert)."""
+@dataclass(frozen=True)
+class HistorySeries:
+    """One (job, figure) series of the history: the mean of its runs per round, and the rounds where the
+    change-point rule found a significant change (``Finding.message`` says which way, ``REGRESSION`` where it
+    would alert). ``rows``: the series' flat rows (one per run), oldest round first."""
+
+    job: str
+    metric: str
+    unit: str
+    rounds: tuple[int, ...]
+    means: tuple[float, ...]
+    changes: dict[int, Finding]
+    rows: tuple[dict[str, Any], ...]
+
+
+def history_series(rows: list[dict[str, Any]], job: str | None = None, metric: str | None = None,
+                   tolerance: float = 0.05) -> list[HistorySeries]:
+    """Each (job, figure) series of the history's flat rows (History.rows), of one job and figure when given,
+    sorted by job and figure, each with its change points (tuner.bench.detect.change_rule)."""
     from tuner.bench.detect import change_rule
     from tuner.metrics import REGISTRY
 
     better = {m.name: m.higher_is_better for m in REGISTRY}
-    series: dict[tuple[str, str], dict[int, list[float]]] = {}
-    meta: dict[int, dict[str, Any]] = {}
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         if (job and row["job"] != job) or (metric and row["metric"] != metric):
             continue
-        series.setdefault((row["job"], row["metric"]), {}).setdefault(row["round"], []).append(row["value"])
-        meta[row["round"]] = row
+        grouped.setdefault((row["job"], row["metric"]), []).append(row)
+    out: list[HistorySeries] = []
+    for (jname, key), own in sorted(grouped.items()):
+        by_round: dict[int, list[float]] = {}
+        for row in own:
+            by_round.setdefault(row["round"], []).append(row["value"])
+        ids = sorted(by_round)
+        means = [sum(by_round[i]) / len(by_round[i]) for i in ids]
+        changes = {f.baseline: f for f in change_rule(jname, key, ids, means, tolerance,
+                                                      better.get(key.split(".")[0], True))
+                   if f.baseline is not None}
+        out.append(HistorySeries(jname, key, own[0]["unit"] or "", tuple(ids), tuple(means), changes,
+                                 tuple(sorted(own, key=lambda r: r["round"]))))
+    return out
+
+
+def history_chart(rows: list[dict[str, Any]], job: str | None = None, metric: str | None = None,
+                  tolerance: float = 0.05, width: int = 30) -> str:
+    """Each (job, figure) series of the history as text, a row per round with a bar, and its significant
+    changes marked (the change-point rule; ``REGRESSION`` where it would alert)."""
+    meta = {row["round"]: row for row in rows
+            if not ((job and row["job"] != job) or (metric and row["metric"] != metric))}
+    series = history_series(rows, job, metric, tolerance)
     if not series:
         return "no values" + (f" of job {job!r}" if job else "") + (f", figure {metric!r}" if metric else "")
     out: list[str] = []
-    for (jname, key), by_round in sorted(series.items()):
-        ids = sorted(by_round)
-        means = [sum(by_round[i]) / len(by_round[i]) for i in ids]
-        unit = next((r["unit"] for r in rows if r["job"] == jname and r["metric"] == key), "")
-        marks = {f.baseline: f.message for f in change_rule(jname, key, ids, means, tolerance,
-                                                            better.get(key.split(".")[0], True))}
-        lo, hi = min(means), max(means)
-        out.append(f"{jname} {key}" + (f" ({unit})" if unit else ""))
-        for i, mean in zip(ids, means, strict=True):
+    for s in series:
+        marks = {i: f.message for i, f in s.changes.items()}
+        lo, hi = min(s.means), max(s.means)
+        out.append(f"{s.job} {s.metric}" + (f" ({s.unit})" if s.unit else ""))
+        for i, mean in zip(s.rounds, s.means, strict=True):
             bar = "#" * (1 + round((width - 1) * (mean - lo) / (hi - lo))) if hi > lo else "#" * (width // 2)
             mark = f"  <- {marks[i]}" if i in marks else ""
             info = meta[i]

@@ -93,6 +93,12 @@ class BtuneApp(App[int]):
         """Show the runs directory."""
         self.push_screen(RunsScreen(self.runs_dir))
 
+    def action_history(self) -> None:
+        """Show btune bench's history (RUNS_DIR/bench-history.sqlite)."""
+        from tuner.tui.screens.history import HistoryScreen
+
+        self.push_screen(HistoryScreen(self.runs_dir))
+
     def action_help(self) -> None:
         """Help for the current screen."""
         screen = self.screen

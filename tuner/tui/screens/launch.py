@@ -63,6 +63,7 @@ class LaunchScreen(BtuneScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+r,f5", "launch", "Launch"),
         Binding("f2", "runs", "Runs"),
+        Binding("f4", "history", "History", show=False),  # hidden: the palette lists it (commands)
     ]
 
     app: BtuneApp  # type: ignore[assignment]
@@ -264,8 +265,12 @@ class LaunchScreen(BtuneScreen):
     def action_runs(self) -> None:
         self.app.action_runs()
 
+    def action_history(self) -> None:
+        self.app.action_history()
+
     def commands(self) -> list[Command]:
-        out: list[Command] = []
+        out: list[Command] = [("History", "btune bench's history per round, change points marked (key: F4)",
+                                self.action_history)]
         if self.form is not None:
             for opt in self.form.options:
                 out.append((f"Set {opt.flag}", opt.help, partial(self.form.focus_option, opt.name)))
