@@ -284,3 +284,23 @@ def _fake_nvml_run() -> dict[str, Any]:
         if rec["environment"].get("gpu_count") == 8:
             return rec
     raise LookupError("no recorded run with 8 (fake) GPUs")
+
+
+# -- the bench history -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+def test_history_screen(snap_compare, monkeypatch, tmp_path, size):
+    """Six rounds with a step at round 4 (tests/test_tui_history.py's history), from a relative runs directory."""
+    from test_tui_history import write_history
+
+    from tuner.tui.screens.history import HISTORY_FILE, HistoryScreen
+
+    (tmp_path / "runs").mkdir()
+    write_history(tmp_path / "runs" / HISTORY_FILE, "20261121-063414-dense-775d")
+    monkeypatch.chdir(tmp_path)
+
+    async def ready(pilot: Any) -> None:
+        await until(pilot, lambda: isinstance(pilot.app.screen, HistoryScreen) and pilot.app.screen.loaded, 10)
+        await _settle(pilot)
+
+    app = ScreenApp.make(lambda: HistoryScreen(Path("runs")))
+    assert snap_compare(app, terminal_size=size, run_before=ready)
