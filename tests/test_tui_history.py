@@ -127,3 +127,16 @@ def test_the_palette_lists_history(tmp_path):
             await until(pilot, lambda: isinstance(app.screen, HistoryScreen), 10, "the history screen")
 
     run(body())
+
+
+def test_history_screen_an_unreadable_history_is_one_line(tmp_path):
+    (tmp_path / HISTORY_FILE).write_bytes(b"not a database, but long enough to be read as a header" * 20)
+
+    async def body():
+        app = make_app(tmp_path)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await open_history(pilot)
+            text = str(screen.query_one("#history-title").render())
+            assert "cannot use history" in text and "\n" not in text.strip() and not screen.jobs()
+
+    run(body())
