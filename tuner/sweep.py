@@ -50,6 +50,17 @@ def plan(workload: str, argv: list[str], timeout: float = 0.0, sample_hz: float 
     return [build_config(workload, combo, timeout=timeout, sample_hz=sample_hz) for combo in expand(workload, argv)]
 
 
+def run_to_end(runner: Runner, stopped: list[str]) -> Any:
+    """``runner``'s run to its end; Ctrl+C cancels it, waits for its record and notes "interrupted" in
+    ``stopped`` (so the caller starts no further run)."""
+    try:
+        return runner.run()
+    except KeyboardInterrupt:
+        runner.cancel()
+        stopped.append("interrupted")
+        return runner.wait()
+
+
 def run_sweep(configs: list[RunConfig], out_dir: Path, out: TextIO, telemetry: bool = True,
               width: int = WIDTH) -> int:
     """Run each config in turn, then print one table (tuner.report.sweep_table: a row per run, named by the
@@ -70,12 +81,7 @@ def run_sweep(configs: list[RunConfig], out_dir: Path, out: TextIO, telemetry: b
             print(f"[{n}/{len(configs)}] {config.command_line}", file=out, flush=True)
             runner = make_runner(config, out_dir, telemetry)
             current.append(runner)
-            try:
-                result = runner.run()
-            except KeyboardInterrupt:
-                runner.cancel()
-                result = runner.wait()
-                stopped.append("interrupted")
+            result = run_to_end(runner, stopped)
             records.append(result.record)
             print(f"  {result.status}: {result.record_path}", file=out, flush=True)
             if result.write_error:

@@ -21,6 +21,7 @@ from tuner.console import ConsoleSignals
 from tuner.launch import make_runner
 from tuner.metrics import REGISTRY, Figure, dig, headline_figures, number
 from tuner.runner import Runner
+from tuner.sweep import run_to_end
 
 _METRICS = {m.name: m for m in REGISTRY}
 
@@ -151,12 +152,7 @@ def run_bench(config: BenchConfig, jobs: list[Job], out_base: Path, history: His
                     current.append(runner)
                     if metrics is not None:
                         _watch(metrics, runner, one)
-                    try:
-                        result = runner.run()
-                    except KeyboardInterrupt:
-                        runner.cancel()
-                        result = runner.wait()
-                        stopped.append("interrupted")
+                    result = run_to_end(runner, stopped)
                 except (OSError, RuntimeError) as exc:  # the run could not start: a failed row, the round goes on
                     print(f"  error: {exc}", file=out, flush=True)
                     rows.append({"repeat": idx, "status": "error", "metrics": []})
