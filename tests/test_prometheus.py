@@ -293,3 +293,28 @@ def test_btune_tui_serves_the_run_it_watches(tmp_path):
     got = samples(text)
     assert one(got, "btune_steps_total", run=run_id, workload="dense") == 3  # TINY: 1 warm-up + 2 steps
     assert one(got, "btune_tokens_per_second", run=run_id) > 0
+
+
+def test_a_scrape_within_a_second_of_the_last_reuses_its_figures(monkeypatch):
+    from tuner import prom
+
+    rec = load_record(GPU_RUN)
+    events = [e for e in replay.timeline(rec) if e["type"] != "summary"]
+    steps = [i for i, e in enumerate(events) if e["type"] == "step"]
+    feed, collector = RunFeed(), LiveCollector()
+    collector.watch(feed, rec["id"], "dense")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+
+    def steps_total() -> float:
+        return one(samples(generate_latest(registry).decode()), "btune_steps_total", run=rec["id"])
+
+    half = steps[len(steps) // 2]
+    for ev in events[:half]:
+        feed(ev)
+    first = steps_total()
+    for ev in events[half:]:
+        feed(ev)
+    assert steps_total() == first  # the feed changed, but the last computation is under REUSE_S old
+    monkeypatch.setattr(prom, "REUSE_S", 0.0)
+    assert steps_total() == len(steps) > first
