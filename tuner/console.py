@@ -184,11 +184,7 @@ def execute(config: RunConfig, out_dir: Path, json_lines: bool = False, telemetr
     out = out or sys.stdout
     runner = make_runner(config, out_dir, telemetry)
     if metrics is not None:
-        from tuner.feed import RunFeed
-
-        feed = RunFeed()
-        runner.subscribe(feed)
-        runner.subscribe(metrics.collector.watch(feed, runner.run_id, config.workload, config.options))
+        metrics.follow(runner, config)
     status = ConsoleStatus(out, out.isatty())
     json_out = JsonLines(out) if json_lines else None
     runner.subscribe(json_out or status)

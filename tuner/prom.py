@@ -442,6 +442,15 @@ class MetricsServer:
     server: Any = None
     thread: Any = None
 
+    def follow(self, runner: Any, config: Any, feed: RunFeed | None = None) -> RunFeed:
+        """Serve ``runner``'s run (a tuner.runner.Runner of ``config``) from now on, the run served before dropped:
+        ``feed`` (a new one subscribed to the run when not given) and its latency histograms."""
+        if feed is None:
+            feed = RunFeed()
+            runner.subscribe(feed)
+        runner.subscribe(self.collector.watch(feed, runner.run_id, config.workload, config.options))
+        return feed
+
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()

@@ -94,15 +94,6 @@ def analyse(history: History, config: BenchConfig, jobs: list[Job], round_id: in
     return findings
 
 
-def _watch(metrics: Any, runner: Runner, config: Any) -> None:
-    """Point the live endpoint at this run (the previous one is dropped)."""
-    from tuner.feed import RunFeed
-
-    feed = RunFeed()
-    runner.subscribe(feed)
-    runner.subscribe(metrics.collector.watch(feed, runner.run_id, config.workload, config.options))
-
-
 def run_bench(config: BenchConfig, jobs: list[Job], out_base: Path, history: History, out: TextIO,
               commit: str | None = None, baseline: int | None = None, telemetry: bool = True,
               metrics: Any = None) -> int:
@@ -151,7 +142,7 @@ def run_bench(config: BenchConfig, jobs: list[Job], out_base: Path, history: His
                     runner = make_runner(one, result_dir, telemetry)
                     current.append(runner)
                     if metrics is not None:
-                        _watch(metrics, runner, one)
+                        metrics.follow(runner, one)
                     result = run_to_end(runner, stopped)
                 except (OSError, RuntimeError) as exc:  # the run could not start: a failed row, the round goes on
                     print(f"  error: {exc}", file=out, flush=True)

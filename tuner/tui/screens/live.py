@@ -99,8 +99,7 @@ class LiveScreen(BtuneScreen):
             self.runner.subscribe(self.feed)
             metrics = getattr(self.app, "metrics", None)
             if metrics is not None:  # btune-tui --metrics-port: this run is the one served
-                self.runner.subscribe(metrics.collector.watch(self.feed, self.runner.run_id, self.config.workload,
-                                                              self.config.options))
+                metrics.follow(self.runner, self.config, self.feed)
             self.app.live_runner = self.runner
             self._run(self.runner)
         self.set_interval(1.0 / max(0.1, self.refresh_hz), self.redraw)
