@@ -65,6 +65,12 @@ def baseline_rule(job: str, metric: str, base: Sequence[float], now: Sequence[fl
     return Finding(job, metric, "baseline", regression, f"against round {base_round}: {why}", delta, p, base_round)
 
 
+def round_means(by_round: dict[int, Sequence[float]]) -> tuple[list[int], list[float]]:
+    """A figure's series over the history: the rounds in order and each round's mean over its runs."""
+    ids = sorted(i for i, values in by_round.items() if values)
+    return ids, [math.fsum(by_round[i]) / len(by_round[i]) for i in ids]
+
+
 def _penalty(xs: list[float]) -> float:
     """A BIC-like penalty, 2 sigma^2 log n, with sigma from the median absolute successive difference
     (robust to the steps it is looking for)."""

@@ -65,7 +65,7 @@ def history_series(rows: list[dict[str, Any]], job: str | None = None, metric: s
                    tolerance: float = 0.05) -> list[HistorySeries]:
     """Each (job, figure) series of the history's flat rows (History.rows), of one job and figure when given,
     sorted by job and figure, each with its change points (tuner.bench.detect.change_rule)."""
-    from tuner.bench.detect import change_rule
+    from tuner.bench.detect import change_rule, round_means
     from tuner.metrics import REGISTRY
 
     better = {m.name: m.higher_is_better for m in REGISTRY}
@@ -79,8 +79,7 @@ def history_series(rows: list[dict[str, Any]], job: str | None = None, metric: s
         by_round: dict[int, list[float]] = {}
         for row in own:
             by_round.setdefault(row["round"], []).append(row["value"])
-        ids = sorted(by_round)
-        means = [sum(by_round[i]) / len(by_round[i]) for i in ids]
+        ids, means = round_means(by_round)
         changes = {f.baseline: f for f in change_rule(jname, key, ids, means, tolerance,
                                                       better.get(key.split(".")[0], True))
                    if f.baseline is not None}

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from tuner import runs
 from tuner.bench import BenchError
 from tuner.bench.config import BenchConfig, Job
-from tuner.bench.detect import Finding, baseline_rule, change_rule, missing
+from tuner.bench.detect import Finding, baseline_rule, change_rule, missing, round_means
 from tuner.bench.history import History
 from tuner.bench.report import as_json, markdown
 from tuner.console import ConsoleSignals
@@ -57,8 +57,8 @@ def environment_of(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {}
 
 
-def _baseline_round(rounds: list[dict[str, Any]], values: dict[tuple[int, str, str], list[float]],
-                    runs_by_round: dict[int, set[str]], round_id: int, job: str, pinned: int | None) -> int | None:
+def _baseline_round(rounds: list[dict[str, Any]], runs_by_round: dict[int, set[str]], round_id: int, job: str,
+                    pinned: int | None) -> int | None:
     if pinned is not None:
         return pinned
     earlier = [r["id"] for r in rounds if r["id"] < round_id and job in runs_by_round.get(r["id"], set())]
@@ -79,7 +79,7 @@ def analyse(history: History, config: BenchConfig, jobs: list[Job], round_id: in
             kinds = ", ".join(sorted(set(failed)))
             findings.append(Finding(job.name, "-", "failed", True,
                                     f"FAILED: {len(failed)} of {len(statuses)} runs ({kinds})"))
-        base = _baseline_round(rounds, values, runs_by_round, round_id, job.name, pinned)
+        base = _baseline_round(rounds, runs_by_round, round_id, job.name, pinned)
         for w in job.watch:
             now = values.get((round_id, job.name, w.key), [])
             before = values.get((base, job.name, w.key), []) if base is not None else []
@@ -87,8 +87,7 @@ def analyse(history: History, config: BenchConfig, jobs: list[Job], round_id: in
                 findings.append(missing(job.name, w.key, base))
             elif before and now:
                 findings.append(baseline_rule(job.name, w.key, before, now, w.tolerance, w.higher_is_better, base))
-            ids = [r["id"] for r in rounds if (r["id"], job.name, w.key) in values]
-            series = [math.fsum(values[(i, job.name, w.key)]) / len(values[(i, job.name, w.key)]) for i in ids]
+            ids, series = round_means({r["id"]: values.get((r["id"], job.name, w.key), []) for r in rounds})
             if now and ids:
                 findings += change_rule(job.name, w.key, ids, series, w.tolerance, w.higher_is_better)
     return findings
