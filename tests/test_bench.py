@@ -409,3 +409,45 @@ def test_metrics_port_serves_the_bench_run_that_is_running(tmp_path):
     assert info.labels["run"] == run_id and info.labels["workload"] == "serve"
     figures = got.get("btune_request_e2e_seconds_count", []) + got.get("btune_tokens_per_second", [])
     assert figures and all(s.labels["run"] == run_id for s in figures)
+
+
+def test_a_version_1_history_is_upgraded_in_place_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "h.sqlite"
+    with sqlite3.connect(path) as db:  # the version-1 schema, as btune 0.1 wrote it
+        db.executescript("""
+            CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);
+            CREATE TABLE rounds (id INTEGER PRIMARY KEY AUTOINCREMENT, started TEXT NOT NULL, ended TEXT,
+                config_name TEXT NOT NULL, config_hash TEXT, gpu TEXT, driver TEXT, torch TEXT, btune TEXT, host TEXT,
+                git_commit TEXT, result_dir TEXT);
+            CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL REFERENCES rounds(id),
+                job TEXT NOT NULL, repeat_index INTEGER NOT NULL, run_id TEXT, record_path TEXT, status TEXT NOT NULL);
+            CREATE TABLE metrics (run INTEGER NOT NULL REFERENCES runs(id), job TEXT NOT NULL, metric TEXT NOT NULL,
+                value REAL NOT NULL, unit TEXT NOT NULL DEFAULT '');
+            INSERT INTO rounds (started, config_name) VALUES ('2026-11-30T00:00:00Z', 'nightly');
+            INSERT INTO runs (round, job, repeat_index, status) VALUES (1, 'j', 1, 'ok');
+            INSERT INTO metrics VALUES (1, 'j', 'tokens_per_s', 5.0, 'tok/s');""")
+    h = History(path)
+    assert h.db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    (old,) = h.rows()
+    assert old["value"] == 5.0 and old["better"] is None and old["tolerance"] is None
+    h.add_job(1, "j", [{"repeat": 2, "status": "ok", "metrics": [("tokens_per_s", 6.0, "tok/s", False, 0.2)]}])
+    assert [(r["value"], r["better"], r["tolerance"]) for r in h.rows()] == [(5.0, None, None), (6.0, False, 0.2)]
+
+
+def test_the_history_views_read_each_watch_s_direction_and_tolerance(tmp_path):
+    """A figure watched "lower is better" (a registry figure that is higher-is-better): its drop is an
+    improvement, its rise the regression; and the watch's tolerance, not the default, decides what is marked."""
+    from tuner.bench.report import history_series
+
+    h = History(tmp_path / "h.sqlite")
+    for i, v in enumerate([100.0] * 6 + [80.0] * 3):
+        rnd = h.start_round("nightly", "abc", f"sha{i}", "/res")
+        h.add_job(rnd, "j", [{"repeat": 1, "status": "ok",
+                              "metrics": [("tokens_per_s", v + 0.01 * (i % 2), "tok/s", False, 0.1)]}])
+    rows = h.rows()
+    (s,) = history_series(rows)
+    (change,) = s.changes.values()
+    assert not change.regression and change.baseline == 7  # lower is better: a drop is no regression
+    (s,) = history_series([dict(r, better=None, tolerance=None) for r in rows])  # the registry's direction
+    assert [c.regression for c in s.changes.values()] == [True]
+    assert not history_series(rows, tolerance=0.5)[0].changes  # a 20% change under a 50% tolerance: unmarked

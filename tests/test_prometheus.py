@@ -180,9 +180,11 @@ def query(base: str, promql: str, at: float | None = None) -> dict[str, Any]:
 
 
 def answers(base: str) -> bool:
+    """Prometheus is up and its storage ready (while it starts it answers 503 "Service Unavailable" as text)."""
     try:
-        return query(base, "1")["status"] == "success"
-    except OSError:
+        with LOCAL.open(f"{base}/-/ready", timeout=10) as r:
+            return r.status == 200 and query(base, "1")["status"] == "success"
+    except OSError:  # refused, or an HTTPError (503) before the storage is ready
         return False
 
 

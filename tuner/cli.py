@@ -220,7 +220,8 @@ def cmd_bench_query(argv: list[str]) -> int:
     if action == "history":
         p.add_argument("job", nargs="?", help="only this job")
         p.add_argument("metric", nargs="?", help="only this figure (a registry name, name.stat for a statistic)")
-        p.add_argument("--tolerance", type=finite, default=0.05, help="the smallest change marked (default 0.05)")
+        p.add_argument("--tolerance", type=finite, default=None,
+                       help="the smallest change marked (default: each watch's tolerance, else 0.05)")
     else:
         p.add_argument("--format", choices=("csv", "json"), default="json")
     p.add_argument("--history", help="the history file (default RUNS_DIR/bench-history.sqlite)")

@@ -15,7 +15,7 @@ from typing import Any
 
 from tuner.bench import BenchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  #: 2: a figure's direction and tolerance as its bench config watched it (``better``, ``tolerance``)
 BUSY_MS = 30_000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS runs (
     repeat_index INTEGER NOT NULL, run_id TEXT, record_path TEXT, status TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
     run INTEGER NOT NULL REFERENCES runs(id), job TEXT NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL,
-    unit TEXT NOT NULL DEFAULT '');
+    unit TEXT NOT NULL DEFAULT '', better INTEGER, tolerance REAL);
 CREATE INDEX IF NOT EXISTS runs_round ON runs(round, job);
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run);
 """
@@ -58,6 +58,10 @@ class History:
                 elif row[0] > SCHEMA_VERSION:
                     raise BenchError(f"{self.path}: history schema version {row[0]} is newer than this btune's "
                                      f"({SCHEMA_VERSION}); use a newer btune or another --history")
+                elif row[0] == 1:  # version 1 had no direction or tolerance per figure: the registry's then
+                    self.db.execute("ALTER TABLE metrics ADD COLUMN better INTEGER")
+                    self.db.execute("ALTER TABLE metrics ADD COLUMN tolerance REAL")
+                    self.db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -111,7 +115,8 @@ class History:
 
     def add_job(self, round_id: int, job: str, runs: list[dict[str, Any]]) -> None:
         """A job's runs and their figures, one transaction: each run ``{repeat, run_id, record_path, status,
-        metrics: [(metric, value, unit)]}``."""
+        metrics: [(metric, value, unit[, higher_is_better, tolerance])]}`` (the last two as a watch declared them;
+        absent or None: the registry's direction, the reader's tolerance)."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
             for run in runs:
@@ -119,8 +124,10 @@ class History:
                     "INSERT INTO runs (round, job, repeat_index, run_id, record_path, status) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (round_id, job, run["repeat"], run.get("run_id"), run.get("record_path"), run["status"]))
-                self.db.executemany("INSERT INTO metrics (run, job, metric, value, unit) VALUES (?, ?, ?, ?, ?)",
-                                    [(cur.lastrowid, job, m, v, u) for m, v, u in run.get("metrics", ())])
+                self.db.executemany(
+                    "INSERT INTO metrics (run, job, metric, value, unit, better, tolerance) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(cur.lastrowid, job, *(*fig, None, None)[:5]) for fig in run.get("metrics", ())])
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.db.in_transaction:
@@ -153,9 +160,14 @@ class History:
         return out
 
     def rows(self) -> list[dict[str, Any]]:
-        """Flat rows: round, started, commit, gpu, job, metric, value, unit, run id (an export)."""
+        """Flat rows: round, started, commit, gpu, job, metric, value, unit, run id (an export), and the figure's
+        watched direction (``better``: True higher, False lower, None the registry's) and tolerance (or None)."""
         cur = self.db.execute(
-            "SELECT o.id, o.started, o.git_commit, o.gpu, m.job, m.metric, m.value, m.unit, r.run_id "
-            "FROM metrics m JOIN runs r ON m.run = r.id JOIN rounds o ON r.round = o.id ORDER BY o.id, r.id")
-        keys = ("round", "started", "commit", "gpu", "job", "metric", "value", "unit", "run_id")
-        return [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]
+            "SELECT o.id, o.started, o.git_commit, o.gpu, m.job, m.metric, m.value, m.unit, r.run_id, m.better, "
+            "m.tolerance FROM metrics m JOIN runs r ON m.run = r.id JOIN rounds o ON r.round = o.id "
+            "ORDER BY o.id, r.id")
+        keys = ("round", "started", "commit", "gpu", "job", "metric", "value", "unit", "run_id", "better", "tolerance")
+        rows = [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]
+        for row in rows:
+            row["better"] = None if row["better"] is None else bool(row["better"])
+        return rows

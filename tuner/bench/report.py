@@ -61,10 +61,16 @@ class HistorySeries:
     rows: tuple[dict[str, Any], ...]
 
 
+#: The smallest change the history views mark for a figure no watch gave a tolerance.
+DEFAULT_TOLERANCE = 0.05
+
+
 def history_series(rows: list[dict[str, Any]], job: str | None = None, metric: str | None = None,
-                   tolerance: float = 0.05) -> list[HistorySeries]:
+                   tolerance: float | None = None) -> list[HistorySeries]:
     """Each (job, figure) series of the history's flat rows (History.rows), of one job and figure when given,
-    sorted by job and figure, each with its change points (tuner.bench.detect.change_rule)."""
+    sorted by job and figure, each with its change points (tuner.bench.detect.change_rule): in the direction and
+    with the tolerance its bench config's watch declared (the latest round's), else the registry's direction and
+    ``tolerance`` (default DEFAULT_TOLERANCE); a ``tolerance`` given overrides the watches'."""
     from tuner.bench.detect import change_rule, round_means
     from tuner.metrics import REGISTRY
 
@@ -80,8 +86,11 @@ def history_series(rows: list[dict[str, Any]], job: str | None = None, metric: s
         for row in own:
             by_round.setdefault(row["round"], []).append(row["value"])
         ids, means = round_means(by_round)
-        changes = {f.baseline: f for f in change_rule(jname, key, ids, means, tolerance,
-                                                      better.get(key.split(".")[0], True))
+        watched = [r for r in own if r.get("better") is not None]
+        higher = watched[-1]["better"] if watched else better.get(key.split(".")[0], True)
+        declared = [r["tolerance"] for r in own if r.get("tolerance") is not None]
+        tol = tolerance if tolerance is not None else (declared[-1] if declared else DEFAULT_TOLERANCE)
+        changes = {f.baseline: f for f in change_rule(jname, key, ids, means, tol, higher)
                    if f.baseline is not None}
         out.append(HistorySeries(jname, key, own[0]["unit"] or "", tuple(ids), tuple(means), changes,
                                  tuple(sorted(own, key=lambda r: r["round"]))))
@@ -89,7 +98,7 @@ def history_series(rows: list[dict[str, Any]], job: str | None = None, metric: s
 
 
 def history_chart(rows: list[dict[str, Any]], job: str | None = None, metric: str | None = None,
-                  tolerance: float = 0.05, width: int = 30) -> str:
+                  tolerance: float | None = None, width: int = 30) -> str:
     """Each (job, figure) series of the history as text, a row per round with a bar, and its significant
     changes marked (the change-point rule; ``REGRESSION`` where it would alert)."""
     meta = {row["round"]: row for row in rows

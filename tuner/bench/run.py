@@ -26,13 +26,15 @@ from tuner.sweep import run_to_end
 _METRICS = {m.name: m for m in REGISTRY}
 
 
-def figures_of(record: dict[str, Any], job: Job) -> list[tuple[str, float, str]]:
-    """A run's headline figures and watched figures as ``(key, value, unit)``, numbers only."""
+def figures_of(record: dict[str, Any], job: Job) -> list[tuple[str, float, str, bool, float | None]]:
+    """A run's headline figures and watched figures as ``(key, value, unit, higher_is_better, tolerance)``,
+    numbers only: a headline figure in the registry's direction with no tolerance, a watched one as its watch
+    declares (the history's views read both)."""
     summary = record.get("summary") or {}
-    out: dict[str, tuple[float, str]] = {}
+    out: dict[str, tuple[float, str, bool, float | None]] = {}
     for fig in headline_figures(summary, job.run.workload):
         if number(fig.value) and math.isfinite(fig.value):
-            out[fig.key] = (float(fig.value), fig.unit)
+            out[fig.key] = (float(fig.value), fig.unit, fig.metric.higher_is_better, None)
     for w in job.watch:
         m = _METRICS[w.metric]
         value = dig(summary, m.path)
@@ -40,8 +42,8 @@ def figures_of(record: dict[str, Any], job: Job) -> list[tuple[str, float, str]]
             value = value.get(w.stat) if isinstance(value, dict) else None
         fig = Figure(m, w.stat, value)
         if number(value) and math.isfinite(value):
-            out[fig.key] = (float(value), fig.unit)
-    return [(k, v, u) for k, (v, u) in out.items()]
+            out[fig.key] = (float(value), fig.unit, w.higher_is_better, w.tolerance)
+    return [(k, *v) for k, v in out.items()]
 
 
 def environment_of(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,7 +160,7 @@ def run_bench(config: BenchConfig, jobs: list[Job], out_base: Path, history: His
             history.add_job(round_id, job.name, rows)
             figures: dict[str, dict[str, Any]] = {}
             for row in rows:
-                for key, value, unit in row["metrics"]:
+                for key, value, unit, *_ in row["metrics"]:
                     figures.setdefault(key, {"values": [], "unit": unit})["values"].append(value)
             for fig in figures.values():
                 fig["mean"] = math.fsum(fig["values"]) / len(fig["values"])

@@ -69,7 +69,7 @@ class HistoryScreen(BtuneScreen):
         with Horizontal(id="history-picks"):
             yield Select[str]([], prompt="job", id="history-job", allow_blank=True, compact=True)
             yield Select[str]([], prompt="figure", id="history-metric", allow_blank=True, compact=True)
-        yield XYChart("", id="history-chart")
+        yield XYChart("", y_from_zero=False, id="history-chart")
         yield Static("", id="history-changes")
         yield DataTable(id="history-table", cursor_type="row", zebra_stripes=True)
         yield Footer()

@@ -269,10 +269,13 @@ class XYChart(PlotChart):
     TOP = 1  # the legend
     PAD = 1.05  # the axes reach past the largest value, so no point sits on the frame
 
-    def __init__(self, unit: str, *, x_suffix: str = "", id: str | None = None, classes: str | None = None) -> None:
-        """``x_suffix``: written after each x tick label but 0 (``/s``: ``5/s``)."""
+    def __init__(self, unit: str, *, x_suffix: str = "", y_from_zero: bool = True, id: str | None = None,
+                 classes: str | None = None) -> None:
+        """``x_suffix``: written after each x tick label but 0 (``/s``: ``5/s``); ``y_from_zero`` False: the y
+        axis spans the values (a history, where a few percent must show), not 0 to the largest."""
         super().__init__(unit, id=id, classes=classes)
         self.x_suffix = x_suffix
+        self.y_from_zero = y_from_zero
         self.lines: tuple[Series, ...] = ()
         self.marks: tuple[Marks, ...] = ()
         self.rules: tuple[tuple[float, str], ...] = ()
@@ -308,7 +311,12 @@ class XYChart(PlotChart):
             x_ticks.append(inf_x)
             names[inf_x] = "inf"
         ys = [y for s in shown for y in s.ys if math.isfinite(y)]
-        y_lo, y_hi, y_ticks = value_ticks(0.0, max(max(ys, default=0.0) * self.PAD, 1e-9), y_tick_count(height))
+        if self.y_from_zero or not ys:
+            y_lo, y_hi, y_ticks = value_ticks(0.0, max(max(ys, default=0.0) * self.PAD, 1e-9), y_tick_count(height))
+        else:
+            lo, hi = min(ys), max(ys)
+            pad = (hi - lo) * 0.1 or abs(hi) * 0.05 or 1.0
+            y_lo, y_hi, y_ticks = value_ticks(lo - pad, hi + pad, y_tick_count(height))
 
         def at(values: tuple[float, ...]) -> list[float]:
             return [inf_x if math.isinf(x) else x for x in values]
