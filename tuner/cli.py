@@ -207,6 +207,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"btune bench: {exc}") from None
 
 
+def cmd_tune(args: argparse.Namespace, extra: list[str]) -> int:
+    from tuner.tune import TuneError
+    from tuner.tune.main import tune
+
+    try:
+        return tune(args, extra, sys.stdout)
+    except TuneError as exc:
+        raise CliError(f"btune tune: {exc}") from None
+
+
 def cmd_bench_query(argv: list[str]) -> int:
     """``btune bench history [JOB] [METRIC]`` and ``btune bench export --format csv|json``: the history read back."""
     from tuner.bench import BenchError
@@ -462,6 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
     add_metrics_flags(bn)
 
+    tn = sub.add_parser("tune", help="search a workload's knobs within a budget: the best setting, the Pareto front",
+                        usage="btune tune [tune flags] WORKLOAD [fixed options]\n       btune tune --resume STUDY"
+                              " | --show STUDY | --list",
+                        description=TUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        allow_abbrev=False)
+    from tuner.tune.main import add_arguments
+
+    add_arguments(tn)
+
     for name, helptext in (("show", "one run"),):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("run", help="run file or id")
@@ -535,6 +554,19 @@ and figures that went missing. Exit status: 0 ok, 1 on a regression, missing dat
 
 Read the history back: btune bench history [JOB] [METRIC] (each figure per round, changes marked),
 btune bench export --format csv|json (flat rows)."""
+TUNE_HELP = """Search a workload's tunable knobs (each option declares whether and over what values; --space
+narrows or widens) for the best setting within a budget. Every setting is first checked as btune run checks
+a run: refused ones (knob conflicts, this machine) and ones whose calibrated memory estimate exceeds
+--max-memory are never launched. Short trials first (the grid when it fits the budget, else each knob one
+at a time, then Optuna: TPE, or NSGA-II for several objectives), then the best few again, twice as long.
+Every trial is a run record in RUNS_DIR/tune-ID; the study lives in the history file and resumes with
+--resume. The report: the best setting and its btune run line, the runner-up with Welch's test, the
+Pareto front (tokens/s, peak memory, J/token), what was pruned and why, which knob mattered, and the memory
+estimate's error per trial. Exit status: 0 with a best setting, 1 without one or when interrupted, 2 on
+bad input (nothing runs).
+
+example:
+  btune tune dense --preset tiny --device cpu --space batch_size=1..8 --budget 12 --trial-seconds 2"""
 SWEEP_HELP = """Run a workload once for every combination of option values, each run its own process and
 record, then print one table: a row per run, named by the options that differ, with the headline
 figures and whether each config's step time differs from the first row's beyond run-to-run noise.
@@ -610,6 +642,8 @@ def _dispatch(argv: Sequence[str]) -> int:
         return cmd_run(args, extra, command)
     if args.command == "sweep":
         return cmd_sweep(args, extra)
+    if args.command == "tune":
+        return cmd_tune(args, extra)
     if extra:
         raise CliError(f"btune {args.command}: unrecognized arguments: {' '.join(extra)}")
     return {"list": cmd_list, "bench": cmd_bench, "show": cmd_show, "compare": cmd_compare, "export": cmd_export,

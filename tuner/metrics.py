@@ -143,6 +143,7 @@ REGISTRY: tuple[Metric, ...] = (
     Metric("duration", "run duration", ("duration_s",), "s", False, "run", shown=False),
     Metric("tokens_total", "tokens", ("tokens_total",), "tokens", True, "run", shown=False, kind="count"),
 )
+_BY_NAME = {m.name: m for m in REGISTRY}
 _SERVE_TOO = frozenset({"energy", "joules_per_token", "torch_mem_peak", "duration", "tokens_total", "compile_s"})
 #: Figures a workload's own block says better: a perplexity run's loss is each batch's mean NLL (its quality block).
 _NOT_FOR = {"loss_last": _PPL}
@@ -162,6 +163,23 @@ def applies(metric: Metric, workload: Any) -> bool:
     if workload in _NOT_FOR.get(metric.name, ()):
         return False
     return metric.applies(workload) or (workload == "serve" and metric.name in _SERVE_TOO)
+
+
+def figure_of(name: Any, stat: Any, workload: Any) -> tuple[Metric, str | None]:
+    """The registry metric ``name`` and its statistic (a described metric's headline statistic when None) as
+    ``workload``'s figure; ValueError (one line) for an unknown metric, another workload's, or a bad statistic."""
+    metric = _BY_NAME.get(name) if isinstance(name, str) else None
+    if metric is None:
+        raise ValueError(f"metric {name!r} is not in the registry (tuner/metrics.py)")
+    if not applies(metric, workload):
+        raise ValueError(f"metric {name!r} is not one of {workload}'s figures")
+    if metric.described:
+        stat = stat if stat is not None else (metric.headline or ("p50",))[0]
+        if stat not in EXPORTED_STATS:
+            raise ValueError(f"stat {stat!r} of {name}: expected one of {', '.join(EXPORTED_STATS)}")
+    elif stat is not None:
+        raise ValueError(f"{name} is a single value; it has no stat")
+    return metric, stat
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ class Option:
     """One option: ``--name`` on the command line, one field in the TUI form.
 
     ``when`` restricts validity: ``(("mode", ("train",)),)`` means only valid while ``mode`` is train.
-    ``group`` orders the TUI form (shape, knobs, run).
+    ``group`` orders the TUI form (shape, knobs, run). ``tune``: the values the auto-tuner searches by default.
     """
 
     name: str
@@ -35,6 +35,8 @@ class Option:
     max: float | None = None
     when: tuple[tuple[str, tuple[Value, ...]], ...] = ()
     group: str = "run"
+    #: the values ``btune tune`` tries by default (empty: not tuned unless ``--space`` names it)
+    tune: tuple[Value, ...] = ()
 
     @property
     def flag(self) -> str:

@@ -20,7 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
 from tuner.bench import BenchError
 from tuner.command import Command, CommandError
 from tuner.launch import LaunchError, RunConfig, build_config, command_config
-from tuner.metrics import EXPORTED_STATS, REGISTRY, Metric, applies
+from tuner.metrics import REGISTRY, applies, figure_of
 from workloads.options import OptionError
 
 DEFAULT_TOLERANCE = 0.05
@@ -28,7 +28,6 @@ DIRECTIONS = ("higher", "lower")
 _TOP = {"name", "repeats", "tolerance", "timeout", "job"}
 _JOB = {"name", "workload", "options", "command", "cwd", "env", "parse", "repeats", "timeout", "watch"}
 _WATCH = {"metric", "stat", "tolerance", "direction"}
-_METRICS = {m.name: m for m in REGISTRY}
 
 
 @dataclass(frozen=True)
@@ -95,19 +94,10 @@ def _count(value: Any, where: str) -> int:
 
 def _watch(item: Any, workload: str, tolerance: float, where: str) -> Watch:
     item = _keys(item, _WATCH, where)
-    name = item.get("metric")
-    metric: Metric | None = _METRICS.get(name) if isinstance(name, str) else None
-    if metric is None:
-        raise BenchError(f"{where}: metric {name!r} is not in the registry (tuner/metrics.py)")
-    if not applies(metric, workload):
-        raise BenchError(f"{where}: metric {name!r} is not one of {workload}'s figures")
-    stat = item.get("stat")
-    if metric.described:
-        stat = stat if stat is not None else (metric.headline or ("p50",))[0]
-        if stat not in EXPORTED_STATS:
-            raise BenchError(f"{where}: stat {stat!r} of {name}: expected one of {', '.join(EXPORTED_STATS)}")
-    elif stat is not None:
-        raise BenchError(f"{where}: {name} is a single value; it has no stat")
+    try:
+        metric, stat = figure_of(item.get("metric"), item.get("stat"), workload)
+    except ValueError as exc:
+        raise BenchError(f"{where}: {exc}") from None
     direction = item.get("direction")
     if direction is not None and direction not in DIRECTIONS:
         raise BenchError(f"{where}: direction {direction!r}: expected higher or lower (is better)")

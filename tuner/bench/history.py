@@ -1,7 +1,8 @@
 """The bench history: one SQLite file, a table per entity, versioned, safe for concurrent writers.
 
 ``rounds``: one ``btune bench`` invocation (config, environment, the user's commit); ``runs``: one run of a job
-(its record, its status); ``metrics``: one figure of a run. WAL mode and a busy timeout let several benches
+(its record, its status); ``metrics``: one figure of a run; ``studies`` and ``trials``: ``btune tune``'s (its plan,
+each trial's setting, state and figures: tuner.tune.store). WAL mode and a busy timeout let several benches
 append to one file; each job's rows are one transaction, so a reader never sees half a job.
 """
 
@@ -15,7 +16,9 @@ from typing import Any
 
 from tuner.bench import BenchError
 
-SCHEMA_VERSION = 2  #: 2: a figure's direction and tolerance as its bench config watched it (``better``, ``tolerance``)
+#: 2: a figure's direction and tolerance as its bench config watched it (``better``, ``tolerance``); btune tune's
+#: studies and trials
+SCHEMA_VERSION = 2
 BUSY_MS = 30_000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -28,6 +31,15 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS metrics (
     run INTEGER NOT NULL REFERENCES runs(id), job TEXT NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL,
     unit TEXT NOT NULL DEFAULT '', better INTEGER, tolerance REAL);
+CREATE TABLE IF NOT EXISTS studies (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, created TEXT NOT NULL, workload TEXT NOT NULL,
+    plan TEXT NOT NULL, state TEXT NOT NULL, spent_s REAL NOT NULL DEFAULT 0, result_dir TEXT, gpu TEXT, host TEXT);
+CREATE TABLE IF NOT EXISTS trials (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, study INTEGER NOT NULL REFERENCES studies(id), number INTEGER NOT NULL,
+    setting TEXT NOT NULL, rung INTEGER NOT NULL, phase TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,
+    objective_values TEXT, figures TEXT, estimate_bytes INTEGER, predicted_bytes REAL, measured_bytes REAL,
+    run_id TEXT, record_path TEXT, wall_s REAL, started TEXT, ended TEXT);
+CREATE INDEX IF NOT EXISTS trials_study ON trials(study, number);
 CREATE INDEX IF NOT EXISTS runs_round ON runs(round, job);
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run);
 """

@@ -129,7 +129,8 @@ MOE = WorkloadSpec(
     options=(
         Option("mode", str, "train", "train: fwd+bwd+AdamW; prefill: no-grad forward", ("train", "prefill"),
                group="shape"),
-        Option("batch-size", int, 0, "sequences per step (0: the preset's)", min=0, max=65536, group="shape"),
+        Option("batch-size", int, 0, "sequences per step (0: the preset's)", min=0, max=65536, group="shape",
+               tune=(1, 2, 4, 8, 16)),
         Option("seq-len", int, 0, "tokens per sequence (0: the preset's)", min=0, max=1 << 20, group="shape"),
         Option("layers", int, 0, "truncate the preset to its first N layers, keeping at least one MoE layer "
                "(0: all)", min=0, max=1024, group="shape"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -259,11 +260,11 @@ SERVE_OPTIONS: tuple[Option, ...] = (
                "mistral, qwen2, gpt2) served instead of random weights (--preset then sets only the "
                "load defaults; --layers other than the checkpoint's is refused)", group="shape"),
         Option("max-batch", int, 0, "KV-cache slots: sequences decoded together (0: the preset's)", min=0,
-               max=4096, group="shape"),
+               max=4096, group="shape", tune=(8, 16, 32, 64)),
         Option("max-seq-len", int, 0, "KV-cache positions per sequence (0: longest prompt + longest output)",
                min=0, max=1 << 20, group="shape"),
         Option("max-prefill-tokens", int, 2048, "prompt tokens prefilled per engine step (longer prompts are "
-               "chunked over steps)", min=1, max=1 << 20, group="shape"),
+               "chunked over steps)", min=1, max=1 << 20, group="shape", tune=(512, 1024, 2048, 4096)),
         Option("prompt-len", str, "", "prompt lengths: fixed:N, uniform:A,B or normal:MEAN,STD (empty: the "
                "preset's)", group="load"),
         Option("output-len", str, "", "output lengths, same forms (empty: the preset's)", group="load"),
@@ -283,7 +284,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         Option("slo-tpot-ms", float, 100.0, "goodput SLO on time per output token", min=0, group="load"),
         Option("replicas", int, 1, "model replicas, --tp processes each (torchrun, one per GPU): one request "
                "stream shared round-robin, reported once by rank 0", min=1, max=1024, group="parallel"),
-        *(o for o in TRANSFORMER_KNOBS if o.name != "activation-checkpointing"),
+        # tuned by default: the engine's knobs (FP8 and TP only when --space names them)
+        *(o if o.name in ("attention-backend", "compile-mode") else dataclasses.replace(o, tune=())
+          for o in TRANSFORMER_KNOBS if o.name != "activation-checkpointing"),
         Option("dry-run", bool, False, "print the plan as JSON (config, cache, load, FLOPs) and exit"),
         *ENDPOINT_OPTIONS,
 )
