@@ -59,6 +59,7 @@ class BtuneApp(App[int]):
         self.telemetry = telemetry
         self.nvml = nvml
         self.live_runner: Runner | None = None  # the run a live screen started and has not seen end
+        self.tune_process: Any = None  #: the btune tune the Tune screen started (tuner.tui.screens.tune.TuneProcess)
 
     def get_default_screen(self) -> Screen[Any]:
         return LaunchScreen()
@@ -98,6 +99,12 @@ class BtuneApp(App[int]):
         from tuner.tui.screens.history import HistoryScreen
 
         self.push_screen(HistoryScreen(self.runs_dir))
+
+    def action_tune(self) -> None:
+        """Show btune tune's studies; start, follow and stop a tune."""
+        from tuner.tui.screens.tune import TuneScreen
+
+        self.push_screen(TuneScreen(self.runs_dir))
 
     def action_help(self) -> None:
         """Help for the current screen."""
@@ -140,6 +147,22 @@ def quit_question(live: LiveScreen) -> str:
     return "A run is live. Cancel it and quit? (its record is kept)"
 
 
+def stop_tune(tune: Any, timeout: float = 60.0) -> None:
+    """A tune the app started and that still runs is interrupted with the app (its study is kept: btune tune
+    --resume continues it); waits up to ``timeout`` s for it to mark the study, then kills it."""
+    if tune is None or not tune.stop():
+        return
+    import subprocess
+
+    try:
+        tune.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        tune.proc.kill()
+        tune.proc.wait()
+    print(f"btune-tui: the tune was interrupted with the app (exit status {tune.proc.returncode}); "
+          f"btune tune --resume {tune.study_id or 'STUDY'} continues it", file=sys.stderr)
+
+
 def run_app(runs_dir: Path, refresh_hz: float = 4.0, no_color: bool = False, metrics: Any = None) -> int:
     """Run the app in the terminal until it quits; returns the exit status. AppError: a bad ``refresh_hz``.
     ``metrics``: a live Prometheus endpoint (tuner.prom.MetricsServer) that serves the run being watched."""
@@ -156,4 +179,5 @@ def run_app(runs_dir: Path, refresh_hz: float = 4.0, no_color: bool = False, met
         result = runner.wait()
         print(f"btune-tui: the live run was stopped with the app: {result.status}, {result.record_path}",
               file=sys.stderr)
+    stop_tune(app.tune_process)
     return int(app.return_code or 0)

@@ -59,11 +59,13 @@ class LaunchScreen(BtuneScreen):
             "this machine cannot run, are disabled with the reason. The last entry, command, runs any command "
             "(btune run -- CMD): type its command line, shown back as the argv that will run (no shell runs it), "
             "its working directory, NAME=VALUE variables to add and an optional --parse pattern. Ctrl+R (or F5) "
-            "launches; F2 lists past runs.")
+            "launches; F2 lists past runs, F4 shows btune bench's history, F6 btune tune's studies (n there tunes this "
+            "workload with these options).")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+r,f5", "launch", "Launch"),
         Binding("f2", "runs", "Runs"),
         Binding("f4", "history", "History", show=False),  # hidden: the palette lists it (commands)
+        Binding("f6", "tune", "Tune", show=False),  # hidden: the palette lists it (commands)
     ]
 
     app: BtuneApp  # type: ignore[assignment]
@@ -268,9 +270,14 @@ class LaunchScreen(BtuneScreen):
     def action_history(self) -> None:
         self.app.action_history()
 
+    def action_tune(self) -> None:
+        self.app.action_tune()
+
     def commands(self) -> list[Command]:
         out: list[Command] = [("History", "btune bench's history per round, change points marked (key: F4)",
-                                self.action_history)]
+                                self.action_history),
+                              ("Tune", "btune tune's studies; tune this workload with these options (key: F6)",
+                               self.action_tune)]
         if self.form is not None:
             for opt in self.form.options:
                 out.append((f"Set {opt.flag}", opt.help, partial(self.form.focus_option, opt.name)))
