@@ -63,7 +63,8 @@ def load_run(ref: str, directory: str | None = None) -> dict[str, Any]:
 # -- commands ----------------------------------------------------------------------------------
 def _option_doc(spec: catalog.WorkloadSpec, opt: catalog.Option, preset: str | None) -> dict[str, Any]:
     doc = {"name": opt.name, "type": opt.type.__name__, "default": opt.default, "choices": opt.choices,
-           "min": opt.min, "max": opt.max, "help": opt.help, "when": [[k, list(v)] for k, v in opt.when]}
+           "min": opt.min, "max": opt.max, "help": opt.help, "when": [[k, list(v)] for k, v in opt.when],
+           "tune": list(opt.tune)}
     resolved = catalog.preset_value(spec, opt, {"preset": preset} if preset else None)
     if resolved is not None:
         doc["preset_default"] = resolved  # what the default resolves to under the (default) preset
@@ -75,8 +76,9 @@ def option_lines(spec: catalog.WorkloadSpec, values: dict[str, Any] | None = Non
     out = []
     for opt in spec.all_options():
         when = "".join(f" (only with --{k} {'/'.join(map(str, v))})" for k, v in opt.when)
+        tune = f" (tuned: {','.join(map(str, opt.tune)).lower()})" if opt.tune else ""
         out.append(f"  {opt.flag:<26} {opt.help} [{opt.describe_allowed()}; "
-                   f"{catalog.default_text(spec, opt, values)}]{when}")
+                   f"{catalog.default_text(spec, opt, values)}]{when}{tune}")
     return out
 
 

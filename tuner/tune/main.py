@@ -68,8 +68,9 @@ def make_plan(workload: str, extra: list[str], args: argparse.Namespace, machine
         if length in fixed:
             raise TuneError(f"--{length}: the tuner sets each trial's length; use --trial-seconds")
     space_given = parse_space(spec, args.space)
-    fixed.update(fixed_by_space(space_given))
-    knobs = build(spec, fixed, {k: v for k, v in space_given.items() if len(v) > 1})
+    fixed_here = fixed_by_space(spec, space_given)
+    fixed.update(fixed_here)
+    knobs = build(spec, fixed, {k: v for k, v in space_given.items() if k not in fixed_here})
     device = str(fixed.get("device") or "auto")
     if device == "auto":
         device = "cuda" if machine.gpus else "cpu"
@@ -120,6 +121,8 @@ def tune(args: argparse.Namespace, extra: list[str], out: TextIO) -> int:
     plan = None if args.resume else make_plan(args.workload, extra, args, machine)
     if args.dry_run and plan is not None:
         return _dry_run(plan, machine, out)
+    if plan is not None:
+        refuse_contradiction(plan, machine)
     out_dir = runs.ensure_writable(out_dir)
     try:
         history = History(history_path)
@@ -169,6 +172,23 @@ def tune(args: argparse.Namespace, extra: list[str], out: TextIO) -> int:
         return 0 if summary["best"] else 1
     finally:
         history.close()
+
+
+def refuse_contradiction(plan: Plan, machine: Machine) -> None:
+    """TuneError before anything is written when no setting of the space can launch."""
+    from tuner.tune.prune import check
+    from tuner.tune.space import settings
+
+    spec = catalog.get(plan.workload)
+    reasons: list[str] = []
+    for s in settings(spec, plan.fixed, plan.knobs):
+        c = check(spec, plan.fixed, s, machine, plan.device)
+        if c.refused is None:
+            return
+        reasons.append(c.refused)
+    first = sorted(set(reasons))
+    raise TuneError(f"contradictory space: every one of its {len(reasons)} settings is refused "
+                    f"({first[0]}{'; ...' if len(first) > 1 else ''})")
 
 
 def _dry_run(plan: Plan, machine: Machine, out: TextIO) -> int:

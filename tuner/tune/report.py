@@ -25,20 +25,25 @@ def _ok(t: dict[str, Any]) -> bool:
 
 def ranking(trials: list[dict[str, Any]], maximize: list[bool]) -> list[dict[str, Any]]:
     """Settings measured ok, best first by the first objective: each with its runs' values at the highest rung it
-    reached (rung 1 outranks rung 0: longer, repeated), their mean, and its trials."""
+    reached (rung 1 outranks rung 0: longer, repeated), their mean, its trials and the mean of the figures they
+    all report (tokens/s, peak bytes, J/token)."""
     groups: dict[tuple, dict[str, Any]] = {}
     for t in trials:
         if not _ok(t):
             continue
-        g = groups.setdefault(key(t["setting"]), {"setting": t["setting"], "rung": -1, "values": [], "trials": []})
+        g = groups.setdefault(key(t["setting"]), {"setting": t["setting"], "rung": -1, "values": [], "trials": [],
+                                                  "figure_runs": []})
         if t["rung"] > g["rung"]:
-            g["rung"], g["values"], g["trials"] = t["rung"], [], []
+            g["rung"], g["values"], g["trials"], g["figure_runs"] = t["rung"], [], [], []
         if t["rung"] == g["rung"]:
             g["values"].append(t["objective_values"])
             g["trials"].append(t["number"])
+            g["figure_runs"].append(t.get("figures") or {})
     out = list(groups.values())
     for g in out:
         g["mean"] = [math.fsum(v[i] for v in g["values"]) / len(g["values"]) for i in range(len(maximize))]
+        names = set.intersection(*(set(f) for f in g["figure_runs"])) if g["figure_runs"] else set()
+        g["figures"] = {n: math.fsum(f[n] for f in g["figure_runs"]) / len(g["figure_runs"]) for n in names}
     sign = 1 if maximize[0] else -1
     out.sort(key=lambda g: (g["rung"], sign * g["mean"][0]), reverse=True)
     return out
@@ -51,11 +56,9 @@ def front(trials: list[dict[str, Any]], objectives: list[str], maximize: list[bo
     if len(objectives) > 1:
         dims = [(i, m, n) for i, (n, m) in enumerate(zip(objectives, maximize, strict=True))]
         points = [(g, [g["mean"][i] for i, _, _ in dims]) for g in rows]
-    else:
-        figs = {key(t["setting"]): t.get("figures") or {} for t in trials if _ok(t)}
-        names = [d for d in FRONT if all(d[0] in figs.get(key(g["setting"]), {}) for g in rows)]
-        dims = [(n, m, label) for n, m, label in names]
-        points = [(g, [figs[key(g["setting"])][n] for n, _, _ in dims]) for g in rows]
+    else:  # each setting's figures: the mean over its runs at its highest rung
+        dims = [d for d in FRONT if rows and all(d[0] in g["figures"] for g in rows)]
+        points = [(g, [g["figures"][n] for n, _, _ in dims]) for g in rows]
     signs = [1 if m else -1 for _, m, _ in dims]
     scored = [(g, tuple(s * v for s, v in zip(signs, p, strict=True)), p) for g, p in points]
     members = [(g, p) for g, s, p in scored

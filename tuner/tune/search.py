@@ -131,8 +131,8 @@ class Search:
 
     # -- budget ---------------------------------------------------------------------------------
     def spent(self) -> float:
-        if self.plan.budget.trials:
-            return float(sum(1 for t in self.trials if t.state not in ("pruned",)))
+        if self.plan.budget.trials:  # a trial lost with a killed session, or interrupted, is run again: not counted
+            return float(sum(1 for t in self.trials if t.state in FINISHED))
         return self.spent_before + time.monotonic() - self.started
 
     def cost(self, rung: int) -> float:
@@ -213,7 +213,9 @@ class Search:
         self.number += 1
         seconds = self.plan.trial_seconds * (2**rung)
         options = {**self.plan.fixed, **cand.setting, "duration": seconds, "steps": 0}
-        config = build_config(self.plan.workload, options, machine=self.machine)
+        # a time budget bounds each trial too: one that would run past it is stopped there (state "timeout")
+        timeout = 0.0 if self.plan.budget.trials else max(self.left(), seconds)
+        config = build_config(self.plan.workload, options, timeout=timeout, machine=self.machine)
         predicted = self.calibration.predict(cand.estimate_bytes)
         row = self.store.start_trial(self.study, self.number, cand.setting, rung, phase, cand.estimate_bytes,
                                      predicted)
@@ -245,6 +247,8 @@ class Search:
                 trial.state = "ok"
         elif status in ("cancelled", "interrupted", "timeout") and self.stopped:
             trial.state, trial.reason = "interrupted", f"tune stopped ({self.stopped[0]})"
+        elif status == "timeout":
+            trial.state, trial.reason = "failed", f"stopped at the end of the budget ({timeout:.0f} s left)"
         elif record and is_oom(record):
             trial.state, trial.reason = "oom", "out of device memory"
         else:

@@ -73,16 +73,17 @@ def build(spec: WorkloadSpec, fixed: Mapping[str, Any], given: Mapping[str, tupl
                         f"(--{clash[0].replace('_', '-')} {fixed[clash[0]]}); give it in one place")
     space = {k: v for k, v in declared(spec).items() if k not in fixed}
     space.update(given)
-    knobs = tuple(Knob(k, v) for k, v in space.items() if len(v) > 1)
-    if not knobs:
+    knobs = tuple(Knob(k, v) for k, v in space.items() if len(v) > 1 or (k in given and spec.option(k).when))
+    if not any(len(k.values) > 1 for k in knobs):
         raise TuneError("empty space: no knob has two values to try (every tunable option is fixed or given one "
                         "value); widen it with --space NAME=V1,V2")
     return knobs
 
 
-def fixed_by_space(knobs_given: Mapping[str, tuple[Value, ...]]) -> dict[str, Value]:
-    """The ``--space`` items with one value: fixed options."""
-    return {k: v[0] for k, v in knobs_given.items() if len(v) == 1}
+def fixed_by_space(spec: WorkloadSpec, knobs_given: Mapping[str, tuple[Value, ...]]) -> dict[str, Value]:
+    """The ``--space`` items with one value: fixed options (but an option valid only under others' values, such as
+    ``--fp8-recipe``, stays a one-value knob that a setting without FP8 drops)."""
+    return {k: v[0] for k, v in knobs_given.items() if len(v) == 1 and not spec.option(k).when}
 
 
 def applies(spec: WorkloadSpec, name: str, options: Mapping[str, Any]) -> bool:

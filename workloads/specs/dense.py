@@ -233,7 +233,7 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
            min=0, max=1 << 20, group="knobs"),
     Option("compile-mode", str, "none", "torch.compile mode (compile time is reported on its own)",
            ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), group="knobs",
-           tune=("none", "default", "max-autotune")),
+           tune=("none", "default")),  # max-autotune: minutes per trial (H200, 4 layers: 284 s); name it in --space
     Option("tp", int, 1, "tensor-parallel degree: torchrun, one process per GPU (gloo on CPU)", min=1, max=1024,
            group="parallel", tune=(1, 2, 4, 8)),
     Option("activation-checkpointing", bool, False, "recompute each block in backward to save memory",
