@@ -13,6 +13,10 @@ from workloads.engine.loadgen import LengthDist
 from workloads.options import Machine, Option, WorkloadSpec
 from workloads.specs.dense import DENSE_MODEL_TYPES, TRANSFORMER_KNOBS, checkpoint_checks, transformer_checks
 
+#: The engine knobs tuned by default (flash is left out: decoding sequences of different lengths needs a mask);
+#: FP8 and TP only when --space names them.
+SERVE_TUNE = {"attention-backend": ("auto", "efficient", "cudnn", "flex"), "compile-mode": ("none", "default")}
+
 #: The cache rounds positions up to a multiple of this (scratch column, padded prefill chunks, flex blocks): the
 #: model's position table must cover ``position_room``.
 POSITION_ROOM = 128
@@ -285,8 +289,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         Option("replicas", int, 1, "model replicas, --tp processes each (torchrun, one per GPU): one request "
                "stream shared round-robin, reported once by rank 0", min=1, max=1024, group="parallel"),
         # tuned by default: the engine's knobs (FP8 and TP only when --space names them)
-        *(o if o.name in ("attention-backend", "compile-mode") else dataclasses.replace(o, tune=())
-          for o in TRANSFORMER_KNOBS if o.name != "activation-checkpointing"),
+        *(dataclasses.replace(o, tune=SERVE_TUNE.get(o.name, ())) for o in TRANSFORMER_KNOBS
+          if o.name != "activation-checkpointing"),
         Option("dry-run", bool, False, "print the plan as JSON (config, cache, load, FLOPs) and exit"),
         *ENDPOINT_OPTIONS,
 )
