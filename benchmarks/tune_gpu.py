@@ -8,6 +8,10 @@ Three steps, each fitting one device call (a fresh machine each time, so every s
   python benchmarks/tune_gpu.py tune --grid DIR --out DIR        # btune tune with a quarter of the grid's wall time
   python benchmarks/tune_gpu.py table --grid DIR --tune DIR      # the tables for docs/benchmarks.md
 
+Each step's study.json (and report.md) are kept in benchmarks/results/tune-h200/ (grid-off, grid-torchao, tune):
+the device's $OUT/…/tune-N/study.json copied there after each call; ``table`` reads every study.json under a
+directory.
+
 The grid is ``btune tune --strategy grid --top 0`` (every setting once, nothing re-run); its wall time is the sum of
 its trials'. The tune searches the same 32 settings with ``--budget`` a quarter of that; the comparison reads the
 grid's measurement of the setting the tune chose against the grid's best (one measurement each, the same run
@@ -36,7 +40,7 @@ def btune(*args: str) -> None:
 
 
 def studies(directory: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(directory.glob("**/tune-*/study.json"))]
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("**/study.json"))]
 
 
 def key(setting: dict) -> str:
@@ -99,7 +103,11 @@ def main() -> int:
             print(f"| {describe(t['setting'])} | {f'{v:,.0f}' if v else t['state']} | "
                   f"{f'{v / best:.1%}' if v else '-'} | {size(meas)} | {size(est)} | "
                   f"{f'{meas / est - 1:+.1%}' if est and meas else '-'} | {t['wall_s'] or 0:.0f} |")
-        (tune,) = [s for s in studies(args.tune) if s["study"]["name"] == "tune"]
+        tunes = [s for s in studies(args.tune) if s["study"]["name"] == "tune"] if args.tune else []
+        if not tunes:
+            print("\nno tune study yet")
+            return 0
+        tune = tunes[-1]
         chosen = tune["best"]["setting"] if tune["best"] else None
         print(f"\ntune: budget {tune['plan']['budget']['amount']:g} s, {tune['study']['spent_s']:.0f} s spent, "
               f"{sum(1 for t in tune['trials'] if t['state'] != 'pruned')} trials")
