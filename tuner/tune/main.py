@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -124,12 +126,7 @@ def tune(args: argparse.Namespace, extra: list[str], out: TextIO) -> int:
     if plan is not None:
         refuse_contradiction(plan, machine)
     out_dir = runs.ensure_writable(out_dir)
-    try:
-        history = History(history_path)
-    except BenchError as exc:
-        raise TuneError(str(exc)) from None
-    try:
-        store = Store(history)
+    with open_store(history_path) as store:
         if args.resume:
             study = store.study(args.resume)
             plan = plan_from(study["plan"], args, machine)
@@ -170,8 +167,6 @@ def tune(args: argparse.Namespace, extra: list[str], out: TextIO) -> int:
             print(f"\ninterrupted: btune tune --resume {sid} continues it", file=out)
             return 1
         return 0 if summary["best"] else 1
-    finally:
-        history.close()
 
 
 def refuse_contradiction(plan: Plan, machine: Machine) -> None:
@@ -213,13 +208,21 @@ def _dry_run(plan: Plan, machine: Machine, out: TextIO) -> int:
     return 0
 
 
-def _read(path: Path, args: argparse.Namespace, out: TextIO) -> int:
+@contextmanager
+def open_store(path: Path) -> Iterator[Store]:
+    """The studies of the history file at ``path`` (TuneError, one line, when it cannot be used), closed after."""
     try:
         history = History(path)
     except BenchError as exc:
         raise TuneError(str(exc)) from None
     try:
-        store = Store(history)
+        yield Store(history)
+    finally:
+        history.close()
+
+
+def _read(path: Path, args: argparse.Namespace, out: TextIO) -> int:
+    with open_store(path) as store:
         if args.list:
             for s in store.studies():
                 print(f"{s['id']:>4}  {s['created']}  {s['name']}  {s['workload']}  {s['state']}  "
@@ -228,5 +231,3 @@ def _read(path: Path, args: argparse.Namespace, out: TextIO) -> int:
         study = store.study(args.show)
         print(text(summarize(study, store.trials(study["id"]))), file=out, end="")
         return 0
-    finally:
-        history.close()
