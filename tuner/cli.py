@@ -184,6 +184,39 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     return run_sweep(configs, out_dir, sys.stdout, telemetry=not args.no_telemetry)
 
 
+def cmd_slurm(args: argparse.Namespace, extra: list[str]) -> int:
+    """``btune slurm``: an sbatch script running the same ``btune run`` on every node (tuner.slurm); ``--submit``
+    hands it to sbatch."""
+    import shutil
+    import subprocess
+
+    from tuner.slurm import sbatch_script
+
+    out_dir = runs.runs_dir(args.out)
+    script = sbatch_script(args.workload, extra, args.nodes, args.gpus_per_node, partition=args.partition,
+                           time_limit=args.time, account=args.account, out_dir=out_dir.absolute(),
+                           job_name=args.job_name, port=args.port, cpus_per_task=args.cpus_per_task,
+                           extra_sbatch=args.sbatch_arg or ())
+    sbatch = shutil.which("sbatch") if args.submit else None
+    if args.submit and sbatch is None:
+        raise CliError("sbatch not found: is this a Slurm login node? (without --submit the script is only written)")
+    runs.ensure_writable(out_dir)  # sbatch does not make the --output directory
+    path = Path(args.output) if args.output else out_dir / f"slurm-{args.job_name or 'btune-' + args.workload}.sbatch"
+    try:
+        runs.atomic_write(path, script.encode())
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+    print(path)
+    if not args.submit:
+        return 0
+    res = subprocess.run([sbatch, str(path)], capture_output=True, text=True)
+    if res.returncode:
+        said = (res.stderr or res.stdout).strip().splitlines()
+        raise CliError(f"sbatch {path}: {said[-1] if said else f'exit status {res.returncode}'}")
+    print(res.stdout.strip())
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tuner.bench import BenchError
     from tuner.bench.config import load
@@ -461,6 +494,25 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
     sw.add_argument("--repeat", type=positive, default=1, help="runs of each combination (default 1)")
 
+    sl = sub.add_parser("slurm", help="an sbatch script running the same btune run on every node (--submit: sbatch it)",
+                        usage="btune slurm [slurm flags] WORKLOAD [options]", description=SLURM_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    sl.add_argument("workload", help=f"one of {', '.join(catalog.WORKLOADS)}")
+    sl.add_argument("--nodes", type=positive, default=1, help="nodes to allocate (default 1)")
+    sl.add_argument("--gpus-per-node", type=int, default=1, metavar="G", help="GPUs per node (default 1; 0: CPU)")
+    sl.add_argument("--partition", help="the Slurm partition")
+    sl.add_argument("--time", help="the time limit (MINUTES, HH:MM:SS or D-HH:MM:SS)")
+    sl.add_argument("--account", help="the account charged")
+    sl.add_argument("--job-name", help="the job's name (default btune-WORKLOAD)")
+    sl.add_argument("--cpus-per-task", type=positive, help="CPUs for each node's btune run")
+    sl.add_argument("--sbatch-arg", action="append", metavar="--NAME=VALUE",
+                    help="another #SBATCH line (repeatable; --sbatch-arg=--qos=high)")
+    sl.add_argument("--port", type=int, default=29500, help="the rendezvous port on the first node (default 29500)")
+    sl.add_argument("--out", help="runs directory the nodes write to (default $BTUNE_RUNS_DIR or ./btune_runs)")
+    sl.add_argument("-o", "--output", metavar="SCRIPT", help="where to write the script "
+                    "(default RUNS_DIR/slurm-JOBNAME.sbatch)")
+    sl.add_argument("--submit", action="store_true", help="submit the script with sbatch and print the job id")
+
     bn = sub.add_parser("bench", help="continuous benchmarking: jobs from a TOML file, a history, regression alerts",
                         description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                         allow_abbrev=False)
@@ -569,6 +621,16 @@ bad input (nothing runs).
 
 example:
   btune tune dense --preset tiny --device cpu --space batch_size=1..8 --budget 12 --trial-seconds 2"""
+SLURM_HELP = """Write an sbatch script that runs the same btune run on every node of the allocation: one task per
+node, each starting its ranks with torchrun, meeting at a rendezvous on the allocation's first node
+(--nnodes $SLURM_NNODES --node-rank $SLURM_NODEID). The workload's options are checked first, as btune run
+checks them, against --nodes x --gpus-per-node GPUs (the parallel degrees must fill them). Each node's
+record lands in the runs directory (--out: a path every node can write), Slurm's output beside them in
+slurm-JOBID.out. --submit runs sbatch on the script.
+
+example:
+  btune slurm --nodes 2 --gpus-per-node 4 --partition gpu --time 1:00:00 dense --preset llama-3.1-70b --tp 8
+"""
 SWEEP_HELP = """Run a workload once for every combination of option values, each run its own process and
 record, then print one table: a row per run, named by the options that differ, with the headline
 figures and whether each config's step time differs from the first row's beyond run-to-run noise.
@@ -646,6 +708,8 @@ def _dispatch(argv: Sequence[str]) -> int:
         return cmd_sweep(args, extra)
     if args.command == "tune":
         return cmd_tune(args, extra)
+    if args.command == "slurm":
+        return cmd_slurm(args, extra)
     if extra:
         raise CliError(f"btune {args.command}: unrecognized arguments: {' '.join(extra)}")
     return {"list": cmd_list, "bench": cmd_bench, "show": cmd_show, "compare": cmd_compare, "export": cmd_export,
