@@ -54,7 +54,7 @@ REFUSED_TP = [
     (["dense", "--preset", "tiny-llama", "--tp", "4"], "KV heads (2)"),
     (["dense", "--tp", "2", "--nnodes", "2"], "needs --rdzv-endpoint"),
     (["dense", "--tp", "3", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"], "multiple of --nnodes 2"),
-    (["tp-validate", "--tp", "1"], "--tp: '1' is out of range"),
+    (["tp-validate", "--tp", "1"], "nothing to validate: give --tp, --dp-shard or --dp-replicate > 1"),
 ]
 
 
@@ -83,8 +83,9 @@ def test_two_nodes_meet_on_localhost(tmp_path):
     assert losses[0] == pytest.approx(losses[1])
 
 
-def test_a_rank_that_dies_fails_the_run_without_a_hang(tmp_path):
-    proc = start_btune("run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "100000",
+@pytest.mark.parametrize("degree", [["--tp", "2"], ["--dp-shard", "2"]], ids=["tp", "fsdp"])
+def test_a_rank_that_dies_fails_the_run_without_a_hang(tmp_path, degree):
+    proc = start_btune("run", "dense", "--preset", "tiny-llama", *degree, "--steps", "100000",
                        "--out", str(tmp_path), env=ONE_THREAD)
     live_journal(tmp_path, 4)
 

@@ -17,6 +17,7 @@ from tuner.command import Command, CommandError, redact_argv, torchrun_devices
 from tuner.machine import probe_machine
 from tuner.runner import Runner
 from workloads.options import Machine, OptionError, machine_checks
+from workloads.specs.dense import processes
 
 
 class LaunchError(Exception):
@@ -94,7 +95,8 @@ class Nodes:
             raise LaunchError(f"--rdzv-endpoint {self.rdzv_endpoint!r}: expected HOST:PORT or [IPv6]:PORT "
                               "with a port in 1..65535")
         if tp % self.nnodes:
-            raise LaunchError(f"--tp {tp} must be a multiple of --nnodes {self.nnodes}")
+            raise LaunchError(f"the run's {tp} processes (the product of its parallel degrees) must be a multiple of "
+                              f"--nnodes {self.nnodes}")
 
     def torchrun(self, python: str, tp: int) -> list[str]:
         """The launcher's argv up to the workload: one node through ``workloads.torchrun`` (torchrun with
@@ -116,8 +118,7 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
     spec = catalog.get(workload)
     nodes = nodes or Nodes()
     options = catalog.parse_args(spec, args) if isinstance(args, list) else catalog.validate(spec, args)
-    tp = int(options.get("tp") or 1)
-    nproc = tp * int(options.get("replicas") or 1)  # serving: replicas of a tp-way model
+    nproc = processes(options)  # the product of the degrees (serving: replicas of a tp-way model)
     nodes.check(nproc)
     if timeout < 0:
         raise LaunchError("--timeout must be >= 0")

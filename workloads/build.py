@@ -12,7 +12,9 @@ actually ran (the ``meta`` event's ``backends``). The order, and why it is this 
    conversion swaps ``nn.Linear`` modules, and sharding rebuilds them, so it sees their final slices;
 4. activation checkpointing: a wrapper around each block's forward (the block's activations are recomputed
    in backward), never a flag of the model;
-5. compile: ``torch.compile`` of the finished model, lazily (the first step compiles); ``Built.compile``
+5. data parallelism: FSDP2 ``fully_shard`` per block and the root over the dp mesh (HSDP when it is 2-D),
+   parameters gathered in the compute dtype and gradients reduced in fp32;
+6. compile: ``torch.compile`` of the finished model, lazily (the first step compiles); ``Built.compile``
    compiles any other function (a loss around the model) the same way.
 """
 
@@ -54,7 +56,8 @@ class Built:
 
 def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str, Any], device: torch.device,
           dtype: torch.dtype, *, heads: tuple[int, int, int], seq_len: int, training: bool, mesh: Any = None,
-          shard: Callable[[nn.Module], None] | None = None, tp: int = 1, compile: bool = True) -> Built:
+          shard: Callable[[nn.Module], None] | None = None, tp: int = 1, compile: bool = True,
+          dp_mesh: Any = None, skip_sync_layer: int | None = None) -> Built:
     """``make_model(kernel)`` built for ``opts`` on ``device`` in ``dtype``, in the order above.
 
     ``heads``: (query heads, KV heads, head dim) of one rank, and ``seq_len`` the query length, for the
@@ -91,9 +94,18 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
     checkpointing = bool(opts.get("activation_checkpointing", False))
     if checkpointing:
         checkpoint_blocks(model)
+    # 5. FSDP2 over the data-parallel ranks (around the blocks as they now are: sliced, converted, checkpointed)
+    dp = {"shard": 1, "replicate": 1}
+    if dp_mesh is not None:
+        from workloads import parallel
+
+        reshard = opts.get("reshard_after_forward", "on") == "on"
+        parallel.apply_fsdp(model, dp_mesh, dtype, reshard=reshard, skip_sync_layer=skip_sync_layer)
+        sizes = list(dp_mesh.shape)
+        dp = {"shard": sizes[-1], "replicate": sizes[0] if len(sizes) > 1 else 1, "reshard_after_forward": reshard}
     if not training:
         model.eval()
-    # 5. compile
+    # 6. compile
     mode = opts["compile_mode"] if compile else "none"
     built = Built(model, model, autocast, kernel, choice, {}, mode, fp8.no_backward(choice))
     built.forward = built.compile(model)
@@ -104,6 +116,7 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
         "compile": mode,
         "activation_checkpointing": checkpointing,
         "tp": tp,
+        **({"dp": dp} if dp_mesh is not None else {}),
     }
     return built
 

@@ -71,6 +71,15 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         _check_save(opts, cfg, checkpoint)
     steps = opts["steps"] or (0 if opts["duration"] else run_defaults["steps"])
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    shard, dp = int(opts.get("dp_shard") or 1), int(opts.get("dp_shard") or 1) * int(opts.get("dp_replicate") or 1)
+    estimate = memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
+                               activation_checkpointing=opts["activation_checkpointing"])
+    if shard > 1:  # FSDP: a 1/shard slice of the weights, gradients and optimizer state, plus one block gathered
+        block = (param_counts(cfg)["matmul"] - cfg.d_model * cfg.vocab_size) // cfg.n_layers * _DTYPE_BYTES[dtype]
+        for part in ("weights", "grads", "optimizer"):
+            estimate[part] = -(-estimate[part] // shard)
+        estimate["gathered"] = 2 * block  # the block running and the next one prefetched
+        estimate["total"] = sum(v for k, v in estimate.items() if k != "total")
     return {
         "model": asdict(cfg),
         "mode": mode,
@@ -80,11 +89,11 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "duration": opts["duration"],
         "warmup": opts["warmup"],
         "dtype": dtype,
-        "tokens_per_step": batch * (seq if mode != "decode" else 1),
+        "tokens_per_step": batch * (seq if mode != "decode" else 1) * dp,  # --batch-size is per data-parallel rank
+        "dp": {"shard": shard, "replicate": dp // shard} if dp > 1 else None,
         "params": param_counts(cfg),
         "flops_per_token": flops_per_token(cfg, seq, mode),
-        "memory_estimate_bytes": memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
-                                                 activation_checkpointing=opts["activation_checkpointing"]),
+        "memory_estimate_bytes": estimate,  # per rank
         # decode moves the weights once a step and reads every sequence's seq + 1 cached positions (MBU)
         "moved": ({**bytes_moved(cfg, _DTYPE_BYTES[dtype]), "kv_tokens_per_step": batch * (seq + 1)}
                   if mode == "decode" else None),
@@ -105,8 +114,9 @@ def _check_save(opts: dict[str, Any], cfg: ModelConfig, checkpoint: dict[str, An
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK):
         raise ValueError(f"--save-checkpoint {out}: {parent} is not writable")
-    if opts["tp"] > 1:
-        raise ValueError("--save-checkpoint with --tp > 1 is not supported yet (the weights are sharded)")
+    if opts["tp"] > 1 or int(opts.get("dp_shard") or 1) * int(opts.get("dp_replicate") or 1) > 1:
+        raise ValueError("--save-checkpoint with --tp > 1, --dp-shard > 1 or --dp-replicate > 1 is not supported "
+                         "yet (the weights are sharded)")
     model_type = checkpoint["model_type"] if checkpoint else ck.infer_model_type(cfg)
     ck.FAMILIES[model_type].to_hf(cfg)  # CheckpointError when the family cannot hold this config
 
@@ -135,10 +145,12 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
 
     b = build(make, opts, h.device, h.dtype,
               heads=(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), seq_len=p["seq_len"] if mode != "decode" else 1,
-              training=mode == "train", mesh=h.mesh)
+              training=mode == "train", mesh=h.mesh, dp_mesh=h.dp_mesh)
     model, fwd, autocast, no_backward = b.model, b.forward, b.autocast, b.no_backward
     batch, seq = p["batch_size"], p["seq_len"]
-    gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
+    # each data-parallel rank reads its own batches (TP ranks of one replica the same ones)
+    seed = opts["seed"] + 7919 * parallel.dp_rank(h.dp_mesh)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     pool = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(h.device) for _ in range(4)]
     if p.get("data"):
         from workloads.tokens import train_batch
@@ -146,7 +158,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
         ids = train_ids(opts["data"], opts["data_format"], opts["data_dtype"], vocab=cfg.vocab_size, need=seq + 1)
 
         def batch_of(i: int) -> torch.Tensor:  # batch i of the file: the same for the same --seed
-            return torch.from_numpy(train_batch(ids, seq + 1, batch, opts["seed"], i)).to(h.device, non_blocking=True)
+            return torch.from_numpy(train_batch(ids, seq + 1, batch, seed, i)).to(h.device, non_blocking=True)
     else:
 
         def batch_of(i: int) -> torch.Tensor:

@@ -111,6 +111,7 @@ class Harness:
         self.em = Emitter()
         self.rank, self.world = parallel.rank(), parallel.world_size()
         self.mesh: Any = None
+        self.dp_mesh: Any = None
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
@@ -122,9 +123,12 @@ class Harness:
     # -- setup: raises SETUP_ERRORS, which ``setup_failed`` turns into an error event and an exit code ----------
 
     def join(self) -> Any:
-        """Join torchrun's process group with a 1-D TP mesh for ``--tp`` (None at 1); ValueError when torchrun's
-        world size is not ``--tp``."""
-        self.mesh = parallel.join(self.opts["tp"], self.opts["device"])
+        """Join torchrun's process group: the TP mesh for ``--tp`` (``self.mesh``) and the data-parallel mesh for
+        ``--dp-shard``/``--dp-replicate`` (``self.dp_mesh``), each None at degree 1; ValueError when torchrun's
+        world size is not their product."""
+        self.mesh, self.dp_mesh = parallel.join(self.opts["tp"], self.opts["device"],
+                                                int(self.opts.get("dp_shard") or 1),
+                                                int(self.opts.get("dp_replicate") or 1))
         return self.mesh
 
     def join_replicas(self, replicas: int, tp: int) -> Any:

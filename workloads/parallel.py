@@ -66,15 +66,61 @@ def replica_groups(device_type: str, replicas: int, tp: int) -> dist.ProcessGrou
     return mesh.get_group("tp")
 
 
-def join(tp: int, device: str) -> DeviceMesh | None:
-    """The TP mesh for ``--tp`` (None at 1) under torchrun's WORLD_SIZE; ValueError when they disagree."""
+def join(tp: int, device: str, dp_shard: int = 1, dp_replicate: int = 1) -> tuple[DeviceMesh | None,
+                                                                                  DeviceMesh | None]:
+    """The meshes of one run under torchrun's WORLD_SIZE: ``(tp mesh, dp mesh)``, each None at degree 1. The
+    world is one mesh ``(dp_replicate, dp_shard, tp)`` (torchtitan's order: TP innermost, on the fastest links);
+    the dp mesh is its ``(dp_replicate, dp_shard)`` part (1-D FSDP, or HSDP when both are > 1). ValueError when
+    the degrees' product is not the world size."""
     import torch
 
-    if world_size() != tp:
-        raise ValueError(f"--tp {tp} but {world_size()} processes: launch through `btune run` (it runs torchrun)")
-    if tp == 1:
-        return None
-    return init("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    want = tp * dp_shard * dp_replicate
+    if world_size() != want:
+        what = f"--tp {tp}" if want == tp else f"--dp-replicate {dp_replicate} x --dp-shard {dp_shard} x --tp {tp}"
+        raise ValueError(f"{what} but {world_size()} processes: launch through `btune run` (it runs torchrun)")
+    if want == 1:
+        return None, None
+    device_type = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    if dp_shard * dp_replicate == 1:
+        return init(device_type), None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    init(device_type)
+    mesh = init_device_mesh(device_type, (dp_replicate, dp_shard, tp), mesh_dim_names=("dp_replicate", "dp_shard",
+                                                                                          "tp"))
+    tp_mesh = mesh["tp"] if tp > 1 else None
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if dp_replicate > 1 else mesh["dp_shard"]
+    return tp_mesh, dp_mesh
+
+
+def dp_rank(dp_mesh: DeviceMesh | None) -> int:
+    """This rank's index among the data-parallel ranks (0 without data parallelism): which batch it reads."""
+    if dp_mesh is None:
+        return 0
+    coords = dp_mesh.get_coordinate() or [0]
+    sizes = dp_mesh.shape
+    index = 0
+    for c, n in zip(coords, sizes, strict=True):
+        index = index * n + c
+    return index
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard: bool = True,
+               skip_sync_layer: int | None = None) -> None:
+    """FSDP2 around ``model``: ``fully_shard`` each block, then the root (embedding, final norm, head), over
+    ``dp_mesh`` (2-D: HSDP, replicated over its first dim, sharded over its second). Parameters gathered in
+    ``param_dtype``, gradients reduced in fp32. ``skip_sync_layer`` plants a bug for the validator: that block's
+    gradients are never reduced (each rank keeps its own)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layers = list(model.layers)  # type: ignore[attr-defined]
+    for i, block in enumerate(layers):
+        # the last block's parameters are needed again at once by backward: never resharded (torchtitan's rule)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard and i < len(layers) - 1)
+        if i == skip_sync_layer:
+            block.set_requires_gradient_sync(False)  # type: ignore[operator]
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
 
 
 def shutdown(exit_code: int = 0, stuck_s: float = 60.0) -> None:

@@ -1,11 +1,13 @@
-"""Tensor-parallel validation: the same weights and inputs at TP=1 and TP=N, compared tensor by tensor.
+"""Parallel validation: the same weights and inputs in one process and on a mesh (TP, FSDP2, HSDP and their product),
+compared tensor by tensor.
 
-Every rank builds the full model from one seed (the TP=1 reference), shards a copy over the TP mesh
-and runs both on the same tokens. Logits, loss and (train) every parameter's gradient are compared
-with dtype-aware tolerances on relative error: max |a - b| / max |reference|, where a gradient's
-scale is never taken below the whole model's gradient scale (the median of the reference gradients'
-max |g|), so a gradient that is mathematically zero is not judged by its float noise (see ``judge``).
-Rank 0 prints the table and the run exits 1 on any mismatch.
+Every rank builds the full model from one seed (the one-process reference) and runs it on the whole global batch; a
+copy is sharded over the mesh (TP plan, then fully_shard per block and the root) and each data-parallel rank runs it
+on its slice of that batch. Logits (this rank's rows), the loss (mean over the data-parallel ranks) and every
+gradient (gathered) are compared against the reference, with dtype-aware tolerances on relative error: max |a - b| /
+max |reference|, where a gradient's scale is never taken below the whole model's gradient scale (the median of the
+reference gradients' max |g|), so a gradient that is mathematically zero is not judged by its float noise (see
+``judge``). Rank 0 prints the table and the run exits 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def _reference(h: Harness) -> tuple[dict[str, Any], Any]:
         p["model"] = {"moe": opts["preset"], "base": asdict(cfg)}
     else:
         cfg = ModelConfig(**p["model"])
-    parallel.check_divisible(cfg.n_heads, cfg.n_kv_heads, h.world)
+    parallel.check_divisible(cfg.n_heads, cfg.n_kv_heads, opts["tp"])
     with torch.device(h.device):
         ref = MoETransformer(mcfg, impl="grouped", gemm="bmm") if moe else Transformer(cfg)
     return p, ref.to(dtype=h.dtype)
@@ -146,33 +148,43 @@ def run(opts: dict[str, Any]) -> int:
         p, ref = _reference(h)
     except SETUP_ERRORS as exc:
         return h.setup_failed(exc)
-    tp, moe = h.world, opts["model"] == "moe"
-    wrong = 0 if opts["fault"] == "missing-allreduce" else None
-    sharded = parallel.apply_tp(copy.deepcopy(ref), h.mesh, wrong_layer=wrong)
+    tp, moe = opts["tp"], opts["model"] == "moe"
+    dp = opts["dp_shard"] * opts["dp_replicate"]
+    sharded = copy.deepcopy(ref)
+    if h.mesh is not None:
+        sharded = parallel.apply_tp(sharded, h.mesh, wrong_layer=0 if opts["fault"] == "missing-allreduce" else None)
+    if h.dp_mesh is not None:
+        parallel.apply_fsdp(sharded, h.dp_mesh, h.dtype, skip_sync_layer=0 if opts["fault"] == "skip-grad-sync"
+                            else None)
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
-    vocab = ref.cfg.vocab_size
-    tokens = torch.randint(0, vocab, (p["batch_size"], p["seq_len"] + 1), generator=gen).to(h.device)
+    vocab, b = ref.cfg.vocab_size, p["batch_size"]
+    tokens = torch.randint(0, vocab, (b * dp, p["seq_len"] + 1), generator=gen).to(h.device)  # the global batch
+    mine = slice(parallel.dp_rank(h.dp_mesh) * b, (parallel.dp_rank(h.dp_mesh) + 1) * b)
     x, y = tokens[:, :-1], tokens[:, 1:]
     train = opts["mode"] == "train"
     tol = TOLERANCE[p["dtype"]]
     h.meta(p, tolerance=tol)
 
-    def logits_of(model: Any) -> Any:
-        out = model(x)
+    def logits_of(model: Any, inputs: Any) -> Any:
+        out = model(inputs)
         return out.logits if moe else out
 
     with torch.set_grad_enabled(train):
-        ref_logits = logits_of(ref)
+        ref_logits = logits_of(ref, x)
         ref_loss = F.cross_entropy(ref_logits.flatten(0, 1).float(), y.flatten())
-        tp_logits = logits_of(sharded)
+        tp_logits = logits_of(sharded, x[mine])
         with parallel.loss_context(tp):
-            tp_loss = F.cross_entropy(tp_logits.flatten(0, 1).float(), y.flatten())
+            tp_loss = F.cross_entropy(tp_logits.flatten(0, 1).float(), y[mine].flatten())
             if train:
                 tp_loss.backward()
         if train:
             ref_loss.backward()
-    rows = [compare("logits", ref_logits, parallel.full(tp_logits)),
-            compare("loss", ref_loss, parallel.full(tp_loss))]
+    loss = parallel.full(tp_loss).detach().clone()
+    if dp > 1:  # the global batch's loss: the mean of the data-parallel ranks' (equal) slices' losses (a
+        torch.distributed.all_reduce(loss)  # replica's TP ranks hold the same value, so over every rank)
+        loss /= h.world
+    rows = [compare("logits", ref_logits[mine], parallel.full(tp_logits)),
+            compare("loss", ref_loss, loss)]
     scale = 0.0
     if train:
         tp_params = dict(sharded.named_parameters())
@@ -196,9 +208,12 @@ def run(opts: dict[str, Any]) -> int:
         passed = False
     if h.rank == 0:
         print(table(rows, tol, floor))
-        print(f"tp-validate: TP={tp} vs TP=1, {p['dtype']}, {len(rows)} tensors: "
+        mesh = " x ".join(f"{k} {v}" for k, v in (("dp-replicate", opts["dp_replicate"]),
+                                                     ("dp-shard", opts["dp_shard"]), ("tp", tp)) if v > 1)
+        print(f"tp-validate: {mesh} vs one process, {p['dtype']}, {len(rows)} tensors: "
               f"{'PASS' if passed else 'FAIL'} (worst rel err {max(r['max_rel'] or 0 for r in rows):.3e})")
-    summary = {"passed": passed, "tp": tp, "tolerance": tol, "floor": floor, "grad_scale": scale, "rule": RULE,
+    summary = {"passed": passed, "tp": tp, "dp_shard": opts["dp_shard"], "dp_replicate": opts["dp_replicate"],
+               "tolerance": tol, "floor": floor, "grad_scale": scale, "rule": RULE,
                "tensors": rows, "mismatches": [r["tensor"] for r in rows if not r["ok"]]}
     return h.finish(EXIT_OK if passed else EXIT_FAILED, summary)
 

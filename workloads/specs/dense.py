@@ -62,11 +62,28 @@ def tp_checks(opts: Mapping[str, Any], machine: Machine,
         if bad:
             out.append(("tp", f"--tp {tp} must divide the {' and '.join(bad)} of {opts.get('preset')}"))
     nnodes = max(int(opts.get("nnodes") or 1), 1)
-    per_node = tp * replicas // nnodes
+    world = processes(opts)
+    per_node = world // nnodes
     if on_gpu(opts, machine) and per_node > len(machine.gpus):
         what, key = (f"--replicas {replicas} x --tp {tp}", "replicas") if replicas > 1 else (f"--tp {tp}", "tp")
+        if world != tp * replicas:
+            what, key = degrees_text(opts), "dp-shard"
         out.append((key, f"{what} needs {per_node} GPUs on this node; {len(machine.gpus)} visible"))
     return out
+
+
+def processes(opts: Mapping[str, Any]) -> int:
+    """The run's world size: the product of its parallel degrees (--tp, --dp-shard, --dp-replicate; serving:
+    --replicas x --tp)."""
+    n = 1
+    for name in ("tp", "replicas", "dp_shard", "dp_replicate"):
+        n *= max(int(opts.get(name) or 1), 1)
+    return n
+
+
+def degrees_text(opts: Mapping[str, Any]) -> str:
+    """``--dp-replicate 2 x --dp-shard 2 x --tp 1``: the degrees that make the world size."""
+    return " x ".join(f"--{n.replace('_', '-')} {int(opts.get(n) or 1)}" for n in ("dp_replicate", "dp_shard", "tp"))
 
 
 def transformer_checks(opts: Mapping[str, Any], machine: Machine,
@@ -238,9 +255,23 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
            group="parallel", tune=(1, 2, 4, 8)),
     Option("activation-checkpointing", bool, False, "recompute each block in backward to save memory",
            when=(("mode", ("train",)),), group="knobs", tune=(False, True)),
+    Option("dp-shard", int, 1, "FSDP2 over N ranks: parameters, gradients and optimizer state sharded (fully_shard "
+           "per block and the root; bf16 parameters, fp32 gradient reduction); --batch-size is per rank",
+           min=1, max=1024, when=(("mode", ("train",)),), group="parallel", tune=(1, 2, 4, 8)),
+    Option("dp-replicate", int, 1, "data-parallel replicas of the model (with --dp-shard > 1: HSDP, each replica "
+           "sharded, gradients all-reduced across replicas); --batch-size is per rank", min=1, max=1024,
+           when=(("mode", ("train",)),), group="parallel"),
+    Option("reshard-after-forward", str, "on", "FSDP2: free each block's gathered parameters after its forward "
+           "(on: less memory, a second all-gather in backward; off: kept until backward)", ("on", "off"),
+           when=(("mode", ("train",)),), group="parallel"),
     Option("memory-profile", int, 0, "record CUDA memory history for N steps from step 1 (step 0 holds start-up) "
            "and save the snapshot beside the record; 0: off", min=0, max=10_000),
 )
+
+#: The data-parallel knobs (dense training; MoE not yet).
+DATA_PARALLEL = ("dp-shard", "dp-replicate", "reshard-after-forward")
+#: Knobs only a training run has (serving leaves them out of its declaration).
+TRAINING_ONLY = ("activation-checkpointing", *DATA_PARALLEL)
 
 DENSE = WorkloadSpec(
     name="dense",

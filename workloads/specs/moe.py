@@ -5,7 +5,7 @@ from typing import Any
 
 from workloads.models.moe_config import MOE_PRESETS, resolve
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import TRANSFORMER_KNOBS, transformer_checks
+from workloads.specs.dense import DATA_PARALLEL, TRANSFORMER_KNOBS, transformer_checks
 
 #: Per-preset run shape and balancing defaults, used where the options are left at 0 / auto / unset.
 PRESET_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -167,7 +167,8 @@ MOE = WorkloadSpec(
                "imbalanced", ("uniform", "zipf"), group="shape"),
         Option("zipf-exponent", float, 1.2, "zipf: token frequency ∝ 1/rank^s", min=0, max=10,
                when=(("data", ("zipf",)),), group="shape"),
-        *TRANSFORMER_KNOBS,
+        # data parallelism not yet: the aux-free router biases would need syncing across replicas
+        *(o for o in TRANSFORMER_KNOBS if o.name not in DATA_PARALLEL),
         Option("lr", float, 3e-4, "AdamW learning rate", min=0, max=10, when=(("mode", ("train",)),), group="knobs"),
         Option("dry-run", bool, False, "print the plan as JSON (config, active parameters, FLOPs, memory) and exit"),
     ),

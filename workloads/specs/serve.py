@@ -11,7 +11,13 @@ from workloads.checkpoint_files import layers_refusal
 from workloads.client.rates import MAX_RATE_STEPS, parse_rates
 from workloads.engine.loadgen import LengthDist
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import DENSE_MODEL_TYPES, TRANSFORMER_KNOBS, checkpoint_checks, transformer_checks
+from workloads.specs.dense import (
+    DENSE_MODEL_TYPES,
+    TRAINING_ONLY,
+    TRANSFORMER_KNOBS,
+    checkpoint_checks,
+    transformer_checks,
+)
 
 #: The engine knobs tuned by default (flash is left out: decoding sequences of different lengths needs a mask);
 #: FP8 and TP only when --space names them.
@@ -290,7 +296,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
                "stream shared round-robin, reported once by rank 0", min=1, max=1024, group="parallel"),
         # tuned by default: the engine's knobs (FP8 and TP only when --space names them)
         *(dataclasses.replace(o, tune=SERVE_TUNE.get(o.name, ())) for o in TRANSFORMER_KNOBS
-          if o.name != "activation-checkpointing"),
+          if o.name not in TRAINING_ONLY),
         Option("dry-run", bool, False, "print the plan as JSON (config, cache, load, FLOPs) and exit"),
         *ENDPOINT_OPTIONS,
 )

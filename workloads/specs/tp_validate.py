@@ -9,9 +9,20 @@ from workloads.specs.dense import PRESET_RUN_DEFAULTS, tp_checks
 
 
 def validate_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
-    """--tp against the GPUs and the chosen model's heads (and expert width for MoE)."""
+    """The degrees (one at least > 1; the fault's degree present) and --tp against the GPUs and the chosen
+    model's heads (and expert width for MoE)."""
+    tp, dp = int(opts.get("tp") or 1), int(opts.get("dp_shard") or 1) * int(opts.get("dp_replicate") or 1)
+    if tp * dp == 1:
+        return [("tp", "nothing to validate: give --tp, --dp-shard or --dp-replicate > 1")]
+    if opts.get("fault") == "missing-allreduce" and tp == 1:
+        return [("fault", "--fault missing-allreduce plants a TP bug: it needs --tp > 1")]
+    if opts.get("fault") == "skip-grad-sync" and dp == 1:
+        return [("fault", "--fault skip-grad-sync plants a data-parallel bug: it needs --dp-shard or --dp-replicate "
+                          "> 1")]
     if opts.get("model") != "moe":
         return tp_checks(opts, machine)
+    if dp > 1:
+        return [("dp-shard", "--model moe: data parallelism is not supported for MoE yet (dense only)")]
     cfg = MOE_PRESETS.get(str(opts.get("preset")))
     if cfg is None:
         return [("preset", f"--model moe: --preset must be one of {', '.join(MOE_PRESETS)}")]
@@ -31,23 +42,31 @@ def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
 TP_VALIDATE = WorkloadSpec(
     name="tp-validate",
     module="workloads.tp_validate",
-    description="Same weights and inputs at TP=1 and TP=N: compares logits, loss and gradients tensor by tensor",
+    description="Same weights and inputs in one process and on a mesh: compares logits, loss and gradients tensor "
+                "by tensor (--tp, --dp-shard, --dp-replicate and their product)",
     presets=tuple(dict.fromkeys((*PRESET_RUN_DEFAULTS, *MOE_PRESETS))),
     default_preset="tiny",
     cpu_preset="tiny-llama",
     options=(
         Option("model", str, "dense", "which model to shard: the dense decoder, or the MoE decoder (TP inside "
                "the routed experts)", ("dense", "moe"), group="shape"),
-        Option("tp", int, 2, "tensor-parallel degree to validate against TP=1", min=2, max=1024, group="parallel"),
+        Option("tp", int, 2, "tensor-parallel degree to validate against one process", min=1, max=1024,
+               group="parallel"),
+        Option("dp-shard", int, 1, "FSDP2 degree (each rank a slice of the global batch; gradients reduced)", min=1,
+               max=1024, group="parallel"),
+        Option("dp-replicate", int, 1, "replicas (HSDP with --dp-shard > 1)", min=1, max=1024, group="parallel"),
         Option("mode", str, "train", "train: logits, loss and every gradient; prefill: logits only",
                ("train", "prefill"), group="shape"),
-        Option("batch-size", int, 2, "sequences", min=1, max=4096, group="shape"),
+        Option("batch-size", int, 2, "sequences per data-parallel rank (the reference runs all of them)", min=1,
+               max=4096, group="shape"),
         Option("seq-len", int, 64, "tokens per sequence", min=1, max=1 << 20, group="shape"),
         Option("layers", int, 0, "truncate the preset to N layers (0: all)", min=0, max=1024, group="shape"),
         Option("dtype", str, "auto", "compute dtype (auto: bf16 on GPU, fp32 on CPU); tolerances follow it",
                ("auto", "bf16", "fp16", "fp32"), group="knobs"),
         Option("fault", str, "none", "plant a sharding bug to prove the check catches it (missing-allreduce: "
-               "layer 0's attention output skips its all-reduce)", ("none", "missing-allreduce"), group="knobs"),
+               "layer 0's attention output skips its TP all-reduce; skip-grad-sync: block 0's gradients are never "
+               "reduced across the data-parallel ranks)", ("none", "missing-allreduce", "skip-grad-sync"),
+               group="knobs"),
     ),
     checks=validate_checks,
     preset_values=preset_values,
