@@ -13,12 +13,12 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from tuner.launch import LaunchError, Nodes, build_config
 from workloads.options import Machine
+from workloads.specs.dense import processes
 
 #: What an #SBATCH value may hold (no spaces, quotes or newlines: each directive is one line of the script).
 _NAME = re.compile(r"[\w.+-]+")
@@ -41,14 +41,6 @@ def _machine(gpus_per_node: int) -> Machine:
                    reason=None if gpus_per_node else "--gpus-per-node 0")
 
 
-def world_size(options: Mapping[str, Any]) -> int:
-    """The processes a run starts over all nodes: the product of its parallel degrees."""
-    n = 1
-    for name in ("tp", "replicas", "dp_shard", "dp_replicate"):
-        n *= max(int(options.get(name) or 1), 1)
-    return n
-
-
 def check(workload: str, workload_argv: Sequence[str], nodes: int, gpus_per_node: int, port: int) -> int:
     """Refuse (LaunchError/OptionError, one line) what the script's ``btune run`` would refuse on the nodes;
     return the ranks each node starts."""
@@ -60,7 +52,7 @@ def check(workload: str, workload_argv: Sequence[str], nodes: int, gpus_per_node
         raise LaunchError(f"--port {port}: a port is 1..65535")
     config = build_config(workload, list(workload_argv), nodes=Nodes(nodes, 0, f"head:{port}"),
                           machine=_machine(gpus_per_node))
-    procs = world_size(config.options)
+    procs = processes(config.options)  # the product of its parallel degrees
     on_gpu = gpus_per_node > 0 and config.options.get("device") != "cpu"
     if on_gpu and procs != nodes * gpus_per_node:
         raise LaunchError(f"the run's {procs} processes (the product of its parallel degrees: --tp ...) do not fill "
