@@ -34,6 +34,20 @@ def test_fsdp_run_counts_every_data_parallel_rank_s_tokens(tmp_path):
     assert two["gathered"] > 0 and two["activations"] == one["activations"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ep", [[], ["--ep", "2"]], ids=["fsdp", "fsdp-ep"])
+def test_moe_fsdp_run_counts_every_data_parallel_rank_s_tokens(tmp_path, ep):
+    res = btune("run", "moe", "--preset", "tiny", "--dp-shard", "2", *ep, "--steps", "4", "--warmup", "1",
+                "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = record_of(res)
+    assert rec["summary"]["tokens_total"] == 5 * 8 * 128 * 2
+    steps = rec["series"]["step"]
+    assert sorted(steps) == ["0", "1"] and steps["0"]["loss"] != steps["1"]["loss"]
+    meta = next(e for e in rec["events"] if e["type"] == "meta")
+    assert meta["backends"].get("ep") == (2 if ep else None)
+
+
 VALIDATIONS = [
     (["--tp", "1", "--dp-shard", "2"], True),
     (["--tp", "1", "--dp-shard", "2", "--fault", "skip-grad-sync"], False),
@@ -41,14 +55,23 @@ VALIDATIONS = [
     (["--tp", "1", "--dp-replicate", "2", "--dp-shard", "2", "--fault", "skip-grad-sync"], False),
     (["--tp", "2", "--dp-shard", "2"], True),
     (["--tp", "2", "--dp-shard", "2", "--fault", "missing-allreduce"], False),
+    # MoE: TP inside the experts sums over the TP group only (not every rank); a replica's router the same
+    (["--model", "moe", "--preset", "tiny", "--tp", "2", "--dp-shard", "2"], True),
+    (["--model", "moe", "--preset", "tiny", "--tp", "1", "--dp-shard", "2", "--fault", "skip-grad-sync"], False),
+    # expert parallelism: each rank its half of the experts, tokens there and back by all-to-all
+    (["--model", "moe", "--preset", "tiny", "--tp", "1", "--dp-shard", "2", "--ep", "2"], True),
+    (["--model", "moe", "--preset", "tiny", "--tp", "1", "--dp-shard", "2", "--ep", "2", "--fault", "ep-misroute"],
+     False),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("mesh", "passes"), VALIDATIONS,
-                         ids=["fsdp", "fsdp-fault", "hsdp", "hsdp-fault", "fsdp-x-tp", "fsdp-x-tp-fault"])
+                         ids=["fsdp", "fsdp-fault", "hsdp", "hsdp-fault", "fsdp-x-tp", "fsdp-x-tp-fault",
+                              "moe-fsdp-x-tp", "moe-fsdp-fault", "moe-ep", "moe-ep-fault"])
 def test_each_mesh_against_one_process(tmp_path, mesh, passes):
-    res = btune("run", "tp-validate", "--preset", "tiny-llama", *mesh, "--out", str(tmp_path))
+    preset = [] if "--preset" in mesh else ["--preset", "tiny-llama"]
+    res = btune("run", "tp-validate", *preset, *mesh, "--out", str(tmp_path))
     assert res.returncode == (0 if passes else 1), res.stdout[-3000:] + res.stderr[-3000:]
     w = record_of(res, code=None)["summary"]["workload"]
     assert w["passed"] is passes
@@ -56,7 +79,7 @@ def test_each_mesh_against_one_process(tmp_path, mesh, passes):
     assert {"logits", "loss", "grad layers.0.attn.wo.weight", "grad output.weight"} <= names
     if not passes:
         bad = set(w["mismatches"])
-        if "skip-grad-sync" in mesh:  # block 0's gradients, and only those
+        if "skip-grad-sync" in mesh:  # block 0's gradients, and only those (MoE: its first block is dense)
             assert bad and all(t.startswith("grad layers.0.") for t in bad)
         else:
             assert "logits" in bad
@@ -64,8 +87,12 @@ def test_each_mesh_against_one_process(tmp_path, mesh, passes):
 
 @pytest.mark.parametrize(("argv", "says"), [
     (["run", "dense", "--mode", "prefill", "--dp-shard", "2"], "--dp-shard is only valid with --mode train"),
-    (["run", "moe", "--dp-shard", "2"], "unrecognized arguments"),
-    (["run", "tp-validate", "--model", "moe", "--dp-shard", "2"], "not supported for MoE yet"),
+    (["run", "moe", "--mode", "prefill", "--dp-shard", "2"], "--dp-shard is only valid with --mode train"),
+    (["run", "moe", "--ep", "2"], "give --dp-shard 2 (now 1)"),
+    (["run", "moe", "--ep", "2", "--dp-shard", "2", "--tp", "2"], "not supported yet"),
+    (["run", "moe", "--ep", "3", "--dp-shard", "3"], "must divide the routed experts (8)"),
+    (["run", "dense", "--ep", "2"], "unrecognized arguments: --ep 2"),
+    (["run", "tp-validate", "--ep", "2", "--dp-shard", "2"], "the dense model has no experts"),
     (["run", "tp-validate", "--tp", "1", "--dp-shard", "2", "--fault", "missing-allreduce"], "needs --tp > 1"),
     (["run", "tp-validate", "--fault", "skip-grad-sync"], "needs --dp-shard or --dp-replicate > 1"),
     (["run", "dense", "--dp-shard", "3", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"],

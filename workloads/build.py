@@ -57,7 +57,8 @@ class Built:
 def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str, Any], device: torch.device,
           dtype: torch.dtype, *, heads: tuple[int, int, int], seq_len: int, training: bool, mesh: Any = None,
           shard: Callable[[nn.Module], None] | None = None, tp: int = 1, compile: bool = True,
-          dp_mesh: Any = None, skip_sync_layer: int | None = None) -> Built:
+          dp_mesh: Any = None, skip_sync_layer: int | None = None, ep_group: Any = None,
+          misroute: bool = False) -> Built:
     """``make_model(kernel)`` built for ``opts`` on ``device`` in ``dtype``, in the order above.
 
     ``heads``: (query heads, KV heads, head dim) of one rank, and ``seq_len`` the query length, for the
@@ -88,6 +89,10 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
         tp = mesh.size()
     elif shard is not None:
         shard(model)
+    if ep_group is not None:  # expert parallelism: each rank its share of the routed experts
+        from workloads import parallel
+
+        parallel.apply_ep(model, ep_group, misroute=misroute)
     head = bool(opts.get("fp8_head", False))
     autocast = fp8.apply(model, choice, head=head)
     # 4. activation checkpointing
@@ -117,6 +122,7 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
         "activation_checkpointing": checkpointing,
         "tp": tp,
         **({"dp": dp} if dp_mesh is not None else {}),
+        **({"ep": ep_group.size()} if ep_group is not None else {}),
     }
     return built
 

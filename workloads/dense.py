@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from workloads.dry_run import print_plan
 from workloads.models.config import PRESETS, ModelConfig
-from workloads.models.flops import bytes_moved, flops_per_token, memory_estimate, param_counts
+from workloads.models.flops import bytes_moved, flops_per_token, memory_estimate, param_counts, sharded
 from workloads.options import run_main
 from workloads.specs.dense import (
     CHECKPOINT_RUN_DEFAULTS,
@@ -74,12 +74,8 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     shard, dp = int(opts.get("dp_shard") or 1), int(opts.get("dp_shard") or 1) * int(opts.get("dp_replicate") or 1)
     estimate = memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
                                activation_checkpointing=opts["activation_checkpointing"])
-    if shard > 1:  # FSDP: a 1/shard slice of the weights, gradients and optimizer state, plus one block gathered
-        block = (param_counts(cfg)["matmul"] - cfg.d_model * cfg.vocab_size) // cfg.n_layers * _DTYPE_BYTES[dtype]
-        for part in ("weights", "grads", "optimizer"):
-            estimate[part] = -(-estimate[part] // shard)
-        estimate["gathered"] = 2 * block  # the block running and the next one prefetched
-        estimate["total"] = sum(v for k, v in estimate.items() if k != "total")
+    block = (param_counts(cfg)["matmul"] - cfg.d_model * cfg.vocab_size) // cfg.n_layers * _DTYPE_BYTES[dtype]
+    estimate = sharded(estimate, shard, block)  # per rank under FSDP
     return {
         "model": asdict(cfg),
         "mode": mode,
@@ -132,7 +128,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     end: Callable[[], dict[str, Any]] | None = None
     from workloads.models.transformer import Transformer
 
-    opts, cfg, mode, tp = h.opts, ModelConfig(**p["model"]), p["mode"], h.world
+    opts, cfg, mode, tp = h.opts, ModelConfig(**p["model"]), p["mode"], int(h.opts["tp"])
     meta: dict[str, Any] = {}
     make: Any = lambda kernel: Transformer(cfg, attention=kernel)  # noqa: E731
     if p.get("checkpoint"):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from workloads.dry_run import print_plan
 from workloads.models.config import ModelConfig
+from workloads.models.flops import sharded
 from workloads.models.moe_config import MoEConfig, resolve
 from workloads.models.moe_flops import moe_flops_per_token, moe_memory_estimate, moe_param_counts
 from workloads.options import run_main
@@ -55,6 +56,8 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         cfg = replace(cfg, base=replace(cfg.base, max_seq_len=seq + 1))
     steps = opts["steps"] or (0 if opts["duration"] else run_defaults["steps"])
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    shard = int(opts.get("dp_shard") or 1)
+    dp = shard * int(opts.get("dp_replicate") or 1)
     balance = opts["balance"]
     if balance == "auto":
         balance = run_defaults["balance"] if mode == "train" else "none"
@@ -70,7 +73,7 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "duration": opts["duration"],
         "warmup": opts["warmup"],
         "dtype": dtype,
-        "tokens_per_step": batch * seq,
+        "tokens_per_step": batch * seq * dp,  # --batch-size is per data-parallel rank
         "capacity_per_expert": cfg.capacity(batch * seq),
         "expert_impl": "grouped" if opts["expert_impl"] == "auto" else opts["expert_impl"],
         "balance": {"mode": balance, "aux_loss_coef": opts["aux_loss_coef"] if aux_on else None,
@@ -79,10 +82,18 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "data": {"kind": opts["data"], "zipf_exponent": opts["zipf_exponent"] if opts["data"] == "zipf" else None},
         "params": moe_param_counts(cfg),
         "flops_per_token": moe_flops_per_token(cfg, seq, mode),
-        "memory_estimate_bytes": moe_memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
-                                                     activation_checkpointing=opts["activation_checkpointing"]),
+        "memory_estimate_bytes": sharded(moe_memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
+                                                             activation_checkpointing=opts["activation_checkpointing"]),
+                                         shard, _block_bytes(cfg, _DTYPE_BYTES[dtype])),  # per rank
+        "dp": {"shard": shard, "replicate": dp // shard} if dp > 1 else None,
         **({"checkpoint": checkpoint} if checkpoint else {}),
     }
+
+
+def _block_bytes(cfg: MoEConfig, dtype_bytes: int) -> int:
+    """One block's parameters (the largest: an MoE block's, every expert's weights), in bytes."""
+    counts = moe_param_counts(cfg)
+    return (counts["total"] - counts["embedding"]) // max(cfg.base.n_layers, 1) * dtype_bytes
 
 
 def _checkpoint_config(opts: dict[str, Any]) -> tuple[MoEConfig, dict[str, Any]]:
@@ -136,7 +147,8 @@ def _model(h: Harness, p: dict[str, Any]) -> tuple[Built, dict[str, Any]]:
             return model.train(p["mode"] == "train")
 
     b = build(make, opts, h.device, h.dtype, heads=(cfg.base.n_heads, cfg.base.n_kv_heads, cfg.base.head_dim),
-              seq_len=p["seq_len"], training=p["mode"] == "train", mesh=h.mesh)
+              seq_len=p["seq_len"], training=p["mode"] == "train", mesh=h.mesh, dp_mesh=h.dp_mesh,
+              ep_group=h.dp_mesh.get_group() if int(opts.get("ep") or 1) > 1 else None)
     if b.fp8.library != "off":
         b.ran["fp8"]["reason"] += f"; routed experts and the router stay in {p['dtype']}"
     b.ran.update({
@@ -144,7 +156,9 @@ def _model(h: Harness, p: dict[str, Any]) -> tuple[Built, dict[str, Any]]:
         "router": cfg.router,
         "balance": p["balance"]["mode"],
         "parallel": "TP inside the routed experts (router replicated), dense plan for attention and shared experts"
-                    if h.mesh is not None else None,
+                    if h.mesh is not None else ("expert parallel: routed experts split over the --dp-shard ranks, "
+                                                "all-to-all dispatch and combine" if int(opts.get("ep") or 1) > 1
+                                                else None),
     })
     return b, meta
 
@@ -174,7 +188,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     from workloads.harness import Steps
     from workloads.models.moe_stats import BalanceWindow
 
-    opts, tp, device = h.opts, h.world, h.device
+    opts, tp, device = h.opts, int(h.opts["tp"]), h.device
     b, meta = _model(h, p)
     model, fwd, autocast, cfg = b.model, b.forward, b.autocast, b.model.moe_cfg
     no_backward = b.no_backward
@@ -186,7 +200,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     tracker = (BalanceWindow(h.em.experts, len(layers), cfg.n_experts, bal["window"], device, p["moe_layer_ids"],
                              cfg.top_k, p["capacity_per_expert"]) if metrics_on and h.rank == 0 else None)
     pool = [t.to(device) for t in make_pool(p["data"]["kind"], opts["zipf_exponent"], cfg.base.vocab_size,
-                                            batch, seq, opts["seed"])]
+                                            batch, seq, opts["seed"] + 7919 * parallel.dp_rank(h.dp_mesh))]
 
     if mode == "train":
         opt = torch.optim.AdamW(parallel.param_groups(model), lr=opts["lr"], fused=device.type == "cuda")
@@ -210,8 +224,11 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
             opt.step()
             opt.zero_grad(set_to_none=True)
             if free_on:
-                for layer, row in zip(layers, stats, strict=True):
-                    layer.router.update_bias(row[: cfg.n_experts], rate)
+                counts = stats[:, : cfg.n_experts].detach().clone()
+                if h.dp_mesh is not None:  # every replica moves its biases by the global batch's loads (the rule
+                    torch.distributed.all_reduce(counts)  # takes their sign only: TP ranks' copies do no harm)
+                for layer, row in zip(layers, counts, strict=True):
+                    layer.router.update_bias(row, rate)
             if tracker is not None:
                 tracker.add(i, stats)
             return parallel.full(ce.detach()).clone()

@@ -19,7 +19,7 @@ import sys
 import threading
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -105,6 +105,75 @@ def dp_rank(dp_mesh: DeviceMesh | None) -> int:
     return index
 
 
+def expert_params(model: nn.Module) -> set[nn.Parameter]:
+    """The routed experts' weights of an expert-parallel model (each rank's own experts: FSDP leaves them)."""
+    out: set[nn.Parameter] = set()
+    for layer in model.layers:  # type: ignore[attr-defined]
+        experts = getattr(getattr(layer, "moe", None), "experts", None)
+        if experts is not None and getattr(experts, "ep", 1) > 1:
+            out |= {experts.w13, experts.w2}
+    return out
+
+
+def apply_ep(model: nn.Module, group: dist.ProcessGroup, misroute: bool = False) -> None:
+    """Expert parallelism: each of the ``group``'s ranks keeps its contiguous 1/ep of every MoE layer's routed
+    experts; tokens go to the rank owning their expert and back with two all-to-alls (autograd-aware), and the
+    outputs are combined with the gates where the tokens live. The ranks are data-parallel for everything else (each
+    its own batch), so an expert's gradient sums every rank's loss: scaled by 1/ep to the global batch's mean, as
+    FSDP averages the rest. ``misroute`` plants a bug for the validator: tokens reach the next local expert."""
+    ep, rank_ = dist.get_world_size(group), dist.get_rank(group)
+    for layer in model.layers:  # type: ignore[attr-defined]
+        experts = getattr(getattr(layer, "moe", None), "experts", None)
+        if experts is None:
+            continue
+        n = experts.n_experts
+        if n % ep:
+            raise ValueError(f"--ep {ep} must divide the routed experts ({n})")
+        local = n // ep
+        with torch.no_grad():
+            w13 = experts.w13[rank_ * local:(rank_ + 1) * local].clone()
+            w2 = experts.w2[rank_ * local:(rank_ + 1) * local].clone()
+        experts.w13, experts.w2 = nn.Parameter(w13), nn.Parameter(w2)
+        for w in (experts.w13, experts.w2):
+            w.register_hook(lambda g, ep=ep: g / ep)
+        experts.n_experts, experts.ep, experts.n_global = local, ep, n
+        run_local = experts.forward
+
+        def forward(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, dropping: bool = True,
+                    run_local: Any = run_local, local: int = local, n: int = n) -> torch.Tensor:
+            return _ep_dispatch(x, indices, gates, run_local, local, n, ep, group, misroute)
+
+        experts.forward = forward
+
+
+def _ep_dispatch(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, run_local: Any, local: int, n: int,
+                 ep: int, group: dist.ProcessGroup, misroute: bool) -> torch.Tensor:
+    """sum_j gates[t, j] * expert[indices[t, j]](x[t]) with the experts spread over ``group`` (see apply_ep)."""
+    from torch.distributed.nn.functional import all_to_all_single
+
+    k = indices.shape[1]
+    flat = indices.flatten()
+    dest = torch.where(flat < n, flat // local, ep)  # a dropped assignment (index n) goes nowhere
+    order = dest.argsort(stable=True)
+    send = torch.bincount(dest, minlength=ep + 1)[:ep]
+    sel = order[: int(send.sum())]
+    tok = sel // k
+    expert = flat[sel] % local
+    if misroute:
+        expert = (expert + 1) % local
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    out_splits, in_splits = recv.tolist(), send.tolist()  # one host sync per layer
+    xr = all_to_all_single(x.new_empty(sum(out_splits), x.shape[1]), x[tok].contiguous(), out_splits, in_splits,
+                           group=group)
+    er = expert.new_empty(sum(out_splits))
+    dist.all_to_all_single(er, expert.contiguous(), out_splits, in_splits, group=group)
+    yr = run_local(xr, er[:, None], torch.ones(er.shape[0], 1, device=x.device, dtype=gates.dtype), dropping=False)
+    ys = all_to_all_single(yr.new_empty(len(sel), yr.shape[1]), yr.contiguous(), in_splits, out_splits, group=group)
+    out = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+    return out.index_add_(0, tok, ys.float() * gates.flatten()[sel, None].float()).to(x.dtype)
+
+
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard: bool = True,
                skip_sync_layer: int | None = None) -> None:
     """FSDP2 around ``model``: ``fully_shard`` each block, then the root (embedding, final norm, head), over
@@ -115,12 +184,14 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = list(model.layers)  # type: ignore[attr-defined]
+    ignored = expert_params(model) or None  # expert parallelism: each rank's own experts stay whole
     for i, block in enumerate(layers):
         # the last block's parameters are needed again at once by backward: never resharded (torchtitan's rule)
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard and i < len(layers) - 1)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard and i < len(layers) - 1,
+                    ignored_params=ignored)
         if i == skip_sync_layer:
             block.set_requires_gradient_sync(False)  # type: ignore[operator]
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard, ignored_params=ignored)
 
 
 def shutdown(exit_code: int = 0, stuck_s: float = 60.0) -> None:
@@ -149,35 +220,38 @@ def check_divisible(n_heads: int, n_kv_heads: int, tp: int) -> None:
 
 
 class _CopyToTP(torch.autograd.Function):
-    """f: identity forward; all-reduce of the gradient backward (a replicated input to sharded work)."""
+    """f: identity forward; all-reduce of the gradient over the TP group backward (a replicated input to sharded
+    work)."""
 
     @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
         return x
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
-    """g: all-reduce forward (sum the partial outputs); identity backward."""
+    """g: all-reduce over the TP group forward (sum the partial outputs); identity backward."""
 
     @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
         x = x.contiguous()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
 
 
-def shard_experts(experts: nn.Module, rank_: int, world: int) -> None:
-    """Keep this rank's slice of every routed expert's hidden width and sum outputs across ranks."""
+def shard_experts(experts: nn.Module, rank_: int, world: int, group: Any = None) -> None:
+    """Keep this rank's slice of every routed expert's hidden width and sum outputs across the TP ``group``'s
+    ranks (None: every rank)."""
     f = experts.d_ff  # type: ignore[attr-defined]
     if f % world:
         raise ValueError(f"--tp {world} must divide the expert width ({f})")
@@ -192,10 +266,10 @@ def shard_experts(experts: nn.Module, rank_: int, world: int) -> None:
 
     def before(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, indices, gates, *rest = args
-        return (_CopyToTP.apply(x), indices, _CopyToTP.apply(gates), *rest), kwargs
+        return (_CopyToTP.apply(x, group), indices, _CopyToTP.apply(gates, group), *rest), kwargs
 
     experts.register_forward_pre_hook(before, with_kwargs=True)
-    experts.register_forward_hook(lambda _m, _a, out: _ReduceFromTP.apply(out))
+    experts.register_forward_hook(lambda _m, _a, out: _ReduceFromTP.apply(out, group))
 
 
 def plan(model: nn.Module, wrong_layer: int | None = None) -> dict[str, object]:
@@ -233,7 +307,7 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, wrong_layer: int | None = None)
 
     for layer in model.layers:  # type: ignore[attr-defined]
         if getattr(layer, "moe", None) is not None:
-            shard_experts(layer.moe.experts, mesh.get_local_rank(), mesh.size())
+            shard_experts(layer.moe.experts, mesh.get_local_rank(), mesh.size(), mesh.get_group())
     return parallelize_module(model, mesh, plan(model, wrong_layer))  # type: ignore[arg-type]
 
 

@@ -90,13 +90,11 @@ def table(rows: list[dict[str, Any]], tol: float, floor: float) -> str:
     return "\n".join(lines)
 
 
-def expert_slice(name: str, ref_grad: Any, local: Any) -> Any:
-    """The reference gradient of a routed-expert weight cut to this rank's slice (plain local shards)."""
-    from workloads import parallel
-
+def expert_slice(name: str, ref_grad: Any, local: Any, rank: int, world: int) -> Any:
+    """The reference gradient of a routed-expert weight cut to this TP rank's slice (``rank`` of ``world``: plain
+    local shards; under FSDP the gathered gradient is the TP slice too)."""
     if not name.endswith(("experts.w13", "experts.w2")) or local.shape == ref_grad.shape:
         return ref_grad
-    world, rank = parallel.world_size(), parallel.rank()
     if name.endswith("w2"):
         f = ref_grad.shape[2]
         return ref_grad[:, :, rank * f // world:(rank + 1) * f // world]
@@ -153,6 +151,9 @@ def run(opts: dict[str, Any]) -> int:
     sharded = copy.deepcopy(ref)
     if h.mesh is not None:
         sharded = parallel.apply_tp(sharded, h.mesh, wrong_layer=0 if opts["fault"] == "missing-allreduce" else None)
+    ep = opts["ep"]
+    if ep > 1:
+        parallel.apply_ep(sharded, h.dp_mesh.get_group(), misroute=opts["fault"] == "ep-misroute")
     if h.dp_mesh is not None:
         parallel.apply_fsdp(sharded, h.dp_mesh, h.dtype, skip_sync_layer=0 if opts["fault"] == "skip-grad-sync"
                             else None)
@@ -194,8 +195,13 @@ def run(opts: dict[str, Any]) -> int:
                 rows.append({"tensor": f"grad {name}", "max_abs": None, "max_rel": None, "ok": False,
                              "note": "no gradient"})
                 continue
-            rows.append(compare(f"grad {name}", expert_slice(name, param.grad, tp_params[name]),
-                                parallel.full(other)))
+            got = parallel.full(other)
+            want = param.grad
+            if ep > 1 and name.endswith(("experts.w13", "experts.w2")):  # this rank's experts
+                n = want.shape[0] // ep
+                want = want[parallel.dp_rank(h.dp_mesh) * n:(parallel.dp_rank(h.dp_mesh) + 1) * n]
+            tp_rank = h.mesh.get_local_rank() if h.mesh is not None else 0
+            rows.append(compare(f"grad {name}", expert_slice(name, want, got, tp_rank, tp), got))
         # every rank holds the whole reference model, so every rank computes the same scale
         scale = grad_scale([q.grad for q in ref.parameters() if q.grad is not None])
     floor = judge(rows, tol, scale)
@@ -210,9 +216,10 @@ def run(opts: dict[str, Any]) -> int:
         print(table(rows, tol, floor))
         mesh = " x ".join(f"{k} {v}" for k, v in (("dp-replicate", opts["dp_replicate"]),
                                                      ("dp-shard", opts["dp_shard"]), ("tp", tp)) if v > 1)
+        mesh += f" (ep {ep})" if ep > 1 else ""
         print(f"tp-validate: {mesh} vs one process, {p['dtype']}, {len(rows)} tensors: "
               f"{'PASS' if passed else 'FAIL'} (worst rel err {max(r['max_rel'] or 0 for r in rows):.3e})")
-    summary = {"passed": passed, "tp": tp, "dp_shard": opts["dp_shard"], "dp_replicate": opts["dp_replicate"],
+    summary = {"passed": passed, "tp": tp, "dp_shard": opts["dp_shard"], "dp_replicate": opts["dp_replicate"], "ep": ep,
                "tolerance": tol, "floor": floor, "grad_scale": scale, "rule": RULE,
                "tensors": rows, "mismatches": [r["tensor"] for r in rows if not r["ok"]]}
     return h.finish(EXIT_OK if passed else EXIT_FAILED, summary)

@@ -141,3 +141,17 @@ def memory_estimate(
         kv = 2 * L * b * t * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
     total = weights + grads + opt + acts + kv
     return {"weights": weights, "grads": grads, "optimizer": opt, "activations": acts, "kv_cache": kv, "total": total}
+
+
+def sharded(estimate: dict[str, int], shard: int, block_bytes: int) -> dict[str, int]:
+    """A per-rank estimate under FSDP over ``shard`` ranks: a 1/shard slice of the weights, gradients and optimizer
+    state, plus ``gathered``: two blocks' parameters unsharded (the one running and the next, prefetched)."""
+    if shard <= 1:
+        return estimate
+    out = dict(estimate)
+    for part in ("weights", "grads", "optimizer"):
+        out[part] = -(-out[part] // shard)
+    out["gathered"] = 2 * block_bytes
+    out["total"] = sum(v for k, v in out.items() if k != "total")
+    return out
+

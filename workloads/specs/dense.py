@@ -268,7 +268,7 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
            "and save the snapshot beside the record; 0: off", min=0, max=10_000),
 )
 
-#: The data-parallel knobs (dense training; MoE not yet).
+#: The data-parallel knobs (training: dense and MoE).
 DATA_PARALLEL = ("dp-shard", "dp-replicate", "reshard-after-forward")
 #: Knobs only a training run has (serving leaves them out of its declaration).
 TRAINING_ONLY = ("activation-checkpointing", *DATA_PARALLEL)

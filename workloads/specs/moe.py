@@ -5,7 +5,7 @@ from typing import Any
 
 from workloads.models.moe_config import MOE_PRESETS, resolve
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import DATA_PARALLEL, TRANSFORMER_KNOBS, transformer_checks
+from workloads.specs.dense import TRANSFORMER_KNOBS, transformer_checks
 
 #: Per-preset run shape and balancing defaults, used where the options are left at 0 / auto / unset.
 PRESET_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -84,6 +84,21 @@ def moe_checkpoint_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
                                      num("num_experts_per_tok"), num("max_position_embeddings") or 2048)
 
 
+def ep_checks(opts: Mapping[str, Any], experts: int | None) -> list[tuple[str, str]]:
+    """--ep: on --dp-shard's ranks (the same degree), without TP or replicas yet, dividing the routed experts."""
+    ep = int(opts.get("ep") or 1)
+    if ep == 1:
+        return []
+    shard, tp, rep = (int(opts.get(k) or 1) for k in ("dp_shard", "tp", "dp_replicate"))
+    if shard != ep:
+        return [("ep", f"--ep {ep} splits the experts over the --dp-shard ranks: give --dp-shard {ep} (now {shard})")]
+    if tp > 1 or rep > 1:
+        return [("ep", f"--ep {ep} with --tp or --dp-replicate > 1 is not supported yet")]
+    if experts is not None and experts % ep:
+        return [("ep", f"--ep {ep} must divide the routed experts ({experts})")]
+    return []
+
+
 def moe_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
     """The transformer knobs' checks, then the MoE shape: top-k vs experts, MoE layers vs layers, capacity.
 
@@ -92,14 +107,16 @@ def moe_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str
     """
     checkpoint = bool(opts.get("checkpoint"))
     divides: dict[str, int] = {}
+    experts: int | None = None
     if not checkpoint:
         try:
             cfg = resolve(opts)
             divides = {"attention heads": cfg.base.n_heads, "KV heads": cfg.base.n_kv_heads,
                        "expert width": cfg.expert_d_ff}
+            experts = cfg.n_experts
         except ValueError:
             pass
-    out = transformer_checks(opts, machine, divides)
+    out = transformer_checks(opts, machine, divides) + ep_checks(opts, experts)
     cf = opts.get("capacity_factor")
     if cf is not None and cf <= 0:
         out.append(("capacity-factor", f"--capacity-factor {cf:g}: a capacity factor must be > 0 "
@@ -167,8 +184,10 @@ MOE = WorkloadSpec(
                "imbalanced", ("uniform", "zipf"), group="shape"),
         Option("zipf-exponent", float, 1.2, "zipf: token frequency ∝ 1/rank^s", min=0, max=10,
                when=(("data", ("zipf",)),), group="shape"),
-        # data parallelism not yet: the aux-free router biases would need syncing across replicas
-        *(o for o in TRANSFORMER_KNOBS if o.name not in DATA_PARALLEL),
+        *TRANSFORMER_KNOBS,
+        Option("ep", int, 1, "expert parallelism: the routed experts split over N ranks, tokens dispatched to their "
+               "expert's rank and back with all-to-all; the ranks are --dp-shard's (N = --dp-shard)", min=1,
+               max=1024, when=(("mode", ("train",)),), group="parallel"),
         Option("lr", float, 3e-4, "AdamW learning rate", min=0, max=10, when=(("mode", ("train",)),), group="knobs"),
         Option("dry-run", bool, False, "print the plan as JSON (config, active parameters, FLOPs, memory) and exit"),
     ),

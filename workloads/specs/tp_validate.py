@@ -6,6 +6,7 @@ from typing import Any
 from workloads.models.moe_config import MOE_PRESETS
 from workloads.options import Machine, Option, WorkloadSpec
 from workloads.specs.dense import PRESET_RUN_DEFAULTS, tp_checks
+from workloads.specs.moe import ep_checks
 
 
 def validate_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
@@ -19,15 +20,17 @@ def validate_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str
     if opts.get("fault") == "skip-grad-sync" and dp == 1:
         return [("fault", "--fault skip-grad-sync plants a data-parallel bug: it needs --dp-shard or --dp-replicate "
                           "> 1")]
+    if opts.get("fault") == "ep-misroute" and int(opts.get("ep") or 1) == 1:
+        return [("fault", "--fault ep-misroute plants an expert-parallel bug: it needs --ep > 1")]
     if opts.get("model") != "moe":
+        if int(opts.get("ep") or 1) > 1:
+            return [("ep", "--ep: the dense model has no experts; expert parallelism is for --model moe")]
         return tp_checks(opts, machine)
-    if dp > 1:
-        return [("dp-shard", "--model moe: data parallelism is not supported for MoE yet (dense only)")]
     cfg = MOE_PRESETS.get(str(opts.get("preset")))
     if cfg is None:
         return [("preset", f"--model moe: --preset must be one of {', '.join(MOE_PRESETS)}")]
     return tp_checks(opts, machine, {"attention heads": cfg.base.n_heads, "KV heads": cfg.base.n_kv_heads,
-                                     "expert width": cfg.expert_d_ff})
+                                     "expert width": cfg.expert_d_ff}) + ep_checks(opts, cfg.n_experts)
 
 def preset_values(opts: Mapping[str, Any]) -> dict[str, Any]:
     """What --layers 0 resolves to: the chosen model's preset's layer count."""
@@ -55,6 +58,8 @@ TP_VALIDATE = WorkloadSpec(
         Option("dp-shard", int, 1, "FSDP2 degree (each rank a slice of the global batch; gradients reduced)", min=1,
                max=1024, group="parallel"),
         Option("dp-replicate", int, 1, "replicas (HSDP with --dp-shard > 1)", min=1, max=1024, group="parallel"),
+        Option("ep", int, 1, "--model moe: expert parallelism over the --dp-shard ranks (N = --dp-shard)", min=1,
+               max=1024, group="parallel"),
         Option("mode", str, "train", "train: logits, loss and every gradient; prefill: logits only",
                ("train", "prefill"), group="shape"),
         Option("batch-size", int, 2, "sequences per data-parallel rank (the reference runs all of them)", min=1,
@@ -65,7 +70,8 @@ TP_VALIDATE = WorkloadSpec(
                ("auto", "bf16", "fp16", "fp32"), group="knobs"),
         Option("fault", str, "none", "plant a sharding bug to prove the check catches it (missing-allreduce: "
                "layer 0's attention output skips its TP all-reduce; skip-grad-sync: block 0's gradients are never "
-               "reduced across the data-parallel ranks)", ("none", "missing-allreduce", "skip-grad-sync"),
+               "reduced across the data-parallel ranks; ep-misroute: tokens reach the next expert of their rank)",
+               ("none", "missing-allreduce", "skip-grad-sync", "ep-misroute"),
                group="knobs"),
     ),
     checks=validate_checks,
