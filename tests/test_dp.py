@@ -35,9 +35,8 @@ def test_fsdp_run_counts_every_data_parallel_rank_s_tokens(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep", [[], ["--ep", "2"]], ids=["fsdp", "fsdp-ep"])
-def test_moe_fsdp_run_counts_every_data_parallel_rank_s_tokens(tmp_path, ep):
-    res = btune("run", "moe", "--preset", "tiny", "--dp-shard", "2", *ep, "--steps", "4", "--warmup", "1",
+def test_moe_fsdp_and_ep_run_counts_every_data_parallel_rank_s_tokens(tmp_path):
+    res = btune("run", "moe", "--preset", "tiny", "--dp-shard", "2", "--ep", "2", "--steps", "4", "--warmup", "1",
                 "--out", str(tmp_path))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rec = record_of(res)
@@ -45,19 +44,17 @@ def test_moe_fsdp_run_counts_every_data_parallel_rank_s_tokens(tmp_path, ep):
     steps = rec["series"]["step"]
     assert sorted(steps) == ["0", "1"] and steps["0"]["loss"] != steps["1"]["loss"]
     meta = next(e for e in rec["events"] if e["type"] == "meta")
-    assert meta["backends"].get("ep") == (2 if ep else None)
+    assert meta["backends"]["ep"] == 2 and meta["backends"]["dp"]["shard"] == 2
 
 
 VALIDATIONS = [
     (["--tp", "1", "--dp-shard", "2"], True),
     (["--tp", "1", "--dp-shard", "2", "--fault", "skip-grad-sync"], False),
     (["--tp", "1", "--dp-replicate", "2", "--dp-shard", "2"], True),
-    (["--tp", "1", "--dp-replicate", "2", "--dp-shard", "2", "--fault", "skip-grad-sync"], False),
     (["--tp", "2", "--dp-shard", "2"], True),
     (["--tp", "2", "--dp-shard", "2", "--fault", "missing-allreduce"], False),
     # MoE: TP inside the experts sums over the TP group only (not every rank); a replica's router the same
     (["--model", "moe", "--preset", "tiny", "--tp", "2", "--dp-shard", "2"], True),
-    (["--model", "moe", "--preset", "tiny", "--tp", "1", "--dp-shard", "2", "--fault", "skip-grad-sync"], False),
     # expert parallelism: each rank its half of the experts, tokens there and back by all-to-all
     (["--model", "moe", "--preset", "tiny", "--tp", "1", "--dp-shard", "2", "--ep", "2"], True),
     (["--model", "moe", "--preset", "tiny", "--tp", "1", "--dp-shard", "2", "--ep", "2", "--fault", "ep-misroute"],
@@ -67,8 +64,8 @@ VALIDATIONS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("mesh", "passes"), VALIDATIONS,
-                         ids=["fsdp", "fsdp-fault", "hsdp", "hsdp-fault", "fsdp-x-tp", "fsdp-x-tp-fault",
-                              "moe-fsdp-x-tp", "moe-fsdp-fault", "moe-ep", "moe-ep-fault"])
+                         ids=["fsdp", "fsdp-fault", "hsdp", "fsdp-x-tp", "fsdp-x-tp-fault", "moe-fsdp-x-tp", "moe-ep",
+                              "moe-ep-fault"])
 def test_each_mesh_against_one_process(tmp_path, mesh, passes):
     preset = [] if "--preset" in mesh else ["--preset", "tiny-llama"]
     res = btune("run", "tp-validate", *preset, *mesh, "--out", str(tmp_path))

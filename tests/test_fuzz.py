@@ -27,7 +27,7 @@ from tuner.record import RecordBuilder, journal_footer, journal_header, record_f
 from tuner.runs import RunFileError, dumps, load_record
 from tuner.tui.screens.runs import RunRow
 
-QUICK, FULL = 100, 250
+QUICK, FULL = 100, 150
 FILES = 12  #: damaged run files the app's fuzz test opens
 
 scalars = st.one_of(

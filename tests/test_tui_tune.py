@@ -150,7 +150,7 @@ def test_tune_argv_fixes_the_form_and_the_knobs_left_out_of_the_space():
     spaces = [argv[i + 1] for i, a in enumerate(argv) if a == "--space"]
     # the space as given (the form's batch size tuned, not fixed), every other declared knob that applies pinned
     assert spaces == ["batch_size=1,2", "compile_mode=none,default", "fp8_mode=off", "attention_backend=auto",
-                      "tp=1", "activation_checkpointing=false", "dp_shard=1"]
+                      "tp=1", "activation_checkpointing=false"]
     assert argv[argv.index("dense"):] == ["dense", "--preset", "tiny", "--device", "cpu"]  # no --steps
 
 

@@ -257,7 +257,7 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
            when=(("mode", ("train",)),), group="knobs", tune=(False, True)),
     Option("dp-shard", int, 1, "FSDP2 over N ranks: parameters, gradients and optimizer state sharded (fully_shard "
            "per block and the root; bf16 parameters, fp32 gradient reduction); --batch-size is per rank",
-           min=1, max=1024, when=(("mode", ("train",)),), group="parallel", tune=(1, 2, 4, 8)),
+           min=1, max=1024, when=(("mode", ("train",)),), group="parallel"),
     Option("dp-replicate", int, 1, "data-parallel replicas of the model (with --dp-shard > 1: HSDP, each replica "
            "sharded, gradients all-reduced across replicas); --batch-size is per rank", min=1, max=1024,
            when=(("mode", ("train",)),), group="parallel"),
