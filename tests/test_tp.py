@@ -83,10 +83,9 @@ def test_two_nodes_meet_on_localhost(tmp_path):
     assert losses[0] == pytest.approx(losses[1])
 
 
-@pytest.mark.parametrize("degree", [["--tp", "2"], ["--dp-shard", "2"]], ids=["tp", "fsdp"])
-def test_a_rank_that_dies_fails_the_run_without_a_hang(tmp_path, degree):
-    proc = start_btune("run", "dense", "--preset", "tiny-llama", *degree, "--steps", "100000",
-                       "--out", str(tmp_path), env=ONE_THREAD)
+def test_a_rank_that_dies_fails_the_run_without_a_hang(tmp_path):
+    proc = start_btune("run", "dense", "--preset", "tiny-llama", "--dp-shard", "2", "--tp", "1", "--steps", "100000",
+                       "--out", str(tmp_path), env=ONE_THREAD)  # any mesh: the launcher's rule, here FSDP's
     live_journal(tmp_path, 4)
 
     def rank_1() -> psutil.Process | None:
@@ -109,7 +108,7 @@ def test_a_rank_that_dies_fails_the_run_without_a_hang(tmp_path, degree):
     assert "rank" in rec["error"]["stderr_tail"].lower() or "signal" in rec["error"]["stderr_tail"].lower()
 
 
-def test_moe_tp2_runs_with_tp_inside_the_experts_and_validates(tmp_path):
+def test_moe_tp2_runs_with_tp_inside_the_experts(tmp_path):
     res = btune("run", "moe", "--preset", "tiny", "--tp", "2", "--steps", "3", "--warmup", "1", "--out", str(tmp_path))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rec = record_of(res)
@@ -117,8 +116,4 @@ def test_moe_tp2_runs_with_tp_inside_the_experts_and_validates(tmp_path):
     assert meta["backends"]["tp"] == 2 and "inside the routed experts" in meta["backends"]["parallel"]
     one = record_of(btune("run", "moe", "--preset", "tiny", "--steps", "3", "--warmup", "1", "--out", str(tmp_path)))
     assert one["series"]["step"]["0"]["loss"] == pytest.approx(rec["series"]["step"]["0"]["loss"], rel=1e-4)
-    ok = record_of(btune("run", "tp-validate", "--model", "moe", "--preset", "tiny", "--tp", "2",
-                         "--out", str(tmp_path)))
-    w = ok["summary"]["workload"]
-    assert ok["status"] == "ok" and w["passed"] is True
-    assert any(t["tensor"].endswith("experts.w13") for t in w["tensors"])
+    # its validation against one process, on a larger mesh (TP x FSDP): tests/test_dp.py
