@@ -160,7 +160,8 @@ def run(opts: dict[str, Any]) -> int:
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
     vocab, b = ref.cfg.vocab_size, p["batch_size"]
     tokens = torch.randint(0, vocab, (b * dp, p["seq_len"] + 1), generator=gen).to(h.device)  # the global batch
-    mine = slice(parallel.dp_rank(h.dp_mesh) * b, (parallel.dp_rank(h.dp_mesh) + 1) * b)
+    dp_rank = parallel.dp_rank(h.dp_mesh)
+    mine = slice(dp_rank * b, (dp_rank + 1) * b)
     x, y = tokens[:, :-1], tokens[:, 1:]
     train = opts["mode"] == "train"
     tol = TOLERANCE[p["dtype"]]
@@ -199,7 +200,7 @@ def run(opts: dict[str, Any]) -> int:
             want = param.grad
             if ep > 1 and name.endswith(("experts.w13", "experts.w2")):  # this rank's experts
                 n = want.shape[0] // ep
-                want = want[parallel.dp_rank(h.dp_mesh) * n:(parallel.dp_rank(h.dp_mesh) + 1) * n]
+                want = want[dp_rank * n:(dp_rank + 1) * n]
             tp_rank = h.mesh.get_local_rank() if h.mesh is not None else 0
             rows.append(compare(f"grad {name}", expert_slice(name, want, got, tp_rank, tp), got))
         # every rank holds the whole reference model, so every rank computes the same scale

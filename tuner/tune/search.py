@@ -120,7 +120,6 @@ class Search:
         self.calibration = Calibration()
         self.trials: list[Trial] = []
         self.pruned: dict[tuple, str] = {}
-        self.candidates: dict[tuple, Candidate] = {}
         self.spent_before = spent_s
         self.started = time.monotonic()
         self.stopped: list[str] = []
@@ -167,7 +166,6 @@ class Search:
         for setting in settings(self.spec, self.plan.fixed, self.plan.knobs):
             k = key(setting)
             cand = check(self.spec, self.plan.fixed, setting, self.machine, self.plan.device)
-            self.candidates[k] = cand
             if cand.refused is not None:
                 if k not in self.pruned:
                     self.pruned[k] = cand.refused
@@ -367,7 +365,8 @@ class Search:
         misses = 0
         while True:
             add_known()
-            untried = [c for k, c in by_key.items() if k not in self.tried() and k not in self.pruned]
+            done = self.tried()
+            untried = [c for k, c in by_key.items() if k not in done and k not in self.pruned]
             if not untried:
                 return
             trial = study.ask(dists)
