@@ -18,12 +18,18 @@ class OptionError(ValueError):
     """A value a user gave that the declaration does not allow; the message is one line."""
 
 
+#: ``Option.tune_start``: start at the largest value the memory prediction admits (larger batches fill a GPU better)
+LARGEST = "largest"
+
+
 @dataclass(frozen=True)
 class Option:
     """One option: ``--name`` on the command line, one field in the TUI form.
 
     ``when`` restricts validity: ``(("mode", ("train",)),)`` means only valid while ``mode`` is train.
-    ``group`` orders the TUI form (shape, knobs, run). ``tune``: the values the auto-tuner searches by default.
+    ``group`` orders the TUI form (shape, knobs, run). ``tune``: the values the auto-tuner searches by default;
+    ``tune_start``: where its climb starts this knob per device kind (``(("cuda", "default"),)``; ``LARGEST``: the
+    largest value predicted to fit), else at the default.
     """
 
     name: str
@@ -37,6 +43,8 @@ class Option:
     group: str = "run"
     #: the values ``btune tune`` tries by default (empty: not tuned unless ``--space`` names it)
     tune: tuple[Value, ...] = ()
+    #: the auto-tuner's starting value per device kind ("cuda", "cpu"); LARGEST: the largest that fits
+    tune_start: tuple[tuple[str, Value], ...] = ()
 
     @property
     def flag(self) -> str:

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 10)")
     p.add_argument("--top", type=int, default=3, help="settings re-measured at the longer length (default 3; 0: none)")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                   help="auto: the grid when it fits the budget, else screen + Optuna; grid; search")
+                   help="auto: the grid when it fits the budget, else a climb + Optuna; grid; search")
     p.add_argument("--seed", type=int, default=0, help="the search's seed (default 0)")
     p.add_argument("--name", help="the study's name (default WORKLOAD-TIME)")
     p.add_argument("--resume", metavar="STUDY", help="continue a study (id or name) without repeating its trials")

@@ -4,9 +4,10 @@
    recorded with the reason and never launched; before each launch the calibrated memory prediction is checked
    against ``--max-memory``.
 2. *Explore* (rung 0, ``--trial-seconds`` of measurement each): the grid when it fits the budget (or
-   ``--strategy grid``); otherwise a screen (the default setting, then each knob's other values one at a time: the
-   knobs' main effects) and then Optuna (TPE for one objective, NSGA-II for several) seeded with every finished
-   trial, starting from the setting that combines each knob's best screened value.
+   ``--strategy grid``); otherwise a climb (coordinate ascent from each knob's declared start on this device: compile
+   on a GPU, the largest batch predicted to fit; each knob's other values tried in turn, the best kept before the
+   next knob), then Optuna (TPE for one objective, NSGA-II for several) seeded with every finished trial. The climb
+   may spend the budget kept for confirming; Optuna leaves it.
 3. *Confirm* (rung 1, twice as long; successive halving): the ``--top`` best (or the front, for several objectives)
    run again, and again while the budget lasts; the best is the best mean at rung 1, with Welch's t-test against the
    runner-up when each has two runs or more.
@@ -33,7 +34,7 @@ from tuner.tune.objective import Constraint, Figure
 from tuner.tune.prune import Calibration, Candidate, check, is_oom
 from tuner.tune.space import Knob, describe, key, settings
 from tuner.tune.store import FINISHED, Store
-from workloads.options import Machine
+from workloads.options import LARGEST, Machine
 
 MIB = 1024 * 1024
 
@@ -127,6 +128,7 @@ class Search:
         self.number = 0
         self.rng = random.Random(plan.seed)
         self.knobs: tuple[Knob, ...] = plan.knobs  #: the knobs that vary among the launchable settings
+        self.climbing = False  #: the climb runs into the budget kept for confirming; Optuna's and the grid's do not
 
     # -- budget ---------------------------------------------------------------------------------
     def spent(self) -> float:
@@ -273,11 +275,35 @@ class Search:
         assert v is not None
         return v if self.plan.objectives[0].maximize else -v
 
-    def default_setting(self, launchable: list[Candidate]) -> Candidate | None:
-        defaults = self.spec.defaults()
-        want = {k.name: defaults.get(k.name) if defaults.get(k.name) in k.values else k.values[0]
-                for k in self.knobs}
-        return self._nearest(want, launchable)
+    def start_value(self, knob: Knob) -> Any:
+        """Where the climb starts ``knob``: its declared start on this device (``Option.tune_start``), else its
+        default, else its first value (``LARGEST`` is resolved by ``start``)."""
+        opt = self.spec.option(knob.name)
+        declared = dict(opt.tune_start).get(self.plan.device)
+        if declared == LARGEST or declared in knob.values:
+            return declared
+        return opt.default if opt.default in knob.values else knob.values[0]
+
+    def start(self, launchable: list[Candidate]) -> Candidate | None:
+        """The climb's first setting: each knob at its start value; a knob starting at ``LARGEST`` at the largest
+        value whose setting the calibrated memory prediction admits (the smallest when none does)."""
+        want = {k.name: self.start_value(k) for k in self.knobs}
+        for knob in (k for k in self.knobs if want[k.name] == LARGEST):
+            values = sorted(knob.values)  # type: ignore[type-var]
+            want[knob.name] = values[0]
+            for v in reversed(values):
+                cand = self._agreeing({**want, knob.name: v}, launchable)
+                predicted = self.calibration.predict(cand.estimate_bytes) if cand else None
+                limit = self.plan.max_memory
+                if cand is not None and (limit is None or predicted is None or predicted <= limit):
+                    want[knob.name] = v
+                    break
+        return self._agreeing(want, launchable) or self._nearest(want, launchable)
+
+    def _agreeing(self, want: dict[str, Any], launchable: list[Candidate]) -> Candidate | None:
+        """The first launchable setting that agrees with ``want`` on every knob it has (one its ``when`` drops
+        agrees)."""
+        return next((c for c in launchable if all(c.setting.get(k, v) == v for k, v in want.items())), None)
 
     def _nearest(self, want: dict[str, Any], launchable: list[Candidate]) -> Candidate | None:
         """The launchable setting agreeing with ``want`` on the most knobs (the first such)."""
@@ -288,39 +314,51 @@ class Search:
                 best, agree = cand, n
         return best
 
-    def screen(self, launchable: list[Candidate]) -> Iterator[Candidate]:
-        """The default setting, then each knob's other values one at a time."""
-        base = self.default_setting(launchable)
+    def climb(self, launchable: list[Candidate]) -> Iterator[Candidate]:
+        """Coordinate ascent: from the start setting, each knob in turn tried at its other values with the rest
+        held, and the best of them kept before the next knob (so a knob that pays only with another, FP8 with
+        compile, is tried where the other already is)."""
+        base = self.start(launchable)
         if base is None:
             return
         yield base
-        by_key = {key(c.setting): c for c in launchable}
         for knob in self.knobs:
+            tried = [base]
             for value in knob.values:
                 if base.setting.get(knob.name) == value:
                     continue
-                variant = {**base.setting, knob.name: value}
-                cand = by_key.get(key(variant))
-                if cand is None:  # the knob's `when` drops it there, or the variant was refused
+                cand = self._agreeing({**base.setting, knob.name: value}, launchable)
+                if cand is None or cand.setting.get(knob.name) != value:  # dropped by `when`, or refused
                     continue
                 yield cand
+                tried.append(cand)
+            scored = [(self.score(t), c) for c in tried if (t := self.measured(key(c.setting))) is not None and t.ok]
+            if scored:
+                base = max(scored, key=lambda sc: sc[0])[1]
+
+    def measured(self, k: tuple) -> Trial | None:
+        """The latest finished rung-0 trial of setting ``k``."""
+        return next((t for t in reversed(self.trials) if t.rung == 0 and key(t.setting) == k
+                     and t.state in FINISHED), None)
 
     def proposals(self, launchable: list[Candidate]) -> Iterator[Candidate]:
         """Rung-0 settings in the order the strategy tries them (each at most once)."""
-        n_screen = 1 + sum(len(k.values) - 1 for k in self.knobs)
+        n_climb = 1 + sum(len(k.values) - 1 for k in self.knobs)
         room = self.left() / self.cost(0)
         grid = self.plan.strategy == "grid" or (self.plan.strategy == "auto" and len(launchable) <= 0.6 * room)
         if grid:
             yield from launchable
             return
-        if n_screen <= 0.5 * room:
-            yield from self.screen(launchable)
+        if n_climb <= 0.5 * room:
+            self.climbing = True
+            yield from self.climb(launchable)
+            self.climbing = False
         yield from self.optuna(launchable)
 
     def optuna(self, launchable: list[Candidate]) -> Iterator[Candidate]:
-        """Optuna's proposals (TPE, or NSGA-II for several objectives), told every finished rung-0 trial; the first
-        is the setting that combines each knob's best screened value. A proposal already measured is told its
-        result and not run again; one refused or over the memory limit is told as failed."""
+        """Optuna's proposals (TPE, or NSGA-II for several objectives), told every finished rung-0 trial. A proposal
+        already measured is told its result and not run again; one refused or over the memory limit is told as
+        failed."""
         import optuna
         from optuna.distributions import CategoricalDistribution
         from optuna.trial import TrialState, create_trial
@@ -334,10 +372,6 @@ class Search:
             sampler = optuna.samplers.NSGAIISampler(seed=self.plan.seed, population_size=8)
         study = optuna.create_study(directions=directions, sampler=sampler)
         told: set[tuple] = set()
-
-        def measured(k: tuple) -> Trial | None:
-            return next((t for t in reversed(self.trials) if t.rung == 0 and key(t.setting) == k
-                         and t.state in FINISHED), None)
 
         def tell(trial: Any, t: Trial | None) -> None:
             if t is not None and t.ok:
@@ -359,9 +393,6 @@ class Search:
                     study.add_trial(create_trial(params=params, distributions=d, state=TrialState.FAIL))
 
         by_key = {key(c.setting): c for c in launchable}
-        combined = self.combined_best(by_key)
-        if combined is not None:
-            yield combined
         misses = 0
         while True:
             add_known()
@@ -373,7 +404,7 @@ class Search:
             cand = self._match(trial.params, by_key)
             k = key(cand.setting) if cand is not None else None
             if cand is None or k in self.pruned or k in told:
-                tell(trial, measured(k) if k is not None else None)
+                tell(trial, self.measured(k) if k is not None else None)
                 misses += 1
                 if misses < 20:
                     continue
@@ -383,7 +414,7 @@ class Search:
             yield cand
             if trial is not None:  # else the next add_known tells Optuna the result
                 told.add(k)
-                tell(trial, measured(k))
+                tell(trial, self.measured(k))
 
     def _match(self, params: dict[str, Any], by_key: dict[tuple, Candidate]) -> Candidate | None:
         """The launchable setting ``params`` means (a knob its ``when`` drops there is dropped)."""
@@ -391,21 +422,6 @@ class Search:
 
         kept = {k: v for k, v in params.items() if applies(self.spec, k, {**self.plan.fixed, **params})}
         return by_key.get(key(kept))
-
-    def combined_best(self, by_key: dict[tuple, Candidate]) -> Candidate | None:
-        """Each knob at the value whose screened trials scored best on average (main effects), if not yet tried."""
-        ok = [t for t in self.trials if t.rung == 0 and t.ok]
-        if len(ok) < 2:
-            return None
-        want = {}
-        for knob in self.knobs:
-            means = marginal(ok, knob.name, self.score)
-            if means:
-                want[knob.name] = max(means, key=lambda v: means[v][0])
-        cand = self._match(want, by_key)
-        if cand is None or key(cand.setting) in self.tried() or key(cand.setting) in self.pruned:
-            return None
-        return cand
 
     def leaders(self) -> list[dict[str, Any]]:
         """The settings to confirm: the ``--top`` best at rung 0 (several objectives: the front's, best first)."""
@@ -435,7 +451,7 @@ class Search:
             for cand in self.proposals(launchable):
                 if self.stopped:
                     break
-                if self.left() - reserve < self.cost(0) and self.trials:
+                if self.left() - (0.0 if self.climbing else reserve) < self.cost(0) and self.trials:
                     break
                 if key(cand.setting) in self.tried() or not self.fits(cand):
                     continue

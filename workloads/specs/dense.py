@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from workloads.options import Machine, Option, WorkloadSpec
+from workloads.options import LARGEST, Machine, Option, WorkloadSpec
 from workloads.tokens import BIN_DTYPES, DataError, train_ids
 
 if TYPE_CHECKING:
@@ -233,6 +233,9 @@ def dense_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, s
     return transformer_checks(opts, machine) + (found or model_fit_checks(opts))
 
 
+#: the tuner starts a batch size at the largest predicted to fit, on any device
+START_LARGEST = (("cuda", LARGEST), ("cpu", LARGEST))
+
 TRANSFORMER_KNOBS: tuple[Option, ...] = (
     Option("dtype", str, "auto", "compute dtype (auto: bf16 on GPU, fp32 on CPU)",
            ("auto", "bf16", "fp16", "fp32"), group="knobs"),
@@ -250,7 +253,9 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
            min=0, max=1 << 20, group="knobs"),
     Option("compile-mode", str, "none", "torch.compile mode (compile time is reported on its own)",
            ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), group="knobs",
-           tune=("none", "default")),  # max-autotune: minutes per trial (H200, 4 layers: 284 s); name it in --space
+           # the tuner starts compiled on a GPU (+13-17% in every H200 measurement, docs/benchmarks.md); max-autotune
+           # costs minutes per trial (H200, 4 layers: 284 s): name it in --space
+           tune=("none", "default"), tune_start=(("cuda", "default"),)),
     Option("tp", int, 1, "tensor-parallel degree: torchrun, one process per GPU (gloo on CPU)", min=1, max=1024,
            group="parallel", tune=(1, 2, 4, 8)),
     Option("activation-checkpointing", bool, False, "recompute each block in backward to save memory",
@@ -285,7 +290,7 @@ DENSE = WorkloadSpec(
                "train: fwd+bwd+AdamW; prefill: no-grad forward; decode: 1 token/step against a KV cache",
                ("train", "prefill", "decode"), group="shape"),
         Option("batch-size", int, 0, "sequences per step (0: the preset's)", min=0, max=65536, group="shape",
-               tune=(1, 2, 4, 8, 16)),
+               tune=(1, 2, 4, 8, 16), tune_start=START_LARGEST),
         Option("seq-len", int, 0, "tokens per sequence, or KV context in decode (0: the preset's)", min=0,
                max=1 << 20, group="shape"),
         Option("layers", int, 0, "truncate the preset to N layers (0: all)", min=0, max=1024, group="shape"),

@@ -5,7 +5,7 @@ from typing import Any
 
 from workloads.models.moe_config import MOE_PRESETS, resolve
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import TRANSFORMER_KNOBS, transformer_checks
+from workloads.specs.dense import START_LARGEST, TRANSFORMER_KNOBS, transformer_checks
 
 #: Per-preset run shape and balancing defaults, used where the options are left at 0 / auto / unset.
 PRESET_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -147,7 +147,7 @@ MOE = WorkloadSpec(
         Option("mode", str, "train", "train: fwd+bwd+AdamW; prefill: no-grad forward", ("train", "prefill"),
                group="shape"),
         Option("batch-size", int, 0, "sequences per step (0: the preset's)", min=0, max=65536, group="shape",
-               tune=(1, 2, 4, 8, 16)),
+               tune=(1, 2, 4, 8, 16), tune_start=START_LARGEST),
         Option("seq-len", int, 0, "tokens per sequence (0: the preset's)", min=0, max=1 << 20, group="shape"),
         Option("layers", int, 0, "truncate the preset to its first N layers, keeping at least one MoE layer "
                "(0: all)", min=0, max=1024, group="shape"),
