@@ -7,6 +7,7 @@ Three steps, each fitting one device call (a fresh machine each time, so every s
   python benchmarks/tune_gpu.py grid --shard torchao --out DIR   # the 16 with FP8 (torchao, tensorwise)
   python benchmarks/tune_gpu.py tune --grid DIR --out DIR        # btune tune with a quarter of the grid's wall time
   python benchmarks/tune_gpu.py table --grid DIR --tune DIR      # the tables for docs/benchmarks.md
+  python benchmarks/tune_gpu.py replay --grid DIR                 # the search replayed over the grid's measurements
 
 Each step's study.json (and report.md) are kept in benchmarks/results/tune-h200/ (grid-off, grid-torchao, tune):
 the device's $OUT/…/tune-N/study.json copied there after each call; ``table`` reads every study.json under a
@@ -16,6 +17,10 @@ The grid is ``btune tune --strategy grid --top 0`` (every setting once, nothing 
 its trials'. The tune searches the same 32 settings with ``--budget`` a quarter of that; the comparison reads the
 grid's measurement of the setting the tune chose against the grid's best (one measurement each, the same run
 length), and the memory estimate's error per trial from both.
+
+``replay`` runs the tuner's search (tuner.tune.search.Search, unchanged but for its launches) on this machine with
+each launch answered from the grid's measurement of that setting and its trial time on a simulated clock: what the
+search would choose at budgets from an eighth of the grid's time to a half (no GPU needed).
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ def studies(directory: Path) -> list[dict]:
 
 
 def key(setting: dict) -> str:
-    return json.dumps({k: v for k, v in setting.items() if not (k == "fp8_recipe" and setting.get("fp8_mode") ==
-                                                                   "off")}, sort_keys=True)
+    """A setting's identity across the studies: each grid shard fixed FP8 (so its settings lack fp8_mode); the
+    recipe is there exactly when FP8 is on."""
+    return json.dumps({k: v for k, v in setting.items() if k != "fp8_mode" and not (
+        k == "fp8_recipe" and setting.get("fp8_mode") == "off")}, sort_keys=True)
 
 
 def grid_rows(directory: Path) -> dict[str, dict]:
@@ -74,7 +81,7 @@ def size(b: float | None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("grid", "tune", "table"))
+    ap.add_argument("step", choices=("grid", "tune", "table", "replay"))
     ap.add_argument("--shard", choices=("off", "torchao"))
     ap.add_argument("--grid", type=Path, help="the grid steps' output directory")
     ap.add_argument("--tune", type=Path, help="the tune step's output directory")
@@ -89,6 +96,8 @@ def main() -> int:
               f"{budget:.0f} s", flush=True)
         btune("tune", "--out", str(args.out), "--name", "tune", "--budget", f"{budget:.0f}s", "--trial-seconds",
               TRIAL_SECONDS, "--top", "2", "--space", "fp8_mode=off,torchao", *SPACE, *SHAPE)
+    elif args.step == "replay":
+        return replay(args.grid)
     else:
         grid = grid_rows(args.grid)
         ok = {k: t for k, t in grid.items() if t["state"] == "ok"}
@@ -129,6 +138,75 @@ def main() -> int:
         print(f"tune's choice: {describe(chosen)}; the grid measured it at {got:,.0f} tokens/s = {got / best:.2%} of "
               f"the grid's best (target >= 97%)")
         return 0 if got >= 0.97 * best else 1
+    return 0
+
+
+def replay(directory: Path) -> int:
+    """The search at several budgets with each launch answered from the grid (see the module's docstring)."""
+    import io
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    from tuner.bench.history import History
+    from tuner.tune import main as tune_main
+    from tuner.tune.search import Search, Trial
+    from tuner.tune.store import Store
+    from workloads.options import Machine
+
+    grid = grid_rows(directory)
+    best = max(t["objective_values"][0] for t in grid.values() if t["state"] == "ok")
+    total = grid_seconds(directory)
+    h200 = Machine(gpus=({"name": "NVIDIA H200", "mem_total_mb": 143771, "compute_capability": "9.0"},),
+                   modules=frozenset({"torchao"}))
+
+    class Replayed(Search):
+        clock = 0.0
+
+        def spent(self) -> float:
+            return self.clock
+
+        def launch(self, cand, rung, phase):  # type: ignore[no-untyped-def]
+            self.number += 1
+            row = grid[key(cand.setting)]  # a longer rung costs its extra measuring seconds
+            wall = row["wall_s"] + self.plan.trial_seconds * (2**rung - 1)
+            t = Trial(self.number, cand.setting, rung, phase, row["state"], row["objective_values"],
+                      row["figures"], None, wall)
+            self.clock += wall
+            self._learn(cand.estimate_bytes, t)
+            self.trials.append(t)
+            return t
+
+    print(f"grid: {len(grid)} settings, {total:.0f} s of trials; best {best:,.0f} tokens/s\n")
+    print("| budget | trials | first reached the best at | choice | grid's tokens/s of the choice | of best |")
+    print("|---|---:|---:|---|---:|---:|")
+    for frac in (1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2):
+        ap = argparse.ArgumentParser()
+        tune_main.add_arguments(ap)
+        args, extra = ap.parse_known_args(["dense", "--budget", f"{total * frac:.0f}s", "--trial-seconds",
+                                           TRIAL_SECONDS, "--top", "2", "--space", "fp8_mode=off,torchao", *SPACE,
+                                           *SHAPE[1:]])
+        plan = tune_main.make_plan("dense", extra, args, h200)
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Store(History(Path(tmp) / "history.sqlite"))
+            sid = store.create("replay", "dense", plan.as_json(), tmp, "H200", "replay")
+            search = Replayed(plan, store, sid, Path(tmp), h200, io.StringIO())
+            search.run(search.prepare([]))
+        ok = [t for t in search.trials if t.ok]
+        top = max(t.rung for t in ok)
+        means: dict[str, list[float]] = {}
+        for t in ok:
+            if t.rung == top:
+                means.setdefault(key(t.setting), []).append((t.values or [0.0])[0] or 0.0)
+        chosen = max(means, key=lambda k: sum(means[k]) / len(means[k]))
+        got = grid[chosen]["objective_values"][0]
+        at, clock = None, 0.0
+        for t in search.trials:
+            clock += t.wall_s
+            if at is None and t.ok and grid[key(t.setting)]["objective_values"][0] == best:
+                at = clock
+        print(f"| {frac:.3f} of the grid ({total * frac:.0f} s) | {len(search.trials)} | "
+              f"{f'{at:.0f} s' if at is not None else 'never'} | {describe(json.loads(chosen))} | {got:,.0f} | "
+              f"{got / best:.1%} |")
     return 0
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import btune, refused, start_btune, wait_until
@@ -18,8 +19,8 @@ from tuner.runs import load_record
 from tuner.tune import TuneError
 from tuner.tune.prune import Calibration, memory_limit
 from tuner.tune.report import front, ranking
-from tuner.tune.search import Budget
-from tuner.tune.space import Knob, build, fixed_by_space, parse_space, settings
+from tuner.tune.search import Budget, Search, Trial
+from tuner.tune.space import Knob, build, fixed_by_space, key, parse_space, settings
 from tuner.tune.store import Store
 from workloads.dense import plan as dense_plan
 from workloads.options import Machine
@@ -75,6 +76,86 @@ def test_budget_and_memory_limit():
         memory_limit("90%", cpu, "cpu")
     gpu = Machine(({"mem_total_mb": 1000.0},))
     assert memory_limit(None, gpu, "cuda")[0] == pytest.approx(0.9 * 1000 * 2**20)
+
+
+class Answered(Search):
+    """The search with each launch answered by ``measure(setting)`` (tokens/s) on a clock of ``wall`` seconds per
+    trial: the strategy's choices, without running anything."""
+
+    measure: Any = None
+    clock = 0.0
+
+    def spent(self) -> float:
+        return self.clock if not self.plan.budget.trials else super().spent()
+
+    def launch(self, cand, rung, phase):  # type: ignore[no-untyped-def]
+        self.number += 1
+        t = Trial(self.number, cand.setting, rung, phase, "ok", [self.measure(cand.setting)], {}, None, 30.0)
+        self.clock += t.wall_s
+        self.trials.append(t)
+        return t
+
+
+def answered_search(tmp_path: Path, budget: str, measure: Any, space: list[str]) -> Answered:
+    import argparse
+    import io
+
+    from tuner.tune import main as tune_main
+
+    h100 = Machine(({"name": "NVIDIA H100", "mem_total_mb": 81559.0, "compute_capability": "9.0"},),
+                   frozenset({"torchao"}))
+    ap = argparse.ArgumentParser()
+    tune_main.add_arguments(ap)
+    args, extra = ap.parse_known_args(["dense", "--budget", budget, "--trial-seconds", "4", "--top", "0",
+                                       *(x for s in space for x in ("--space", s)), "--preset", "llama-3.1-8b",
+                                       "--layers", "4", "--device", "cuda", "--tp", "1"])
+    plan = tune_main.make_plan("dense", extra, args, h100)
+    store = Store(History(tmp_path / "history.sqlite"))
+    sid = store.create("answered", "dense", plan.as_json(), str(tmp_path), "H100", "test")
+    search = Answered(plan, store, sid, tmp_path, h100, io.StringIO())
+    search.measure = measure
+    search.run(search.prepare([]))
+    return search
+
+
+KNOBS = ("fp8_mode", "attention_backend", "compile_mode", "batch_size", "activation_checkpointing")
+
+
+def test_the_climb_starts_compiled_at_the_largest_batch_that_fits_and_keeps_each_knobs_best(tmp_path):
+    """On a GPU the climb starts at compile on and the largest batch predicted under --max-memory (90% of the GPU);
+    each knob's values are tried with the rest held and the best kept before the next knob, so FP8, which pays
+    only under compile (torchao's casts are fused there), is found: a screen around the run defaults (compile off)
+    measures FP8 as a loss."""
+
+    def measure(s: dict[str, Any]) -> float:
+        tps = 50_000.0 * (1.15 if s["compile_mode"] == "default" else 1.0)
+        tps *= (1.25 if s["compile_mode"] == "default" else 0.7) if s["fp8_mode"] == "torchao" else 1.0
+        tps *= {"flash": 1.0, "cudnn": 1.07}[s["attention_backend"]] * (0.86 if s["activation_checkpointing"] else 1)
+        return tps * {1: 1.0, 2: 1.03, 4: 1.05, 8: 1.06}[s["batch_size"]]
+
+    search = answered_search(tmp_path, "20", measure, [
+        "fp8_mode=off,torchao", "fp8_recipe=tensorwise", "attention_backend=flash,cudnn", "compile_mode=none,default",
+        "batch_size=1,2,4,8", "activation_checkpointing=false,true"])
+    limit = 0.9 * 81559 * 2**20
+    fits = [b for b in (1, 2, 4, 8) if dense_plan({**DENSE.defaults(), "preset": "llama-3.1-8b", "layers": 4,
+                                                    "batch_size": b, "compile_mode": "default"}, "cuda")
+            ["memory_estimate_bytes"]["total"] <= limit]
+    assert 1 < len(fits) < 4  # the limit cuts the batch sizes: the start is not simply the largest value
+    first = search.trials[0].setting
+    assert first == {"batch_size": max(fits), "fp8_mode": "off", "attention_backend": "flash",
+                     "compile_mode": "default", "activation_checkpointing": False}
+    # the climb: the other batch sizes that fit, FP8, cuDNN, compile off, checkpointing; one knob changed each time
+    climb = search.trials[: 1 + (len(fits) - 1) + 4]
+    for i, t in enumerate(climb[1:], start=1):
+        held = max(climb[:i], key=lambda u: u.values[0])
+        assert sum(t.setting.get(k) != held.setting.get(k) for k in KNOBS) == 1, (i, t.setting, held.setting)
+    assert [t.setting["batch_size"] for t in climb[1:len(fits)]] == [b for b in fits if b != max(fits)]
+    # by the climb's end it holds the best setting that fits (the 8 x 2 x 2 x 2 space's, batch 8 excluded)
+    best = max((s for s in settings(DENSE, {"device": "cuda"}, search.plan.knobs) if s["batch_size"] in fits),
+               key=measure)
+    assert key(max(climb, key=lambda t: t.values[0]).setting) == key(best)
+    assert best["fp8_mode"] == "torchao" and best["compile_mode"] == "default"
+    assert all(t.setting["batch_size"] in fits for t in search.trials)  # batch 8 pruned, never launched
 
 
 def test_calibration_learns_from_peaks_and_out_of_memory():

@@ -343,16 +343,16 @@ class Search:
 
     def proposals(self, launchable: list[Candidate]) -> Iterator[Candidate]:
         """Rung-0 settings in the order the strategy tries them (each at most once)."""
-        n_climb = 1 + sum(len(k.values) - 1 for k in self.knobs)
         room = self.left() / self.cost(0)
         grid = self.plan.strategy == "grid" or (self.plan.strategy == "auto" and len(launchable) <= 0.6 * room)
         if grid:
             yield from launchable
             return
-        if n_climb <= 0.5 * room:
-            self.climbing = True
-            yield from self.climb(launchable)
-            self.climbing = False
+        # the climb first even when the budget ends it early: its first trials are the informed ones (TPE's first
+        # few are random)
+        self.climbing = True
+        yield from self.climb(launchable)
+        self.climbing = False
         yield from self.optuna(launchable)
 
     def optuna(self, launchable: list[Candidate]) -> Iterator[Candidate]:
