@@ -1,17 +1,15 @@
-"""Single-node multi-process runs listen on loopback only (workloads.torchrun); bad node flags are refused."""
+"""Single-node multi-process runs listen on loopback only (workloads.torchrun; a real run is sampled in
+tests/test_tp.py); bad node flags are refused."""
 
 import socket
-import time
 from argparse import Namespace
-from pathlib import Path
 
 import psutil
 import pytest
-from support import ONE_THREAD, btune, start_btune
+from support import ONE_THREAD, btune
 
 from tuner.cli import main as btune_main
 from tuner.launch import Nodes, build_config, valid_endpoint
-from tuner.runs import load_record
 from workloads.options import Machine
 
 #: One thread a rank, and no interface variables: the launcher is what sets them.
@@ -37,32 +35,7 @@ def listeners(root: psutil.Process) -> tuple[set[tuple[str, str, int]], dict[int
     return found, envs
 
 
-@pytest.mark.slow
-def test_tp2_run_listens_on_loopback_only(tmp_path):
-    proc = start_btune("run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "6", "--warmup", "1",
-                       "--out", str(tmp_path), env=ENV)
-    root = psutil.Process(proc.pid)
-    seen: set[tuple[str, str, int]] = set()
-    envs: dict[int, dict[str, str]] = {}
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:  # sample the whole run: stores first, gloo later
-        found, ranks = listeners(root)
-        seen |= found
-        envs.update(ranks)
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out[-2000:] + err[-2000:]
-    assert {ip for _, ip, _ in seen} <= LOOPBACK, f"listeners off loopback: {sorted(seen)}"
-    assert any(role == "launcher" for role, _, _ in seen), f"the rendezvous store was never seen: {sorted(seen)}"
-    assert len(envs) == 2, "both ranks were seen"
-    for env in envs.values():
-        assert env["MASTER_ADDR"] == "127.0.0.1"
-        assert env["GLOO_SOCKET_IFNAME"] and env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"]
-    rec = load_record(Path(out.strip().splitlines()[-1]))
-    assert rec["status"] == "ok"
-    assert rec["config"]["argv"][1:6] == ["-m", "workloads.torchrun", "--standalone", "--nproc-per-node", "2"]
-    steps = rec["series"]["step"]
-    assert sorted(steps) == ["0", "1"] and all(len(s["step_ms"]) == 7 for s in steps.values())
+# A real --tp 2 run listening on loopback only: tests/test_tp.py (it samples that module's TP=2 run).
 
 
 def test_one_node_goes_through_the_loopback_launcher_and_several_through_torchrun():

@@ -114,6 +114,8 @@ def _records(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_the_scripts_run_line_runs_two_nodes_on_loopback(tmp_path):
+    """The script's run line on two local "nodes" (btune run --nnodes 2 --node-rank R --rdzv-endpoint
+    127.0.0.1:PORT): they meet, each console records its own rank, and both ranks see the same losses."""
     out, port = tmp_path / "runs", free_port()
     script = sbatch_script("dense", CPU_RUN, nodes=2, gpus_per_node=0, out_dir=out, port=port)
     line = script_run_line(script)
@@ -127,8 +129,11 @@ def test_the_scripts_run_line_runs_two_nodes_on_loopback(tmp_path):
     recs = _records(out)
     assert len(recs) == 2 and all(r["status"] == "ok" for r in recs)
     assert all(f"127.0.0.1:{port}" in r["config"]["argv"] for r in recs)
+    # each node's console sees its own rank; the c10d rendezvous may hand out ranks in arrival order
     ranks = [set(r["series"]["step"]) for r in recs]
-    assert ranks[0] | ranks[1] == {"0", "1"}
+    assert all(len(r) == 1 for r in ranks) and ranks[0] | ranks[1] == {"0", "1"}
+    losses = [r["series"]["step"][next(iter(k))]["loss"] for r, k in zip(recs, ranks, strict=True)]
+    assert losses[0] == pytest.approx(losses[1]), "the two nodes' TP ranks trained one model"
 
 
 # -- a real Slurm on 127.0.0.1 ------------------------------------------------------------------------------

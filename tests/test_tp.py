@@ -1,12 +1,16 @@
-"""Tensor parallelism on CPU: torchrun with gloo, 2 processes; validation against TP=1; two nodes on 127.0.0.1."""
+"""Tensor parallelism on CPU: torchrun with gloo, 2 processes; validation against TP=1 (two nodes on 127.0.0.1:
+tests/test_slurm.py)."""
 
 import functools
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 import support
-from support import ONE_THREAD, free_port, live_journal, record_of, running, start_btune, wait_until
+from support import ONE_THREAD, live_journal, record_of, running, start_btune, wait_until
+from test_loopback import ENV as LOOPBACK_ENV
+from test_loopback import LOOPBACK, listeners
 
 from tuner.runs import load_record
 
@@ -15,11 +19,31 @@ pytestmark = pytest.mark.slow  # every test runs btune, most of them torchrun wi
 btune = functools.partial(support.btune, env=ONE_THREAD)  # ranks share 2 cores: one thread each
 
 
-def test_dense_tp2_runs_and_counts_tokens_once(tmp_path):
-    res = btune("run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "4", "--warmup", "1",
-                "--out", str(tmp_path))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rec = record_of(res)
+@pytest.fixture(scope="module")
+def dense_tp2(tmp_path_factory):
+    """One dense --tp 2 run (4 steps) that two tests look at, its process tree sampled all along (the rendezvous
+    store first, gloo later): (its record, the listening sockets seen as (role, ip, port), each rank's
+    environment)."""
+    out = tmp_path_factory.mktemp("tp2")
+    proc = start_btune("run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "4", "--warmup", "1",
+                       "--out", str(out), env=LOOPBACK_ENV)
+    root = psutil.Process(proc.pid)
+    seen: set[tuple[str, str, int]] = set()
+    envs: dict[int, dict[str, str]] = {}
+    deadline = time.monotonic() + 240  # a guard against a hang
+    while proc.poll() is None and time.monotonic() < deadline:
+        found, ranks = listeners(root)
+        seen |= found
+        envs.update(ranks)
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    return load_record(Path(stdout.strip().splitlines()[-1])), seen, envs
+
+
+def test_dense_tp2_runs_and_counts_tokens_once(dense_tp2, tmp_path):
+    rec = dense_tp2[0]
+    assert rec["status"] == "ok"
     assert rec["config"]["argv"][1:6] == ["-m", "workloads.torchrun", "--standalone", "--nproc-per-node", "2"]
     steps = rec["series"]["step"]
     assert sorted(steps) == ["0", "1"], "per-rank step times are kept"
@@ -47,6 +71,18 @@ def test_tp_validate_passes_and_catches_a_wrong_shard(tmp_path):
     # a planted fault failing the check: tests/test_tp_validate_tolerance.py (GPT arch)
 
 
+def test_tp2_run_listens_on_loopback_only(dense_tp2):
+    """A single-node multi-process run listens on 127.0.0.1 only (workloads.torchrun): the rendezvous store and
+    every rank's sockets; the ranks get MASTER_ADDR 127.0.0.1 and an interface for gloo and NCCL."""
+    _, seen, envs = dense_tp2
+    assert {ip for _, ip, _ in seen} <= LOOPBACK, f"listeners off loopback: {sorted(seen)}"
+    assert any(role == "launcher" for role, _, _ in seen), f"the rendezvous store was never seen: {sorted(seen)}"
+    assert len(envs) == 2, "both ranks were seen"
+    for env in envs.values():
+        assert env["MASTER_ADDR"] == "127.0.0.1"
+        assert env["GLOO_SOCKET_IFNAME"] and env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"]
+
+
 #: Tensor-parallel options refused before launch, and the line that says why
 #: (tests/test_refusals.py runs them in process too).
 REFUSED_TP = [
@@ -65,22 +101,8 @@ def test_bad_tp_is_refused_before_launch(tmp_path, args, words):
     assert not list(tmp_path.iterdir())
 
 
-def test_two_nodes_meet_on_localhost(tmp_path):
-    port = free_port()
-    procs = [start_btune("run", "dense", "--preset", "tiny-llama", "--tp", "2", "--steps", "3", "--warmup", "1",
-                         "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", f"127.0.0.1:{port}",
-                         "--out", str(tmp_path / f"node{r}"), env=ONE_THREAD)
-             for r in range(2)]
-    outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-2000:] + err[-2000:]
-    recs = [load_record(Path(out.strip().splitlines()[-1])) for out, _ in outs]
-    assert "--rdzv-endpoint" in recs[0]["config"]["argv"]
-    # each node's console sees its own rank; the c10d rendezvous may hand out ranks in arrival order
-    ranks = [set(r["series"]["step"]) for r in recs]
-    assert all(len(r) == 1 for r in ranks) and ranks[0] | ranks[1] == {"0", "1"}
-    losses = [r["series"]["step"][next(iter(k))]["loss"] for r, k in zip(recs, ranks, strict=True)]
-    assert losses[0] == pytest.approx(losses[1])
+# Two nodes meeting on 127.0.0.1 (--nnodes 2, a rank each, the same losses): tests/test_slurm.py runs btune slurm's
+# run line that way, the same btune run --nnodes 2 --node-rank R --rdzv-endpoint 127.0.0.1:PORT on each "node".
 
 
 def test_a_rank_that_dies_fails_the_run_without_a_hang(tmp_path):
