@@ -16,12 +16,24 @@ from support import ONE_THREAD, PROGRAMS, environ, free_port
 from tuner.launch import build_config, make_runner
 
 
-def run_program(*args: str) -> list[dict]:
+def run_program(device: str, *configs: str) -> dict[str, list[dict]]:
+    """tests/programs/tp_serve_tokens.py under torchrun (2 ranks) for each PRESET,BACKEND,COMPILE_MODE in turn:
+    the lines both ranks printed, by configuration."""
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(PROGRAMS / "tp_serve_tokens.py"), *args], capture_output=True, text=True,
+                          str(PROGRAMS / "tp_serve_tokens.py"), device, *configs], capture_output=True, text=True,
                          env=environ(ONE_THREAD), timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    return {c: [x for x in lines if x["config"] == c] for c in configs}
+
+
+#: A 2-way replica on CPU, eager and compiled, both in one torchrun (one start-up of the two ranks).
+CPU_CONFIGS = ("tiny-llama,auto,none", "tiny,math,default")
+
+
+@pytest.fixture(scope="module")
+def cpu_replicas() -> dict[str, list[dict]]:
+    return run_program("cpu", *CPU_CONFIGS)
 
 
 def check(lines: list[dict]) -> dict:
@@ -36,16 +48,16 @@ def check(lines: list[dict]) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("preset", "backend", "compile_mode"),
-                         [("tiny-llama", "auto", "none"), ("tiny", "math", "default")])
-def test_tp2_replica_tokens_equal_full_recompute(preset, backend, compile_mode):
-    check(run_program(preset, backend, compile_mode))
+@pytest.mark.parametrize("config", CPU_CONFIGS)
+def test_tp2_replica_tokens_equal_full_recompute(cpu_replicas, config):
+    """PRESET,BACKEND,COMPILE_MODE: every request's tokens equal full recompute on the whole model."""
+    check(cpu_replicas[config])
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_tp2_replica_with_cuda_graphs_equals_full_recompute():
-    leader = check(run_program("tiny-llama", "auto", "reduce-overhead", "cuda"))
+    leader = check(run_program("cuda", "tiny-llama,auto,reduce-overhead")["tiny-llama,auto,reduce-overhead"])
     assert leader["graphs"] == leader["buckets"], "every decode bucket ran as a captured CUDA graph"
 
 
