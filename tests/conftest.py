@@ -8,6 +8,7 @@ needs. Helpers shared by the test modules are in support.py.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -63,3 +64,37 @@ def fresh_dynamo() -> None:
     import torch
 
     torch._dynamo.reset()
+
+
+#: The modules that take longest in the full suite (seconds of test time, measured on the 2-core CI machine, most
+#: first). ``pytest -n 2 --dist worksteal`` hands each worker a contiguous share of the collection and lets an idle
+#: worker steal the tail of the other's queue; these modules are dealt out over the shares and put at their starts,
+#: so each worker begins with long runs and both end on quick tests, not one worker alone in a long run at the end.
+LONGEST_FIRST = ("test_dp", "test_serve_engine", "test_tune", "test_serve_tp", "test_tp", "test_dense",
+                 "test_perplexity", "test_tui", "test_integrations", "test_api_server", "test_bench", "test_slurm",
+                 "test_endpoint_servers", "test_faults", "test_serve_prefill", "test_quality_gate", "test_prometheus",
+                 "test_tp_stop", "test_tp_validate_tolerance", "test_parse", "test_moe_cli", "test_significance",
+                 "test_command", "test_fuzz", "test_cli", "test_rate_search")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the LONGEST_FIRST modules dealt round-robin to the workers' shares, each at its share's start;
+    a module's tests stay together and in their order (its module-scoped fixtures are set up once)."""
+    shares = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if shares < 2 or not items:
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    heavy: list[list[pytest.Item]] = [[] for _ in range(shares)]
+    rest: list[pytest.Item] = []
+    for item in items:
+        i = rank.get(item.module.__name__ if item.module else "")
+        (heavy[i % shares] if i is not None else rest).append(item)
+    for group in heavy:
+        group.sort(key=lambda item: rank[item.module.__name__])  # stable: a module's own order kept
+    ordered: list[pytest.Item] = []
+    for j, group in enumerate(heavy):
+        start = len(items) * j // shares  # where xdist's share j starts: fill up to it with quick modules
+        while len(ordered) < start and rest:
+            ordered.append(rest.pop(0))
+        ordered += group
+    items[:] = ordered + rest
