@@ -101,8 +101,16 @@ def test_memory_weights_and_grads_are_parameter_bytes(cfg: ModelConfig, dtype: t
     size = torch.empty((), dtype=dtype).element_size()
     est = memory_estimate(cfg, batch=2, seq_len=32, mode="train", dtype_bytes=size)
     assert est["weights"] == real and est["grads"] == real
-    assert est["optimizer"] == 8 * sum(p.numel() for p in model.parameters())
-    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+    # AdamW's state as torch allocates it after a step (the moments like each parameter; the step counters aside)
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    state = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k != "step")
+    assert est["optimizer"] == state
+    # the peak: the start of backward (activations + logits) or its end (grads + tail), the larger
+    assert est["total"] == est["weights"] + est["optimizer"] + max(est["activations"] + est["logits"],
+                                                                   est["grads"] + est["tail"])
     infer = memory_estimate(cfg, batch=2, seq_len=32, mode="decode", dtype_bytes=size)
     assert infer["grads"] == infer["optimizer"] == 0
     assert infer["kv_cache"] == KVCache(cfg, batch=2, max_len=32, dtype=dtype).nbytes()
@@ -111,7 +119,8 @@ def test_memory_weights_and_grads_are_parameter_bytes(cfg: ModelConfig, dtype: t
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_activation_estimate_near_saved_tensors(arch: str) -> None:
-    """Bytes autograd saves in one bf16 training forward + loss, against the estimate (flash-style kernel)."""
+    """Bytes autograd saves in one bf16 training forward + loss, against the estimate's activations and the loss's
+    saved log-probabilities (eager; the constants were read off H200 peaks, this checks them on the CPU)."""
     base = PRESETS["tiny"] if arch == "gpt" else PRESETS["tiny-llama"]
     cfg = replace(base, d_model=256, d_ff=1024 if arch == "gpt" else 688, n_layers=4)
     model = Transformer(cfg).to(torch.bfloat16)
@@ -129,4 +138,5 @@ def test_activation_estimate_near_saved_tensors(arch: str) -> None:
         logits = model(tokens)
         F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
     est = memory_estimate(cfg, batch=4, seq_len=256, mode="train", dtype_bytes=2)["activations"]
-    assert 0.7 < est / sum(saved.values()) < 1.4
+    log_probs = 4 * 256 * cfg.vocab_size * 4  # the loss saves its fp32 log-softmax (part of the estimate's logits)
+    assert 0.9 < (est + log_probs) / sum(saved.values()) < 1.1

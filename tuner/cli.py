@@ -130,7 +130,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str], command: list[str] | Non
         if args.memory_profile:  # a workload option too (dense, moe): the workload's declaration checks it
             extra = [*extra, "--memory-profile", str(args.memory_profile)]
         nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
-        config = build_config(args.workload, extra, timeout=args.timeout, sample_hz=args.sample_hz, nodes=nodes)
+        config = build_config(args.workload, extra, timeout=args.timeout, sample_hz=args.sample_hz, nodes=nodes,
+                              force=args.force)
     if config.options.get("dry_run"):
         import subprocess
 
@@ -464,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=finite, default=0.0, help="seconds before the run is stopped (0: none)")
     run.add_argument("--sample-hz", type=finite, default=10.0, help="telemetry samples per second (default 10)")
     run.add_argument("--no-telemetry", action="store_true", help="do not sample NVML or the host")
+    run.add_argument("--force", action="store_true",
+                     help="launch even when the memory estimate says the run will not fit its GPUs")
     run.add_argument("--json", action="store_true", help="print events as JSON lines instead of a status line")
     add_metrics_flags(run)
     run.add_argument("--repeat", type=positive, default=1,

@@ -4,9 +4,11 @@ The terminal side of a CLI run (status line, JSON lines, signals, the run loop) 
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from tuner.command import WORKLOAD as COMMAND
 from tuner.command import Command, CommandError, redact_argv, torchrun_devices
 from tuner.machine import probe_machine
 from tuner.runner import Runner
-from workloads.options import Machine, OptionError, machine_checks
+from workloads.options import Machine, OptionError, WorkloadSpec, machine_checks
 from workloads.specs.dense import processes
 
 
@@ -108,12 +110,50 @@ class Nodes:
                 "--rdzv-endpoint", self.rdzv_endpoint, "--nproc-per-node", str(tp // self.nnodes)]
 
 
+#: A run whose estimate per GPU is above this share of the smallest visible GPU is refused (unless forced): torch's
+#: peak leaves the CUDA context and the allocator's rounding outside, as the estimate does
+FIT_SHARE = 0.95
+GIB = 2**30
+
+
+def estimate_parts(spec: WorkloadSpec, options: Mapping[str, Any], device: str) -> dict[str, int] | None:
+    """The workload's dry-run memory estimate per rank (its torch-free ``plan``), or None when it makes none."""
+    plan = getattr(importlib.import_module(spec.module), "plan", None)
+    if plan is None:
+        return None
+    try:
+        est = plan(dict(options), device).get("memory_estimate_bytes")
+    except (ValueError, KeyError):  # the checks refuse such a shape first; no estimate otherwise
+        return None
+    if not isinstance(est, dict) or not isinstance(est.get("total"), (int, float)):
+        return None
+    return {k: int(v) for k, v in est.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def memory_refusal(spec: WorkloadSpec, options: Mapping[str, Any], machine: Machine) -> str | None:
+    """Why a GPU run is predicted not to fit (its estimate per rank over FIT_SHARE of the smallest visible GPU),
+    or None; CPU runs and dry runs are never refused."""
+    totals = [g["mem_total_mb"] for g in machine.gpus if isinstance(g.get("mem_total_mb"), (int, float))]
+    if options.get("device") == "cpu" or options.get("dry_run") or not totals:
+        return None
+    est = estimate_parts(spec, options, "cuda")
+    if est is None or est["total"] <= FIT_SHARE * min(totals) * 2**20:
+        return None
+    parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in est.items() if k != "total" and v)
+    name = next((str(g.get("name")) for g in machine.gpus if g.get("mem_total_mb") == min(totals)), "GPU")
+    return (f"predicted not to fit: the memory estimate is {est['total'] / GIB:.1f} GiB per GPU ({parts} GiB; "
+            f"btune run {spec.name} --dry-run ... shows it) over {FIT_SHARE:.0%} of the {name}'s "
+            f"{min(totals) / 1024:.1f} GiB; lower --batch-size or --seq-len, add --activation-checkpointing or "
+            "--dp-shard, or pass --force to launch anyway")
+
+
 def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float = 0.0,
                  sample_hz: float = 10.0, python: str | None = None, nodes: Nodes | None = None,
-                 machine: Machine | None = None) -> RunConfig:
+                 machine: Machine | None = None, force: bool = False) -> RunConfig:
     """Validate options against the catalog (raises OptionError/LaunchError) and build the argv.
 
-    ``machine`` (default: probed now) is what the checks run against; a form can pass the one it shows.
+    ``machine`` (default: probed now) is what the checks run against; a form can pass the one it shows. A run
+    predicted not to fit its GPUs is refused unless ``force``.
     """
     spec = catalog.get(workload)
     nodes = nodes or Nodes()
@@ -128,6 +168,9 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
     problems = machine_checks({**options, "nnodes": nodes.nnodes}, machine, spec)
     if problems:
         raise LaunchError(problems[0][1])
+    refusal = None if force else memory_refusal(spec, options, machine)
+    if refusal:
+        raise LaunchError(refusal)
     python = python or sys.executable
     launcher = nodes.torchrun(python, nproc) if nproc > 1 or nodes.nnodes > 1 else [python]
     argv = (*launcher, "-m", spec.module, *catalog.to_argv(spec, options))

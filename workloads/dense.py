@@ -73,7 +73,9 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     shard, dp = int(opts.get("dp_shard") or 1), int(opts.get("dp_shard") or 1) * int(opts.get("dp_replicate") or 1)
     estimate = memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
-                               activation_checkpointing=opts["activation_checkpointing"])
+                               activation_checkpointing=opts["activation_checkpointing"],
+                               compiled=opts["compile_mode"] != "none", fp8=opts["fp8_mode"] != "off",
+                               tp=int(opts.get("tp") or 1))
     block = (param_counts(cfg)["matmul"] - cfg.d_model * cfg.vocab_size) // cfg.n_layers * _DTYPE_BYTES[dtype]
     estimate = sharded(estimate, shard, block)  # per rank under FSDP
     return {

@@ -82,9 +82,10 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "data": {"kind": opts["data"], "zipf_exponent": opts["zipf_exponent"] if opts["data"] == "zipf" else None},
         "params": moe_param_counts(cfg),
         "flops_per_token": moe_flops_per_token(cfg, seq, mode),
-        "memory_estimate_bytes": sharded(moe_memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
-                                                             activation_checkpointing=opts["activation_checkpointing"]),
-                                         shard, _block_bytes(cfg, _DTYPE_BYTES[dtype])),  # per rank
+        "memory_estimate_bytes": sharded(moe_memory_estimate(
+            cfg, batch, seq, mode, _DTYPE_BYTES[dtype], activation_checkpointing=opts["activation_checkpointing"],
+            compiled=opts["compile_mode"] != "none", fp8=opts["fp8_mode"] != "off", tp=int(opts.get("tp") or 1)),
+            shard, _block_bytes(cfg, _DTYPE_BYTES[dtype])),  # per rank
         "dp": {"shard": shard, "replicate": dp // shard} if dp > 1 else None,
         **({"checkpoint": checkpoint} if checkpoint else {}),
     }

@@ -6,14 +6,13 @@ over the limit, is never launched.
 
 from __future__ import annotations
 
-import importlib
 import re
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.launch import LaunchError, RunConfig, build_config
+from tuner.launch import LaunchError, RunConfig, build_config, estimate_parts
 from tuner.tune import TuneError
 from workloads.options import Machine, OptionError, WorkloadSpec
 
@@ -50,15 +49,8 @@ def memory_limit(text: str | None, machine: Machine, device: str) -> tuple[float
 
 def estimate(spec: WorkloadSpec, options: Mapping[str, Any], device: str) -> int | None:
     """The workload's dry-run memory estimate in bytes (its torch-free ``plan``), or None when it makes none."""
-    plan = getattr(importlib.import_module(spec.module), "plan", None)
-    if plan is None:
-        return None
-    try:
-        est = plan(dict(options), device).get("memory_estimate_bytes")
-    except (ValueError, KeyError):  # the checks refuse such a shape first; no estimate otherwise
-        return None
-    total = est.get("total") if isinstance(est, dict) else est
-    return int(total) if isinstance(total, (int, float)) and not isinstance(total, bool) else None
+    parts = estimate_parts(spec, options, device)
+    return parts["total"] if parts else None
 
 
 @dataclass

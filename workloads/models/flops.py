@@ -93,6 +93,31 @@ def bytes_moved(cfg: ModelConfig, dtype_bytes: int) -> dict[str, int]:
             "kv_bytes_per_token": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes}
 
 
+#: Elements each layer keeps for backward per token, per unit of d_ff, d and the KV width (``_layer_bytes``; times
+#: the activations' bytes; the d part is not split under TP, so TP estimates err high). Read off the allocation
+#: sites live at the training peak of llama-3.1-8b shapes on an H200 (benchmarks/memory_gpu.py, docs/benchmarks.md
+#: "The memory estimate"): eager keeps SwiGLU's gate, up, silu and product (4 d_ff), the two RMSNorms' fp32
+#: working copies (9 d), q and k after RoPE (d + kv), the attention output (d) and v (kv); inductor's
+#: partitioner recomputes the norms and the silu (3 d_ff, 6.5 d); torchao's float8 under compile keeps the
+#: matmul inputs in one byte.
+_EAGER = {"ff": 4.0, "d": 11.0, "kv": 2.0}
+_COMPILED = {"ff": 3.0, "d": 6.5, "kv": 2.0}
+#: GPT-2 style (GELU, LayerNorm, no RoPE): fc1's output and GELU's (2 d_ff) and 8.5 d, read off gpt-large shapes
+#: eager; under compile the same (not measured)
+_GELU = {"ff": 2.0, "d": 8.5, "kv": 0.0}
+
+
+def _layer_bytes(cfg: ModelConfig, tokens: int, act_bytes: int, compiled: bool, fp8: bool, tp: int) -> int:
+    """One layer's saved activations for ``tokens`` tokens (its TP shard of the projections' outputs)."""
+    d, kv, ff = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+    coef = _GELU if cfg.arch != "llama" else _COMPILED if compiled else _EAGER
+    if compiled and fp8 and cfg.arch == "llama":  # gate, up in bf16; the down, gate/up, qkv, o inputs in fp8
+        per = (2 * ff * act_bytes + ff) / tp + 2 * d + (2.25 * d + 2 * kv / tp) * act_bytes
+    else:
+        per = (coef["ff"] * ff / tp + coef["d"] * d + coef["kv"] * kv / tp) * act_bytes
+    return int(tokens * per)
+
+
 def memory_estimate(
     cfg: ModelConfig,
     batch: int,
@@ -101,46 +126,76 @@ def memory_estimate(
     dtype_bytes: int,
     optimizer: str = "adamw",
     activation_checkpointing: bool = False,
+    compiled: bool = False,
+    fp8: bool = False,
+    tp: int = 1,
 ) -> dict[str, int]:
-    """Approximate device bytes: weights, grads, optimizer, activations, kv_cache, total.
+    """Device bytes per rank at the peak as torch's allocator counts it: weights, grads, optimizer, activations,
+    logits, tail, kv_cache, and ``total`` (``peak_total``). Read off allocation sites at measured H200 peaks
+    (benchmarks/memory_gpu.py; docs/benchmarks.md "The memory estimate").
 
-    Assumptions (a lower-bound-ish estimate, not an allocator trace):
-    weights and grads in ``dtype_bytes``; AdamW keeps two fp32 moments (8 bytes/param), SGD none
-    (momentum-free); training activations per layer follow Korthikanti et al. with a fused
-    (flash-style) attention kernel that keeps no T×T score matrix: about 34·B·T·d + 2·B·T·d_ff extra for
-    SwiGLU's gate, times ``dtype_bytes``/2, plus the logits (B·T·V in dtype and once more in fp32 for
-    the loss). With checkpointing only each block's input (B·T·d) is kept plus one block's working set.
-    Inference keeps one layer's working set plus logits; prefill/decode fill a KV cache of
-    2·L·B·seq_len·n_kv_heads·head_dim elements. CUDA context, allocator fragmentation and
-    workspace buffers are not included.
+    Weights and grads in ``dtype_bytes``; AdamW's two moments in the parameters' dtype (torch allocates them
+    like the parameter), SGD none. Under ``tp`` every projection, the embedding and the head are split, and the
+    loss runs on vocabulary-parallel logits outside compile.
+
+    Training peaks at the start of backward or near its end, whichever is larger: weights + optimizer +
+    max(activations + logits, grads + tail). Activations: every layer's saved tensors (``_layer_bytes``: eager,
+    compiled, torchao FP8 compiled); logits: the loss's working set (eager: the logits, the log-softmax of their
+    fp32 copy and its gradient, B·T·V·(2·dtype + 8); compiled, the loss is fused: the logits and the head's
+    gradient); tail: the first block's tensors, freed last. With checkpointing, eager keeps each block's input
+    and output and recomputes one block at a time; compiled, the partitioner keeps less and recomputes more at
+    once: a tail of 1.5 blocks with every gradient (a fit to three measurements, 4 and 12 layers, within 3%).
+
+    Inference (no grad): the residual and the logits at the head, or one block's working set, the larger; decode
+    fills a KV cache of 2·L·B·seq_len·kv_heads·head_dim elements (the dense workload's prefill is a plain forward,
+    no cache). The CUDA context and the allocator's rounding and fragmentation are not included.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     counts = param_counts(cfg)
     p = counts["total"]
+    p_rank = counts["other"] + (p - counts["other"]) // tp  # TP splits every matmul, the embedding and the head
     b, t, d, L = batch, seq_len, cfg.d_model, cfg.n_layers
-    weights = p * dtype_bytes
-    scale = dtype_bytes / 2  # the per-layer constants below are for 2-byte activations
-    layer_act = int((34 * b * t * d + (2 * b * t * cfg.d_ff if cfg.arch == "llama" else 0)) * scale)
+    weights = p_rank * dtype_bytes
+    kv_heads_bytes = cfg.n_kv_heads * cfg.head_dim * dtype_bytes // tp
+    out = {"weights": weights, "grads": 0, "optimizer": 0, "activations": 0, "logits": 0, "tail": 0, "kv_cache": 0}
     if mode == "train":
-        grads = p * dtype_bytes
+        out["grads"] = p_rank * dtype_bytes
         if optimizer == "adamw":
-            opt = p * 8
-        elif optimizer == "sgd":
-            opt = 0
-        else:
+            out["optimizer"] = 2 * p_rank * dtype_bytes
+        elif optimizer != "sgd":
             raise ValueError(f"optimizer {optimizer!r} is not one of adamw, sgd")
-        logits = b * t * cfg.vocab_size * (dtype_bytes + 4)
-        kept = L * b * t * d * dtype_bytes + layer_act if activation_checkpointing else L * layer_act
-        acts = kept + logits
-        kv = 0
-    else:
-        grads = opt = 0
+        layer = _layer_bytes(cfg, b * t, dtype_bytes, compiled, fp8, tp)
+        if activation_checkpointing and compiled:  # the partitioner's recompute (FP8 or not): a fit, see above
+            out["tail"] = int(1.5 * _layer_bytes(cfg, b * t, dtype_bytes, compiled, False, tp))
+        elif activation_checkpointing:  # each block's input and output kept; a block recomputed at a time
+            out["activations"] = 2 * L * b * t * d * dtype_bytes
+            out["tail"] = out["activations"] + layer
+        else:
+            out["activations"] = L * layer
+            out["tail"] = layer  # the first block's saved tensors, freed last
+        btv = b * t * cfg.vocab_size // tp  # vocabulary-parallel logits under TP, their loss outside compile
+        out["logits"] = (btv * dtype_bytes + cfg.vocab_size * d * dtype_bytes if compiled and tp == 1
+                         else btv * (2 * dtype_bytes + 8))
+    else:  # no grad: the residual and the logits at the head, or one block's working set (tail), the larger
         q_len = t if mode == "prefill" else 1
-        acts = int((34 * b * q_len * d + 2 * b * q_len * cfg.d_ff) * scale) + b * q_len * cfg.vocab_size * 4
-        kv = 2 * L * b * t * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
-    total = weights + grads + opt + acts + kv
-    return {"weights": weights, "grads": grads, "optimizer": opt, "activations": acts, "kv_cache": kv, "total": total}
+        ff = cfg.d_ff * (3 if cfg.arch == "llama" else 2) // tp
+        out["activations"] = 2 * b * q_len * d * dtype_bytes
+        out["logits"] = b * q_len * cfg.vocab_size // tp * dtype_bytes
+        out["tail"] = b * q_len * (2 * d + ff) * dtype_bytes
+        out["kv_cache"] = 2 * L * b * t * kv_heads_bytes if mode == "decode" else 0  # prefill: a no-grad forward
+    out["total"] = peak_total(out)
+    return out
+
+
+def peak_total(parts: dict[str, int]) -> int:
+    """The peak from the parts: weights + optimizer + FSDP's gathered blocks + KV cache + the larger of two
+    candidate peaks: training's start of backward (activations + logits) and its end (grads + tail); inference's
+    head (activations + logits) and one block's working set (tail)."""
+    start = parts.get("activations", 0) + parts.get("logits", 0)
+    end = parts.get("grads", 0) + parts.get("tail", 0)
+    return (parts.get("weights", 0) + parts.get("optimizer", 0) + parts.get("gathered", 0) + parts.get("kv_cache", 0)
+            + max(start, end))
 
 
 def sharded(estimate: dict[str, int], shard: int, block_bytes: int) -> dict[str, int]:
@@ -152,6 +207,6 @@ def sharded(estimate: dict[str, int], shard: int, block_bytes: int) -> dict[str,
     for part in ("weights", "grads", "optimizer"):
         out[part] = -(-out[part] // shard)
     out["gathered"] = 2 * block_bytes
-    out["total"] = sum(v for k, v in out.items() if k != "total")
+    out["total"] = peak_total(out)
     return out
 
