@@ -1,10 +1,13 @@
 """The dense workload's modes and knobs on CPU, through `btune run` (real subprocesses)."""
 
+import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
 from support import btune, record_of
+
+from tuner.runs import load_record as record_of_file
 
 pytestmark = pytest.mark.slow  # every test runs btune in a subprocess
 
@@ -65,16 +68,31 @@ def test_knobs_this_machine_cannot_run_are_refused_before_launch(tmp_path, args,
     assert len(res.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
 
 
-def test_dry_run_plan_matches_the_run(tmp_path):
-    plan = orjson.loads(btune("run", "dense", "--preset", "tiny", "--dry-run").stdout)
-    rec = run_ok(tmp_path, "--preset", "tiny", "--steps", "2", "--warmup", "1")
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``btune sweep`` of dense (the CPU preset, tiny) over batch sizes 2,4 x modes train,prefill: the finished
+    process and its output directory (four runs, also the runs the dry-run plan is checked against)."""
+    out = tmp_path_factory.mktemp("sweep")
+    res = btune("sweep", "dense", "--steps", "2", "--warmup", "1", "--batch-size", "2,4", "--mode", "train,prefill",
+                "--out", str(out), timeout=600)
+    return res, out
+
+
+def test_dry_run_plan_matches_the_run(sweep):
+    """The plan --dry-run prints is what the run of the same options reports (the sweep's tiny, batch 2, train)."""
+    plan = orjson.loads(btune("run", "dense", "--preset", "tiny", "--batch-size", "2", "--dry-run").stdout)
+    res, out = sweep
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = [record_of_file(p) for p in sorted(out.glob("*.json"))]
+    opts = [r["config"]["options"] for r in runs]
+    rec = next(r for r, o in zip(runs, opts, strict=True) if (o["batch_size"], o["mode"]) == (2, "train"))
+    assert rec["config"]["options"]["preset"] == "tiny"
     meta = next(e for e in rec["events"] if e["type"] == "meta")
     assert meta["flops_per_token"] == plan["flops_per_token"] and meta["params"] == plan["params"]
 
 
-def test_sweep_runs_the_product_and_compares(tmp_path):
-    res = btune("sweep", "dense", "--steps", "2", "--warmup", "1", "--batch-size", "2,4", "--mode", "train,prefill",
-                "--out", str(tmp_path), timeout=600)
+def test_sweep_runs_the_product_and_compares(sweep):
+    res, tmp_path = sweep
     assert res.returncode == 0, res.stderr[-2000:]
     assert "btune sweep: 4 runs" in res.stdout and res.stdout.count("  ok: ") == 4
     head = res.stdout[res.stdout.index("\n#  "):].splitlines()[1]  # the sweep table: a row per run
