@@ -85,7 +85,7 @@ def test_each_mesh_against_one_process(tmp_path, mesh, passes):
 @pytest.mark.parametrize(("argv", "says"), [
     (["run", "dense", "--mode", "prefill", "--dp-shard", "2"], "--dp-shard is only valid with --mode train"),
     (["run", "moe", "--mode", "prefill", "--dp-shard", "2"], "--dp-shard is only valid with --mode train"),
-    (["run", "moe", "--ep", "2"], "give --dp-shard 2 (now 1)"),
+    (["run", "moe", "--ep", "2"], "they number 2 (now --dp-shard 1)"),
     (["run", "moe", "--ep", "2", "--dp-shard", "2", "--tp", "2"], "not supported yet"),
     (["run", "moe", "--ep", "3", "--dp-shard", "3"], "must divide the routed experts (8)"),
     (["run", "dense", "--ep", "2"], "unrecognized arguments: --ep 2"),

@@ -90,7 +90,7 @@ REFUSED_TP = [
     (["dense", "--preset", "tiny-llama", "--tp", "4"], "KV heads (2)"),
     (["dense", "--tp", "2", "--nnodes", "2"], "needs --rdzv-endpoint"),
     (["dense", "--tp", "3", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"], "multiple of --nnodes 2"),
-    (["tp-validate", "--tp", "1"], "nothing to validate: give --tp, --dp-shard or --dp-replicate > 1"),
+    (["tp-validate", "--tp", "1"], "nothing to validate: give --tp, --dp-shard, --dp-replicate or --cp > 1"),
 ]
 
 

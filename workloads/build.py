@@ -58,7 +58,7 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
           dtype: torch.dtype, *, heads: tuple[int, int, int], seq_len: int, training: bool, mesh: Any = None,
           shard: Callable[[nn.Module], None] | None = None, tp: int = 1, compile: bool = True,
           dp_mesh: Any = None, skip_sync_layer: int | None = None, ep_group: Any = None,
-          misroute: bool = False) -> Built:
+          misroute: bool = False, cp_mesh: Any = None, cp_fault: str | None = None) -> Built:
     """``make_model(kernel)`` built for ``opts`` on ``device`` in ``dtype``, in the order above.
 
     ``heads``: (query heads, KV heads, head dim) of one rank, and ``seq_len`` the query length, for the
@@ -89,6 +89,10 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
         tp = mesh.size()
     elif shard is not None:
         shard(model)
+    if cp_mesh is not None:  # context parallelism: this rank's positions, keys and values gathered
+        from workloads import parallel
+
+        parallel.apply_cp(model, cp_mesh, seq_len, fault=cp_fault)
     if ep_group is not None:  # expert parallelism: each rank its share of the routed experts
         from workloads import parallel
 
@@ -106,8 +110,8 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
 
         reshard = opts.get("reshard_after_forward", "on") == "on"
         parallel.apply_fsdp(model, dp_mesh, dtype, reshard=reshard, skip_sync_layer=skip_sync_layer)
-        sizes = list(dp_mesh.shape)
-        dp = {"shard": sizes[-1], "replicate": sizes[0] if len(sizes) > 1 else 1, "reshard_after_forward": reshard}
+        dp = {"shard": int(opts.get("dp_shard") or 1), "replicate": int(opts.get("dp_replicate") or 1),
+              "reshard_after_forward": reshard}
     if not training:
         model.eval()
     # 6. compile
@@ -123,6 +127,7 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
         "tp": tp,
         **({"dp": dp} if dp_mesh is not None else {}),
         **({"ep": ep_group.size()} if ep_group is not None else {}),
+        **({"cp": cp_mesh.size()} if cp_mesh is not None else {}),
     }
     return built
 

@@ -72,12 +72,13 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     steps = opts["steps"] or (0 if opts["duration"] else run_defaults["steps"])
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     shard, dp = int(opts.get("dp_shard") or 1), int(opts.get("dp_shard") or 1) * int(opts.get("dp_replicate") or 1)
+    cp = int(opts.get("cp") or 1)
     estimate = memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
                                activation_checkpointing=opts["activation_checkpointing"],
-                               compiled=opts["compile_mode"] != "none", fp8=opts["fp8_mode"] != "off",
-                               tp=int(opts.get("tp") or 1))
+                               compiled=opts.get("compile_mode", "none") != "none",
+                               fp8=opts.get("fp8_mode", "off") != "off", tp=int(opts.get("tp") or 1), cp=cp)
     block = (param_counts(cfg)["matmul"] - cfg.d_model * cfg.vocab_size) // cfg.n_layers * _DTYPE_BYTES[dtype]
-    estimate = sharded(estimate, shard, block)  # per rank under FSDP
+    estimate = sharded(estimate, shard * cp, block)  # per rank under FSDP (over --dp-shard x --cp)
     return {
         "model": asdict(cfg),
         "mode": mode,
@@ -89,6 +90,7 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "dtype": dtype,
         "tokens_per_step": batch * (seq if mode != "decode" else 1) * dp,  # --batch-size is per data-parallel rank
         "dp": {"shard": shard, "replicate": dp // shard} if dp > 1 else None,
+        "cp": cp if cp > 1 else None,
         "params": param_counts(cfg),
         "flops_per_token": flops_per_token(cfg, seq, mode),
         "memory_estimate_bytes": estimate,  # per rank
@@ -143,11 +145,11 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
 
     b = build(make, opts, h.device, h.dtype,
               heads=(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), seq_len=p["seq_len"] if mode != "decode" else 1,
-              training=mode == "train", mesh=h.mesh, dp_mesh=h.dp_mesh)
+              training=mode == "train", mesh=h.mesh, dp_mesh=h.dp_mesh, cp_mesh=h.cp_mesh)
     model, fwd, autocast, no_backward = b.model, b.forward, b.autocast, b.no_backward
     batch, seq = p["batch_size"], p["seq_len"]
     # each data-parallel rank reads its own batches (TP ranks of one replica the same ones)
-    seed = opts["seed"] + 7919 * parallel.dp_rank(h.dp_mesh)
+    seed = opts["seed"] + 7919 * h.data_rank
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pool = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(h.device) for _ in range(4)]
     if p.get("data"):
@@ -179,8 +181,8 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
 
         def step(i: int) -> torch.Tensor:
             data = batch_of(i)
-            with autocast(), parallel.loss_context(tp):
-                loss = train_fwd(data[:, :-1], data[:, 1:])
+            with autocast(), parallel.loss_context(tp):  # under --cp: this rank's chunks of each sequence
+                loss = train_fwd(parallel.cp_slice(data[:, :-1], h.cp_mesh), parallel.cp_slice(data[:, 1:], h.cp_mesh))
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -112,6 +112,8 @@ class Harness:
         self.rank, self.world = parallel.rank(), parallel.world_size()
         self.mesh: Any = None
         self.dp_mesh: Any = None
+        self.cp_mesh: Any = None
+        self.data_rank = 0
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
@@ -124,11 +126,12 @@ class Harness:
 
     def join(self) -> Any:
         """Join torchrun's process group: the TP mesh for ``--tp`` (``self.mesh``) and the data-parallel mesh for
-        ``--dp-shard``/``--dp-replicate`` (``self.dp_mesh``), each None at degree 1; ValueError when torchrun's
-        world size is not their product."""
-        self.mesh, self.dp_mesh = parallel.join(self.opts["tp"], self.opts["device"],
-                                                int(self.opts.get("dp_shard") or 1),
-                                                int(self.opts.get("dp_replicate") or 1))
+        ``--dp-shard``/``--dp-replicate`` (``self.dp_mesh``, over ``--cp``'s ranks too), the context-parallel mesh
+        (``self.cp_mesh``), each None at degree 1, and which batch this rank reads (``self.data_rank``);
+        ValueError when torchrun's world size is not their product."""
+        self.mesh, self.dp_mesh, self.cp_mesh, self.data_rank = parallel.join(
+            self.opts["tp"], self.opts["device"], int(self.opts.get("dp_shard") or 1),
+            int(self.opts.get("dp_replicate") or 1), int(self.opts.get("cp") or 1))
         return self.mesh
 
     def join_replicas(self, replicas: int, tp: int) -> Any:

@@ -56,7 +56,7 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         cfg = replace(cfg, base=replace(cfg.base, max_seq_len=seq + 1))
     steps = opts["steps"] or (0 if opts["duration"] else run_defaults["steps"])
     dtype = opts["dtype"] if opts["dtype"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    shard = int(opts.get("dp_shard") or 1)
+    shard, cp = int(opts.get("dp_shard") or 1), int(opts.get("cp") or 1)
     dp = shard * int(opts.get("dp_replicate") or 1)
     balance = opts["balance"]
     if balance == "auto":
@@ -84,9 +84,10 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "flops_per_token": moe_flops_per_token(cfg, seq, mode),
         "memory_estimate_bytes": sharded(moe_memory_estimate(
             cfg, batch, seq, mode, _DTYPE_BYTES[dtype], activation_checkpointing=opts["activation_checkpointing"],
-            compiled=opts["compile_mode"] != "none", fp8=opts["fp8_mode"] != "off", tp=int(opts.get("tp") or 1)),
-            shard, _block_bytes(cfg, _DTYPE_BYTES[dtype])),  # per rank
+            compiled=opts.get("compile_mode", "none") != "none", fp8=opts.get("fp8_mode", "off") != "off",
+            tp=int(opts.get("tp") or 1), cp=cp), shard * cp, _block_bytes(cfg, _DTYPE_BYTES[dtype])),  # per rank
         "dp": {"shard": shard, "replicate": dp // shard} if dp > 1 else None,
+        "cp": cp if cp > 1 else None,
         **({"checkpoint": checkpoint} if checkpoint else {}),
     }
 
@@ -149,7 +150,7 @@ def _model(h: Harness, p: dict[str, Any]) -> tuple[Built, dict[str, Any]]:
 
     b = build(make, opts, h.device, h.dtype, heads=(cfg.base.n_heads, cfg.base.n_kv_heads, cfg.base.head_dim),
               seq_len=p["seq_len"], training=p["mode"] == "train", mesh=h.mesh, dp_mesh=h.dp_mesh,
-              ep_group=h.dp_mesh.get_group() if int(opts.get("ep") or 1) > 1 else None)
+              ep_group=h.dp_mesh.get_group() if int(opts.get("ep") or 1) > 1 else None, cp_mesh=h.cp_mesh)
     if b.fp8.library != "off":
         b.ran["fp8"]["reason"] += f"; routed experts and the router stay in {p['dtype']}"
     b.ran.update({
@@ -201,7 +202,7 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
     tracker = (BalanceWindow(h.em.experts, len(layers), cfg.n_experts, bal["window"], device, p["moe_layer_ids"],
                              cfg.top_k, p["capacity_per_expert"]) if metrics_on and h.rank == 0 else None)
     pool = [t.to(device) for t in make_pool(p["data"]["kind"], opts["zipf_exponent"], cfg.base.vocab_size,
-                                            batch, seq, opts["seed"] + 7919 * parallel.dp_rank(h.dp_mesh))]
+                                            batch, seq, opts["seed"] + 7919 * h.data_rank)]
 
     if mode == "train":
         opt = torch.optim.AdamW(parallel.param_groups(model), lr=opts["lr"], fused=device.type == "cuda")
@@ -220,7 +221,8 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
         def step(i: int) -> torch.Tensor:
             data = pool[i % len(pool)]
             with autocast(), parallel.loss_context(tp):
-                total, ce, stats = train_fwd(data[:, :-1], data[:, 1:])
+                total, ce, stats = train_fwd(parallel.cp_slice(data[:, :-1], h.cp_mesh),
+                                             parallel.cp_slice(data[:, 1:], h.cp_mesh))
                 total.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

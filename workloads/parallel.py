@@ -66,35 +66,130 @@ def replica_groups(device_type: str, replicas: int, tp: int) -> dist.ProcessGrou
     return mesh.get_group("tp")
 
 
-def join(tp: int, device: str, dp_shard: int = 1, dp_replicate: int = 1) -> tuple[DeviceMesh | None,
-                                                                                  DeviceMesh | None]:
-    """The meshes of one run under torchrun's WORLD_SIZE: ``(tp mesh, dp mesh)``, each None at degree 1. The
-    world is one mesh ``(dp_replicate, dp_shard, tp)`` (torchtitan's order: TP innermost, on the fastest links);
-    the dp mesh is its ``(dp_replicate, dp_shard)`` part (1-D FSDP, or HSDP when both are > 1). ValueError when
-    the degrees' product is not the world size."""
+def join(tp: int, device: str, dp_shard: int = 1, dp_replicate: int = 1, cp: int = 1) -> tuple[
+        DeviceMesh | None, DeviceMesh | None, DeviceMesh | None, int]:
+    """The meshes of one run under torchrun's WORLD_SIZE: ``(tp mesh, FSDP mesh, cp mesh, data rank)``, each mesh
+    None at degree 1. The world is one mesh ``(dp_replicate, dp_shard, cp, tp)`` (torchtitan's order: TP
+    innermost, on the fastest links); FSDP shards over ``dp_shard x cp`` (flattened; the context-parallel ranks
+    hold one model and sum their gradients like data-parallel ones), replicated over ``dp_replicate`` (HSDP).
+    The data rank says which batch this rank reads: ranks that differ only in cp or tp read the same one.
+    ValueError when the degrees' product is not the world size."""
     import torch
 
-    want = tp * dp_shard * dp_replicate
+    want = tp * dp_shard * dp_replicate * cp
     if world_size() != want:
-        what = f"--tp {tp}" if want == tp else f"--dp-replicate {dp_replicate} x --dp-shard {dp_shard} x --tp {tp}"
+        what = f"--tp {tp}" if want == tp else (f"--dp-replicate {dp_replicate} x --dp-shard {dp_shard}"
+                                                 + (f" x --cp {cp}" if cp > 1 else "") + f" x --tp {tp}")
         raise ValueError(f"{what} but {world_size()} processes: launch through `btune run` (it runs torchrun)")
     if want == 1:
-        return None, None
+        return None, None, None, 0
     device_type = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    if dp_shard * dp_replicate == 1:
-        return init(device_type), None
+    if dp_shard * dp_replicate * cp == 1:
+        return init(device_type), None, None, 0
     from torch.distributed.device_mesh import init_device_mesh
 
     init(device_type)
-    mesh = init_device_mesh(device_type, (dp_replicate, dp_shard, tp), mesh_dim_names=("dp_replicate", "dp_shard",
-                                                                                          "tp"))
+    mesh = init_device_mesh(device_type, (dp_replicate, dp_shard, cp, tp),
+                            mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))
     tp_mesh = mesh["tp"] if tp > 1 else None
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if dp_replicate > 1 else mesh["dp_shard"]
-    return tp_mesh, dp_mesh
+    cp_mesh = mesh["cp"] if cp > 1 else None
+    shard = mesh["dp_shard", "cp"]._flatten("dp_shard_cp") if cp > 1 else mesh["dp_shard"]
+    dp_mesh = (mesh["dp_replicate", "dp_shard_cp" if cp > 1 else "dp_shard"] if dp_replicate > 1 else shard)
+    coords = mesh.get_coordinate() or [0, 0, 0, 0]
+    return tp_mesh, dp_mesh, cp_mesh, coords[0] * dp_shard + coords[1]
+
+
+def cp_chunks(seq: int, cp: int, rank_: int) -> tuple[slice, slice]:
+    """The two chunks of a ``seq``-long sequence context-parallel rank ``rank_`` of ``cp`` holds: i and 2cp-1-i
+    of 2cp equal chunks (the early, cheap one and the late, expensive one: causal work balanced)."""
+    c = seq // (2 * cp)
+    return slice(rank_ * c, (rank_ + 1) * c), slice((2 * cp - 1 - rank_) * c, (2 * cp - rank_) * c)
+
+
+def cp_slice(x: torch.Tensor, cp_mesh: DeviceMesh | None, dim: int = 1) -> torch.Tensor:
+    """This context-parallel rank's part of ``x`` along ``dim`` (the sequence): its two chunks, concatenated."""
+    if cp_mesh is None:
+        return x
+    a, b = cp_chunks(x.shape[dim], cp_mesh.size(), cp_mesh.get_local_rank())
+    return torch.cat([x.narrow(dim, a.start, a.stop - a.start), x.narrow(dim, b.start, b.stop - b.start)], dim=dim)
+
+
+class _GatherAutograd(torch.autograd.Function):
+    """All-gather over ``group`` (``[world, *shape]``) whose backward sums every rank's gradient of this rank's
+    part and hands it back (reduce-scatter; gloo has none, so there an all-reduce and this rank's slice).
+    torch.distributed.nn.functional.all_gather's gloo backward scatters by global rank, wrong on a subgroup."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        n = dist.get_world_size(group)
+        out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+        return out.view(n, *t.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            out = torch.empty_like(grad[0])
+            dist.reduce_scatter_tensor(out, grad.flatten(0, 1), group=ctx.group)
+            return out, None
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total[dist.get_rank(ctx.group)], None
+
+
+class ContextParallelAttention:
+    """The model's attention kernel under context parallelism: this rank's queries (two chunks) against every
+    position's keys and values, all-gathered over the cp group (autograd-aware: their gradients flow back to the
+    rank that made them), each query chunk attending the keys up to its own end with a lower-right causal mask.
+    ``fault="cp-local-keys"`` plants a bug for the validator: no gather, each rank attends its own keys only."""
+
+    def __init__(self, inner: Any, group: dist.ProcessGroup, fault: str | None = None) -> None:
+        self.inner, self.group, self.fault = inner, group, fault
+        self.cp, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.kv_multiple = 1
+        self.window = None
+
+    def mask(self, q_len: int, kv_len: int, device: Any) -> None:
+        return None
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, 2c, D] from every rank, back in sequence order: [B, H, 2cp c, D]."""
+        parts = _GatherAutograd.apply(t, self.group)
+        c = t.shape[2] // 2
+        return torch.cat([parts[i][:, :, :c] if i < self.cp else parts[2 * self.cp - 1 - i][:, :, c:]
+                          for i in range(2 * self.cp)], dim=2)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        from torch.nn.attention.bias import causal_lower_right
+
+        c = q.shape[2] // 2
+        if self.fault == "cp-local-keys":
+            return self.inner(q, k, v, None)
+        keys, values = self._gather(k), self._gather(v)
+        out = []
+        for part, chunk in ((q[:, :, :c], self.rank), (q[:, :, c:], 2 * self.cp - 1 - self.rank)):
+            end = (chunk + 1) * c
+            out.append(self.inner(part, keys[:, :, :end], values[:, :, :end], causal_lower_right(c, end)))
+        return torch.cat(out, dim=2)
+
+
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int, fault: str | None = None) -> None:
+    """Context parallelism around ``model``: its attention kernel wrapped (ContextParallelAttention) and its RoPE
+    table replaced by this rank's positions (chunks i and 2cp-1-i of ``seq_len``), so the model, unchanged,
+    runs on this rank's slice of each sequence (``cp_slice``)."""
+    rope = getattr(model, "rope", None)
+    if rope is None:
+        raise ValueError("--cp needs a RoPE model (llama-style)")
+    a, b = cp_chunks(seq_len, cp_mesh.size(), cp_mesh.get_local_rank())
+    model.rope = torch.cat([rope[:, a], rope[:, b]], dim=1)  # type: ignore[assignment]
+    model.attention = ContextParallelAttention(model.attention, cp_mesh.get_group(), fault)  # type: ignore[assignment]
 
 
 def dp_rank(dp_mesh: DeviceMesh | None) -> int:
-    """This rank's index among the data-parallel ranks (0 without data parallelism): which batch it reads."""
+    """This rank's index among the data-parallel ranks (0 without data parallelism): which batch it reads (the
+    harness's ``data_rank`` under context parallelism, whose ranks share batches)."""
     if dp_mesh is None:
         return 0
     coords = dp_mesh.get_coordinate() or [0]

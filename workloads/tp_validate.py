@@ -146,11 +146,13 @@ def run(opts: dict[str, Any]) -> int:
         p, ref = _reference(h)
     except SETUP_ERRORS as exc:
         return h.setup_failed(exc)
-    tp, moe = opts["tp"], opts["model"] == "moe"
+    tp, moe, cp = opts["tp"], opts["model"] == "moe", opts["cp"]
     dp = opts["dp_shard"] * opts["dp_replicate"]
     sharded = copy.deepcopy(ref)
     if h.mesh is not None:
         sharded = parallel.apply_tp(sharded, h.mesh, wrong_layer=0 if opts["fault"] == "missing-allreduce" else None)
+    if h.cp_mesh is not None:
+        parallel.apply_cp(sharded, h.cp_mesh, p["seq_len"], fault=opts["fault"] if opts["fault"] != "none" else None)
     ep = opts["ep"]
     if ep > 1:
         parallel.apply_ep(sharded, h.dp_mesh.get_group(), misroute=opts["fault"] == "ep-misroute")
@@ -160,7 +162,7 @@ def run(opts: dict[str, Any]) -> int:
     gen = torch.Generator(device="cpu").manual_seed(opts["seed"])
     vocab, b = ref.cfg.vocab_size, p["batch_size"]
     tokens = torch.randint(0, vocab, (b * dp, p["seq_len"] + 1), generator=gen).to(h.device)  # the global batch
-    dp_rank = parallel.dp_rank(h.dp_mesh)
+    dp_rank = h.data_rank
     mine = slice(dp_rank * b, (dp_rank + 1) * b)
     x, y = tokens[:, :-1], tokens[:, 1:]
     train = opts["mode"] == "train"
@@ -174,18 +176,18 @@ def run(opts: dict[str, Any]) -> int:
     with torch.set_grad_enabled(train):
         ref_logits = logits_of(ref, x)
         ref_loss = F.cross_entropy(ref_logits.flatten(0, 1).float(), y.flatten())
-        tp_logits = logits_of(sharded, x[mine])
+        tp_logits = logits_of(sharded, parallel.cp_slice(x[mine], h.cp_mesh))  # --cp: this rank's chunks
         with parallel.loss_context(tp):
-            tp_loss = F.cross_entropy(tp_logits.flatten(0, 1).float(), y[mine].flatten())
+            tp_loss = F.cross_entropy(tp_logits.flatten(0, 1).float(), parallel.cp_slice(y[mine], h.cp_mesh).flatten())
             if train:
                 tp_loss.backward()
         if train:
             ref_loss.backward()
     loss = parallel.full(tp_loss).detach().clone()
-    if dp > 1:  # the global batch's loss: the mean of the data-parallel ranks' (equal) slices' losses (a
-        torch.distributed.all_reduce(loss)  # replica's TP ranks hold the same value, so over every rank)
+    if dp * cp > 1:  # the global batch's loss: the mean of the data- and context-parallel ranks' (equal) slices'
+        torch.distributed.all_reduce(loss)  # losses (a replica's TP ranks hold the same value, so over every rank)
         loss /= h.world
-    rows = [compare("logits", ref_logits[mine], parallel.full(tp_logits)),
+    rows = [compare("logits", parallel.cp_slice(ref_logits[mine], h.cp_mesh), parallel.full(tp_logits)),
             compare("loss", ref_loss, loss)]
     scale = 0.0
     if train:
@@ -198,9 +200,9 @@ def run(opts: dict[str, Any]) -> int:
                 continue
             got = parallel.full(other)
             want = param.grad
-            if ep > 1 and name.endswith(("experts.w13", "experts.w2")):  # this rank's experts
-                n = want.shape[0] // ep
-                want = want[dp_rank * n:(dp_rank + 1) * n]
+            if ep > 1 and name.endswith(("experts.w13", "experts.w2")):  # this rank's experts (its FSDP index:
+                n, ep_rank = want.shape[0] // ep, parallel.dp_rank(h.dp_mesh)  # data and context ranks alike)
+                want = want[ep_rank * n:(ep_rank + 1) * n]
             tp_rank = h.mesh.get_local_rank() if h.mesh is not None else 0
             rows.append(compare(f"grad {name}", expert_slice(name, want, got, tp_rank, tp), got))
         # every rank holds the whole reference model, so every rank computes the same scale
@@ -216,11 +218,12 @@ def run(opts: dict[str, Any]) -> int:
     if h.rank == 0:
         print(table(rows, tol, floor))
         mesh = " x ".join(f"{k} {v}" for k, v in (("dp-replicate", opts["dp_replicate"]),
-                                                     ("dp-shard", opts["dp_shard"]), ("tp", tp)) if v > 1)
+                                                     ("dp-shard", opts["dp_shard"]), ("cp", cp), ("tp", tp)) if v > 1)
         mesh += f" (ep {ep})" if ep > 1 else ""
         print(f"tp-validate: {mesh} vs one process, {p['dtype']}, {len(rows)} tensors: "
               f"{'PASS' if passed else 'FAIL'} (worst rel err {max(r['max_rel'] or 0 for r in rows):.3e})")
     summary = {"passed": passed, "tp": tp, "dp_shard": opts["dp_shard"], "dp_replicate": opts["dp_replicate"], "ep": ep,
+               "cp": cp,
                "tolerance": tol, "floor": floor, "grad_scale": scale, "rule": RULE,
                "tensors": rows, "mismatches": [r["tensor"] for r in rows if not r["ok"]]}
     return h.finish(EXIT_OK if passed else EXIT_FAILED, summary)

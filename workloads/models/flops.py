@@ -129,6 +129,7 @@ def memory_estimate(
     compiled: bool = False,
     fp8: bool = False,
     tp: int = 1,
+    cp: int = 1,
 ) -> dict[str, int]:
     """Device bytes per rank at the peak as torch's allocator counts it: weights, grads, optimizer, activations,
     logits, tail, kv_cache, and ``total`` (``peak_total``). Read off allocation sites at measured H200 peaks
@@ -146,6 +147,9 @@ def memory_estimate(
     and output and recomputes one block at a time; compiled, the partitioner keeps less and recomputes more at
     once: a tail of 1.5 blocks with every gradient (a fit to three measurements, 4 and 12 layers, within 3%).
 
+    Under ``cp`` each rank holds seq_len / cp of each sequence and keeps every layer's gathered keys and values
+    (2·L·B·seq_len·kv width) for backward (not measured on a GPU yet).
+
     Inference (no grad): the residual and the logits at the head, or one block's working set, the larger; decode
     fills a KV cache of 2·L·B·seq_len·kv_heads·head_dim elements (the dense workload's prefill is a plain forward,
     no cache). The CUDA context and the allocator's rounding and fragmentation are not included.
@@ -155,7 +159,7 @@ def memory_estimate(
     counts = param_counts(cfg)
     p = counts["total"]
     p_rank = counts["other"] + (p - counts["other"]) // tp  # TP splits every matmul, the embedding and the head
-    b, t, d, L = batch, seq_len, cfg.d_model, cfg.n_layers
+    b, t, d, L = batch, seq_len // cp, cfg.d_model, cfg.n_layers  # t: this rank's share of each sequence
     weights = p_rank * dtype_bytes
     kv_heads_bytes = cfg.n_kv_heads * cfg.head_dim * dtype_bytes // tp
     out = {"weights": weights, "grads": 0, "optimizer": 0, "activations": 0, "logits": 0, "tail": 0, "kv_cache": 0}
@@ -174,6 +178,8 @@ def memory_estimate(
         else:
             out["activations"] = L * layer
             out["tail"] = layer  # the first block's saved tensors, freed last
+        if cp > 1:  # every layer's all-gathered keys and values, saved for backward
+            out["activations"] += L * 2 * b * seq_len * kv_heads_bytes
         btv = b * t * cfg.vocab_size // tp  # vocabulary-parallel logits under TP, their loss outside compile
         out["logits"] = (btv * dtype_bytes + cfg.vocab_size * d * dtype_bytes if compiled and tp == 1
                          else btv * (2 * dtype_bytes + 8))

@@ -76,14 +76,38 @@ def processes(opts: Mapping[str, Any]) -> int:
     """The run's world size: the product of its parallel degrees (--tp, --dp-shard, --dp-replicate; serving:
     --replicas x --tp)."""
     n = 1
-    for name in ("tp", "replicas", "dp_shard", "dp_replicate"):
+    for name in ("tp", "replicas", "dp_shard", "dp_replicate", "cp"):
         n *= max(int(opts.get(name) or 1), 1)
     return n
 
 
 def degrees_text(opts: Mapping[str, Any]) -> str:
-    """``--dp-replicate 2 x --dp-shard 2 x --tp 1``: the degrees that make the world size."""
-    return " x ".join(f"--{n.replace('_', '-')} {int(opts.get(n) or 1)}" for n in ("dp_replicate", "dp_shard", "tp"))
+    """``--dp-replicate 2 x --dp-shard 2 x --tp 1``: the degrees that make the world size (``--cp`` when > 1)."""
+    names = ("dp_replicate", "dp_shard", *(("cp",) if int(opts.get("cp") or 1) > 1 else ()), "tp")
+    return " x ".join(f"--{n.replace('_', '-')} {int(opts.get(n) or 1)}" for n in names)
+
+
+def cp_checks(opts: Mapping[str, Any], seq_len: int | None, arch: str | None) -> list[tuple[str, str]]:
+    """--cp: training a RoPE model whose sequence splits into 2 x cp equal chunks (each rank takes chunks i and
+    2cp-1-i, so causal work is balanced), on an SDPA kernel (keys and values are all-gathered; the queries' chunks
+    attend with lower-right causal masks), without a sliding window."""
+    cp = int(opts.get("cp") or 1)
+    if cp == 1:
+        return []
+    if opts.get("mode", "train") != "train":
+        return [("cp", f"--cp {cp}: context parallelism splits a training sequence; --mode {opts.get('mode')}")]
+    if arch is not None and arch != "llama":
+        return [("cp", f"--cp {cp}: needs RoPE positions (llama-style models); {opts.get('preset')} learns "
+                       "absolute positions")]
+    if seq_len is not None and seq_len % (2 * cp):
+        return [("cp", f"--cp {cp}: the sequence ({seq_len}) must split into 2 x {cp} equal chunks (a multiple of "
+                       f"{2 * cp})")]
+    if opts.get("attention_backend") == "flex":
+        return [("attention-backend", f"--cp {cp}: FlexAttention cannot take the gathered keys here; use an SDPA "
+                                      "kernel (auto, flash, cudnn, efficient, math)")]
+    if opts.get("attention_window"):
+        return [("attention-window", f"--cp {cp} with a sliding window is not supported")]
+    return []
 
 
 def transformer_checks(opts: Mapping[str, Any], machine: Machine,
@@ -230,7 +254,19 @@ def model_fit_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
 def dense_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str]]:
     """The transformer knobs' checks, then --checkpoint's files, then --data and --rope-theta against the model."""
     found = checkpoint_checks(opts)
-    return transformer_checks(opts, machine) + (found or model_fit_checks(opts))
+    out = transformer_checks(opts, machine) + (found or model_fit_checks(opts))
+    if int(opts.get("cp") or 1) > 1 and not found:
+        from workloads.checkpoint_files import CheckpointError
+
+        try:
+            arch = _model_shape(opts)[0]
+        except (CheckpointError, KeyError):
+            arch = None
+        defaults = CHECKPOINT_RUN_DEFAULTS if opts.get("checkpoint") else PRESET_RUN_DEFAULTS.get(
+            str(opts.get("preset")), {})
+        rope = "llama" if arch in ("llama", "mistral", "qwen2") else arch  # checkpoints' RoPE families
+        out += cp_checks(opts, int(opts.get("seq_len") or defaults.get("seq_len") or 0) or None, rope)
+    return out
 
 
 #: the tuner starts a batch size at the largest predicted to fit, on any device
@@ -266,6 +302,9 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
     Option("dp-replicate", int, 1, "data-parallel replicas of the model (with --dp-shard > 1: HSDP, each replica "
            "sharded, gradients all-reduced across replicas); --batch-size is per rank", min=1, max=1024,
            when=(("mode", ("train",)),), group="parallel"),
+    Option("cp", int, 1, "context parallelism over N ranks: each sequence split into 2N chunks (rank i keeps "
+           "chunks i and 2N-1-i: causal work balanced), keys and values all-gathered per layer; FSDP spans "
+           "--dp-shard x --cp", min=1, max=1024, when=(("mode", ("train",)),), group="parallel"),
     Option("reshard-after-forward", str, "on", "FSDP2: free each block's gathered parameters after its forward "
            "(on: less memory, a second all-gather in backward; off: kept until backward)", ("on", "off"),
            when=(("mode", ("train",)),), group="parallel"),
@@ -276,7 +315,7 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
 #: The data-parallel knobs (training: dense and MoE).
 DATA_PARALLEL = ("dp-shard", "dp-replicate", "reshard-after-forward")
 #: Knobs only a training run has (serving leaves them out of its declaration).
-TRAINING_ONLY = ("activation-checkpointing", *DATA_PARALLEL)
+TRAINING_ONLY = ("activation-checkpointing", *DATA_PARALLEL, "cp")
 
 DENSE = WorkloadSpec(
     name="dense",

@@ -5,7 +5,7 @@ from typing import Any
 
 from workloads.models.moe_config import MOE_PRESETS, resolve
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import START_LARGEST, TRANSFORMER_KNOBS, transformer_checks
+from workloads.specs.dense import START_LARGEST, TRANSFORMER_KNOBS, cp_checks, transformer_checks
 
 #: Per-preset run shape and balancing defaults, used where the options are left at 0 / auto / unset.
 PRESET_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -85,13 +85,16 @@ def moe_checkpoint_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def ep_checks(opts: Mapping[str, Any], experts: int | None) -> list[tuple[str, str]]:
-    """--ep: on --dp-shard's ranks (the same degree), without TP or replicas yet, dividing the routed experts."""
+    """--ep: on the FSDP ranks (--dp-shard x --cp, the same degree), without TP or replicas yet, dividing the
+    routed experts."""
     ep = int(opts.get("ep") or 1)
     if ep == 1:
         return []
-    shard, tp, rep = (int(opts.get(k) or 1) for k in ("dp_shard", "tp", "dp_replicate"))
-    if shard != ep:
-        return [("ep", f"--ep {ep} splits the experts over the --dp-shard ranks: give --dp-shard {ep} (now {shard})")]
+    shard, tp, rep, cp = (int(opts.get(k) or 1) for k in ("dp_shard", "tp", "dp_replicate", "cp"))
+    if shard * cp != ep:
+        have = f"--dp-shard {shard}" + (f" x --cp {cp}" if cp > 1 else "")
+        return [("ep", f"--ep {ep} splits the experts over the --dp-shard x --cp ranks: they number {ep} (now "
+                       f"{have})")]
     if tp > 1 or rep > 1:
         return [("ep", f"--ep {ep} with --tp or --dp-replicate > 1 is not supported yet")]
     if experts is not None and experts % ep:
@@ -117,6 +120,8 @@ def moe_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str
         except ValueError:
             pass
     out = transformer_checks(opts, machine, divides) + ep_checks(opts, experts)
+    defaults = CHECKPOINT_RUN_DEFAULTS if checkpoint else PRESET_RUN_DEFAULTS.get(str(opts.get("preset")), {})
+    out += cp_checks(opts, int(opts.get("seq_len") or defaults.get("seq_len") or 0) or None, "llama")
     cf = opts.get("capacity_factor")
     if cf is not None and cf <= 0:
         out.append(("capacity-factor", f"--capacity-factor {cf:g}: a capacity factor must be > 0 "

@@ -3,9 +3,10 @@
 from collections.abc import Mapping
 from typing import Any
 
+from workloads.models.config import PRESETS
 from workloads.models.moe_config import MOE_PRESETS
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import PRESET_RUN_DEFAULTS, tp_checks
+from workloads.specs.dense import PRESET_RUN_DEFAULTS, cp_checks, tp_checks
 from workloads.specs.moe import ep_checks
 
 
@@ -13,8 +14,17 @@ def validate_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str
     """The degrees (one at least > 1; the fault's degree present) and --tp against the GPUs and the chosen
     model's heads (and expert width for MoE)."""
     tp, dp = int(opts.get("tp") or 1), int(opts.get("dp_shard") or 1) * int(opts.get("dp_replicate") or 1)
-    if tp * dp == 1:
-        return [("tp", "nothing to validate: give --tp, --dp-shard or --dp-replicate > 1")]
+    cp = int(opts.get("cp") or 1)
+    if tp * dp * cp == 1:
+        return [("tp", "nothing to validate: give --tp, --dp-shard, --dp-replicate or --cp > 1")]
+    if opts.get("fault") == "cp-local-keys" and cp == 1:
+        return [("fault", "--fault cp-local-keys plants a context-parallel bug: it needs --cp > 1")]
+    if cp > 1:
+        moe = opts.get("model") == "moe"
+        arch = "llama" if moe else getattr(PRESETS.get(str(opts.get("preset"))), "arch", None)
+        found = cp_checks(opts, int(opts.get("seq_len") or 0) or None, arch)
+        if found:
+            return found
     if opts.get("fault") == "missing-allreduce" and tp == 1:
         return [("fault", "--fault missing-allreduce plants a TP bug: it needs --tp > 1")]
     if opts.get("fault") == "skip-grad-sync" and dp == 1:
@@ -46,7 +56,7 @@ TP_VALIDATE = WorkloadSpec(
     name="tp-validate",
     module="workloads.tp_validate",
     description="Same weights and inputs in one process and on a mesh: compares logits, loss and gradients tensor "
-                "by tensor (--tp, --dp-shard, --dp-replicate and their product)",
+                "by tensor (--tp, --dp-shard, --dp-replicate, --cp, --ep and their product)",
     presets=tuple(dict.fromkeys((*PRESET_RUN_DEFAULTS, *MOE_PRESETS))),
     default_preset="tiny",
     cpu_preset="tiny-llama",
@@ -60,6 +70,8 @@ TP_VALIDATE = WorkloadSpec(
         Option("dp-replicate", int, 1, "replicas (HSDP with --dp-shard > 1)", min=1, max=1024, group="parallel"),
         Option("ep", int, 1, "--model moe: expert parallelism over the --dp-shard ranks (N = --dp-shard)", min=1,
                max=1024, group="parallel"),
+        Option("cp", int, 1, "context-parallel degree (each rank two chunks of each sequence; FSDP spans "
+               "--dp-shard x --cp)", min=1, max=1024, group="parallel"),
         Option("mode", str, "train", "train: logits, loss and every gradient; prefill: logits only",
                ("train", "prefill"), group="shape"),
         Option("batch-size", int, 2, "sequences per data-parallel rank (the reference runs all of them)", min=1,
@@ -70,8 +82,9 @@ TP_VALIDATE = WorkloadSpec(
                ("auto", "bf16", "fp16", "fp32"), group="knobs"),
         Option("fault", str, "none", "plant a sharding bug to prove the check catches it (missing-allreduce: "
                "layer 0's attention output skips its TP all-reduce; skip-grad-sync: block 0's gradients are never "
-               "reduced across the data-parallel ranks; ep-misroute: tokens reach the next expert of their rank)",
-               ("none", "missing-allreduce", "skip-grad-sync", "ep-misroute"),
+               "reduced across the data-parallel ranks; ep-misroute: tokens reach the next expert of their rank; "
+               "cp-local-keys: each context-parallel rank attends its own keys only)",
+               ("none", "missing-allreduce", "skip-grad-sync", "ep-misroute", "cp-local-keys"),
                group="knobs"),
     ),
     checks=validate_checks,
