@@ -30,6 +30,20 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
 sys.addaudithook(_audit)  # a hook cannot be removed; it only records while a quick-tier test runs
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Where Python writes no bytecode (PYTHONDONTWRITEBYTECODE, as on CI), every process the suite starts
+    (hundreds: btune, workloads, torchrun ranks) would compile btune's sources again, about a second of CPU each:
+    compiled once here, by the controller, before any worker starts."""
+    if sys.dont_write_bytecode and not hasattr(config, "workerinput"):
+        import compileall
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        for name in ("tuner", "workloads", "btune", "tests"):
+            if (root / name).is_dir():
+                compileall.compile_dir(root / name, quiet=1, workers=1)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     _quick[0] = None if item.get_closest_marker("slow") else item.nodeid
