@@ -106,7 +106,7 @@ def test_compiled_decode_equals_eager():
     torch.manual_seed(0)
     kernel = AttentionKernel("auto")
     model = Transformer(PRESETS["tiny-llama"], kernel).eval()
-    res, _ = serve(model, kernel, n=5, compile_mode="default")
+    res, _ = serve(model, kernel, n=5, max_batch=2, compile_mode="default")  # decode buckets 1, 2: two compiles
     for r in res.requests:
         assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len)
 
