@@ -85,17 +85,20 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "memory_estimate_bytes": sharded(moe_memory_estimate(
             cfg, batch, seq, mode, _DTYPE_BYTES[dtype], activation_checkpointing=opts["activation_checkpointing"],
             compiled=opts.get("compile_mode", "none") != "none", fp8=opts.get("fp8_mode", "off") != "off",
-            tp=int(opts.get("tp") or 1), cp=cp), shard * cp, _block_bytes(cfg, _DTYPE_BYTES[dtype])),  # per rank
+            tp=int(opts.get("tp") or 1), cp=cp), shard * cp,
+            _block_bytes(cfg, _DTYPE_BYTES[dtype], int(opts.get("ep") or 1))),  # per rank
         "dp": {"shard": shard, "replicate": dp // shard} if dp > 1 else None,
         "cp": cp if cp > 1 else None,
         **({"checkpoint": checkpoint} if checkpoint else {}),
     }
 
 
-def _block_bytes(cfg: MoEConfig, dtype_bytes: int) -> int:
-    """One block's parameters (the largest: an MoE block's, every expert's weights), in bytes."""
+def _block_bytes(cfg: MoEConfig, dtype_bytes: int, ep: int = 1) -> int:
+    """One block's parameters as FSDP gathers them (the largest: an MoE block's, every expert's weights; under
+    expert parallelism the routed experts stay on their ranks, never gathered), in bytes."""
     counts = moe_param_counts(cfg)
-    return (counts["total"] - counts["embedding"]) // max(cfg.base.n_layers, 1) * dtype_bytes
+    gathered = counts["total"] - counts["embedding"] - (counts["routed_experts"] if ep > 1 else 0)
+    return gathered // max(cfg.base.n_layers, 1) * dtype_bytes
 
 
 def _checkpoint_config(opts: dict[str, Any]) -> tuple[MoEConfig, dict[str, Any]]:
