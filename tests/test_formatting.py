@@ -134,3 +134,20 @@ def test_panels_write_figures_by_kind_and_small_flops_in_a_smaller_unit():
         feed(ev)
     shown = "\n".join(line.plain for line in ThroughputPanel().render_view(feed.view(), 120))
     assert "18.56 kFLOP/s" in shown and "e-0" not in shown  # 10,000 tok/s x 1.856 FLOP/token
+
+
+def test_replay_writes_an_integer_beyond_64_bits_as_records_keep_it():
+    """A workload's event may carry any JSON integer; orjson refuses those beyond 64 bits: the replay writes them
+    as strings (as the record file does) instead of failing (found by tests/test_fuzz.py)."""
+    import io
+
+    from tuner import replay
+
+    big = -(2**63) - 1
+    rec = {"id": "x", "status": "ok", "exit_code": 0, "config": {"workload": "dense"}, "summary": {}, "series": {},
+           "started_ts": 0.0, "events": [{"type": "odd", "t": 0.0, "rank": 0, "name": big}]}
+    assert str(big) in describe_event(rec["events"][0], 0.0)
+    for as_json in (False, True):
+        out = io.StringIO()
+        replay.replay(rec, out, as_json=as_json)
+        assert str(big) in out.getvalue()

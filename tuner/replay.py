@@ -9,8 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-import orjson
-
+from tuner import runs
 from tuner.report import blocks, fmt, quantity
 
 _SERIES_GROUP_FIELD = {"step": "rank", "gpu": "gpu", "energy": "gpu", "series": "name"}
@@ -76,7 +75,7 @@ def describe_event(ev: dict[str, Any], t0: float) -> str:
     if kind in ("error", "telemetry_note"):
         return f"{head} {ev.get('kind', '')} {ev.get('message', '')}"
     rest = {k: v for k, v in ev.items() if k not in ("type", "t", "rank")}
-    text = orjson.dumps(rest, default=str).decode()
+    text = runs.dumps(rest).decode()  # integers beyond 64 bits as strings, as records keep them
     return f"{head} rank {ev.get('rank')} {text[:300]}"
 
 
@@ -88,17 +87,17 @@ def replay(rec: dict[str, Any], out: TextIO, speed: float = 0.0, as_json: bool =
     wall0 = time.monotonic()
     n = 0
     header = {"type": "run", "id": rec["id"], "status": rec["status"], "workload": rec["config"].get("workload")}
-    out.write((orjson.dumps(header).decode() if as_json else f"replay {rec['id']} ({rec['status']})") + "\n")
+    out.write((runs.dumps(header).decode() if as_json else f"replay {rec['id']} ({rec['status']})") + "\n")
     for ev in events:
         if speed > 0:
             due = (ev["t"] - t0) / speed - (time.monotonic() - wall0)
             if due > 0:
                 sleep(due)
-        out.write((orjson.dumps(ev, default=str).decode() if as_json else describe_event(ev, t0)) + "\n")
+        out.write((runs.dumps(ev).decode() if as_json else describe_event(ev, t0)) + "\n")
         n += 1
     end = {"type": "end", "status": rec["status"], "exit_code": rec["exit_code"], "summary": rec["summary"]}
     if as_json:
-        out.write(orjson.dumps(end, default=str).decode() + "\n")
+        out.write(runs.dumps(end).decode() + "\n")
     else:
         out.write(f"end: {rec['status']} (exit {rec['exit_code']})\n")
         figures = blocks(rec["summary"], rec["config"].get("workload"))
