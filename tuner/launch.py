@@ -136,14 +136,14 @@ def memory_refusal(spec: WorkloadSpec, options: Mapping[str, Any], machine: Mach
     totals = [g["mem_total_mb"] for g in machine.gpus if isinstance(g.get("mem_total_mb"), (int, float))]
     if options.get("device") == "cpu" or options.get("dry_run") or not totals:
         return None
-    est = estimate_parts(spec, options, "cuda")
-    if est is None or est["total"] <= FIT_SHARE * min(totals) * 2**20:
+    est, smallest = estimate_parts(spec, options, "cuda"), min(totals)
+    if est is None or est["total"] <= FIT_SHARE * smallest * 2**20:
         return None
     parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in est.items() if k != "total" and v)
-    name = next((str(g.get("name")) for g in machine.gpus if g.get("mem_total_mb") == min(totals)), "GPU")
+    name = next((str(g.get("name")) for g in machine.gpus if g.get("mem_total_mb") == smallest), "GPU")
     return (f"predicted not to fit: the memory estimate is {est['total'] / GIB:.1f} GiB per GPU ({parts} GiB; "
             f"btune run {spec.name} --dry-run ... shows it) over {FIT_SHARE:.0%} of the {name}'s "
-            f"{min(totals) / 1024:.1f} GiB; lower --batch-size or --seq-len, add --activation-checkpointing or "
+            f"{smallest / 1024:.1f} GiB; lower --batch-size or --seq-len, add --activation-checkpointing or "
             "--dp-shard, or pass --force to launch anyway")
 
 

@@ -181,15 +181,19 @@ class Search:
             c.setting.get(k.name) == v for c in launchable))) for k in self.plan.knobs) if len(k.values) > 1)
         return launchable
 
+    def under_limit(self, cand: Candidate) -> bool:
+        """Whether the calibrated memory prediction is within ``--max-memory`` (or either is unknown)."""
+        predicted, limit = self.calibration.predict(cand.estimate_bytes), self.plan.max_memory
+        return limit is None or predicted is None or predicted <= limit
+
     def fits(self, cand: Candidate) -> bool:
         """Whether the calibrated prediction fits ``--max-memory``; records the pruning when it does not."""
         k = key(cand.setting)
         if k in self.pruned:
             return False
-        predicted = self.calibration.predict(cand.estimate_bytes)
-        limit = self.plan.max_memory
-        if limit is None or predicted is None or predicted <= limit:
+        if self.under_limit(cand):
             return True
+        predicted, limit = self.calibration.predict(cand.estimate_bytes), self.plan.max_memory
         reason = (f"memory: predicted {size(predicted)} (estimate {size(cand.estimate_bytes)} x "
                   f"{self.calibration.factor:.2f}) > limit {size(limit)}")
         self.pruned[k] = reason
@@ -293,9 +297,7 @@ class Search:
             want[knob.name] = values[0]
             for v in reversed(values):
                 cand = self._agreeing({**want, knob.name: v}, launchable)
-                predicted = self.calibration.predict(cand.estimate_bytes) if cand else None
-                limit = self.plan.max_memory
-                if cand is not None and (limit is None or predicted is None or predicted <= limit):
+                if cand is not None and self.under_limit(cand):
                     want[knob.name] = v
                     break
         return self._agreeing(want, launchable) or self._nearest(want, launchable)
