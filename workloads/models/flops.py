@@ -156,9 +156,7 @@ def memory_estimate(
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    counts = param_counts(cfg)
-    p = counts["total"]
-    p_rank = counts["other"] + (p - counts["other"]) // tp  # TP splits every matmul, the embedding and the head
+    p_rank = tp_share(param_counts(cfg), tp)
     b, t, d, L = batch, seq_len // cp, cfg.d_model, cfg.n_layers  # t: this rank's share of each sequence
     weights = p_rank * dtype_bytes
     kv_heads_bytes = cfg.n_kv_heads * cfg.head_dim * dtype_bytes // tp
@@ -169,15 +167,16 @@ def memory_estimate(
             out["optimizer"] = 2 * p_rank * dtype_bytes
         elif optimizer != "sgd":
             raise ValueError(f"optimizer {optimizer!r} is not one of adamw, sgd")
-        layer = _layer_bytes(cfg, b * t, dtype_bytes, compiled, fp8, tp)
         if activation_checkpointing and compiled:  # the partitioner's recompute (FP8 or not): a fit, see above
             out["tail"] = int(1.5 * _layer_bytes(cfg, b * t, dtype_bytes, compiled, False, tp))
-        elif activation_checkpointing:  # each block's input and output kept; a block recomputed at a time
-            out["activations"] = 2 * L * b * t * d * dtype_bytes
-            out["tail"] = out["activations"] + layer
         else:
-            out["activations"] = L * layer
-            out["tail"] = layer  # the first block's saved tensors, freed last
+            layer = _layer_bytes(cfg, b * t, dtype_bytes, compiled, fp8, tp)
+            if activation_checkpointing:  # each block's input and output kept; a block recomputed at a time
+                out["activations"] = 2 * L * b * t * d * dtype_bytes
+                out["tail"] = out["activations"] + layer
+            else:
+                out["activations"] = L * layer
+                out["tail"] = layer  # the first block's saved tensors, freed last
         if cp > 1:  # every layer's all-gathered keys and values, saved for backward
             out["activations"] += L * 2 * b * seq_len * kv_heads_bytes
         btv = b * t * cfg.vocab_size // tp  # vocabulary-parallel logits under TP, their loss outside compile
@@ -192,6 +191,12 @@ def memory_estimate(
         out["kv_cache"] = 2 * L * b * t * kv_heads_bytes if mode == "decode" else 0  # prefill: a no-grad forward
     out["total"] = peak_total(out)
     return out
+
+
+def tp_share(counts: dict[str, int], tp: int) -> int:
+    """One TP rank's parameters of ``counts`` (``param_counts`` or ``moe_param_counts``): every matmul, the
+    embedding and the head split ``tp`` ways, the norms whole."""
+    return counts["other"] + (counts["total"] - counts["other"]) // tp
 
 
 def peak_total(parts: dict[str, int]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from workloads.models.flops import memory_estimate, param_counts, peak_total
+from workloads.models.flops import memory_estimate, param_counts, peak_total, tp_share
 from workloads.models.moe_config import MoEConfig
 
 MODES = ("train", "prefill")
@@ -67,8 +67,7 @@ def moe_memory_estimate(
     est = memory_estimate(replace(cfg.base, d_ff=width), batch, seq_len, mode, dtype_bytes,
                           activation_checkpointing=activation_checkpointing, compiled=compiled, fp8=fp8, tp=tp,
                           cp=cp)
-    counts = moe_param_counts(cfg)
-    p = counts["total"] if tp == 1 else (counts["total"] - counts["other"]) // tp + counts["other"]
+    p = tp_share(moe_param_counts(cfg), tp)
     est["weights"] = p * dtype_bytes
     if mode == "train":
         est["grads"], est["optimizer"] = p * dtype_bytes, 2 * p * dtype_bytes
