@@ -87,13 +87,14 @@ def degrees_text(opts: Mapping[str, Any]) -> str:
     return " x ".join(f"--{n.replace('_', '-')} {int(opts.get(n) or 1)}" for n in names)
 
 
-def cp_checks(opts: Mapping[str, Any], seq_len: int | None, arch: str | None) -> list[tuple[str, str]]:
-    """--cp: training a RoPE model whose sequence splits into 2 x cp equal chunks (each rank takes chunks i and
-    2cp-1-i, so causal work is balanced), on an SDPA kernel (keys and values are all-gathered; the queries' chunks
-    attend with lower-right causal masks), without a sliding window."""
+def cp_checks(opts: Mapping[str, Any], default_seq: int | None, arch: str | None) -> list[tuple[str, str]]:
+    """--cp: training a RoPE model whose sequence (--seq-len, else ``default_seq``) splits into 2 x cp equal
+    chunks (each rank takes chunks i and 2cp-1-i, so causal work is balanced), on an SDPA kernel (keys and values
+    are all-gathered; the queries' chunks attend with lower-right causal masks), without a sliding window."""
     cp = int(opts.get("cp") or 1)
     if cp == 1:
         return []
+    seq_len = int(opts.get("seq_len") or default_seq or 0) or None
     if opts.get("mode", "train") != "train":
         return [("cp", f"--cp {cp}: context parallelism splits a training sequence; --mode {opts.get('mode')}")]
     if arch is not None and arch != "llama":
@@ -265,7 +266,7 @@ def dense_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, s
         defaults = CHECKPOINT_RUN_DEFAULTS if opts.get("checkpoint") else PRESET_RUN_DEFAULTS.get(
             str(opts.get("preset")), {})
         rope = "llama" if arch in ("llama", "mistral", "qwen2") else arch  # checkpoints' RoPE families
-        out += cp_checks(opts, int(opts.get("seq_len") or defaults.get("seq_len") or 0) or None, rope)
+        out += cp_checks(opts, defaults.get("seq_len"), rope)
     return out
 
 

@@ -121,7 +121,7 @@ def moe_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, str
             pass
     out = transformer_checks(opts, machine, divides) + ep_checks(opts, experts)
     defaults = CHECKPOINT_RUN_DEFAULTS if checkpoint else PRESET_RUN_DEFAULTS.get(str(opts.get("preset")), {})
-    out += cp_checks(opts, int(opts.get("seq_len") or defaults.get("seq_len") or 0) or None, "llama")
+    out += cp_checks(opts, defaults.get("seq_len"), "llama")
     cf = opts.get("capacity_factor")
     if cf is not None and cf <= 0:
         out.append(("capacity-factor", f"--capacity-factor {cf:g}: a capacity factor must be > 0 "
