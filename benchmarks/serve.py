@@ -9,7 +9,9 @@ device-to-device copy bandwidth measured here, and compares it with the median p
 checked by comparing logits), the same prompts (btune's seeded load generator) and lengths, generating with
 a static cache, compiled where transformers supports it; output tokens/s = batch x output tokens / time of
 one generate call (median, after warm-up), against btune's closed-loop run of the same batch.
-usage: python benchmarks/serve.py [--layers 32] [--part all|roofline|hf|sweep] [--sweep-duration 30]
+usage: python benchmarks/serve.py [--layers 32] [--part all|roofline|hf|sweep|table|start] [--sweep-duration 30]
+``--part table --batches 1,8,32,64``: the decode roofline at each batch with MBU and Hugging Face side by side;
+``--part start``: launch to the first measured request, cold (empty compile caches) and warm.
 Prints markdown tables. `--device cpu --preset tiny-llama` smoke-tests the script without a GPU (eager, fp32).
 """
 
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tuner.launch import run_record
@@ -144,6 +146,7 @@ def hf_child(b: Bench, batch: int, reps: int, compiled: bool) -> None:
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from workloads.checkpoint import hf_tensors
     from workloads.engine.loadgen import prompt_tokens
     from workloads.models.config import PRESETS, ModelConfig
     from workloads.models.transformer import Transformer
@@ -169,14 +172,7 @@ def hf_child(b: Bench, batch: int, reps: int, compiled: bool) -> None:
     with torch.device(device):
         hf = LlamaForCausalLM(hf_cfg).eval()
     torch.set_default_dtype(torch.float32)
-    sd = {"model.embed_tokens.weight": ours.tok_embeddings.weight, "model.norm.weight": ours.norm.weight,
-          "lm_head.weight": ours.output.weight}
-    names = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
-             "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w3",
-             "mlp.down_proj": "mlp.w2", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
-    for i, layer in enumerate(ours.layers):
-        for theirs, mine in names.items():
-            sd[f"model.layers.{i}.{theirs}.weight"] = layer.get_submodule(mine).weight
+    sd = hf_tensors(ours, replace(cfg, tie_embeddings=False), "llama")  # the checkpoint format's names and layout
     hf.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=True)
     ids = torch.tensor(np.stack([prompt_tokens(SEED, rid, prompt, base.vocab_size) for rid in range(batch)]),
                        device=device)
@@ -258,6 +254,94 @@ def part_hf(b: Bench, batches: tuple[int, ...], modes: tuple[bool, ...] = (False
     return recs
 
 
+def find(d: Any, key: str) -> Any:
+    """The first value under ``key`` anywhere in a nested record."""
+    if isinstance(d, dict):
+        if key in d:
+            return d[key]
+        for v in d.values():
+            if (hit := find(v, key)) is not None:
+                return hit
+    return None
+
+
+def mbu_cell(rec: dict[str, Any]) -> str:
+    """The record's MBU (achieved bytes/s over the datasheet peak) as a table cell."""
+    mbu = (find(rec["summary"], "mbu") or {}).get("value")
+    return f"{mbu * 100:.1f}%" if isinstance(mbu, float) else "-"
+
+
+def live_bytes(rec: dict[str, Any], batch: int, context: float) -> float:
+    """Bytes one decode step of ``batch`` slots must read: every weight but the input embedding, and each slot's
+    live KV cache at ``context`` tokens (what flex decode reads; not the whole cache)."""
+    meta = next(e for e in rec["events"] if e["type"] == "meta")
+    plan, params = meta["plan"], meta["params"]
+    m = plan["model"]
+    elt = {"bf16": 2, "fp16": 2, "fp32": 4}[plan["dtype"]]
+    kv = 2 * m["n_layers"] * m["n_kv_heads"] * (m["d_model"] // m["n_heads"]) * context * batch
+    return (params["matmul"] + params["other"] + kv) * elt
+
+
+def part_table(b: Bench, batches: tuple[int, ...], hf_batches: tuple[int, ...]) -> None:
+    """The decode roofline at each batch (one closed-loop `btune run serve` record each) with Hugging Face's
+    compiled static-cache generate at the same batch, prompt and output lengths, side by side."""
+    bw = copy_bandwidth(b.device)
+    print(f"device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s (read + write, median of 20 copies)\n")
+    print("| batch | decode step p50 ms | ITL p50 ms | TPOT p50 ms | roofline ms | roofline / step | roofline / ITL "
+          "| MBU (datasheet) | btune output tok/s | HF compiled tok/s | btune / HF |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    context = b.prompt + b.output / 2  # a slot's mean live context over its decode
+    for batch in batches:
+        rec = btune_run(b, [*lengths_args(batch, b.prompt, b.output, 4), "--compile-mode", b.graphs])
+        why = failed(rec)
+        if why:
+            print(f"| {batch} | {why} |||||||||")
+            continue
+        s = serving(rec)
+        step = rec["summary"]["engine"]["decode_step_ms"]["p50"]
+        itl, tpot = s["itl_ms"]["p50"], s["tpot_ms"]["p50"]
+        roof = live_bytes(rec, batch, context) / bw * 1000.0
+
+        ours = s["output_tokens_per_s"]
+        hf = None
+        if batch in hf_batches:
+            res = subprocess.run([sys.executable, __file__, "--hf-child", str(batch), "1", "--layers", str(b.layers),
+                                  "--prompt", str(b.prompt), "--output", str(b.output), "--preset", b.preset,
+                                  "--device", b.device], capture_output=True, text=True)
+            line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT")), None)
+            hf = float(line.split()[1]) if line else None
+            if line is None:
+                print(f"  (HF at batch {batch} failed: {(res.stderr.strip().splitlines() or ['?'])[-1][:120]})")
+        print(f"| {batch} | {step:.3f} | {itl:.3f} | {tpot:.3f} | {roof:.3f} | {roof / step * 100:.1f}% | "
+              f"{roof / itl * 100:.1f}% | {mbu_cell(rec)} | {ours:,.0f} | {f'{hf:,.0f}' if hf else '-'} | "
+              f"{f'{ours / hf:.2f}x' if hf else '-'} |", flush=True)
+
+
+def part_start(b: Bench) -> None:
+    """Launch to the first measured request of a batch-1 `btune run serve` with CUDA graphs: once with empty compile
+    caches (inductor's and Triton's, in a fresh directory), then again with the caches the first run left."""
+    import os
+
+    print("\n| start | launch to first measured request s | warm-up s | compile caches |")
+    print("|---|---:|---:|---|")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+        for label in ("cold", "warm"):
+            rec = btune_run(b, [*lengths_args(1, b.prompt, b.output, 2), "--compile-mode", b.graphs])
+            why = failed(rec)
+            if why:
+                print(f"| {label} | {why} | | |")
+                continue
+            # the load (and its first request, arriving at 0) starts with the "measuring" phase
+            load = next(e for e in rec["events"] if e["type"] == "phase" and e.get("phase") == "measuring")
+            at = load["t"] - rec["started_ts"]
+            warm = find(rec["summary"], "warmup_s")
+            print(f"| {label} | {at:.1f} | {warm:.1f} | {'empty' if label == 'cold' else 'from the cold run'} |",
+                  flush=True)
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"]
+
+
 def part_sweep(b: Bench, duration: float,
                fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)) -> None:
     gpu = b.device == "cuda"
@@ -276,15 +360,15 @@ def part_sweep(b: Bench, duration: float,
     print(f"request-rate sweep: Poisson arrivals for {duration:g} s, then up to {duration:g} s to drain; "
           f"SLO TTFT <= {slo['ttft_ms']:g} ms, TPOT <= {slo['tpot_ms']:g} ms\n")
     print("| rate req/s | x capacity | req/s done | goodput req/s | good % | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
-          "| ITL p99 ms | E2E p99 ms | output tok/s | peak conc. | unfinished |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| ITL p99 ms | E2E p99 ms | output tok/s | MBU (datasheet) | peak conc. | unfinished |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for frac in fractions:
         rate = capacity * frac
         rec = btune_run(b, [*load, "--request-rate", f"{rate:.4f}", "--duration", str(duration),
                             "--drain-timeout", str(duration)])
         why = failed(rec)
         if why:
-            print(f"| {rate:.2f} | {frac:.2f} | {why} |||||||||")
+            print(f"| {rate:.2f} | {frac:.2f} | {why} ||||||||||")
             continue
         s = serving(rec)
         n = s["requests"]
@@ -296,7 +380,7 @@ def part_sweep(b: Bench, duration: float,
         print(f"| {rate:.2f} | {frac:.2f} | {s['request_throughput']:.2f} | {s['goodput']:.2f} | "
               f"{n['good'] / max(n['total'], 1) * 100:.0f}% | {pair('ttft_ms')} | {pair('tpot_ms')} | "
               f"{s['itl_ms']['p99'] or 0:,.1f} | {s['e2e_ms']['p99'] or 0:,.0f} | {s['output_tokens_per_s']:,.0f} | "
-              f"{s['peak_concurrency']} | {n['unfinished']} |", flush=True)
+              f"{mbu_cell(rec)} | {s['peak_concurrency']} | {n['unfinished']} |", flush=True)
 
 
 def main() -> None:
@@ -307,7 +391,8 @@ def main() -> None:
     ap.add_argument("--output", type=int, default=Bench.output)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--sweep-duration", type=float, default=30.0)
-    ap.add_argument("--part", default="all", choices=("all", "roofline", "hf", "sweep"))
+    ap.add_argument("--part", default="all", choices=("all", "roofline", "hf", "sweep", "table", "start"))
+    ap.add_argument("--hf-batches", default="1,8,32,64", help="batches of --part table with HF generate beside")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test, no figures")
     ap.add_argument("--hf-modes", default="eager,compiled", help="which Hugging Face generate setups to run")
     ap.add_argument("--fractions", default="0.25,0.5,0.75,0.9,1.0,1.1,1.25,1.5,2.0",
@@ -330,6 +415,11 @@ def main() -> None:
         if args.part in ("all", "hf"):
             modes = tuple(m == "compiled" for m in args.hf_modes.split(","))
             part_hf(bench, tuple(int(x) for x in args.batches.split(",")), modes)
+        if args.part == "table":
+            part_table(bench, tuple(int(x) for x in args.batches.split(",")),
+                       tuple(int(x) for x in args.hf_batches.split(",") if x))
+        if args.part == "start":
+            part_start(bench)
         if args.part in ("all", "sweep"):
             part_sweep(bench, args.sweep_duration, tuple(float(x) for x in args.fractions.split(",")))
 

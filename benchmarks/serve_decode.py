@@ -1,8 +1,7 @@
 """Where a serving decode step's time goes: the engine's decode variants side by side, against the HBM roofline.
 
-For each variant (fused or separate projections; decode attention as matmuls, SDPA efficient, or flex;
-``-autotune``: inductor's max-autotune) and batch, on the llama-3.1-8b shapes truncated to ``--layers``,
-with the engine's CUDA graphs:
+For each variant (decode attention as matmuls, SDPA efficient, or flex; ``-autotune``: inductor's max-autotune)
+and batch, on the llama-3.1-8b shapes truncated to ``--layers``, with the engine's CUDA graphs:
 
 - ``gpu ms``: the decode graph alone, 100 replays back to back timed by CUDA events (the host stays ahead);
 - ``step ms``: ``Engine.run`` on a decode-only plan, one step at a time, host clock after the device sync
@@ -13,9 +12,9 @@ with the engine's CUDA graphs:
 ``--settings``: the same variants under each of several library settings, '+'-joined: ``lt`` (cuBLASLt as torch's
 BLAS), ``cd`` (inductor's coordinate-descent tuning of its Triton kernels everywhere: the engine already turns it
 on for its decode step), ``pdl`` (programmatic dependent launch between inductor's Triton kernels), ``base``
-(none of them).
+(none of them), ``combo`` (inductor's combo kernels: independent small kernels launched as one).
 
-usage: python benchmarks/serve_decode.py [--layers 8] [--batches 1,32] [--variants fused-matmul,...]
+usage: python benchmarks/serve_decode.py [--layers 8] [--batches 1,32] [--variants flex,matmul,...]
        [--settings base,lt,cd,pdl,cd+pdl]
 """
 
@@ -37,13 +36,13 @@ from workloads.models.attention import AttentionKernel
 from workloads.models.config import PRESETS
 from workloads.models.transformer import Transformer
 
-VARIANTS = ("fused-flex", "fused-matmul", "separate-flex", "fused-efficient")  # and "fused-matmul-autotune"
+VARIANTS = ("flex", "matmul", "efficient")  # and "matmul-autotune"
 
 
 def build(layers: int, variant: str, max_batch: int, cache_len: int) -> Engine:
     cfg = PRESETS["llama-3.1-8b"].with_layers(layers)
-    fuse, attn, *tune = variant.split("-")
-    mode = "max-autotune" if tune == ["autotune"] else "reduce-overhead"
+    attn, *extra = variant.split("-")
+    mode = "max-autotune" if "autotune" in extra else "reduce-overhead"
     backend = {"matmul": "auto", "efficient": "efficient", "flex": "auto"}[attn]
     kernel = AttentionKernel(backend)
     torch.manual_seed(0)
@@ -52,10 +51,6 @@ def build(layers: int, variant: str, max_batch: int, cache_len: int) -> Engine:
     model = model.to(torch.bfloat16).eval()
     engine = Engine(model, kernel, max_batch, cache_len, torch.device("cuda"), torch.bfloat16, mode)
     engine.step_module.flex = attn == "flex"  # auto decodes with flex on a GPU; "matmul" forces the matmuls
-    if fuse == "separate":
-        step = engine.step_module
-        step.qkv = [None] * layers
-        step.gate_up = [None] * layers
     return engine
 
 
@@ -113,11 +108,12 @@ def kernel_table(engine: Engine, b: int, context: int, top: int = 12) -> str:
 def apply(setting: str) -> None:
     """Set torch's BLAS and inductor's options for ``setting`` ('+'-joined names; see the module docstring)."""
     names = set(setting.split("+")) - {"base"}
-    if names - {"lt", "cd", "pdl"}:
+    if names - {"lt", "cd", "pdl", "combo"}:
         raise SystemExit(f"unknown setting in {setting!r}")
     torch.backends.cuda.preferred_blas_library("cublaslt" if "lt" in names else "cublas")
     torch._inductor.config.coordinate_descent_tuning = "cd" in names
     torch._inductor.config.triton.enable_pdl = "pdl" in names
+    torch._inductor.config.combo_kernels = "combo" in names
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""Prefill chunk time: the eager prefill against the compiled one (norms, RoPE and SiLU compiled around one q/k/v
-and one gate/up GEMM), side by side on the same model and cache.
+"""Prefill chunk time: the eager prefill against the engine's compiled one (each block one graph every layer shares,
+around the eager cache write and attention), side by side on the same model and cache.
 
 The llama-3.1-8b shapes truncated to ``--layers``, bf16. For each chunk (length, start), the GPU time of one chunk
 (the median of ``--reps`` chunks timed by CUDA events after warm-up, host gaps included; and the
@@ -63,8 +63,11 @@ def main() -> None:
         model = Transformer(cfg, attention=kernel)
     model = model.to(torch.bfloat16).eval()
     engine = Engine(model, kernel, 2, 4096, torch.device("cuda"), torch.bfloat16, "reduce-overhead")
-    compiled = engine._compiled_prefill
-    assert compiled is not None
+    assert engine._prefill_block is not None
+
+    def compiled(slot: int, tokens: torch.Tensor, start: int, last: int) -> torch.Tensor:
+        return prefill_chunk(model, engine.cache, slot, tokens, start, last, engine._prefill_block, engine._wrap)
+
     t0 = time.perf_counter()
     with torch.inference_mode():
         compiled(1, torch.zeros(1, 16, dtype=torch.long, device="cuda"), 0, 15)
@@ -83,14 +86,14 @@ def main() -> None:
         tokens = torch.randint(0, cfg.vocab_size, (1, start + n), device="cuda", generator=gen)
         with torch.inference_mode():
             if start:  # the earlier part of the prompt, in both slots
-                prefill_chunk(model, kernel, engine.cache, 0, tokens[:, :start], 0, start - 1)
+                prefill_chunk(model, engine.cache, 0, tokens[:, :start], 0, start - 1)
                 compiled(1, tokens[:, :start], 0, start - 1)
             piece = tokens[:, start:]
-            eager_tok = prefill_chunk(model, kernel, engine.cache, 0, piece, start, n - 1)
+            eager_tok = prefill_chunk(model, engine.cache, 0, piece, start, n - 1)
             comp_tok = compiled(1, piece, start, n - 1)
             diff = max((k[1, :, start:start + n].float() - k[0, :, start:start + n].float()).abs().max().item()
                        for k in engine.cache.k)
-            eager = partial(prefill_chunk, model, kernel, engine.cache, 0, piece, start, n - 1)
+            eager = partial(prefill_chunk, model, engine.cache, 0, piece, start, n - 1)
             fast = partial(compiled, 1, piece, start, n - 1)
             (e_ms, e_k), (c_ms, c_k) = gpu_ms(eager, args.reps), gpu_ms(fast, args.reps)
             if args.profile:

@@ -149,6 +149,7 @@ def replay(directory: Path) -> int:
     sys.path.insert(0, str(ROOT))
     from tuner.bench.history import History
     from tuner.tune import main as tune_main
+    from tuner.tune.report import ranking
     from tuner.tune.search import Search, Trial
     from tuner.tune.store import Store
     from workloads.options import Machine
@@ -191,13 +192,10 @@ def replay(directory: Path) -> int:
             sid = store.create("replay", "dense", plan.as_json(), tmp, "H200", "replay")
             search = Replayed(plan, store, sid, Path(tmp), h200, io.StringIO())
             search.run(search.prepare([]))
-        ok = [t for t in search.trials if t.ok]
-        top = max(t.rung for t in ok)
-        means: dict[str, list[float]] = {}
-        for t in ok:
-            if t.rung == top:
-                means.setdefault(key(t.setting), []).append((t.values or [0.0])[0] or 0.0)
-        chosen = max(means, key=lambda k: sum(means[k]) / len(means[k]))
+        # the tuner's own choice (its report's ranking: the highest rung, then the mean), over the replayed trials
+        rows = [{"number": t.number, "setting": t.setting, "rung": t.rung, "state": t.state,
+                 "objective_values": t.values, "figures": t.figures} for t in search.trials]
+        chosen = key(ranking(rows, [o.maximize for o in plan.objectives])[0]["setting"])
         got = grid[chosen]["objective_values"][0]
         at, clock = None, 0.0
         for t in search.trials:

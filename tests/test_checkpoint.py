@@ -69,12 +69,12 @@ def greedy(model: torch.nn.Module, cfg: ModelConfig | MoEConfig, prompt: torch.T
 
     out = []
     with torch.no_grad():
-        logits = logits_of(model(prompt, kv_cache=cache))
+        logits = logits_of(model(prompt, cache=cache))
         for pos in range(prompt.shape[1], prompt.shape[1] + n):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)
             if len(out) < n:
-                logits = logits_of(model(nxt, kv_cache=cache, start_pos=pos))
+                logits = logits_of(model(nxt, cache=cache, positions=pos))
     return torch.cat(out, dim=1)
 
 

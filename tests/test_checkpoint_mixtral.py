@@ -76,11 +76,11 @@ def test_moe_kv_cache_decode_equals_the_full_forward(window):
     cache = KVCache(cfg.base, 2, 20, dtype=torch.float32)
     with torch.no_grad():
         full = model(x).logits
-        steps = [model(x[:, :8], kv_cache=cache).logits]
-        steps += [model(x[:, t:t + 1], kv_cache=cache, start_pos=t).logits for t in range(8, 20)]
+        steps = [model(x[:, :8], cache=cache).logits]
+        steps += [model(x[:, t:t + 1], cache=cache, positions=t).logits for t in range(8, 20)]
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
-    with pytest.raises(ValueError, match="start_pos needs a kv_cache"):
-        model(x, start_pos=1)
+    with pytest.raises(ValueError, match="positions after 0 need a KV cache"):
+        model(x, positions=1)
 
 
 def test_set_capacity_drops_tokens_only_when_set():

@@ -58,12 +58,17 @@ VALIDATIONS = [
     (["--model", "moe", "--preset", "tiny", "--tp", "1", "--dp-shard", "2", "--ep", "2"], True),
     (["--model", "moe", "--preset", "tiny", "--tp", "1", "--dp-shard", "2", "--ep", "2", "--fault", "ep-misroute"],
      False),
+    # and over two replicas of that (HSDP): each expert's gradient averaged over the replicas holding it
+    (["--model", "moe", "--preset", "tiny", "--tp", "1", "--dp-replicate", "2", "--dp-shard", "2", "--ep", "2"], True),
+    # and with TP inside each rank's experts (their width split over the TP group)
+    (["--model", "moe", "--preset", "tiny", "--tp", "2", "--dp-shard", "2", "--ep", "2"], True),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("mesh", "passes"), VALIDATIONS,
-                         ids=["fsdp-fault", "hsdp", "fsdp-x-tp", "moe-fsdp-x-tp", "moe-ep", "moe-ep-fault"])
+                         ids=["fsdp-fault", "hsdp", "fsdp-x-tp", "moe-fsdp-x-tp", "moe-ep", "moe-ep-fault",
+                              "moe-ep-hsdp", "moe-ep-x-tp"])
 def test_each_mesh_against_one_process(tmp_path, mesh, passes):
     preset = [] if "--preset" in mesh else ["--preset", "tiny-llama"]
     res = btune("run", "tp-validate", *preset, *mesh, "--out", str(tmp_path))
@@ -86,7 +91,6 @@ def test_each_mesh_against_one_process(tmp_path, mesh, passes):
     (["run", "dense", "--mode", "prefill", "--dp-shard", "2"], "--dp-shard is only valid with --mode train"),
     (["run", "moe", "--mode", "prefill", "--dp-shard", "2"], "--dp-shard is only valid with --mode train"),
     (["run", "moe", "--ep", "2"], "they number 2 (now --dp-shard 1)"),
-    (["run", "moe", "--ep", "2", "--dp-shard", "2", "--tp", "2"], "not supported yet"),
     (["run", "moe", "--ep", "3", "--dp-shard", "3"], "must divide the routed experts (8)"),
     (["run", "dense", "--ep", "2"], "unrecognized arguments: --ep 2"),
     (["run", "tp-validate", "--ep", "2", "--dp-shard", "2"], "the dense model has no experts"),

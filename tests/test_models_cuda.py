@@ -82,9 +82,9 @@ def test_decode_matches_full_forward_cuda(name: str, backend: str) -> None:
     cache = KVCache(cfg, batch=2, max_len=32, device="cuda", dtype=torch.float32)
     with torch.no_grad():
         full = model(tokens)
-        model(tokens[:, :16], kv_cache=cache)
+        model(tokens[:, :16], cache=cache)
         for pos in range(16, 24):
-            step = model(tokens[:, pos : pos + 1], kv_cache=cache, start_pos=pos)
+            step = model(tokens[:, pos : pos + 1], cache=cache, positions=pos)
             torch.testing.assert_close(step[:, 0], full[:, pos], atol=1e-4, rtol=1e-4)
 
 

@@ -51,8 +51,8 @@ def test_flops_match_flop_counter(cfg: ModelConfig) -> None:
         assert prefill == pytest.approx(flops_per_token(cfg, t, "prefill"), rel=0.02)
 
         cache = KVCache(cfg, batch=b, max_len=t + 1, dtype=torch.float32)
-        model(tokens, kv_cache=cache)
-        decode = _counted(lambda: model(tokens[:, :1], kv_cache=cache, start_pos=t)) / b
+        model(tokens, cache=cache)
+        decode = _counted(lambda: model(tokens[:, :1], cache=cache, positions=t)) / b
         assert decode == pytest.approx(flops_per_token(cfg, t + 1, "decode"), rel=0.02)
 
 

@@ -28,10 +28,10 @@ def test_decode_matches_full_forward(name: str, window: int | None, backend: str
     cache = KVCache(cfg, batch=3, max_len=32, dtype=torch.float32)
     with torch.no_grad():
         full = model(tokens)
-        prefill = model(tokens[:, :prompt], kv_cache=cache)
+        prefill = model(tokens[:, :prompt], cache=cache)
         torch.testing.assert_close(prefill, full[:, :prompt], atol=1e-5, rtol=1e-5)
         for pos in range(prompt, tokens.shape[1]):
-            step = model(tokens[:, pos : pos + 1], kv_cache=cache, start_pos=pos)
+            step = model(tokens[:, pos : pos + 1], cache=cache, positions=pos)
             assert step.shape == (3, 1, cfg.vocab_size)
             torch.testing.assert_close(step[:, 0], full[:, pos], atol=1e-5, rtol=1e-5)
 
@@ -43,8 +43,8 @@ def test_chunked_prefill_matches() -> None:
     cache = KVCache(cfg, batch=2, dtype=torch.float32)
     with torch.no_grad():
         full = model(tokens)
-        model(tokens[:, :8], kv_cache=cache)
-        chunk = model(tokens[:, 8:20], kv_cache=cache, start_pos=8)
+        model(tokens[:, :8], cache=cache)
+        chunk = model(tokens[:, 8:20], cache=cache, positions=8)
     torch.testing.assert_close(chunk, full[:, 8:], atol=1e-5, rtol=1e-5)
 
 
@@ -55,8 +55,8 @@ def test_cache_shape_and_limits() -> None:
     assert cache.nbytes() == 2 * cfg.n_layers * 2 * cfg.n_kv_heads * 8 * cfg.head_dim * 2
     model = Transformer(cfg).to(torch.bfloat16)
     with pytest.raises(ValueError, match="KV cache holds 8"):
-        model(torch.zeros(2, 9, dtype=torch.long), kv_cache=cache)
-    with pytest.raises(ValueError, match="needs a kv_cache"):
-        model(torch.zeros(2, 1, dtype=torch.long), start_pos=3)
+        model(torch.zeros(2, 9, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="positions after 0 need a KV cache"):
+        model(torch.zeros(2, 1, dtype=torch.long), positions=3)
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         KVCache(cfg, batch=1, max_len=cfg.max_seq_len + 1)

@@ -6,10 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from workloads.engine.cache import SlotKVCache
 from workloads.engine.driver import Hooks, run_load
 from workloads.engine.engine import Engine, buckets
-from workloads.engine.forward import DecodeStep, greedy
+from workloads.engine.forward import greedy
 from workloads.engine.loadgen import LengthDist, OpenLoop, prompt_tokens
 from workloads.engine.request import Request
 from workloads.engine.scheduler import Scheduler
@@ -43,12 +42,9 @@ def greedy_by_recompute(model: Transformer, prompt: torch.Tensor, n: int) -> lis
 
 def serve(model: Transformer, kernel: AttentionKernel, n: int = 9, max_batch: int = 3, budget: int = 7,
           compile_mode: str = "none", prompt: str = "uniform:1,20", output: str = "uniform:1,12", pad: int = 1,
-          device: str = "cpu", fuse: bool = True, cache_len: int = 32):
+          device: str = "cpu", cache_len: int = 32):
     eng = Engine(model, kernel, max_batch, cache_len, torch.device(device), torch.float32, compile_mode,
                  pad_multiple=pad)
-    if not fuse:
-        eng.step_module.qkv = [None] * model.cfg.n_layers
-        eng.step_module.gate_up = [None] * model.cfg.n_layers
     if compile_mode != "none":
         eng.warmup(2)
     sched = Scheduler(max_batch, budget, cache_len)
@@ -102,13 +98,22 @@ def test_padded_chunks_and_rows_give_the_same_tokens():
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_eager():
-    torch.manual_seed(0)
+def test_compiled_decode_equals_eager_with_one_graph_for_every_layer():
+    """Compiled blocks (decode per bucket, prefill for any chunk length) give full recompute's tokens, and the
+    graphs compiled do not grow with the layers: every layer runs the same ones."""
     kernel = AttentionKernel("auto")
-    model = Transformer(PRESETS["tiny-llama"], kernel).eval()
-    res, _ = serve(model, kernel, n=5, max_batch=2, compile_mode="default")  # decode buckets 1, 2: two compiles
-    for r in res.requests:
-        assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len)
+    counters = torch._dynamo.utils.counters
+    graphs = {}
+    for layers in (2, 4):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = Transformer(PRESETS["tiny-llama"].with_layers(layers), kernel).eval()
+        res, _ = serve(model, kernel, n=5, max_batch=2, compile_mode="default")  # decode buckets 1, 2
+        for r in res.requests:
+            assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len)
+        graphs[layers] = counters["stats"]["unique_graphs"]
+    assert graphs[2] == graphs[4] > 0, graphs
 
 
 @pytest.mark.slow
@@ -129,42 +134,33 @@ def test_flex_decode_equals_full_recompute(window):
         assert r.tokens == greedy_by_recompute(ref, r.prompt, r.output_len)
 
 
+@pytest.mark.slow
+def test_equal_chunks_of_several_slots_prefill_in_one_call_with_the_same_tokens(monkeypatch):
+    """Prompts of one length arriving together prefill as one forward of several rows (one pass over the weights)
+    and still give full recompute's tokens."""
+    torch.manual_seed(0)
+    kernel = AttentionKernel("auto")
+    model = Transformer(PRESETS["tiny-llama"], kernel).eval()
+    rows: list[int] = []
+    real = Engine._prefill_rows
+
+    def spy(self, slots, start, tokens):  # the real call, its row count noted
+        rows.append(len(slots))
+        return real(self, slots, start, tokens)
+
+    monkeypatch.setattr(Engine, "_prefill_rows", spy)
+    res, _ = serve(model, kernel, n=6, max_batch=3, budget=36, prompt="fixed:12", output="uniform:1,8")
+    assert max(rows) >= 2, rows
+    for r in res.requests:
+        assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len)
+
+
 def test_decode_buckets():
     assert buckets(1) == [1]
     assert buckets(32) == [1, 2, 4, 8, 16, 32]
     assert buckets(24) == [1, 2, 4, 8, 16, 24]
     assert buckets(8, smallest=16) == [8]
     assert buckets(40, smallest=16) == [16, 32, 40]
-
-
-@pytest.mark.slow
-def test_separate_projections_give_the_same_tokens():
-    """Decode with q, k, v and gate, up as separate GEMMs (what FP8-swapped layers run) equals recompute."""
-    torch.manual_seed(0)
-    kernel = AttentionKernel("auto")
-    model = Transformer(PRESETS["tiny-llama"], kernel).eval()
-    res, _ = serve(model, kernel, n=5, fuse=False)
-    for r in res.requests:
-        assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len)
-
-
-def test_fused_projections_share_the_model_weights():
-    torch.manual_seed(0)
-    model = Transformer(PRESETS["tiny-llama"]).eval()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    bytes_before = sum(p.numel() for p in model.parameters())
-    step = DecodeStep(model, SlotKVCache(model.cfg.n_layers, 2, model.cfg.n_kv_heads, 16, model.cfg.head_dim,
-                                         dtype=torch.float32))
-    assert step.fused
-    for name, p in model.named_parameters():  # same values, under the same names
-        assert torch.equal(p, before[name]), name
-    attn, mlp = model.layers[0].attn, model.layers[0].mlp
-    qkv, _ = step.qkv[0]
-    gate_up, _ = step.gate_up[0]
-    assert attn.wk.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
-    assert mlp.w3.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
-    assert torch.equal(qkv, torch.cat([before[f"layers.0.attn.{w}.weight"] for w in ("wq", "wk", "wv")]))
-    assert sum(p.numel() for p in model.parameters()) == bytes_before
 
 
 def test_greedy_is_argmax_with_ties():
@@ -179,6 +175,7 @@ def test_greedy_is_argmax_with_ties():
     assert torch.equal(greedy(small), small.argmax(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["auto", "math"])
 def test_cuda_graph_decode_equals_full_recompute(backend):

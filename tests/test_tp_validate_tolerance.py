@@ -27,7 +27,7 @@ def test_default_preset_tp2_passes(tmp_path):
     # the record says how it judged: the floor and the scale it came from
     assert w["grad_scale"] > 0 and w["floor"] == pytest.approx(w["tolerance"] * w["grad_scale"])
     assert "floor" in w["rule"]
-    bias = {t["tensor"]: t for t in w["tensors"]}["grad layers.0.attn.wk.bias"]
+    bias = {t["tensor"]: t for t in w["tensors"]}["grad layers.0.attn.wqkv.bias[k]"]
     assert bias["ok"] and bias["floored"] and bias["max_abs"] <= w["floor"]
     assert bias["scale"] < 1e-6 * w["grad_scale"], "the key bias's gradient is zero up to float noise"
     assert "grad pos_embeddings.weight" in {t["tensor"] for t in w["tensors"]}, "GPT arch: learned positions"

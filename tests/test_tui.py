@@ -188,6 +188,41 @@ def test_switching_workloads_rebuilds_the_form(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_run_over_the_gpu_is_refused_in_the_form_and_ctrl_f_launches_it_anyway(tmp_path):
+    """On a machine with an 80 GB GPU, llama-3.1-8b at batch 64 x 8192 tokens is refused with its estimate and the
+    way out; Ctrl+F builds it with force and hands it to the app's launch. The launch itself is recorded, not
+    run: this machine has no GPU to run it on."""
+    from workloads.options import Machine
+
+    h100 = MachineInfo(Machine(({"index": 0, "name": "NVIDIA H100 80GB HBM3", "mem_total_mb": 81559.0,
+                                 "compute_capability": "9.0"},)))
+
+    async def body():
+        app = make_app(tmp_path, machine=h100)
+        launched = []
+        app.launch = launched.append  # the GPU run this machine cannot start
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = app.screen
+            await until(pilot, lambda: screen.form is not None and screen.form.is_mounted, 10, "the form")
+            await pilot.press("ctrl+f")
+            await pilot.pause()
+            assert not launched, "nothing to force yet"
+            for name, value in (("preset", "llama-3.1-8b"), ("batch_size", "64"), ("seq_len", "8192")):
+                screen.set_option(name, value)
+            await until(pilot, lambda: screen.ready, 20, "the refusal")
+            line = str(screen.query_one("#command").render())
+            assert screen.config is None and "predicted not to fit" in line and "Ctrl+F" in line, line
+            await pilot.press("ctrl+r")
+            await pilot.pause()
+            assert not launched, "Ctrl+R launches nothing the estimate refuses"
+            await pilot.press("ctrl+f")
+            await until(pilot, lambda: bool(launched), 20, "the forced launch")
+            assert launched[0].options["batch_size"] == 64 and launched[0].options["seq_len"] == 8192
+
+    run(body())
+
+
+@pytest.mark.slow
 def test_choices_this_machine_cannot_run_come_from_the_catalog_checks(tmp_path):
     from workloads.options import Machine
 

@@ -88,7 +88,7 @@ async def _runs_loaded(pilot: Any) -> None:
 
 def _launch(snap_compare: Any, size: tuple[int, int]) -> bool:
     async def ready(pilot: Any) -> None:
-        await until(pilot, lambda: pilot.app.screen.form is not None and pilot.app.screen.ready, 10)
+        await until(pilot, lambda: pilot.app.screen.form is not None and pilot.app.screen.ready, 30)
         await _settle(pilot)
 
     return snap_compare(make_app(Path("data/runs"), python="python"), terminal_size=size, run_before=ready)
@@ -185,7 +185,7 @@ def test_replay_serving_curve(snap_compare, size):
             panels = pilot.app.screen.query(LatencyPanel)
             return bool(panels) and all(c._drawn for c in panels.first().curve_charts.values())
 
-        await until(pilot, drawn, 10, "the curve's charts")
+        await until(pilot, drawn, 30, "the curve's charts")
         await _settle(pilot)
         pilot.app.screen.query_one("#panels-scroll").scroll_end(animate=False)
         await _settle(pilot)
@@ -237,7 +237,7 @@ def test_live_screen_after_a_run(snap_compare, monkeypatch, workload, size):
     config = build_config(workload, options, python="python")
 
     async def ready(pilot: Any) -> None:
-        await until(pilot, lambda: isinstance(pilot.app.screen, LiveScreen) and not pilot.app.screen.is_live, 10)
+        await until(pilot, lambda: isinstance(pilot.app.screen, LiveScreen) and not pilot.app.screen.is_live, 30)
         await _settle(pilot)
 
     app = ScreenApp.make(lambda: LiveScreen(config, Path("data/runs")))
@@ -249,10 +249,10 @@ def test_help_screen(snap_compare):
     from tuner.tui.screens.dialogs import HelpScreen
 
     async def ready(pilot: Any) -> None:
-        await until(pilot, lambda: isinstance(pilot.app.screen, RunsScreen), 10, "the runs screen")
+        await until(pilot, lambda: isinstance(pilot.app.screen, RunsScreen), 30, "the runs screen")
         await _settle(pilot)
         await pilot.press("question_mark")
-        await until(pilot, lambda: isinstance(pilot.app.screen, HelpScreen), 10, "the help screen")
+        await until(pilot, lambda: isinstance(pilot.app.screen, HelpScreen), 30, "the help screen")
         await _settle(pilot)
 
     app = ScreenApp.make(lambda: RunsScreen(Path("data/no-runs-here")))
@@ -299,7 +299,7 @@ def test_history_screen(snap_compare, monkeypatch, tmp_path, size):
     monkeypatch.chdir(tmp_path)
 
     async def ready(pilot: Any) -> None:
-        await until(pilot, lambda: isinstance(pilot.app.screen, HistoryScreen) and pilot.app.screen.loaded, 10)
+        await until(pilot, lambda: isinstance(pilot.app.screen, HistoryScreen) and pilot.app.screen.loaded, 30)
         await _settle(pilot)
 
     app = ScreenApp.make(lambda: HistoryScreen(Path("runs")))

@@ -110,6 +110,10 @@ class Nodes:
                 "--rdzv-endpoint", self.rdzv_endpoint, "--nproc-per-node", str(tp // self.nnodes)]
 
 
+class MemoryRefusal(LaunchError):
+    """A run refused before launch because its memory estimate does not fit its GPUs (``force`` launches it)."""
+
+
 #: A run whose estimate per GPU is above this share of the smallest visible GPU is refused (unless forced): torch's
 #: peak leaves the CUDA context and the allocator's rounding outside, as the estimate does
 FIT_SHARE = 0.95
@@ -170,7 +174,7 @@ def build_config(workload: str, args: list[str] | dict[str, Any], timeout: float
         raise LaunchError(problems[0][1])
     refusal = None if force else memory_refusal(spec, options, machine)
     if refusal:
-        raise LaunchError(refusal)
+        raise MemoryRefusal(refusal)
     python = python or sys.executable
     launcher = nodes.torchrun(python, nproc) if nproc > 1 or nodes.nnodes > 1 else [python]
     argv = (*launcher, "-m", spec.module, *catalog.to_argv(spec, options))

@@ -58,7 +58,8 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
           dtype: torch.dtype, *, heads: tuple[int, int, int], seq_len: int, training: bool, mesh: Any = None,
           shard: Callable[[nn.Module], None] | None = None, tp: int = 1, compile: bool = True,
           dp_mesh: Any = None, skip_sync_layer: int | None = None, ep_group: Any = None,
-          misroute: bool = False, cp_mesh: Any = None, cp_fault: str | None = None) -> Built:
+          ep_replicas: Any = None, misroute: bool = False, cp_mesh: Any = None,
+          cp_fault: str | None = None) -> Built:
     """``make_model(kernel)`` built for ``opts`` on ``device`` in ``dtype``, in the order above.
 
     ``heads``: (query heads, KV heads, head dim) of one rank, and ``seq_len`` the query length, for the
@@ -92,11 +93,11 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
     if cp_mesh is not None:  # context parallelism: this rank's positions, keys and values gathered
         from workloads import parallel
 
-        parallel.apply_cp(model, cp_mesh, seq_len, fault=cp_fault)
+        parallel.apply_cp(model, cp_mesh, seq_len, fault=cp_fault, attention=str(opts.get("cp_attention") or "gather"))
     if ep_group is not None:  # expert parallelism: each rank its share of the routed experts
         from workloads import parallel
 
-        parallel.apply_ep(model, ep_group, misroute=misroute)
+        parallel.apply_ep(model, ep_group, misroute=misroute, replicas=ep_replicas)
     head = bool(opts.get("fp8_head", False))
     autocast = fp8.apply(model, choice, head=head)
     # 4. activation checkpointing
@@ -127,7 +128,8 @@ def build(make_model: Callable[[AttentionKernel], nn.Module], opts: Mapping[str,
         "tp": tp,
         **({"dp": dp} if dp_mesh is not None else {}),
         **({"ep": ep_group.size()} if ep_group is not None else {}),
-        **({"cp": cp_mesh.size()} if cp_mesh is not None else {}),
+        **({"cp": cp_mesh.size(), "cp_attention": str(opts.get("cp_attention") or "gather")}
+           if cp_mesh is not None else {}),
     }
     return built
 
@@ -136,8 +138,9 @@ def checkpoint_blocks(model: nn.Module) -> None:
     """Recompute each of ``model.layers`` in backward instead of keeping its activations.
 
     Wraps each block's forward in place (the block keeps its type, name and parameters, so TP plans, FP8
-    filters and ``isinstance`` checks see the same model): while autograd records and no KV cache is passed,
-    the block runs under ``torch.utils.checkpoint`` (non-reentrant); otherwise as it is.
+    filters and ``isinstance`` checks see the same model): while autograd records and the call's ``attend`` writes
+    no KV cache (recomputing would write it twice), the block runs under ``torch.utils.checkpoint``
+    (non-reentrant); otherwise as it is.
     """
     for block in model.layers:  # type: ignore[union-attr]
         block.forward = _recomputed(block.forward)
@@ -145,9 +148,9 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
 def _recomputed(forward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(forward)
-    def run(x: Any, *args: Any, **kwargs: Any) -> Any:
-        cache = args[3] if len(args) > 3 else kwargs.get("cache")
-        if cache is None and torch.is_grad_enabled():
+    def run(x: Any, *args: Any, **kwargs: Any) -> Any:  # the block's (x, rope, attend)
+        attend = args[1] if len(args) > 1 else kwargs.get("attend")
+        if torch.is_grad_enabled() and not getattr(attend, "writes_cache", False):
             return checkpoint(forward, x, *args, use_reentrant=False, **kwargs)
         return forward(x, *args, **kwargs)
 

@@ -9,10 +9,17 @@ run's dtype and fills every parameter from memory-mapped safetensors files; ``sa
 Tensor name maps are ``{hf name: target}``, a target being a btune ``state_dict`` name (copied as is) or a
 tuple ``(op, *args)`` of a transform in ``TRANSFORMS`` whose string args are btune names:
 
-- ``("T", a, b, ...)``: the HF tensor is the transpose of ``a, b, ...`` concatenated on dim 0 (GPT-2's Conv1D,
-  its fused ``c_attn``);
-- ``("cat", a, b, ...)``: the HF tensor is ``a, b, ...`` concatenated on dim 0 (fused biases);
-- ``("index", a, i)``: the HF tensor is ``a[i]`` (one expert of a stacked expert weight).
+- ``("T", a, b, ...)``: the HF tensor is the transpose of ``a, b, ...`` concatenated on dim 0 (GPT-2's Conv1D);
+- ``("cat", a, b, ...)``: the HF tensor is ``a, b, ...`` concatenated on dim 0;
+- ``("index", a, i)``: the HF tensor is ``a[i]`` (one expert of a stacked expert weight);
+- ``("qkv", a, layout, i)``: the HF tensor is part ``PARTS[i]`` (q, k or v) of the fused q/k/v weight or bias ``a``
+  laid out as ``layout`` (a ``projections.QKVLayout``) says (Llama's ``q_proj``, ``k_proj``, ``v_proj``);
+- ``("qkv_cat", a, layout)`` / ``("qkv_T", a, layout)``: the HF tensor is q, k and v of ``a`` concatenated on dim 0
+  (GPT-2's ``c_attn`` bias) / that, transposed (its ``c_attn`` weight, a Conv1D);
+- ``("gate_up", a, i)``: the HF tensor is the gate (i=0) or up (i=1) rows of the fused gate/up weight ``a``
+  (``projections.gate_up_part``: Llama's ``gate_proj``, ``up_proj``).
+
+Only ``workloads.models.projections`` knows where q, k, v, gate and up sit in the fused weights.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from workloads.checkpoint_files import (
 )
 from workloads.models.attention import AttentionKernel
 from workloads.models.config import ModelConfig, RopeScaling
+from workloads.models.projections import PARTS, QKVLayout, gate_up_part
 
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 
@@ -61,10 +69,28 @@ def _split_into(hf: torch.Tensor, *params: torch.Tensor) -> None:
         p.copy_(part)
 
 
+def _qkv_into(hf: torch.Tensor, fused: torch.Tensor, layout: QKVLayout) -> None:
+    """q, k, v concatenated on dim 0 (``hf``) into their parts of ``fused``."""
+    sizes = [layout.n_heads * layout.head_dim] + [layout.n_kv_heads * layout.head_dim] * 2
+    for part, value in zip(PARTS, hf.split(sizes), strict=True):
+        layout.put(fused, part, value)
+
+
+def _qkv_cat(fused: torch.Tensor, layout: QKVLayout) -> torch.Tensor:
+    """q, k, v of ``fused`` concatenated on dim 0."""
+    return torch.cat([layout.get(fused, part) for part in PARTS])
+
+
 TRANSFORMS: dict[str, Transform] = {
     "T": Transform(lambda hf, *ps: _split_into(hf.T, *ps), lambda *ps: torch.cat(ps).T),
     "cat": Transform(_split_into, lambda *ps: torch.cat(ps)),
     "index": Transform(lambda hf, p, i: p[i].copy_(hf), lambda p, i: p[i]),
+    "qkv": Transform(lambda hf, p, layout, i: layout.put(p, PARTS[i], hf),
+                     lambda p, layout, i: layout.get(p, PARTS[i])),
+    "qkv_cat": Transform(_qkv_into, _qkv_cat),
+    "qkv_T": Transform(lambda hf, p, layout: _qkv_into(hf.T, p, layout), lambda p, layout: _qkv_cat(p, layout).T),
+    "gate_up": Transform(lambda hf, p, i: gate_up_part(p, i).copy_(hf.view(gate_up_part(p, i).shape)),
+                         lambda p, i: gate_up_part(p, i).reshape(p.shape[0] // 2, *p.shape[1:])),
 }
 
 
@@ -254,33 +280,38 @@ def llama_names(cfg: ModelConfig) -> dict[str, Target]:
     out: dict[str, Target] = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = "output.weight"
+    layout = QKVLayout(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
     for i in range(cfg.n_layers):
         hf, bt = f"model.layers.{i}.", f"layers.{i}."
         out[hf + "input_layernorm.weight"] = bt + "attn_norm.weight"
         out[hf + "post_attention_layernorm.weight"] = bt + "mlp_norm.weight"
-        for proj, w in (("q", "wq"), ("k", "wk"), ("v", "wv"), ("o", "wo")):
-            out[f"{hf}self_attn.{proj}_proj.weight"] = f"{bt}attn.{w}.weight"
-            if cfg.qkv_bias and proj != "o":
-                out[f"{hf}self_attn.{proj}_proj.bias"] = f"{bt}attn.{w}.bias"
-        for proj, w in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
-            out[f"{hf}mlp.{proj}_proj.weight"] = f"{bt}mlp.{w}.weight"
+        for j, part in enumerate(PARTS):
+            out[f"{hf}self_attn.{part}_proj.weight"] = ("qkv", f"{bt}attn.wqkv.weight", layout, j)
+            if cfg.qkv_bias:
+                out[f"{hf}self_attn.{part}_proj.bias"] = ("qkv", f"{bt}attn.wqkv.bias", layout, j)
+        out[f"{hf}self_attn.o_proj.weight"] = f"{bt}attn.wo.weight"
+        for j, proj in enumerate(("gate", "up")):
+            out[f"{hf}mlp.{proj}_proj.weight"] = ("gate_up", f"{bt}mlp.w13.weight", j)
+        out[f"{hf}mlp.down_proj.weight"] = f"{bt}mlp.w2.weight"
     return out
 
 
 def gpt2_names(cfg: ModelConfig) -> dict[str, Target]:
-    """GPT-2 tensor names: Conv1D weights are stored transposed, q/k/v fused in ``c_attn``."""
+    """GPT-2 tensor names: Conv1D weights are stored transposed, q/k/v fused in ``c_attn`` (concatenated, not
+    btune's grouped layout)."""
     out: dict[str, Target] = {"transformer.wte.weight": "tok_embeddings.weight",
                               "transformer.wpe.weight": "pos_embeddings.weight",
                               "transformer.ln_f.weight": "norm.weight", "transformer.ln_f.bias": "norm.bias"}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = "output.weight"
+    layout = QKVLayout(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
     for i in range(cfg.n_layers):
         hf, bt = f"transformer.h.{i}.", f"layers.{i}."
         for kind in ("weight", "bias"):
             out[f"{hf}ln_1.{kind}"] = f"{bt}attn_norm.{kind}"
             out[f"{hf}ln_2.{kind}"] = f"{bt}mlp_norm.{kind}"
-        out[hf + "attn.c_attn.weight"] = ("T", *(f"{bt}attn.{w}.weight" for w in ("wq", "wk", "wv")))
-        out[hf + "attn.c_attn.bias"] = ("cat", *(f"{bt}attn.{w}.bias" for w in ("wq", "wk", "wv")))
+        out[hf + "attn.c_attn.weight"] = ("qkv_T", f"{bt}attn.wqkv.weight", layout)
+        out[hf + "attn.c_attn.bias"] = ("qkv_cat", f"{bt}attn.wqkv.bias", layout)
         for hf_name, bt_name in (("attn.c_proj", "attn.wo"), ("mlp.c_fc", "mlp.w1"), ("mlp.c_proj", "mlp.w2")):
             out[f"{hf}{hf_name}.weight"] = ("T", f"{bt}{bt_name}.weight")
             out[f"{hf}{hf_name}.bias"] = f"{bt}{bt_name}.bias"
@@ -459,7 +490,7 @@ def load(path: str, device: torch.device | str, dtype: torch.dtype, attention: A
                 del hf
 
     # One thread per shard (at most 8): reads from the page cache or disk and copies to the device overlap (the
-    # GIL is released in both); each parameter is filled by exactly one thread.
+    # GIL is released in both); each parameter (or each part of a fused one: disjoint rows) is filled by one thread.
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(by_file)))) as pool:
@@ -490,6 +521,15 @@ def loader(h: Any, opts: Mapping[str, Any], window: int | None, overrides: Mappi
     return opts, make
 
 
+def hf_tensors(model: nn.Module, cfg: Any, model_type: str | None = None) -> dict[str, torch.Tensor]:
+    """``model``'s (btune config ``cfg``) tensors under their Hugging Face names for ``model_type`` (default
+    ``infer_model_type(cfg)``), as ``transformers`` lays them out: views of the parameters where the layout allows,
+    copies where it does not (q, k, v out of the fused weight); still attached to autograd."""
+    params = model.state_dict(keep_vars=True)
+    return {name: _apply_save(t, params)
+            for name, t in FAMILIES[model_type or infer_model_type(cfg)].names(cfg).items()}
+
+
 def save(model: nn.Module, cfg: Any, path: str, model_type: str | None = None,
          max_shard_bytes: int = SHARD_BYTES) -> None:
     """Write ``model`` (btune config ``cfg``) as a Hugging Face checkpoint in directory ``path``: config.json
@@ -500,13 +540,11 @@ def save(model: nn.Module, cfg: Any, path: str, model_type: str | None = None,
     model_type = model_type or infer_model_type(cfg)
     if model_type not in FAMILIES:
         raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; known: {', '.join(FAMILIES)}")
-    family = FAMILIES[model_type]
-    hf_cfg = family.to_hf(cfg)
-    params = model.state_dict(keep_vars=True)
+    hf_cfg = FAMILIES[model_type].to_hf(cfg)
     with torch.no_grad():
         # a copy each (a view, such as one expert of a stacked weight, would share memory), contiguous
-        tensors = {name: _apply_save(t, params).detach().to("cpu", copy=True).contiguous()
-                   for name, t in family.names(cfg).items()}
+        tensors = {name: t.detach().to("cpu", copy=True).contiguous()
+                   for name, t in hf_tensors(model, cfg, model_type).items()}
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     hf_cfg["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
     shards: list[dict[str, torch.Tensor]] = [{}]

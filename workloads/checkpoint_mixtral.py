@@ -11,7 +11,8 @@ and the router's auxiliary-loss settings are not weights and are not read.
 Tensor names are the checkpoint format ``save_pretrained`` writes and the published Mixtral checkpoints use:
 ``model.layers.N.block_sparse_moe.gate.weight`` and one ``w1``/``w3``/``w2`` per expert
 (``...block_sparse_moe.experts.E.w1.weight``), which fill slices of btune's stacked expert weights (``w13``
-[E, 2F, d]: w1 then w3, the order in which btune's SwiGLU chunks them; ``w2`` [E, d, F]).
+[E, 2F, d]: w1 then w3, the order in which the routed experts' SwiGLU chunks them, not the dense MLP's
+interleaved gate/up; ``w2`` [E, d, F]).
 transformers 5's fused in-memory layout (``mlp.experts.gate_up_proj``, written only with
 ``save_pretrained(save_original_format=False)``) is not read.
 """

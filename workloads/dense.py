@@ -76,7 +76,8 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
     estimate = memory_estimate(cfg, batch, seq, mode, _DTYPE_BYTES[dtype],
                                activation_checkpointing=opts["activation_checkpointing"],
                                compiled=opts.get("compile_mode", "none") != "none",
-                               fp8=opts.get("fp8_mode", "off") != "off", tp=int(opts.get("tp") or 1), cp=cp)
+                               fp8=opts.get("fp8_mode", "off") != "off", tp=int(opts.get("tp") or 1), cp=cp,
+                               cp_attention=str(opts.get("cp_attention") or "gather"))
     block = (param_counts(cfg)["matmul"] - cfg.d_model * cfg.vocab_size) // cfg.n_layers * _DTYPE_BYTES[dtype]
     estimate = sharded(estimate, shard * cp, block)  # per rank under FSDP (over --dp-shard x --cp)
     return {
@@ -200,12 +201,12 @@ def setup(h: Harness, p: dict[str, Any]) -> Steps:
         cache_cfg = replace(cfg, d_model=cfg.d_model // tp, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp)
         cache = KVCache(cache_cfg, batch, seq + 1, device=h.device, dtype=h.dtype)
         with no_backward(), autocast():
-            model(pool[0][:, :seq], kv_cache=cache, start_pos=0)  # fill the context once, untimed
+            model(pool[0][:, :seq], cache=cache, positions=0)  # fill the context once, untimed
         nxt = pool[1][:, :1].clone()
 
         def step(i: int) -> None:  # greedy: each step's token feeds the next
             with no_backward(), autocast():
-                logits = fwd(nxt, kv_cache=cache, start_pos=seq)
+                logits = fwd(nxt, cache=cache, positions=seq)
                 nxt.copy_(parallel.full(logits[:, -1]).argmax(-1, keepdim=True))  # TP: the vocab-sharded logits
 
     return Steps(step, p["tokens_per_step"], b.ran,

@@ -85,7 +85,7 @@ def plan(opts: dict[str, Any], device_type: str = "cpu") -> dict[str, Any]:
         "memory_estimate_bytes": sharded(moe_memory_estimate(
             cfg, batch, seq, mode, _DTYPE_BYTES[dtype], activation_checkpointing=opts["activation_checkpointing"],
             compiled=opts.get("compile_mode", "none") != "none", fp8=opts.get("fp8_mode", "off") != "off",
-            tp=int(opts.get("tp") or 1), cp=cp), shard * cp,
+            tp=int(opts.get("tp") or 1), cp=cp, cp_attention=str(opts.get("cp_attention") or "gather")), shard * cp,
             _block_bytes(cfg, _DTYPE_BYTES[dtype], int(opts.get("ep") or 1))),  # per rank
         "dp": {"shard": shard, "replicate": dp // shard} if dp > 1 else None,
         "cp": cp if cp > 1 else None,
@@ -151,19 +151,26 @@ def _model(h: Harness, p: dict[str, Any]) -> tuple[Built, dict[str, Any]]:
             model.set_capacity(cfg.capacity_factor)
             return model.train(p["mode"] == "train")
 
+    ep_group = ep_replicas = None
+    if int(opts.get("ep") or 1) > 1:  # experts over one replica's shard ranks, the same in every replica
+        from workloads import parallel
+
+        ep_group, ep_replicas = parallel.ep_groups(h.dp_mesh)
     b = build(make, opts, h.device, h.dtype, heads=(cfg.base.n_heads, cfg.base.n_kv_heads, cfg.base.head_dim),
               seq_len=p["seq_len"], training=p["mode"] == "train", mesh=h.mesh, dp_mesh=h.dp_mesh,
-              ep_group=h.dp_mesh.get_group() if int(opts.get("ep") or 1) > 1 else None, cp_mesh=h.cp_mesh)
+              ep_group=ep_group, ep_replicas=ep_replicas, cp_mesh=h.cp_mesh)
     if b.fp8.library != "off":
         b.ran["fp8"]["reason"] += f"; routed experts and the router stay in {p['dtype']}"
     b.ran.update({
         "experts": {"requested": opts["expert_impl"], "impl": impl, "gemm": gemm, "reason": gemm_reason},
         "router": cfg.router,
         "balance": p["balance"]["mode"],
-        "parallel": "TP inside the routed experts (router replicated), dense plan for attention and shared experts"
-                    if h.mesh is not None else ("expert parallel: routed experts split over the --dp-shard ranks, "
-                                                "all-to-all dispatch and combine" if int(opts.get("ep") or 1) > 1
-                                                else None),
+        "parallel": "; ".join(part for part, on in (
+            ("TP inside the routed experts (router replicated), dense plan for attention and shared experts",
+             h.mesh is not None),
+            ("expert parallel: routed experts split over the --dp-shard x --cp ranks, all-to-all dispatch and "
+             "combine" + (", the same experts in every replica" if ep_replicas is not None else ""),
+             ep_group is not None)) if on) or None,
     })
     return b, meta
 

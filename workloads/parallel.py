@@ -1,7 +1,9 @@
 """Tensor parallelism with torch.distributed: process group, DeviceMesh and the TP plan of a Transformer.
 
-Applied around a model, never written into it. Attention: q/k/v column-wise, o row-wise; MLP:
-w1/w3 column-wise, w2 row-wise; embedding vocabulary-parallel (row-wise); LM head column-wise with
+Applied around a model, never written into it. Attention: the fused q/k/v projection column-wise (its rows grouped
+by KV head, ``projections.QKVLayout``: each rank's contiguous shard is whole KV groups, its own heads), o row-wise;
+MLP: the fused gate/up projection w13 (gpt: w1) column-wise (rows interleaved gate, up: a shard is whole pairs),
+w2 row-wise; embedding vocabulary-parallel (row-wise); LM head column-wise with
 its logits sharded over the vocabulary, so the loss runs under ``loss_parallel``. The launcher is
 torchrun (one process per GPU; gloo on CPU).
 
@@ -175,29 +177,24 @@ class ContextParallelAttention:
         return torch.cat(out, dim=2)
 
 
-def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int, fault: str | None = None) -> None:
-    """Context parallelism around ``model``: its attention kernel wrapped (ContextParallelAttention) and its RoPE
-    table replaced by this rank's positions (chunks i and 2cp-1-i of ``seq_len``), so the model, unchanged,
-    runs on this rank's slice of each sequence (``cp_slice``)."""
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int, fault: str | None = None,
+             attention: str = "gather") -> None:
+    """Context parallelism around ``model``: its attention kernel wrapped (``gather``: ContextParallelAttention;
+    ``ring`` / ``ring-gather``: PyTorch's ring attention, ``ring.RingAttention``) and its RoPE table replaced by
+    this rank's positions (chunks i and 2cp-1-i of ``seq_len``), so the model, unchanged, runs on this rank's
+    slice of each sequence (``cp_slice``)."""
     rope = getattr(model, "rope", None)
     if rope is None:
         raise ValueError("--cp needs a RoPE model (llama-style)")
     a, b = cp_chunks(seq_len, cp_mesh.size(), cp_mesh.get_local_rank())
     model.rope = torch.cat([rope[:, a], rope[:, b]], dim=1)  # type: ignore[assignment]
-    model.attention = ContextParallelAttention(model.attention, cp_mesh.get_group(), fault)  # type: ignore[assignment]
+    if attention == "gather":
+        kernel: Any = ContextParallelAttention(model.attention, cp_mesh.get_group(), fault)
+    else:
+        from workloads.ring import RingAttention
 
-
-def dp_rank(dp_mesh: DeviceMesh | None) -> int:
-    """This rank's index among the data-parallel ranks (0 without data parallelism): which batch it reads (the
-    harness's ``data_rank`` under context parallelism, whose ranks share batches)."""
-    if dp_mesh is None:
-        return 0
-    coords = dp_mesh.get_coordinate() or [0]
-    sizes = dp_mesh.shape
-    index = 0
-    for c, n in zip(coords, sizes, strict=True):
-        index = index * n + c
-    return index
+        kernel = RingAttention(model.attention, cp_mesh.get_group(), attention, fault)
+    model.attention = kernel  # type: ignore[assignment]
 
 
 def expert_params(model: nn.Module) -> set[nn.Parameter]:
@@ -210,12 +207,24 @@ def expert_params(model: nn.Module) -> set[nn.Parameter]:
     return out
 
 
-def apply_ep(model: nn.Module, group: dist.ProcessGroup, misroute: bool = False) -> None:
+def ep_groups(dp_mesh: DeviceMesh) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    """(the expert-parallel group, the replicas' group or None) of an FSDP mesh: experts spread over the shard
+    ranks (``dp_shard x cp``) of one replica; under HSDP (a 2-D mesh) the same experts sit in every replica."""
+    if dp_mesh.ndim == 1:
+        return dp_mesh.get_group(), None
+    names = dp_mesh.mesh_dim_names or ()
+    return dp_mesh.get_group(names[1]), dp_mesh.get_group(names[0])
+
+
+def apply_ep(model: nn.Module, group: dist.ProcessGroup, misroute: bool = False,
+             replicas: dist.ProcessGroup | None = None) -> None:
     """Expert parallelism: each of the ``group``'s ranks keeps its contiguous 1/ep of every MoE layer's routed
     experts; tokens go to the rank owning their expert and back with two all-to-alls (autograd-aware), and the
     outputs are combined with the gates where the tokens live. The ranks are data-parallel for everything else (each
     its own batch), so an expert's gradient sums every rank's loss: scaled by 1/ep to the global batch's mean, as
-    FSDP averages the rest. ``misroute`` plants a bug for the validator: tokens reach the next local expert."""
+    FSDP averages the rest. With ``replicas`` (HSDP's replicate dimension), each expert's gradient is then averaged
+    over the replicas that hold it, as HSDP averages the rest. ``misroute`` plants a bug for the validator: tokens
+    reach the next local expert."""
     ep, rank_ = dist.get_world_size(group), dist.get_rank(group)
     for layer in model.layers:  # type: ignore[attr-defined]
         experts = getattr(getattr(layer, "moe", None), "experts", None)
@@ -231,6 +240,8 @@ def apply_ep(model: nn.Module, group: dist.ProcessGroup, misroute: bool = False)
         experts.w13, experts.w2 = nn.Parameter(w13), nn.Parameter(w2)
         for w in (experts.w13, experts.w2):
             w.register_hook(lambda g, ep=ep: g / ep)
+            if replicas is not None:
+                w.register_post_accumulate_grad_hook(lambda p, group=replicas: _replica_mean(p, group))
         experts.n_experts, experts.ep, experts.n_global = local, ep, n
         run_local = experts.forward
 
@@ -239,6 +250,13 @@ def apply_ep(model: nn.Module, group: dist.ProcessGroup, misroute: bool = False)
             return _ep_dispatch(x, indices, gates, run_local, local, n, ep, group, misroute)
 
         experts.forward = forward
+
+
+def _replica_mean(p: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """An expert parameter's gradient averaged over the replicas holding that expert (once it is accumulated)."""
+    assert p.grad is not None
+    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
+    p.grad.div_(dist.get_world_size(group))
 
 
 def _ep_dispatch(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, run_local: Any, local: int, n: int,
@@ -381,27 +399,35 @@ def plan(model: nn.Module, wrong_layer: int | None = None) -> dict[str, object]:
         "output": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
     }
     for i, layer in enumerate(model.layers):  # type: ignore[attr-defined]
-        for name in ("attn.wq", "attn.wk", "attn.wv"):
-            p[f"layers.{i}.{name}"] = ColwiseParallel()
+        p[f"layers.{i}.attn.wqkv"] = ColwiseParallel()
         p[f"layers.{i}.attn.wo"] = RowwiseParallel(output_layouts=Partial()) if i == wrong_layer \
             else RowwiseParallel()
         moe = getattr(layer, "moe", None)
         mlp, prefix = (layer.mlp, f"layers.{i}.mlp") if moe is None else (moe.shared, f"layers.{i}.moe.shared")
         if mlp is None:
             continue
-        p[f"{prefix}.w1"] = ColwiseParallel()
+        inputs = mlp.inputs()  # w13 (gate/up fused), or w1 (gpt)
+        for name, child in mlp.named_children():
+            if any(child is m for m in inputs):
+                p[f"{prefix}.{name}"] = ColwiseParallel()
         p[f"{prefix}.w2"] = RowwiseParallel()
-        if getattr(mlp, "w3", None) is not None:
-            p[f"{prefix}.w3"] = ColwiseParallel()
     return p
 
 
 def apply_tp(model: nn.Module, mesh: DeviceMesh, wrong_layer: int | None = None) -> nn.Module:
-    """Shard ``model`` in place over ``mesh`` (MoE layers: TP inside the routed experts)."""
+    """Shard ``model`` in place over ``mesh`` (MoE layers: TP inside the routed experts). ValueError where the TP
+    degree does not split a gated MLP's fused gate/up rows into whole blocks (``projections.gate_up_refusal``)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
+    from workloads.models.projections import gate_up_refusal
+
     for layer in model.layers:  # type: ignore[attr-defined]
-        if getattr(layer, "moe", None) is not None:
+        moe = getattr(layer, "moe", None)
+        w13 = getattr(layer.mlp if moe is None else moe.shared, "w13", None)
+        why = gate_up_refusal(w13.out_features // 2, mesh.size()) if w13 is not None else None
+        if why:
+            raise ValueError(why)
+        if moe is not None:
             shard_experts(layer.moe.experts, mesh.get_local_rank(), mesh.size(), mesh.get_group())
     return parallelize_module(model, mesh, plan(model, wrong_layer))  # type: ignore[arg-type]
 

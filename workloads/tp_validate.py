@@ -105,6 +105,19 @@ def expert_slice(name: str, ref_grad: Any, local: Any, rank: int, world: int) ->
     return torch.cat([ref_grad[:, lo:hi], ref_grad[:, f + lo:f + hi]], dim=1)
 
 
+def grad_rows(ref: Any, name: str, want: Any, got: Any) -> list[dict[str, Any]]:
+    """``compare``'s rows for parameter ``name``'s gradient: one, or for a fused q/k/v weight or bias one per part
+    (``grad layers.0.attn.wqkv.bias[k]``), each judged on its own scale (a GPT key bias's gradient is zero: only
+    float noise, which the floor, not q's and v's scale, should judge)."""
+    owner = name.rpartition(".")[0]  # layers.N.attn.wqkv
+    layout = getattr(ref.get_submodule(owner.rpartition(".")[0]), "layout", None) if owner.endswith("wqkv") else None
+    if layout is None or want.shape != got.shape:
+        return [compare(f"grad {name}", want, got)]
+    from workloads.models.projections import PARTS
+
+    return [compare(f"grad {name}[{part}]", layout.get(want, part), layout.get(got, part)) for part in PARTS]
+
+
 def _reference(h: Harness) -> tuple[dict[str, Any], Any]:
     """The plan (the dense workload's, or the MoE preset's model in it) and the TP=1 reference model."""
     import torch
@@ -152,10 +165,13 @@ def run(opts: dict[str, Any]) -> int:
     if h.mesh is not None:
         sharded = parallel.apply_tp(sharded, h.mesh, wrong_layer=0 if opts["fault"] == "missing-allreduce" else None)
     if h.cp_mesh is not None:
-        parallel.apply_cp(sharded, h.cp_mesh, p["seq_len"], fault=opts["fault"] if opts["fault"] != "none" else None)
-    ep = opts["ep"]
+        parallel.apply_cp(sharded, h.cp_mesh, p["seq_len"], fault=opts["fault"] if opts["fault"] != "none" else None,
+                          attention=opts["cp_attention"])
+    ep, ep_rank = opts["ep"], 0
     if ep > 1:
-        parallel.apply_ep(sharded, h.dp_mesh.get_group(), misroute=opts["fault"] == "ep-misroute")
+        group, replicas = parallel.ep_groups(h.dp_mesh)
+        parallel.apply_ep(sharded, group, misroute=opts["fault"] == "ep-misroute", replicas=replicas)
+        ep_rank = torch.distributed.get_rank(group)  # which experts this rank holds (the same in every replica)
     if h.dp_mesh is not None:
         parallel.apply_fsdp(sharded, h.dp_mesh, h.dtype, skip_sync_layer=0 if opts["fault"] == "skip-grad-sync"
                             else None)
@@ -200,11 +216,11 @@ def run(opts: dict[str, Any]) -> int:
                 continue
             got = parallel.full(other)
             want = param.grad
-            if ep > 1 and name.endswith(("experts.w13", "experts.w2")):  # this rank's experts (its FSDP index:
-                n, ep_rank = want.shape[0] // ep, parallel.dp_rank(h.dp_mesh)  # data and context ranks alike)
+            if ep > 1 and name.endswith(("experts.w13", "experts.w2")):  # this rank's experts
+                n = want.shape[0] // ep
                 want = want[ep_rank * n:(ep_rank + 1) * n]
             tp_rank = h.mesh.get_local_rank() if h.mesh is not None else 0
-            rows.append(compare(f"grad {name}", expert_slice(name, want, got, tp_rank, tp), got))
+            rows += grad_rows(ref, name, expert_slice(name, want, got, tp_rank, tp), got)
         # every rank holds the whole reference model, so every rank computes the same scale
         scale = grad_scale([q.grad for q in ref.parameters() if q.grad is not None])
     floor = judge(rows, tol, scale)
@@ -220,10 +236,11 @@ def run(opts: dict[str, Any]) -> int:
         mesh = " x ".join(f"{k} {v}" for k, v in (("dp-replicate", opts["dp_replicate"]),
                                                      ("dp-shard", opts["dp_shard"]), ("cp", cp), ("tp", tp)) if v > 1)
         mesh += f" (ep {ep})" if ep > 1 else ""
+        mesh += f" (cp attention: {opts['cp_attention']})" if cp > 1 else ""
         print(f"tp-validate: {mesh} vs one process, {p['dtype']}, {len(rows)} tensors: "
               f"{'PASS' if passed else 'FAIL'} (worst rel err {max(r['max_rel'] or 0 for r in rows):.3e})")
     summary = {"passed": passed, "tp": tp, "dp_shard": opts["dp_shard"], "dp_replicate": opts["dp_replicate"], "ep": ep,
-               "cp": cp,
+               "cp": cp, "cp_attention": opts["cp_attention"] if cp > 1 else None,
                "tolerance": tol, "floor": floor, "grad_scale": scale, "rule": RULE,
                "tensors": rows, "mismatches": [r["tensor"] for r in rows if not r["ok"]]}
     return h.finish(EXIT_OK if passed else EXIT_FAILED, summary)

@@ -17,7 +17,7 @@ from tuner.bench.history import History
 from tuner.machine import probe_machine
 from tuner.tune import TuneError
 from tuner.tune.objective import constraint, objectives
-from tuner.tune.prune import memory_limit
+from tuner.tune.prune import check_space, contradiction, memory_limit
 from tuner.tune.report import pruned_lines, summarize, text
 from tuner.tune.search import Budget, Plan, Search
 from tuner.tune.space import Knob, build, fixed_by_space, parse_space
@@ -121,10 +121,14 @@ def tune(args: argparse.Namespace, extra: list[str], out: TextIO) -> int:
     elif not args.workload:
         raise TuneError("give a workload (btune list), or --resume STUDY")
     plan = None if args.resume else make_plan(args.workload, extra, args, machine)
-    if args.dry_run and plan is not None:
-        return _dry_run(plan, machine, out)
+    checked = None  # every setting of a new study's space, checked once (a resumed one: by the search)
     if plan is not None:
-        refuse_contradiction(plan, machine)
+        checked = check_space(catalog.get(plan.workload), plan.fixed, plan.knobs, machine, plan.device)
+        if args.dry_run:
+            return _dry_run(plan, checked, out)
+        why = contradiction(checked)
+        if why:  # before anything is written
+            raise TuneError(why)
     out_dir = runs.ensure_writable(out_dir)
     with open_store(history_path) as store:
         if args.resume:
@@ -145,7 +149,7 @@ def tune(args: argparse.Namespace, extra: list[str], out: TextIO) -> int:
             spent = 0.0
         result_dir.mkdir(parents=True, exist_ok=True)
         search = Search(plan, store, sid, result_dir, machine, out, telemetry=not args.no_telemetry, spent_s=spent)
-        launchable = search.prepare(store.trials(sid))
+        launchable = search.prepare(store.trials(sid), checked)
         if not launchable:
             reasons = sorted(set(search.pruned.values()))
             store.set_state(sid, "refused", spent)
@@ -169,29 +173,9 @@ def tune(args: argparse.Namespace, extra: list[str], out: TextIO) -> int:
         return 0 if summary["best"] else 1
 
 
-def refuse_contradiction(plan: Plan, machine: Machine) -> None:
-    """TuneError before anything is written when no setting of the space can launch."""
-    from tuner.tune.prune import check
-    from tuner.tune.space import settings
+def _dry_run(plan: Plan, rows: list[Any], out: TextIO) -> int:
+    from tuner.tune.space import describe
 
-    spec = catalog.get(plan.workload)
-    reasons: list[str] = []
-    for s in settings(spec, plan.fixed, plan.knobs):
-        c = check(spec, plan.fixed, s, machine, plan.device)
-        if c.refused is None:
-            return
-        reasons.append(c.refused)
-    first = sorted(set(reasons))
-    raise TuneError(f"contradictory space: every one of its {len(reasons)} settings is refused "
-                    f"({first[0]}{'; ...' if len(first) > 1 else ''})")
-
-
-def _dry_run(plan: Plan, machine: Machine, out: TextIO) -> int:
-    from tuner.tune.prune import check
-    from tuner.tune.space import describe, settings
-
-    spec = catalog.get(plan.workload)
-    rows = [check(spec, plan.fixed, s, machine, plan.device) for s in settings(spec, plan.fixed, plan.knobs)]
     ok = [c for c in rows if c.refused is None]
     print(f"{plan.workload}: {len(rows)} settings, {len(ok)} launchable; space: "
           + "; ".join(f"{k.name} {', '.join(map(str, k.values))}" for k in plan.knobs), file=out)

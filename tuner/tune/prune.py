@@ -104,6 +104,23 @@ def check(spec: WorkloadSpec, fixed: Mapping[str, Any], setting: Mapping[str, An
     return Candidate(dict(setting), config, estimate(spec, config.options, device))
 
 
+def check_space(spec: WorkloadSpec, fixed: Mapping[str, Any], knobs: Any, machine: Machine,
+                device: str) -> list[Candidate]:
+    """Every setting of the space (``knobs`` over ``fixed``) checked once, as ``check`` checks one."""
+    from tuner.tune.space import settings
+
+    return [check(spec, fixed, s, machine, device) for s in settings(spec, fixed, knobs)]
+
+
+def contradiction(checked: list[Candidate]) -> str | None:
+    """Why nothing of a checked space can launch (every setting refused), or None."""
+    reasons = sorted({c.refused for c in checked if c.refused is not None})
+    if not checked or any(c.refused is None for c in checked):
+        return None
+    return (f"contradictory space: every one of its {len(checked)} settings is refused "
+            f"({reasons[0]}{'; ...' if len(reasons) > 1 else ''})")
+
+
 def is_oom(record: dict[str, Any]) -> bool:
     """Whether a failed run ran out of device memory (torch's OutOfMemoryError in its error or stderr)."""
     err = record.get("error") or {}

@@ -31,8 +31,8 @@ from tuner.runner import Runner
 from tuner.sweep import run_to_end
 from tuner.tune import TuneError
 from tuner.tune.objective import Constraint, Figure
-from tuner.tune.prune import Calibration, Candidate, check, is_oom
-from tuner.tune.space import Knob, describe, key, settings
+from tuner.tune.prune import Calibration, Candidate, check_space, is_oom
+from tuner.tune.space import Knob, describe, key
 from tuner.tune.store import FINISHED, Store
 from workloads.options import LARGEST, Machine
 
@@ -152,9 +152,9 @@ class Search:
         return self.plan.budget.amount - self.spent()
 
     # -- candidates -----------------------------------------------------------------------------
-    def prepare(self, finished: list[dict[str, Any]]) -> list[Candidate]:
-        """Every setting checked; refused ones recorded (once); the launchable ones. Earlier trials (a resumed
-        study) teach the calibration and count as tried."""
+    def prepare(self, finished: list[dict[str, Any]], checked: list[Candidate] | None = None) -> list[Candidate]:
+        """Every setting checked (``checked``: already, by ``prune.check_space``); refused ones recorded (once);
+        the launchable ones. Earlier trials (a resumed study) teach the calibration and count as tried."""
         for row in finished:
             if row["state"] == "pruned":
                 self.pruned[key(row["setting"])] = row["reason"] or "pruned"
@@ -165,9 +165,11 @@ class Search:
             self.number = max(self.number, t.number)
             self._learn(row["estimate_bytes"], t)
         launchable, refused = [], []
-        for setting in settings(self.spec, self.plan.fixed, self.plan.knobs):
+        if checked is None:
+            checked = check_space(self.spec, self.plan.fixed, self.plan.knobs, self.machine, self.plan.device)
+        for cand in checked:
+            setting = cand.setting
             k = key(setting)
-            cand = check(self.spec, self.plan.fixed, setting, self.machine, self.plan.device)
             if cand.refused is not None:
                 if k not in self.pruned:
                     self.pruned[k] = cand.refused

@@ -1,16 +1,18 @@
 """The KV-cache engine: runs a scheduler plan on the model and returns the tokens it produced.
 
-Prefill runs one request's chunk at a time (chunks are long and compute-bound): with a compile mode, its norms,
-RoPE and activations compiled around fused GEMMs where the model allows (``prefill.CompiledPrefill``), else
-eager. The decode step
-is compiled with the requested mode (``reduce-overhead``: CUDA graphs) and runs on slots 0..b-1, b the
-smallest bucket (powers of two, then ``max_batch``) that covers every decoding slot, so its shapes come
-from a short fixed list that warm-up compiles and captures before the load starts. Each bucket reads its
-inputs from one device buffer that never moves (filled by one copy from pinned host memory).
+Both passes are the model's own forward (``forward.py``). With a compile mode each block runs compiled, one
+graph shared by every layer (the weights are its inputs), so compiling costs one block, not the model:
 
-CUDA graphs (``reduce-overhead``, ``max-autotune``) are captured here, one per bucket over inductor's
-graph-free code, in one shared memory pool: a step is then one copy and one ``CUDAGraph.replay``, with no
-guard checks or graph-tree bookkeeping on the host while the GPU waits.
+- prefill (one request's chunk at a time: chunks are long and compute-bound): the block compiled for any chunk
+  length, around the eager cache write and attention (the model's kernel and mask);
+- decode: the block compiled whole (attention included) for each bucket's batch, on slots 0..b-1, b the
+  smallest bucket (powers of two, then ``max_batch``) that covers every decoding slot, so its shapes come from
+  a short fixed list that warm-up compiles and captures before the load starts. Each bucket reads its inputs
+  from one device buffer that never moves (filled by one copy from pinned host memory).
+
+CUDA graphs (``reduce-overhead``, ``max-autotune``) are captured here, one per bucket over the whole step (the
+compiled blocks and the eager embedding, masks and head between them), in one shared memory pool: a step is
+then one copy and one ``CUDAGraph.replay``, with no guard checks on the host while the GPU waits.
 
 In a tensor-parallel replica (a ``StepChannel``) the leader's ``run`` broadcasts each step's work before
 running it, and the other ranks run the same work in ``follow`` until the leader stops them.
@@ -28,12 +30,12 @@ import torch.nn.functional as F
 
 from workloads.engine.cache import SlotKVCache
 from workloads.engine.forward import FLEX_BLOCK, DecodeStep, prefill_chunk
-from workloads.engine.prefill import CompiledPrefill
 from workloads.engine.request import Request
 from workloads.engine.scheduler import Plan
 from workloads.engine.work import StepChannel, Work
 from workloads.models.attention import AttentionKernel
-from workloads.models.transformer import Transformer
+from workloads.models.kv_cache import Attend
+from workloads.models.transformer import RunBlock, Transformer
 
 # compile modes whose decode runs as CUDA graphs, and the inductor mode each graph is captured over
 GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -43,6 +45,55 @@ def decode_options(mode: str) -> dict[str, Any]:
     """Inductor's options for the decode step: ``mode``'s own, with coordinate-descent tuning of its Triton
     kernels' block sizes (batch-1 decode of llama-3.1-8b on an H100: 6.32 to 5.83 ms, docs/benchmarks.md)."""
     return {**torch._inductor.list_mode_options(mode), "coordinate_descent_tuning": True}
+
+
+def _decode_block(layer: torch.nn.Module, h: torch.Tensor, rope: Any, attend: Attend) -> torch.Tensor:
+    """A block of a decode step (compiled whole, per bucket)."""
+    return layer(h, rope, attend)
+
+
+def _prefill_block(layer: torch.nn.Module, h: torch.Tensor, rope: Any, attend: Attend) -> torch.Tensor:
+    """A block of a prefill chunk (compiled for any chunk length; its attention stays eager)."""
+    return layer(h, rope, attend)
+
+
+class EagerAttend:
+    """An ``Attend`` kept out of the compiled block around it (``torch.compiler.disable``: a graph break)."""
+
+    writes_cache = True
+
+    def __init__(self, inner: Attend) -> None:
+        self.inner = inner
+        self.run = _EAGER.setdefault("call", torch.compiler.disable(lambda a, q, k, v: a(q, k, v)))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.run(self.inner, q, k, v)
+
+
+_EAGER: dict[str, Any] = {}
+
+
+def compiled_blocks(mode: str, options: dict[str, Any]) -> tuple[RunBlock, RunBlock]:
+    """(decode, prefill) block runners compiled for ``mode``: decode with static shapes (one compile per bucket),
+    prefill with the chunk length dynamic."""
+    dynamo = torch._dynamo.config
+    # one entry per decode bucket and per prefill shape class, all on the one block graph
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 64))
+    decode = torch.compile(_decode_block, options=options, dynamic=False)
+    prefill = torch.compile(_prefill_block, mode=None if mode in GRAPH_MODES else mode)
+
+    def run_prefill(layer: torch.nn.Module, h: torch.Tensor, rope: Any, attend: Attend) -> torch.Tensor:
+        tensors = [h, *(rope or ())]
+        for t in tensors:  # the chunk length: compiled for any (a length of 1 stays its own graph)
+            if t.shape[1] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+        if h.shape[0] > 1:  # several slots' chunks in one call: any number of rows
+            torch._dynamo.maybe_mark_dynamic(h, 0)
+        return prefill(layer, h, rope, attend)
+
+    return decode, run_prefill
 
 
 def buckets(max_batch: int, smallest: int = 1) -> list[int]:
@@ -69,7 +120,8 @@ class Engine:
         # decode attention: flex where asked, and by default on a GPU (it reads only the live cache blocks)
         flex = kernel.backend == "flex" or (kernel.backend == "auto" and device.type == "cuda")
         multiple = FLEX_BLOCK if flex else 64
-        kv_heads = model.layers[0].attn.wk.weight.shape[0] // cfg.head_dim
+        attn = model.layers[0].attn
+        kv_heads = attn.layout.groups(attn.wqkv.weight.shape[0])  # this rank's, under tensor parallelism
         # padded GEMMs (FP8 via Transformer Engine) decode at least `pad_multiple` rows; rows past max_batch idle
         rows = max(max_batch, pad_multiple)
         self.cache = SlotKVCache(cfg.n_layers, rows, kv_heads, cache_len, cfg.head_dim, device, dtype,
@@ -77,12 +129,7 @@ class Engine:
         if self.cache.positions > cfg.max_seq_len:
             raise ValueError(f"the KV cache's {self.cache.positions} positions exceed the model's max_seq_len "
                              f"{cfg.max_seq_len}")
-        self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window, flex=flex)
         self.buckets = buckets(rows, pad_multiple)
-        step = self.step_module
-        self._compiled_prefill = None
-        if compile_mode != "none" and pad_multiple == 1 and CompiledPrefill.supports(model, step.qkv, step.gate_up):
-            self._compiled_prefill = CompiledPrefill(model, kernel, self.cache, step.qkv, step.gate_up)
         cuda = device.type == "cuda"
         # per bucket: the decode inputs (tokens, positions, write positions) on the device, and a host stage
         self._io = {b: torch.zeros(3, b, dtype=torch.long, device=device) for b in self.buckets}
@@ -91,18 +138,24 @@ class Engine:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.decode_options: dict[str, Any] = {}
+        decode_block: RunBlock | None = None
+        self._prefill_block: RunBlock | None = None
+        self._wrap: Any = None
         if compile_mode != "none":
             # specialised per bucket; the graphs are captured below, so inductor makes none of its own
             self.decode_options = decode_options(GRAPH_MODES.get(compile_mode, compile_mode))
-            self._decode: Any = torch.compile(self.step_module, options=self.decode_options, dynamic=False)
-        else:
-            self._decode = self.step_module
+            decode_block, prefill_block = compiled_blocks(compile_mode, self.decode_options)
+            if pad_multiple == 1:
+                self._prefill_block, self._wrap = prefill_block, EagerAttend
+        self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window, flex=flex,
+                                      run_block=decode_block)
+        self._decode: Any = self.step_module
 
     @property
     def prefill_mode(self) -> str:
         """How prefill runs, for the run record."""
-        if self._compiled_prefill is not None:
-            return "compiled: norms, RoPE and SiLU fused around one q/k/v and one gate/up GEMM"
+        if self._prefill_block is not None:
+            return "compiled: each block one graph for every layer, around the eager cache write and attention"
         return "none (eager)"
 
     def bucket(self, n: int) -> int:
@@ -113,13 +166,29 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def _prefill(self, slot: int, start: int, tokens: torch.Tensor) -> torch.Tensor:
-        n = tokens.numel()
+        return self._prefill_rows([slot], start, tokens[None])
+
+    def _prefill_rows(self, slots: list[int], start: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Prefill chunks tokens [k, n] of ``slots``, all at ``start``, in one forward (one pass over the weights);
+        each row's next token [k]."""
+        n = tokens.shape[1]
         pad = -n % self.pad_multiple
         if pad:
             tokens = F.pad(tokens, (0, pad))
-        if self._compiled_prefill is not None:
-            return self._compiled_prefill(slot, tokens[None], start, n - 1)
-        return prefill_chunk(self.model, self.kernel, self.cache, slot, tokens[None], start, n - 1)
+        where: int | torch.Tensor = slots[0] if len(slots) == 1 else torch.tensor(slots, device=self.device)
+        return prefill_chunk(self.model, self.cache, where, tokens, start, n - 1, self._prefill_block, self._wrap)
+
+    def _prefills(self, chunks: list[tuple[int, int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each chunk's next token [1], in order; chunks of one start and length run as one forward."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, start, tokens) in enumerate(chunks):
+            groups.setdefault((start, tokens.numel()), []).append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(chunks)
+        for (start, _), idx in groups.items():
+            nxt = self._prefill_rows([chunks[i][0] for i in idx], start, torch.stack([chunks[i][2] for i in idx]))
+            for row, i in enumerate(idx):
+                out[i] = nxt[row:row + 1]
+        return out
 
     def _decode_bucket(self, b: int, inputs: torch.Tensor) -> torch.Tensor:
         """Decode bucket b from ``inputs`` [3, b] (host stage or device; the previous step has finished)."""
@@ -170,7 +239,7 @@ class Engine:
         """Run ``work``: the decode's next tokens [b] (None without one) and each prefill chunk's next token."""
         with self.no_backward(), self.autocast():
             nxt = self._decode_bucket(work.bucket, work.stage) if work.stage is not None else None
-            firsts = [self._prefill(slot, start, tokens) for slot, start, tokens in work.prefill]
+            firsts = self._prefills(work.prefill)
         return nxt, firsts
 
     def run(self, plan: Plan) -> list[tuple[Request, int]]:
@@ -215,13 +284,18 @@ class Engine:
 
     def warmup(self, rounds: int, on_step: Callable[[float, dict[str, Any]], None] | None = None,
                on_shape: Callable[[int, int, str], None] | None = None) -> float:
-        """Compile and capture every decode bucket, and run a first, a continuation and a one-token prefill chunk,
-        ``rounds`` times each (idle slots only: nothing live in the cache is touched); ``on_shape(k, n, what)``
-        before each shape. Returns the seconds it took."""
+        """Compile and capture every decode bucket, and run a first, a continuation and a one-token prefill chunk
+        (and two slots' chunks in one call), ``rounds`` times each (idle slots only: nothing live in the cache is
+        touched); ``on_shape(k, n, what)`` before each shape. Returns the seconds it took."""
         t_all = time.perf_counter()
         n = max(1, min(16, self.cache.cache_len // 2))
-        # prefill: a first chunk, a continuation (attention under a mask) and a one-token chunk, on slot 0
-        prefills = [("prefill", (0, n)), ("prefill", (n, n)), ("prefill", (0, 1))]
+        # prefill: a first chunk, a continuation (attention under a mask) of another length (the compiled pieces
+        # around the eager attention see two lengths, so they are compiled for any before the load) and a
+        # one-token chunk, on slot 0
+        prefills: list[tuple[str, Any]] = [("prefill", (0, n, 1)), ("prefill", (n, max(1, n - 1), 1)),
+                                           ("prefill", (0, 1, 1))]
+        if len(self.cache.k[0]) > 1:  # chunks of one start and length from two slots: one call of two rows
+            prefills.append(("prefill", (0, n, 2)))
         shapes: list[tuple[str, Any]] = prefills + [("decode", b) for b in self.buckets]
         for k, (kind, size) in enumerate(shapes, 1):
             if on_shape is not None:
@@ -230,13 +304,14 @@ class Engine:
                 t0 = time.perf_counter()
                 with self.no_backward(), self.autocast():
                     if kind == "prefill":
-                        start, length = size
-                        self._prefill(0, start, torch.zeros(length, dtype=torch.long, device=self.device)).tolist()
+                        start, length, rows = size
+                        tokens = torch.zeros(rows, length, dtype=torch.long, device=self.device)
+                        self._prefill_rows(list(range(rows)), start, tokens).tolist()
                     else:
                         self._decode_bucket(size, self._stage_idle(size)).tolist()
                 self._sync()
                 if on_step is not None:
                     on_step((time.perf_counter() - t0) * 1000.0,
                             {"phase": f"warmup-{kind}", "batch": size} if kind == "decode"
-                            else {"phase": "warmup-prefill", "start": size[0], "prefill_tokens": size[1]})
+                            else {"phase": "warmup-prefill", "start": size[0], "prefill_tokens": size[1] * size[2]})
         return time.perf_counter() - t_all

@@ -1,9 +1,10 @@
 """Tensor-parallel serving: a Transformer's weights sliced over the ranks of one replica, plain tensors only.
 
 Megatron's layout, on plain ``nn.Linear`` slices rather than DTensors (a decode step is hundreds of tiny ops,
-and it must be captured in a CUDA graph): q, k, v and the MLP's gate and up keep this rank's output rows
-(whole heads: the cache holds this rank's KV heads only); ``wo`` and the MLP's down projection keep this rank's
-input columns and sum the partial outputs with one all-reduce; the LM head keeps this rank's slice of the
+and it must be captured in a CUDA graph): the fused q/k/v and gate/up projections keep this rank's contiguous
+slice of output rows, which their layouts (``workloads.models.projections``) make whole KV groups and whole
+pairs of gate/up blocks (the cache holds this rank's KV heads only); ``wo`` and the MLP's down projection keep
+this rank's input columns and sum the partial outputs with one all-reduce; the LM head keeps this rank's slice of the
 vocabulary, and greedy decoding takes each rank's best (value, token) and picks the first best across ranks,
 so the logits never travel. The input embedding is replicated (one row per token; no collective).
 Collectives are ``torch.distributed`` functional collectives, traceable by torch.compile.
@@ -17,6 +18,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from workloads.engine.forward import max_and_index
+from workloads.models.projections import gate_up_refusal
 from workloads.models.transformer import Transformer
 
 # all_gather_single replaces all_gather_tensor in newer torch (same arguments)
@@ -85,14 +87,16 @@ def shard(model: Transformer, rank: int, world: int, group: dist.ProcessGroup) -
                     ("vocabulary", cfg.vocab_size)):
         if n % world:
             raise ValueError(f"--tp {world} must divide the {what} ({n})")
+    why = gate_up_refusal(cfg.d_ff, world) if cfg.arch == "llama" else None
+    if why:
+        raise ValueError(why)
     for layer in model.layers:
         attn, mlp = layer.attn, layer.mlp
-        attn.wq, attn.wk, attn.wv = (_rows(m, rank, world) for m in (attn.wq, attn.wk, attn.wv))
-        attn.n_heads, attn.n_kv_heads = attn.n_heads // world, attn.n_kv_heads // world
+        attn.wqkv = _rows(attn.wqkv, rank, world)
         attn.wo = RowParallelLinear(attn.wo, rank, world, group)
-        mlp.w1 = _rows(mlp.w1, rank, world)
-        if mlp.w3 is not None:
-            mlp.w3 = _rows(mlp.w3, rank, world)
+        for name in ("w13", "w1"):
+            if getattr(mlp, name) is not None:
+                setattr(mlp, name, _rows(getattr(mlp, name), rank, world))
         mlp.w2 = RowParallelLinear(mlp.w2, rank, world, group)
     model.output = VocabParallelHead(model.output, rank, world, group)
     return model

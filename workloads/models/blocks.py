@@ -8,61 +8,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workloads.models.attention import AttentionKernel, Mask
 from workloads.models.config import ModelConfig
-from workloads.models.kv_cache import LayerKVCache
+from workloads.models.kv_cache import Attend
 from workloads.models.norms import make_norm
-from workloads.models.rope import apply_rope
+from workloads.models.projections import QKVLayout, gate_up_block, split_gate_up
+from workloads.models.rope import Rope, rotate
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query self-attention with separate q, k, v, o projections (TP-friendly); q, k, v carry
-    biases under the gpt arch or ``qkv_bias`` (Qwen2)."""
+    """Multi-head / grouped-query self-attention: one fused q/k/v projection (``wqkv``, laid out as
+    ``projections.QKVLayout`` says), RoPE, the call's ``Attend`` (a kernel, or a KV cache and a kernel), the output
+    projection ``wo``. q, k, v carry biases under the gpt arch or ``qkv_bias`` (Qwen2)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        d, hd, qkv_bias = cfg.d_model, cfg.head_dim, cfg.bias or cfg.qkv_bias
-        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=qkv_bias)
-        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
-        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
+        self.layout = QKVLayout(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        d, qkv_bias = cfg.d_model, cfg.bias or cfg.qkv_bias
+        self.wqkv = nn.Linear(d, self.layout.rows, bias=qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, d, bias=cfg.bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor | None,
-        mask: Mask,
-        kernel: AttentionKernel,
-        cache: LayerKVCache | None = None,
-        start_pos: int = 0,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None, attend: Attend) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, -1, self.head_dim)
-        k = self.wk(x).view(b, t, -1, self.head_dim)
-        v = self.wv(x).view(b, t, -1, self.head_dim)
+        q, k, v = self.layout.split(self.wqkv(x))  # [b, t, heads, hd]
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(start_pos, k, v, kernel.kv_multiple)
-        y = kernel(q, k, v, mask)
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
-    """SwiGLU (llama: w2(silu(w1 x) * w3 x)) or GELU (gpt: w2(gelu(w1 x)))."""
+    """SwiGLU (llama: w2(silu(gate x) * up x), gate and up one fused projection ``w13``, rows interleaved in blocks
+    as ``projections.split_gate_up`` reads them) or GELU (gpt: w2(gelu(w1 x)))."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gated = cfg.arch == "llama"
-        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if self.gated else None
+        self.w13 = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.bias) if self.gated else None
+        self.block = gate_up_block(cfg.d_ff)
+        self.w1 = None if self.gated else nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
+    def inputs(self) -> list[nn.Linear]:
+        """The projections that read the block's input (initialised at the input std)."""
+        return [m for m in (self.w13, self.w1) if m is not None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w3 is not None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = split_gate_up(self.w13(x), self.block)
+            return self.w2(F.silu(gate) * up)
+        assert self.w1 is not None
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
@@ -77,25 +71,16 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor | None,
-        mask: Mask,
-        kernel: AttentionKernel,
-        cache: LayerKVCache | None = None,
-        start_pos: int = 0,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, kernel, cache, start_pos)
+    def forward(self, x: torch.Tensor, rope: Rope | None, attend: Attend) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, attend)
         return x + self.mlp(self.mlp_norm(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
         """Normal(0, std) for input projections, Normal(0, out_std) for residual outputs, zero biases."""
         for norm in (self.attn_norm, self.mlp_norm):
             norm.reset_parameters()
-        for lin in (self.attn.wq, self.attn.wk, self.attn.wv, self.mlp.w1, self.mlp.w3):
-            if lin is not None:
-                _init_linear(lin, std)
+        for lin in (self.attn.wqkv, *self.mlp.inputs()):
+            _init_linear(lin, std)
         for lin in (self.attn.wo, self.mlp.w2):
             _init_linear(lin, out_std)
 

@@ -130,6 +130,7 @@ def memory_estimate(
     fp8: bool = False,
     tp: int = 1,
     cp: int = 1,
+    cp_attention: str = "gather",
 ) -> dict[str, int]:
     """Device bytes per rank at the peak as torch's allocator counts it: weights, grads, optimizer, activations,
     logits, tail, kv_cache, and ``total`` (``peak_total``). Read off allocation sites at measured H200 peaks
@@ -148,7 +149,9 @@ def memory_estimate(
     once: a tail of 1.5 blocks with every gradient (a fit to three measurements, 4 and 12 layers, within 3%).
 
     Under ``cp`` each rank holds seq_len / cp of each sequence and keeps every layer's gathered keys and values
-    (2·L·B·seq_len·kv width) for backward (not measured on a GPU yet).
+    (2·L·B·seq_len·kv width) for backward; under PyTorch's ring (``cp_attention`` ring, ring-gather) its own
+    keys and values expanded to every query head instead (2·L·B·(seq_len/cp)·(n_heads - n_kv_heads)·head_dim
+    beyond the kernel's own). Neither measured on a GPU yet.
 
     Inference (no grad): the residual and the logits at the head, or one block's working set, the larger; decode
     fills a KV cache of 2·L·B·seq_len·kv_heads·head_dim elements (the dense workload's prefill is a plain forward,
@@ -177,8 +180,10 @@ def memory_estimate(
             else:
                 out["activations"] = L * layer
                 out["tail"] = layer  # the first block's saved tensors, freed last
-        if cp > 1:  # every layer's all-gathered keys and values, saved for backward
+        if cp > 1 and cp_attention == "gather":  # every layer's all-gathered keys and values, saved for backward
             out["activations"] += L * 2 * b * seq_len * kv_heads_bytes
+        elif cp > 1:  # the ring saves this rank's keys and values expanded to the query heads
+            out["activations"] += L * 2 * b * t * (cfg.n_heads - cfg.n_kv_heads) * cfg.head_dim * dtype_bytes // tp
         btv = b * t * cfg.vocab_size // tp  # vocabulary-parallel logits under TP, their loss outside compile
         out["logits"] = (btv * dtype_bytes + cfg.vocab_size * d * dtype_bytes if compiled and tp == 1
                          else btv * (2 * dtype_bytes + 8))

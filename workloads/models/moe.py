@@ -18,13 +18,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from workloads.models.attention import AttentionKernel, Mask
+from workloads.models.attention import AttentionKernel
 from workloads.models.blocks import MLP, Attention, Block, _init_linear
-from workloads.models.kv_cache import KVCache, LayerKVCache
+from workloads.models.kv_cache import Attend, Cache
 from workloads.models.moe_config import MoEConfig
 from workloads.models.moe_experts import RoutedExperts, expert_counts
 from workloads.models.moe_router import Router
 from workloads.models.norms import make_norm
+from workloads.models.rope import Rope
 from workloads.models.transformer import Transformer
 
 STATS_EXTRA = 4  # dropped, router entropy sum, balance loss, tokens
@@ -84,7 +85,7 @@ class MoEFFN(nn.Module):
         self.router.reset_parameters()
         self.experts.reset_parameters(std, out_std)
         if self.shared is not None:
-            for lin in (self.shared.w1, self.shared.w3):
+            for lin in self.shared.inputs():
                 _init_linear(lin, std)
             _init_linear(self.shared.w2, out_std)
 
@@ -101,18 +102,16 @@ class MoEBlock(nn.Module):
         self.mlp_norm = make_norm(base.arch, base.d_model, base.norm_eps)
         self.moe = MoEFFN(cfg, impl, gemm)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mask: Mask, kernel: AttentionKernel,
-                cache: LayerKVCache | None = None,
-                start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x), rope, mask, kernel, cache, start_pos)
+    def forward(self, x: torch.Tensor, rope: Rope | None,
+                attend: Attend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), rope, attend)
         y, aux, stats = self.moe(self.mlp_norm(x))
         return x + y, aux, stats
 
     def init_weights(self, std: float, out_std: float) -> None:
         for norm in (self.attn_norm, self.mlp_norm):
             norm.reset_parameters()
-        for lin in (self.attn.wq, self.attn.wk, self.attn.wv):
-            _init_linear(lin, std)
+        _init_linear(self.attn.wqkv, std)
         _init_linear(self.attn.wo, out_std)
         self.moe.init_weights(std, out_std)
 
@@ -174,24 +173,16 @@ class MoETransformer(Transformer):
         for m in self.moe_layers:
             m.collect_stats, m.need_aux = stats, aux
 
-    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None,  # type: ignore[override]
-                start_pos: int = 0) -> MoEOutput:
-        """Logits for tokens [B, T] at positions start_pos..start_pos+T-1 (causal), with the MoE balance loss
-        and stats; ``kv_cache`` and ``start_pos`` as in the dense ``Transformer.forward``."""
+    def forward(self, tokens: torch.Tensor, cache: Cache | None = None,  # type: ignore[override]
+                positions: int | torch.Tensor | None = None) -> MoEOutput:
+        """Logits for tokens [B, T] (causal), with the MoE balance loss and stats; ``cache`` and ``positions`` as
+        in the dense ``Transformer.forward``."""
         t = tokens.shape[1]
-        end = start_pos + t
-        if end > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {end} exceed max_seq_len {self.cfg.max_seq_len}")
-        if kv_cache is None and start_pos:
-            raise ValueError("start_pos needs a kv_cache")
-        h = self.tok_embeddings(tokens)
-        rope = self.rope[:, start_pos:end] if self.rope is not None else None
-        kernel = self.attention
-        mask = kernel.mask(t, end, tokens.device)
+        pos = self.positions_checked(cache, positions, t)
+        h, rope = self.embed(tokens, pos)
         auxes, stats = [], []
-        for i, layer in enumerate(self.layers):
-            cache = () if kv_cache is None else (kv_cache[i], start_pos)
-            out = layer(h, rope, mask, kernel, *cache)
+        for layer, attend in zip(self.layers, self.attends(cache, pos, t, tokens.device), strict=True):
+            out = layer(h, rope, attend)
             if isinstance(layer, Block):
                 h = out
             else:

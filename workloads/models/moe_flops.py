@@ -58,7 +58,7 @@ def moe_flops_per_token(cfg: MoEConfig, seq_len: int, mode: str = "train") -> fl
 
 def moe_memory_estimate(
     cfg: MoEConfig, batch: int, seq_len: int, mode: str, dtype_bytes: int, activation_checkpointing: bool = False,
-    compiled: bool = False, fp8: bool = False, tp: int = 1, cp: int = 1,
+    compiled: bool = False, fp8: bool = False, tp: int = 1, cp: int = 1, cp_attention: str = "gather",
 ) -> dict[str, int]:
     """Device bytes at the peak, as ``flops.memory_estimate`` with every expert's weights (and their grads and
     AdamW moments, in the parameters' dtype) and the activations of a dense MLP as wide as the active experts
@@ -66,7 +66,7 @@ def moe_memory_estimate(
     width = (cfg.top_k + cfg.n_shared) * cfg.expert_d_ff
     est = memory_estimate(replace(cfg.base, d_ff=width), batch, seq_len, mode, dtype_bytes,
                           activation_checkpointing=activation_checkpointing, compiled=compiled, fp8=fp8, tp=tp,
-                          cp=cp)
+                          cp=cp, cp_attention=cp_attention)
     p = tp_share(moe_param_counts(cfg), tp)
     est["weights"] = p * dtype_bytes
     if mode == "train":

@@ -47,6 +47,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (xf * cos + _rotate_half(xf) * sin).type_as(x)
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, T, H, D] by ``table`` [2, T, D] (already sliced to the positions of x)."""
-    return rotate(x, table[0][None, :, None, :], table[1][None, :, None, :])
+#: cos and sin shaped to broadcast against q or k [B, T, H, D]: each [B or 1, T, 1, D]
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def rope_at(table: torch.Tensor, positions: int | torch.Tensor, t: int) -> Rope:
+    """cos and sin of ``table`` [2, max_len, D] at ``positions``: an int (every row at positions..positions+t-1)
+    or a tensor [B, t] (each row's own positions)."""
+    if isinstance(positions, int):
+        part = table[:, positions:positions + t]
+        return part[0][None, :, None, :], part[1][None, :, None, :]
+    return table[0][positions][:, :, None, :], table[1][positions][:, :, None, :]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -10,9 +11,12 @@ from torch import nn
 from workloads.models.attention import AttentionKernel
 from workloads.models.blocks import Block, residual_std
 from workloads.models.config import ModelConfig
-from workloads.models.kv_cache import KVCache
+from workloads.models.kv_cache import Attend, Cache, KernelAttend
 from workloads.models.norms import make_norm
-from workloads.models.rope import rope_tables
+from workloads.models.rope import Rope, rope_at, rope_tables
+
+#: runs one block: (block, hidden states, RoPE's cos and sin, the layer's Attend) -> hidden states
+RunBlock = Callable[[nn.Module, torch.Tensor, "Rope | None", Attend], torch.Tensor]
 
 
 class Transformer(nn.Module):
@@ -71,29 +75,50 @@ class Transformer(nn.Module):
         if self.rope is not None:
             self.rope = self.rope_table(self.tok_embeddings.weight.device)
 
-    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """Logits [B, T, V] for tokens [B, T] at positions start_pos..start_pos+T-1, causal.
+    def positions_checked(self, cache: Cache | None, positions: int | torch.Tensor | None,
+                          t: int) -> int | torch.Tensor:
+        """``positions`` (None: 0), refused where an int one runs past max_seq_len or is non-zero without a cache."""
+        pos = 0 if positions is None else positions
+        if isinstance(pos, int):
+            if pos + t > self.cfg.max_seq_len:
+                raise ValueError(f"positions up to {pos + t} exceed max_seq_len {self.cfg.max_seq_len}")
+            if cache is None and pos:
+                raise ValueError("positions after 0 need a KV cache")
+        return pos
 
-        Without a cache (training) ``start_pos`` must be 0. With ``kv_cache`` the tokens' keys and values
-        are written at their positions and attention covers positions 0..start_pos+T-1: a prefill is
-        ``start_pos=0`` with the prompt, a decode step is one token per sequence at the next position.
-        """
+    def attends(self, cache: Cache | None, pos: int | torch.Tensor, t: int, device: torch.device) -> Sequence[Attend]:
+        """Each layer's attention for a call of ``t`` tokens at ``pos``: through ``cache``, or the kernel alone."""
+        if cache is not None:
+            return cache.attends(self.attention, pos, t)
+        return [KernelAttend(self.attention, self.attention.mask(t, t, device))] * len(self.layers)
+
+    def embed(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
+        """The token (and, gpt arch, position) embeddings of tokens [B, T] at ``pos``, and RoPE's cos and sin there."""
         t = tokens.shape[1]
-        end = start_pos + t
-        if end > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {end} exceed max_seq_len {self.cfg.max_seq_len}")
-        if kv_cache is None and start_pos:
-            raise ValueError("start_pos needs a kv_cache")
         h = self.tok_embeddings(tokens)
         if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings.weight[start_pos:end]
-        rope = self.rope[:, start_pos:end] if self.rope is not None else None
-        kernel = self.attention
-        mask = kernel.mask(t, end, tokens.device)
-        if kv_cache is not None:
-            for i, layer in enumerate(self.layers):
-                h = layer(h, rope, mask, kernel, kv_cache[i], start_pos)
-        else:
-            for layer in self.layers:
-                h = layer(h, rope, mask, kernel)
-        return self.output(self.norm(h))
+            h = h + (self.pos_embeddings.weight[pos:pos + t] if isinstance(pos, int) else self.pos_embeddings(pos))
+        return h, (rope_at(self.rope, pos, t) if self.rope is not None else None)
+
+    def hidden(self, tokens: torch.Tensor, cache: Cache | None = None, positions: int | torch.Tensor | None = None,
+               run_block: RunBlock | None = None) -> torch.Tensor:
+        """The final norm's output [B, T, d] for tokens [B, T] (``forward`` without the LM head). ``run_block``
+        runs each block in place of its own call (a caller's compiled region: ``workloads.engine``)."""
+        t = tokens.shape[1]
+        pos = self.positions_checked(cache, positions, t)
+        h, rope = self.embed(tokens, pos)
+        for layer, attend in zip(self.layers, self.attends(cache, pos, t, tokens.device), strict=True):
+            h = layer(h, rope, attend) if run_block is None else run_block(layer, h, rope, attend)
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, cache: Cache | None = None,
+                positions: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for tokens [B, T], causal.
+
+        ``positions``: where the tokens sit, an int (every row at positions..positions+T-1; default 0) or a tensor
+        [B, T] (each row's own, for a cache that takes them). Without a cache (training) they start at 0. With
+        ``cache`` (a ``kv_cache.Cache``) each layer writes the tokens' keys and values at their positions and
+        attends every position up to them: a prefill is positions 0 with the prompt, a decode step one token per
+        sequence at the next position.
+        """
+        return self.output(self.hidden(tokens, cache, positions))

@@ -88,15 +88,14 @@ def degrees_text(opts: Mapping[str, Any]) -> str:
 
 
 def cp_checks(opts: Mapping[str, Any], default_seq: int | None, arch: str | None) -> list[tuple[str, str]]:
-    """--cp: training a RoPE model whose sequence (--seq-len, else ``default_seq``) splits into 2 x cp equal
-    chunks (each rank takes chunks i and 2cp-1-i, so causal work is balanced), on an SDPA kernel (keys and values
-    are all-gathered; the queries' chunks attend with lower-right causal masks), without a sliding window."""
+    """--cp (declared for --mode train only): a RoPE model whose sequence (--seq-len, else ``default_seq``) splits
+    into 2 x cp equal chunks (each rank takes chunks i and 2cp-1-i, so causal work is balanced), on an SDPA kernel
+    (keys and values are all-gathered; the queries' chunks attend with lower-right causal masks; PyTorch's ring,
+    ``--cp-attention ring*``, runs the flash kernel: auto or flash), without a sliding window."""
     cp = int(opts.get("cp") or 1)
     if cp == 1:
         return []
     seq_len = int(opts.get("seq_len") or default_seq or 0) or None
-    if opts.get("mode", "train") != "train":
-        return [("cp", f"--cp {cp}: context parallelism splits a training sequence; --mode {opts.get('mode')}")]
     if arch is not None and arch != "llama":
         return [("cp", f"--cp {cp}: needs RoPE positions (llama-style models); {opts.get('preset')} learns "
                        "absolute positions")]
@@ -108,6 +107,10 @@ def cp_checks(opts: Mapping[str, Any], default_seq: int | None, arch: str | None
                                       "kernel (auto, flash, cudnn, efficient, math)")]
     if opts.get("attention_window"):
         return [("attention-window", f"--cp {cp} with a sliding window is not supported")]
+    ring = str(opts.get("cp_attention") or "gather")
+    if ring != "gather" and opts.get("attention_backend") not in (None, "auto", "flash"):
+        return [("cp-attention", f"--cp-attention {ring} runs the flash kernel (PyTorch's ring); use "
+                                 "--attention-backend flash or auto, or --cp-attention gather")]
     return []
 
 
@@ -117,6 +120,10 @@ def transformer_checks(opts: Mapping[str, Any], machine: Machine,
     out: list[tuple[str, str]] = []
     gpu = on_gpu(opts, machine)
     fp8, recipe = opts.get("fp8_mode", "off"), opts.get("fp8_recipe", "auto")
+    ring = int(opts.get("cp") or 1) > 1 and str(opts.get("cp_attention") or "gather") != "gather"
+    if ring and gpu and opts.get("dtype") == "fp32":
+        out.append(("dtype", f"--cp-attention {opts['cp_attention']}: the ring's flash kernel on a GPU takes bf16 or "
+                             "fp16, not fp32"))
     if fp8 in ("te", "torchao"):
         module = "transformer_engine" if fp8 == "te" else "torchao"
         if not gpu:
@@ -270,6 +277,12 @@ def dense_checks(opts: Mapping[str, Any], machine: Machine) -> list[tuple[str, s
     return out
 
 
+#: --cp's attention: btune's all-gather, or PyTorch's ring attention with either of its rotaters (workloads/ring.py)
+CP_ATTENTION = ("gather", "ring", "ring-gather")
+CP_ATTENTION_HELP = ("--cp's attention: gather (keys and values all-gathered once per layer, one SDPA per query "
+                     "chunk), ring (PyTorch's ring attention: keys and values passed rank to rank, flash kernel "
+                     "per step, merged by log-sum-exp), ring-gather (the ring's steps over one all-gather)")
+
 #: the tuner starts a batch size at the largest predicted to fit, on any device
 START_LARGEST = (("cuda", LARGEST), ("cpu", LARGEST))
 
@@ -306,6 +319,8 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
     Option("cp", int, 1, "context parallelism over N ranks: each sequence split into 2N chunks (rank i keeps "
            "chunks i and 2N-1-i: causal work balanced), keys and values all-gathered per layer; FSDP spans "
            "--dp-shard x --cp", min=1, max=1024, when=(("mode", ("train",)),), group="parallel"),
+    Option("cp-attention", str, "gather", CP_ATTENTION_HELP, CP_ATTENTION, when=(("mode", ("train",)),),
+           group="parallel"),
     Option("reshard-after-forward", str, "on", "FSDP2: free each block's gathered parameters after its forward "
            "(on: less memory, a second all-gather in backward; off: kept until backward)", ("on", "off"),
            when=(("mode", ("train",)),), group="parallel"),
@@ -316,7 +331,7 @@ TRANSFORMER_KNOBS: tuple[Option, ...] = (
 #: The data-parallel knobs (training: dense and MoE).
 DATA_PARALLEL = ("dp-shard", "dp-replicate", "reshard-after-forward")
 #: Knobs only a training run has (serving leaves them out of its declaration).
-TRAINING_ONLY = ("activation-checkpointing", *DATA_PARALLEL, "cp")
+TRAINING_ONLY = ("activation-checkpointing", *DATA_PARALLEL, "cp", "cp-attention")
 
 DENSE = WorkloadSpec(
     name="dense",

@@ -85,18 +85,16 @@ def moe_checkpoint_checks(opts: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def ep_checks(opts: Mapping[str, Any], experts: int | None) -> list[tuple[str, str]]:
-    """--ep: on the FSDP ranks (--dp-shard x --cp, the same degree), without TP or replicas yet, dividing the
-    routed experts."""
+    """--ep: on one replica's FSDP ranks (--dp-shard x --cp, the same degree; with --dp-replicate every replica
+    holds the same experts; with --tp each expert's width is split too), dividing the routed experts."""
     ep = int(opts.get("ep") or 1)
     if ep == 1:
         return []
-    shard, tp, rep, cp = (int(opts.get(k) or 1) for k in ("dp_shard", "tp", "dp_replicate", "cp"))
+    shard, cp = (int(opts.get(k) or 1) for k in ("dp_shard", "cp"))
     if shard * cp != ep:
         have = f"--dp-shard {shard}" + (f" x --cp {cp}" if cp > 1 else "")
         return [("ep", f"--ep {ep} splits the experts over the --dp-shard x --cp ranks: they number {ep} (now "
                        f"{have})")]
-    if tp > 1 or rep > 1:
-        return [("ep", f"--ep {ep} with --tp or --dp-replicate > 1 is not supported yet")]
     if experts is not None and experts % ep:
         return [("ep", f"--ep {ep} must divide the routed experts ({experts})")]
     return []

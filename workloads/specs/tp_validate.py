@@ -6,7 +6,7 @@ from typing import Any
 from workloads.models.config import PRESETS
 from workloads.models.moe_config import MOE_PRESETS
 from workloads.options import Machine, Option, WorkloadSpec
-from workloads.specs.dense import PRESET_RUN_DEFAULTS, cp_checks, tp_checks
+from workloads.specs.dense import CP_ATTENTION, CP_ATTENTION_HELP, PRESET_RUN_DEFAULTS, cp_checks, tp_checks
 from workloads.specs.moe import ep_checks
 
 
@@ -71,7 +71,9 @@ TP_VALIDATE = WorkloadSpec(
         Option("ep", int, 1, "--model moe: expert parallelism over the --dp-shard ranks (N = --dp-shard)", min=1,
                max=1024, group="parallel"),
         Option("cp", int, 1, "context-parallel degree (each rank two chunks of each sequence; FSDP spans "
-               "--dp-shard x --cp)", min=1, max=1024, group="parallel"),
+               "--dp-shard x --cp)", min=1, max=1024, when=(("mode", ("train",)),), group="parallel"),
+        Option("cp-attention", str, "gather", CP_ATTENTION_HELP, CP_ATTENTION, when=(("mode", ("train",)),),
+               group="parallel"),
         Option("mode", str, "train", "train: logits, loss and every gradient; prefill: logits only",
                ("train", "prefill"), group="shape"),
         Option("batch-size", int, 2, "sequences per data-parallel rank (the reference runs all of them)", min=1,

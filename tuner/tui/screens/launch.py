@@ -22,7 +22,7 @@ from tuner import catalog
 from tuner.command import WORKLOAD as COMMAND
 from tuner.command import Command as RunCommand
 from tuner.command import CommandError
-from tuner.launch import LaunchError, RunConfig, build_config, command_config
+from tuner.launch import LaunchError, MemoryRefusal, RunConfig, build_config, command_config
 from tuner.machine import MachineInfo, detect
 from tuner.tui.screens.base import BtuneScreen, Command
 from tuner.tui.widgets.command_form import DESCRIPTION as COMMAND_DESCRIPTION
@@ -46,9 +46,10 @@ class ConfigBuilt(Message):
     """A RunConfig built off the UI thread (build_config may ask NVML) for the form values ``key`` names, or why
     it could not be."""
 
-    def __init__(self, key: str, config: RunConfig | None, error: str | None) -> None:
+    def __init__(self, key: str, config: RunConfig | None, error: str | None, forceable: bool = False) -> None:
         super().__init__()
         self.key, self.config, self.error = key, config, error
+        self.forceable = forceable  #: refused only by the memory estimate: Ctrl+F launches it anyway
 
 
 class LaunchScreen(BtuneScreen):
@@ -59,10 +60,12 @@ class LaunchScreen(BtuneScreen):
             "this machine cannot run, are disabled with the reason. The last entry, command, runs any command "
             "(btune run -- CMD): type its command line, shown back as the argv that will run (no shell runs it), "
             "its working directory, NAME=VALUE variables to add and an optional --parse pattern. Ctrl+R (or F5) "
-            "launches; F2 lists past runs, F4 shows btune bench's history, F6 btune tune's studies (n there tunes this "
-            "workload with these options).")
+            "launches; a run the memory estimate says will not fit its GPUs is refused with the estimate, and "
+            "Ctrl+F launches it anyway (btune run --force); F2 lists past runs, F4 shows btune bench's history, "
+            "F6 btune tune's studies (n there tunes this workload with these options).")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+r,f5", "launch", "Launch"),
+        Binding("ctrl+f", "force_launch", "Launch anyway", show=False),  # shown in the refusal's line
         Binding("f2", "runs", "Runs"),
         Binding("f4", "history", "History", show=False),  # hidden: the palette lists it (commands)
         Binding("f6", "tune", "Tune", show=False),  # hidden: the palette lists it (commands)
@@ -78,6 +81,7 @@ class LaunchScreen(BtuneScreen):
         self.config: RunConfig | None = None
         self._shown: str | None = None  # the form values the command line shows (a key, see _key)
         self._building: str | None = None  # the form values a build in flight is for
+        self._forceable: str | None = None  # the form values refused only by the memory estimate
         self._launch_when_built = False
 
     def compose(self) -> ComposeResult:
@@ -213,18 +217,22 @@ class LaunchScreen(BtuneScreen):
             self.update_command()
 
     @work(thread=True, exclusive=True, group="config", exit_on_error=False)
-    def _build(self, key: str, workload: str, values: dict[str, Any]) -> None:
+    def _build(self, key: str, workload: str, values: dict[str, Any], force: bool = False) -> None:
+        forceable = False
         try:
             if workload == COMMAND:
                 config, error = command_config(RunCommand(**values)), None
             else:
                 machine = self.app.machine.machine if self.app.machine is not None else None
-                config, error = build_config(workload, values, python=self.app.python, machine=machine), None
+                config, error = build_config(workload, values, python=self.app.python, machine=machine,
+                                             force=force), None
+        except MemoryRefusal as exc:
+            config, error, forceable = None, f"{exc}\nCtrl+F launches it anyway (btune run --force)", True
         except (OptionError, LaunchError, CommandError) as exc:
             config, error = None, str(exc)
         except Exception as exc:  # never leave the command line waiting on a build that died
             config, error = None, f"cannot build the command: {type(exc).__name__}: {exc}"
-        self.post_message(ConfigBuilt(key, config, error))
+        self.post_message(ConfigBuilt(key, config, error, forceable))
 
     def on_config_built(self, message: ConfigBuilt) -> None:
         if message.key != self._building:
@@ -236,6 +244,7 @@ class LaunchScreen(BtuneScreen):
             return
         self._shown = message.key
         self.config = message.config
+        self._forceable = message.key if message.forceable else None
         if isinstance(self.form, CommandForm):
             self.form.show_argv(message.error)
         command = self.query_one("#command", Static)
@@ -248,6 +257,17 @@ class LaunchScreen(BtuneScreen):
         if self._launch_when_built:
             self._launch_when_built = False
             self.app.launch(message.config)
+
+    def action_force_launch(self) -> None:
+        """Launch the form's run though its memory estimate says it will not fit (only when that is what refused
+        it: Ctrl+F does nothing otherwise)."""
+        current = self._key()
+        if current is None or self._forceable is None or current[0] != self._forceable or self.workload == COMMAND:
+            self.notify("nothing to force: Ctrl+F launches a run refused by its memory estimate", severity="warning")
+            return
+        key, values, _ = current
+        self._building, self._launch_when_built = key, True
+        self._build(key, self.workload, values, force=True)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "launch":

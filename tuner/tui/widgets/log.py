@@ -39,3 +39,5 @@ class LogPanel(Log):
         height = 1 + max(1, min(self.line_count, cap))
         if self.styles.height is None or self.styles.height.value != height:
             self.styles.height = height
+            # the write scrolled to the end of the old height: the newest line stays in view at the new one
+            self.scroll_end(animate=False)
