@@ -1,5 +1,6 @@
 """Run under torchrun (tests/test_cp.py): workloads.ring on this rank's chunks against SDPA over the whole
-sequence; prints each rotater's worst absolute error (output and the q, k, v gradients)."""
+sequence; rank 0 prints each rank's and rotater's worst absolute error (output and the q, k, v gradients), one line
+each (the ranks share stdout: their own prints could interleave)."""
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,17 @@ def mine(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[:, :, a], t[:, :, b]], 2)
 
 
+worst = []
 for method in ("ring", "ring-gather"):
     ql, kl, vl = (mine(t).detach().requires_grad_() for t in (q, k, v))
     out = RingAttention(None, dist.group.WORLD, method)(ql, kl, vl, None)
     out.backward(mine(grad))
     errs = [(out - mine(whole)).abs().max()]
     errs += [(x.grad - mine(t.grad)).abs().max() for x, t in ((ql, q), (kl, k), (vl, v))]
-    print("worst", method, r, max(e.item() for e in errs))
+    worst.append((method, r, max(e.item() for e in errs)))
+every: list = [None] * n
+dist.all_gather_object(every, worst)
+if r == 0:
+    for method, rank, err in (w for ws in every for w in ws):
+        print("worst", method, rank, err, flush=True)
 dist.destroy_process_group()
