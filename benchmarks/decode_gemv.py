@@ -15,7 +15,12 @@ The kernel: each program owns ``BLOCK_N`` output rows for every batch row; it re
 its epilogue. Timed as ``decode_profile.py`` times: ``--layers`` weight sets (more than L2) in one CUDA graph.
 Each row: microseconds per layer, bandwidth, and the largest difference from the reference (bf16).
 
-usage: python benchmarks/decode_gemv.py [--batches 1,2,4,8] [--layers 8]
+``--split``: instead of the Triton kernel, the piece split in two: its prologue (RMSNorm, or SiLU(gate) x up)
+compiled alone and written out, then cuBLAS (``addmm`` with the residual, or ``mm``) on the written input,
+against inductor's one fused kernel. Inductor inlines the prologue into its GEMV reduction, so every output
+row recomputes it; the split computes it once.
+
+usage: python benchmarks/decode_gemv.py [--batches 1,2,4,8] [--layers 8] [--split]
        TRITON_INTERPRET=1 python benchmarks/decode_gemv.py --device cpu   (the kernels' arithmetic, no timing)
 """
 
@@ -117,6 +122,14 @@ def silu_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def prologues() -> dict:
+    """What each piece computes before its GEMV (None: the GEMV reads its input as it is)."""
+    from workloads.models.projections import split_gate_up
+
+    return {"qkv": (lambda x, nw: rms(x, nw)), "o": None, "gate_up": (lambda x, nw: rms(x, nw)),
+            "down": (lambda x, nw: silu_up(*split_gate_up(x, GU_BLOCK)))}
+
+
 def references() -> dict:
     """Each piece as the model's block computes it (workloads/models/blocks.py, projections.split_gate_up)."""
     from workloads.models.projections import split_gate_up
@@ -138,6 +151,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--split", action="store_true", help="the prologue compiled alone, then cuBLAS (not Triton)")
     args = ap.parse_args()
     dev = args.device
     cpu = dev == "cpu"
@@ -152,7 +166,8 @@ def main() -> None:
         bw = copy_bandwidth("cuda")
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"{datetime.date.today()}, copy bandwidth {bw / 1e12:.2f} TB/s\n")
-        print("| piece | N x K | batch | inductor us | Triton us | inductor GB/s | Triton GB/s | Triton / inductor "
+        other = "split" if args.split else "Triton"
+        print(f"| piece | N x K | batch | inductor us | {other} us | inductor GB/s | {other} GB/s | {other} / inductor "
               "| max abs diff |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -166,7 +181,17 @@ def main() -> None:
             r = torch.randn(b, n, generator=gen).to(dev, torch.bfloat16)
             ref = refs[name]
             want = ref(x, ws[0], nw, r)
-            got = gemv(x, ws[0], nw if norm else None, r if residual else None, silu)
+            if args.split:
+                pro = prologues()[name]
+                pro_c = torch.compile(pro, options=decode_options("default"), dynamic=False) if pro and not cpu else pro
+
+                def split(x, w, nw, r, pro_c=pro_c, residual=residual):
+                    a = pro_c(x, nw) if pro_c else x
+                    return torch.addmm(r, a, w.t()) if residual else a @ w.t()
+
+                got = split(x, ws[0], nw, r)
+            else:
+                got = gemv(x, ws[0], nw if norm else None, r if residual else None, silu)
             diff = (got.float() - want.float()).abs().max().item()
             if cpu:
                 print(f"{name} {n}x{k} batch {b}: max abs diff {diff:.4g} (reference max {want.abs().max():.3g})")
@@ -179,6 +204,8 @@ def main() -> None:
 
             def ours(i: int, x=x, r=r, ws=ws, nw=nw if norm else None, res=r if residual else None,
                      silu=silu) -> torch.Tensor:
+                if args.split:
+                    return split(x, ws[i % len(ws)], nw, r)
                 return gemv(x, ws[i % len(ws)], nw, res, silu)
 
             t_ind, t_tri = graph_time(inductor, reps=layers), graph_time(ours, reps=layers)
