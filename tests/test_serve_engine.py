@@ -110,7 +110,6 @@ def test_compiled_decode_equals_eager_with_one_graph_for_every_layer():
         torch.manual_seed(0)
         model = Transformer(PRESETS["tiny-llama"].with_layers(layers), kernel).eval()
         res, _ = serve(model, kernel, n=5, max_batch=2, compile_mode="default")  # decode buckets 1, 2
-        assert type(model.layers[-1].mlp.w2).__name__ == "ExternLinear", "down runs as a library GEMM"
         for r in res.requests:
             assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len)
         graphs[layers] = counters["stats"]["unique_graphs"]

@@ -128,7 +128,6 @@ def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, A
         "attention": {"requested": opts["attention_backend"], "prefill": b.ran["attention"]["reason"],
                       "decode": decode_attn, "window": b.kernel.window},
         "compile": {"decode": opts["compile_mode"], "decode_inductor_options": engine.decode_options,
-                    "decode_library_gemms": engine.extern,
                     "prefill": engine.prefill_mode, "cuda_graphs": opts["compile_mode"] == "reduce-overhead"},
         "decode_buckets": engine.buckets,
         "cache_positions": engine.cache.positions,

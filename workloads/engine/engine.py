@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workloads.engine import extern
 from workloads.engine.cache import SlotKVCache
 from workloads.engine.forward import FLEX_BLOCK, DecodeStep, prefill_chunk
 from workloads.engine.request import Request
@@ -139,7 +138,6 @@ class Engine:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.decode_options: dict[str, Any] = {}
-        self.extern: list[str] = []  # each block's projections run as library GEMMs (extern.py)
         decode_block: RunBlock | None = None
         self._prefill_block: RunBlock | None = None
         self._wrap: Any = None
@@ -147,7 +145,6 @@ class Engine:
             # specialised per bucket; the graphs are captured below, so inductor makes none of its own
             self.decode_options = decode_options(GRAPH_MODES.get(compile_mode, compile_mode))
             decode_block, prefill_block = compiled_blocks(compile_mode, self.decode_options)
-            self.extern = extern.apply(model.layers, extern.names())
             if pad_multiple == 1:
                 self._prefill_block, self._wrap = prefill_block, EagerAttend
         self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window, flex=flex,
