@@ -10,7 +10,8 @@ checked by comparing logits), the same prompts (btune's seeded load generator) a
 a static cache, compiled where transformers supports it; output tokens/s = batch x output tokens / time of
 one generate call (median, after warm-up), against btune's closed-loop run of the same batch.
 usage: python benchmarks/serve.py [--layers 32] [--part all|roofline|hf|sweep|table|start] [--sweep-duration 30]
-``--part table --batches 1,8,32,64``: the decode roofline at each batch with MBU and Hugging Face side by side;
+``--part table --batches 1,8,32,64 [--repeats 3]``: the decode roofline at each batch with MBU and Hugging Face
+side by side (medians of interleaved records with --repeats);
 ``--part start``: launch to the first measured request, cold (empty compile caches) and warm.
 Prints markdown tables. `--device cpu --preset tiny-llama` smoke-tests the script without a GPU (eager, fp32).
 """
@@ -282,27 +283,39 @@ def live_bytes(rec: dict[str, Any], batch: int, context: float) -> float:
     return (params["matmul"] + params["other"] + kv) * elt
 
 
-def part_table(b: Bench, batches: tuple[int, ...], hf_batches: tuple[int, ...]) -> None:
-    """The decode roofline at each batch (one closed-loop `btune run serve` record each) with Hugging Face's
-    compiled static-cache generate at the same batch, prompt and output lengths, side by side."""
+def part_table(b: Bench, batches: tuple[int, ...], hf_batches: tuple[int, ...], repeats: int = 1) -> None:
+    """The decode roofline at each batch (closed-loop `btune run serve` records) with Hugging Face's compiled
+    static-cache generate at the same batch, prompt and output lengths, side by side. With ``repeats`` > 1 each
+    batch gets that many records, interleaved (batch 1, 8, ..., then again), and the table shows their medians
+    and the decode step's range: single records of one setting differ by more than the changes measured."""
     bw = copy_bandwidth(b.device)
     print(f"device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s (read + write, median of 20 copies)\n")
-    print("| batch | decode step p50 ms | ITL p50 ms | TPOT p50 ms | roofline ms | roofline / step | roofline / ITL "
-          "| MBU (datasheet) | btune output tok/s | HF compiled tok/s | btune / HF |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     context = b.prompt + b.output / 2  # a slot's mean live context over its decode
+    recs: dict[int, list[dict[str, Any]]] = {batch: [] for batch in batches}
+    for _ in range(repeats):
+        for batch in batches:
+            rec = btune_run(b, [*lengths_args(batch, b.prompt, b.output, 4), "--compile-mode", b.graphs])
+            why = failed(rec)
+            if why:
+                print(f"  (batch {batch}: {why})")
+                continue
+            recs[batch].append(rec)
+    print("| batch | records | decode step p50 ms | step range ms | ITL p50 ms | TPOT p50 ms | roofline ms "
+          "| roofline / step | roofline / ITL | MBU (datasheet) | btune output tok/s | HF compiled tok/s "
+          "| btune / HF |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in batches:
-        rec = btune_run(b, [*lengths_args(batch, b.prompt, b.output, 4), "--compile-mode", b.graphs])
-        why = failed(rec)
-        if why:
-            print(f"| {batch} | {why} |||||||||")
+        rs = recs[batch]
+        if not rs:
+            print(f"| {batch} | 0 | failed ||||||||||")
             continue
-        s = serving(rec)
-        step = rec["summary"]["engine"]["decode_step_ms"]["p50"]
-        itl, tpot = s["itl_ms"]["p50"], s["tpot_ms"]["p50"]
-        roof = live_bytes(rec, batch, context) / bw * 1000.0
-
-        ours = s["output_tokens_per_s"]
+        steps = [r["summary"]["engine"]["decode_step_ms"]["p50"] for r in rs]
+        step = statistics.median(steps)
+        itl = statistics.median(serving(r)["itl_ms"]["p50"] for r in rs)
+        tpot = statistics.median(serving(r)["tpot_ms"]["p50"] for r in rs)
+        ours = statistics.median(serving(r)["output_tokens_per_s"] for r in rs)
+        mid = min(rs, key=lambda r: abs(r["summary"]["engine"]["decode_step_ms"]["p50"] - step))
+        roof = live_bytes(mid, batch, context) / bw * 1000.0
         hf = None
         if batch in hf_batches:
             res = subprocess.run([sys.executable, __file__, "--hf-child", str(batch), "1", "--layers", str(b.layers),
@@ -312,9 +325,9 @@ def part_table(b: Bench, batches: tuple[int, ...], hf_batches: tuple[int, ...]) 
             hf = float(line.split()[1]) if line else None
             if line is None:
                 print(f"  (HF at batch {batch} failed: {(res.stderr.strip().splitlines() or ['?'])[-1][:120]})")
-        print(f"| {batch} | {step:.3f} | {itl:.3f} | {tpot:.3f} | {roof:.3f} | {roof / step * 100:.1f}% | "
-              f"{roof / itl * 100:.1f}% | {mbu_cell(rec)} | {ours:,.0f} | {f'{hf:,.0f}' if hf else '-'} | "
-              f"{f'{ours / hf:.2f}x' if hf else '-'} |", flush=True)
+        print(f"| {batch} | {len(rs)} | {step:.3f} | {min(steps):.3f}–{max(steps):.3f} | {itl:.3f} | {tpot:.3f} | "
+              f"{roof:.3f} | {roof / step * 100:.1f}% | {roof / itl * 100:.1f}% | {mbu_cell(mid)} | {ours:,.0f} | "
+              f"{f'{hf:,.0f}' if hf else '-'} | {f'{ours / hf:.2f}x' if hf else '-'} |", flush=True)
 
 
 def part_start(b: Bench) -> None:
@@ -397,6 +410,7 @@ def main() -> None:
     ap.add_argument("--hf-modes", default="eager,compiled", help="which Hugging Face generate setups to run")
     ap.add_argument("--fractions", default="0.25,0.5,0.75,0.9,1.0,1.1,1.25,1.5,2.0",
                     help="sweep rates as fractions of the measured capacity")
+    ap.add_argument("--repeats", type=int, default=1, help="--part table: records per batch, interleaved")
     ap.add_argument("--hf-child", nargs=2, metavar=("BATCH", "COMPILED"))
     args = ap.parse_args()
     bench = Bench(args.preset, args.layers, args.prompt, args.output, args.device)
@@ -417,7 +431,7 @@ def main() -> None:
             part_hf(bench, tuple(int(x) for x in args.batches.split(",")), modes)
         if args.part == "table":
             part_table(bench, tuple(int(x) for x in args.batches.split(",")),
-                       tuple(int(x) for x in args.hf_batches.split(",") if x))
+                       tuple(int(x) for x in args.hf_batches.split(",") if x), args.repeats)
         if args.part == "start":
             part_start(bench)
         if args.part in ("all", "sweep"):
