@@ -37,6 +37,13 @@ assert group is not None
 device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
 
 
+def say(line: dict) -> None:
+    """One JSON line in one write: both ranks share stdout, unbuffered (print writes the newline apart, and the
+    other rank's line could land between)."""
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
 def replica(config: str) -> None:
     """One configuration (PRESET,BACKEND,COMPILE_MODE): serve, compare, print this rank's line."""
     preset, backend, compile_mode = config.split(",")
@@ -83,13 +90,12 @@ def replica(config: str) -> None:
                     seq.append(int(whole(torch.tensor([seq], device=device))[0, -1].argmax()))
                 if r.tokens != seq[r.prompt_len:]:
                     bad.append(r.rid)
-        print(json.dumps({"config": config, "requests": len(res.requests),
-                          "finished": sum(r.finished for r in res.requests), "steps": res.steps,
-                          "graphs": sorted(engine._graphs), "buckets": engine.buckets,
-                          "mismatched": bad, "logits_max_diff": logits_diff}), flush=True)
+        say({"config": config, "requests": len(res.requests), "finished": sum(r.finished for r in res.requests),
+             "steps": res.steps, "graphs": sorted(engine._graphs), "buckets": engine.buckets, "mismatched": bad,
+             "logits_max_diff": logits_diff})
     else:
         steps = engine.follow()
-        print(json.dumps({"config": config, "follower_steps": steps, "logits_max_diff": logits_diff}), flush=True)
+        say({"config": config, "follower_steps": steps, "logits_max_diff": logits_diff})
     engine.close()
 
 
