@@ -123,7 +123,8 @@ def silu_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def prologues() -> dict:
-    """What each piece computes before its GEMV (None: the GEMV reads its input as it is)."""
+    """What each piece computes before its GEMV (None: the GEMV reads its input as it is), as the model's block
+    computes it (workloads/models/blocks.py, projections.split_gate_up)."""
     from workloads.models.projections import split_gate_up
 
     return {"qkv": (lambda x, nw: rms(x, nw)), "o": None, "gate_up": (lambda x, nw: rms(x, nw)),
@@ -131,15 +132,16 @@ def prologues() -> dict:
 
 
 def references() -> dict:
-    """Each piece as the model's block computes it (workloads/models/blocks.py, projections.split_gate_up)."""
-    from workloads.models.projections import split_gate_up
+    """Each piece whole: its prologue, the GEMV, and the residual where the block adds one there."""
 
-    return {
-        "qkv": (lambda x, w, nw, r: F.linear(rms(x, nw), w)),
-        "o": (lambda x, w, nw, r: r + F.linear(x, w)),
-        "gate_up": (lambda x, w, nw, r: F.linear(rms(x, nw), w)),
-        "down": (lambda x, w, nw, r: r + F.linear(silu_up(*split_gate_up(x, GU_BLOCK)), w)),
-    }
+    def whole(pro, residual: bool):
+        def ref(x: torch.Tensor, w: torch.Tensor, nw: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            y = F.linear(pro(x, nw) if pro else x, w)
+            return r + y if residual else y
+
+        return ref
+
+    return {name: whole(pro, PIECES[name][4]) for name, pro in prologues().items()}
 
 
 PIECES = {"qkv": ((NQ + 2 * NKV) * HD, D, True, False, False), "o": (D, NQ * HD, False, False, True),
