@@ -19,8 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-#: --cp-attention's values: btune's gather (parallel.ContextParallelAttention) and torch's ring, two rotaters
-CP_ATTENTION = ("gather", "ring", "ring-gather")
+#: torch's rotater for each ring value of --cp-attention (declared in specs.dense.CP_ATTENTION)
 _ROTATE = {"ring": "alltoall", "ring-gather": "allgather"}
 
 
