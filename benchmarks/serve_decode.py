@@ -1,7 +1,7 @@
 """Where a serving decode step's time goes: the engine's decode variants side by side, against the HBM roofline.
 
-For each variant (decode attention as matmuls, SDPA efficient, or flex; ``-autotune``: inductor's max-autotune)
-and batch, on the llama-3.1-8b shapes truncated to ``--layers``, with the engine's CUDA graphs:
+For each variant (decode attention as the split-KV kernels, matmuls, SDPA efficient, or flex; ``-autotune``:
+inductor's max-autotune) and batch, on the llama-3.1-8b shapes truncated to ``--layers``, with the engine's CUDA graphs:
 
 - ``gpu ms``: the decode graph alone, 100 replays back to back timed by CUDA events (the host stays ahead);
 - ``step ms``: ``Engine.run`` on a decode-only plan, one step at a time, host clock after the device sync
@@ -36,21 +36,22 @@ from workloads.models.attention import AttentionKernel
 from workloads.models.config import PRESETS
 from workloads.models.transformer import Transformer
 
-VARIANTS = ("flex", "matmul", "efficient")  # and "matmul-autotune"
+VARIANTS = ("split", "flex", "matmul", "efficient")  # and "matmul-autotune"
 
 
 def build(layers: int, variant: str, max_batch: int, cache_len: int) -> Engine:
     cfg = PRESETS["llama-3.1-8b"].with_layers(layers)
     attn, *extra = variant.split("-")
     mode = "max-autotune" if "autotune" in extra else "reduce-overhead"
-    backend = {"matmul": "auto", "efficient": "efficient", "flex": "auto"}[attn]
+    backend = {"matmul": "auto", "efficient": "efficient", "flex": "flex", "split": "auto"}[attn]
     kernel = AttentionKernel(backend)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(cfg, attention=kernel)
     model = model.to(torch.bfloat16).eval()
     engine = Engine(model, kernel, max_batch, cache_len, torch.device("cuda"), torch.bfloat16, mode)
-    engine.step_module.flex = attn == "flex"  # auto decodes with flex on a GPU; "matmul" forces the matmuls
+    if attn == "matmul":  # auto decodes with the split-KV kernels on a GPU; "matmul" forces the matmuls
+        engine.step_module.mode = "dense"
     return engine
 
 

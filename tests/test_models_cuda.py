@@ -137,3 +137,25 @@ def test_train_step_throughput_by_backend() -> None:
         del model, step
         torch.cuda.empty_cache()
     assert rates["auto"] > rates.get("math", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_boundary_kernels_match_eager(dtype: torch.dtype) -> None:
+    """The inference kernels (workloads.models.boundaries) give the eager expressions' values within one bf16
+    rounding (the same rounding steps; sigmoid and rsqrt differ in their last bits), on batch-1 and prefill rows."""
+    import torch.nn.functional as F
+
+    from workloads.models import boundaries
+    from workloads.models.projections import split_gate_up
+
+    assert boundaries.prepare()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for rows in (1, 37):
+            x = torch.randn(rows, 1, 4096, device="cuda", dtype=dtype) * 3
+            w = (1 + 0.1 * torch.randn(4096, device="cuda")).to(dtype)
+            want = F.rms_norm(x.float(), (4096,), eps=1e-5).type_as(x) * w
+            torch.testing.assert_close(boundaries.rms_norm(x, w, 1e-5), want, atol=0, rtol=2 ** -7)
+            y = torch.randn(rows, 1, 2 * 14336, device="cuda", dtype=dtype) * 3
+            gate, up = split_gate_up(y, 64)
+            torch.testing.assert_close(boundaries.swiglu(y, 64), F.silu(gate) * up, atol=1e-5, rtol=2 ** -7)

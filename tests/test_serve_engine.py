@@ -177,13 +177,13 @@ def test_greedy_is_argmax_with_ties():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["auto", "math"])
-def test_cuda_graph_decode_equals_full_recompute(backend):
+@pytest.mark.parametrize(("backend", "window"), [("auto", None), ("auto", 5), ("flex", None), ("math", None)])
+def test_cuda_graph_decode_equals_full_recompute(backend, window):
     """On a GPU with reduce-overhead: inductor code captured as one CUDA graph per bucket, replayed with
-    continuous batching, gives the tokens of full recompute (fp32)."""
+    continuous batching, gives the tokens of full recompute (fp32). auto decodes with the split-KV kernels."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    kernel = AttentionKernel(backend)
+    kernel = AttentionKernel(backend, window)
     with torch.device("cuda"):
         model = Transformer(PRESETS["tiny-llama"], kernel).eval()
     res, _ = serve(model, kernel, n=9, max_batch=3, compile_mode="reduce-overhead", device="cuda")

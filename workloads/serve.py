@@ -117,7 +117,9 @@ def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, A
                if group is not None else None)
     engine = Engine(b.model, b.kernel, p["max_batch"], p["cache_len"], h.device, h.dtype, opts["compile_mode"],
                     b.autocast, pad_multiple=16 if te else 1, channel=channel, no_backward=b.no_backward)
-    if engine.step_module.flex:
+    if engine.step_module.mode == "split":
+        decode_attn = "split-KV Triton kernels over each slot's live keys, grouped queries"
+    elif engine.step_module.mode == "flex":
         decode_attn = "flex decoding over each slot's live key blocks"
     elif b.kernel.backend == "auto":
         decode_attn = "matmul + masked fp32 softmax over the cache, grouped queries"

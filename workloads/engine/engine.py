@@ -28,11 +28,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workloads.engine import decode_attention
 from workloads.engine.cache import SlotKVCache
 from workloads.engine.forward import FLEX_BLOCK, DecodeStep, prefill_chunk
 from workloads.engine.request import Request
 from workloads.engine.scheduler import Plan
 from workloads.engine.work import StepChannel, Work
+from workloads.models import boundaries
 from workloads.models.attention import AttentionKernel
 from workloads.models.kv_cache import Attend
 from workloads.models.transformer import RunBlock, Transformer
@@ -117,9 +119,12 @@ class Engine:
         self.model, self.kernel, self.device, self.autocast = model, kernel, device, autocast
         self.no_backward = no_backward  # the grad mode of every step (build.Built.no_backward)
         self.pad_multiple, self.channel = pad_multiple, channel
-        # decode attention: flex where asked, and by default on a GPU (it reads only the live cache blocks)
-        flex = kernel.backend == "flex" or (kernel.backend == "auto" and device.type == "cuda")
-        multiple = FLEX_BLOCK if flex else 64
+        # decode attention (forward.DECODE_MODES): flex where asked; by default on a GPU the split-KV kernels
+        # (both read only each slot's live keys); matmuls or the forced SDPA kernel over the whole cache otherwise
+        mode = "flex" if kernel.backend == "flex" else "dense"
+        if kernel.backend == "auto" and device.type == "cuda":
+            mode = "split" if decode_attention.available() else "dense"
+        multiple = FLEX_BLOCK if mode == "flex" else 64
         attn = model.layers[0].attn
         kv_heads = attn.layout.groups(attn.wqkv.weight.shape[0])  # this rank's, under tensor parallelism
         # padded GEMMs (FP8 via Transformer Engine) decode at least `pad_multiple` rows; rows past max_batch idle
@@ -147,7 +152,9 @@ class Engine:
             decode_block, prefill_block = compiled_blocks(compile_mode, self.decode_options)
             if pad_multiple == 1:
                 self._prefill_block, self._wrap = prefill_block, EagerAttend
-        self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window, flex=flex,
+        if device.type == "cuda":  # the inference kernels, registered outside traced code
+            boundaries.prepare()
+        self.step_module = DecodeStep(model, self.cache, kernel.backend, kernel.window, mode=mode,
                                       run_block=decode_block)
         self._decode: Any = self.step_module
 

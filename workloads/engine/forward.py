@@ -7,10 +7,11 @@ A decode step (``DecodeStep``) is one token for each of slots 0..b-1, each at it
 different lengths in one batch): the model's forward with positions [b, 1] and a ``DecodeCache``. Keys and
 values are written at ``write_pos`` (the scratch column for idle slots); each slot attends its cache up to its
 position. Attention runs on grouped queries (the query heads of one KV head stacked as queries), so GQA needs
-no copy of the cache. With ``flex`` (``auto`` on a GPU) it is FlexAttention's decoding kernel over a block mask
-built in the step from the slots' positions, so each slot reads only its live key blocks; otherwise two batched
-matmuls around a masked fp32 softmax (``auto`` on CPU), or SDPA with the forced kernel, over the whole cache
-under a length mask.
+no copy of the cache. The step's ``mode``: ``split`` (``auto`` on a GPU) is the split-KV Triton kernels of
+``decode_attention``, which read each slot's live keys only; ``flex`` (``--attention-backend flex``) is
+FlexAttention's decoding kernel over a block mask built in the step from the slots' positions; ``dense`` is two
+batched matmuls around a masked fp32 softmax (``auto`` on CPU), or SDPA with the forced kernel, over the whole
+cache under a length mask.
 
 ``run_block`` (a block's call, compiled by the engine: one graph every layer shares) is how each block runs.
 """
@@ -26,6 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask
 
 from workloads.engine.cache import SlotKVCache
+from workloads.engine.decode_attention import decode_attention, split_count
+from workloads.engine.decode_attention import prepare as prepare_split
 from workloads.models.attention import AttentionKernel, compiled_flex, visible
 from workloads.models.kv_cache import Attend
 from workloads.models.transformer import RunBlock, Transformer
@@ -33,6 +36,8 @@ from workloads.models.transformer import RunBlock, Transformer
 _SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
          "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 FLEX_BLOCK = 128
+#: how a decode step attends: split-KV Triton kernels (decode_attention), FlexAttention, or matmuls / SDPA
+DECODE_MODES = ("split", "flex", "dense")
 
 
 def max_and_index(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +79,11 @@ class DecodeAttend:
         self.vc[s.rows, :, s.write_pos] = v[:, :, 0]
         kc, vc = self.kc[:b], self.vc[:b]
         hkv = kc.shape[1]
+        if s.mode == "split":
+            return decode_attention(q, self.kc, self.vc, s.pos, s.window, s.splits)
         if s.block_mask is not None:
-            y = compiled_flex(True)(q, kc, vc, block_mask=s.block_mask, enable_gqa=h != hkv)
-            return y
+            return compiled_flex(True)(q, kc, vc, block_mask=s.block_mask, enable_gqa=h != hkv,
+                                       kernel_options=s.flex_options or None)
         qg = q.view(b, hkv, h // hkv, d)  # query head j uses KV head j // (h / hkv), as repeat_interleave
         mask = s.mask
         assert mask is not None
@@ -96,13 +103,15 @@ class DecodeCache:
     def __init__(self, step: DecodeStep, write_pos: torch.Tensor, pos: torch.Tensor) -> None:
         self.cache = step.cache
         self.rows = step.rows[:pos.shape[0]]
-        self.write_pos, self.backend = write_pos, step.backend
+        self.write_pos, self.backend, self.flex_options = write_pos, step.backend, step.flex_options
+        self.mode, self.pos, self.window = step.mode, pos, step.window
+        self.splits = split_count(pos.shape[0], step.cache.k[0].shape[1], step.sms)
         self.block_mask: BlockMask | None = None
         self.mask: torch.Tensor | None = None
-        if step.flex:
+        if step.mode == "flex":
             step.flex_pos[:pos.shape[0]].copy_(pos)
             self.block_mask = step.block_mask(pos)
-        else:
+        elif step.mode == "dense":
             self.mask = visible(pos[:, None], step.keys[None, :], step.window)
 
     def attends(self, kernel: AttentionKernel, positions: int | torch.Tensor, t: int) -> list[DecodeAttend]:
@@ -114,20 +123,26 @@ class DecodeStep(nn.Module):
     module docstring."""
 
     def __init__(self, model: Transformer, cache: SlotKVCache, backend: str = "auto", window: int | None = None,
-                 flex: bool = False, run_block: RunBlock | None = None) -> None:
+                 mode: str = "dense", run_block: RunBlock | None = None) -> None:
         super().__init__()
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode attention {mode!r} is not one of {', '.join(DECODE_MODES)}")
         self.model, self.cache, self.run_block = model, cache, run_block
-        self.backend, self.window = backend, window
+        self.backend, self.window, self.mode = backend, window, mode
         n = cache.k[0].shape[0]
         device = cache.k[0].device
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.register_buffer("rows", torch.arange(n, device=device), persistent=False)
         self.register_buffer("keys", torch.arange(cache.positions, device=device), persistent=False)
         # flex: the slots' positions, read by the block mask's mask function at run time
         self.register_buffer("flex_pos", torch.zeros(n, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("blocks", torch.arange(cache.positions // FLEX_BLOCK, device=device), persistent=False)
-        self.flex = flex
-        if flex:  # made here, outside any traced code (a compiled block inlines it)
+        #: FlexAttention's kernel options for the decode kernel (e.g. SPLIT_KV; empty: flex's defaults)
+        self.flex_options: dict[str, int] = {}
+        if mode == "flex":  # made here, outside any traced code (a compiled block inlines it)
             compiled_flex(True)
+        elif mode == "split":
+            prepare_split()
         at, window = self.flex_pos, window
 
         def mask_mod(bi: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workloads.models import boundaries
 from workloads.models.config import ModelConfig
 from workloads.models.kv_cache import Attend
 from workloads.models.norms import make_norm
@@ -54,7 +55,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
-            gate, up = split_gate_up(self.w13(x), self.block)
+            y = self.w13(x)
+            if boundaries.usable(y):  # GPU inference: written once, not recomputed by the down projection
+                return self.w2(boundaries.swiglu(y, self.block))
+            gate, up = split_gate_up(y, self.block)
             return self.w2(F.silu(gate) * up)
         assert self.w1 is not None
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))

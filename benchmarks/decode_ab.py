@@ -1,0 +1,178 @@
+"""Decode-step changes side by side: one model, one engine per setting, every engine measured in every round.
+
+A single record per setting is not enough on the H200 (docs/benchmarks.md: the same engine measured 5.30 and
+4.66 ms in one call). Here the settings' engines are built first (each compiles and captures its own decode
+graphs over the one model's weights), then measured in ``--rounds`` rounds, the order rotated each round, so a
+GPU warming up or a clock settling falls on every setting alike. Per setting and batch: the decode graph alone
+(100 replays timed by CUDA events) and ``Engine.run`` (host clock after the sync; what the serving loop pays),
+medians over the rounds with their range, against the roofline (weights but the input embedding, plus the live
+KV cache, over the copy bandwidth measured here). Each setting's greedy tokens are checked equal to the first's.
+
+Settings, '+'-joined: ``base`` (the engine as it is); ``pdl`` (inductor's programmatic dependent launch);
+``flex`` (FlexAttention's decoding kernel instead of the split-KV kernels); ``kvN`` (flex with SPLIT_KV = N);
+``inlined`` / ``bounded`` (RMSNorm and SiLU x up left to inductor, which inlines them into the projections, or
+written once by ``workloads.models.boundaries``' kernels).
+
+usage: python benchmarks/decode_ab.py [--layers 32] [--batches 1] [--settings base,bounded,flex]
+       [--rounds 5] [--profile base,flex]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve import copy_bandwidth  # benchmarks/serve.py
+from serve_decode import decode_plan, read_bytes
+
+from workloads.engine.engine import Engine
+from workloads.models import boundaries
+from workloads.models.attention import AttentionKernel
+from workloads.models.config import PRESETS
+from workloads.models.transformer import Transformer
+
+
+def apply(setting: str, default_bounded: bool = boundaries.ENABLED) -> dict[str, int] | None:
+    """Set the global switches of ``setting``; its flex kernel options (None: the split-KV kernels, not flex)."""
+    names = set(setting.split("+")) - {"base"}
+    torch._inductor.config.triton.enable_pdl = "pdl" in names
+    boundaries.ENABLED = "bounded" in names or (default_bounded and "inlined" not in names)
+    flex: dict[str, int] | None = {} if "flex" in names else None
+    for n in names - {"pdl", "flex", "inlined", "bounded"}:
+        if not n.startswith("kv"):
+            raise SystemExit(f"unknown setting {n!r} in {setting!r}")
+        flex = {"SPLIT_KV": int(n[2:])}
+    return flex
+
+
+def graph_ms(engine: Engine, b: int, context: int, reps: int = 100) -> float:
+    work = engine._work(decode_plan(engine, b, context))
+    with torch.inference_mode():
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            engine._decode_bucket(work.bucket, work.stage)
+        e.record()
+        e.synchronize()
+    return s.elapsed_time(e) / reps
+
+
+def step_ms(engine: Engine, b: int, context: int, reps: int = 100) -> float:
+    plan = decode_plan(engine, b, context)
+    steps = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        engine.run(plan)
+        steps.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(steps)
+
+
+def tokens(engine: Engine, b: int, context: int) -> list[int]:
+    work = engine._work(decode_plan(engine, b, context))
+    with torch.inference_mode():
+        return engine._decode_bucket(work.bucket, work.stage).tolist()
+
+
+def profile(engine: Engine, b: int, context: int, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    work = engine._work(decode_plan(engine, b, context))
+    reps = 20
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            engine._decode_bucket(work.bucket, work.stage)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "Memcpy" not in e.name and "Memset" not in e.name]
+    per: dict[str, list[float]] = collections.defaultdict(list)
+    for e in kernels:
+        per[e.name].append(e.device_time)
+    total = sum(e.device_time for e in kernels) / 1000.0 / reps
+    print(f"  kernels per step {len(kernels) / reps:.0f}, their sum {total:.3f} ms")
+    print("  | kernel | per step | us each | us per step |")
+    print("  |---|---:|---:|---:|")
+    for name, ts in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"  | {name[:100]} | {len(ts) / reps:.0f} | {sum(ts) / len(ts):.2f} | {sum(ts) / reps:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--settings", default="base,bounded,flex")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--context", type=int, default=640, help="every slot's position (prompt 512 + half of 256)")
+    ap.add_argument("--profile", default="", help="settings whose batch-1 step is profiled kernel by kernel")
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+    batches = [int(x) for x in args.batches.split(",")]
+    settings = args.settings.split(",")
+    bw = copy_bandwidth("cuda")
+    now = datetime.datetime.now(datetime.UTC)
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC, "
+          f"llama-3.1-8b x {args.layers} layers, context {args.context}, copy bandwidth {bw / 1e12:.2f} TB/s\n",
+          flush=True)
+    cfg = PRESETS["llama-3.1-8b"].with_layers(args.layers)
+    kernel = AttentionKernel("auto")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg, attention=kernel)
+    model = model.to(torch.bfloat16).eval()
+    engines: dict[str, Engine] = {}
+    for s in settings:
+        flex = apply(s)
+        torch._dynamo.reset()  # each setting traced afresh (captured graphs replay without dynamo)
+        t0 = time.perf_counter()
+        decode_kernel = AttentionKernel("flex") if flex is not None else kernel
+        engine = Engine(model, decode_kernel, max(batches), 1024, torch.device("cuda"), torch.bfloat16,
+                        "reduce-overhead")
+        engine.step_module.flex_options = flex or {}
+        for b in batches:
+            for _ in range(3):
+                engine.run(decode_plan(engine, b, args.context))
+        engines[s] = engine
+        counters = torch._dynamo.utils.counters
+        breaks = sum(counters["graph_break"].values())
+        print(f"{s}: compiled and captured in {time.perf_counter() - t0:.1f} s, {counters['stats']['unique_graphs']} "
+              f"graphs, {breaks} graph breaks", flush=True)
+    apply("base")
+    first = settings[0]
+    for s in settings:
+        for b in batches:
+            same = tokens(engines[s], b, args.context) == tokens(engines[first], b, args.context)
+            print(f"{s} batch {b}: tokens equal {first}'s: {same}")
+    graph: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+    step: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+    for r in range(args.rounds):
+        order = settings[r % len(settings):] + settings[:r % len(settings)]
+        for s in order:
+            for b in batches:
+                graph[s, b].append(graph_ms(engines[s], b, args.context))
+                step[s, b].append(step_ms(engines[s], b, args.context))
+    print(f"\nmedians of {args.rounds} rounds (min-max)\n")
+    print("| setting | batch | graph ms | step ms | roofline ms | roofline / graph | roofline / step | step vs "
+          f"{first} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for b in batches:
+        roof = read_bytes(engines[first], b, args.context) / bw * 1000.0
+        base = statistics.median(step[first, b])
+        for s in settings:
+            g, st = graph[s, b], step[s, b]
+            gm, sm = statistics.median(g), statistics.median(st)
+            print(f"| {s} | {b} | {gm:.3f} ({min(g):.3f}-{max(g):.3f}) | {sm:.3f} ({min(st):.3f}-{max(st):.3f}) | "
+                  f"{roof:.3f} | {roof / gm * 100:.1f}% | {roof / sm * 100:.1f}% | {base / sm:.3f}x |", flush=True)
+    for s in filter(None, args.profile.split(",")):
+        print(f"\n## profile: {s}, batch {batches[0]}")
+        profile(engines[s], batches[0], args.context, args.top)
+
+
+if __name__ == "__main__":
+    main()

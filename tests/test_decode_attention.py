@@ -1,0 +1,65 @@
+"""The decode step's split-KV attention kernels (workloads.engine.decode_attention) against attention written out
+per slot: any number of parts, slots at different positions, a sliding window, grouped-query heads.
+
+They are Triton kernels: on a GPU they run as they do in the engine (bf16 and fp32); without one they run under
+Triton's interpreter (fp32: its bf16 dot is not faithful) where Triton is installed, and are skipped where it is not
+(the CPU CI: the engine decodes on the CPU with matmuls, tests/test_serve_engine.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [(1, 8, 2, 64, 256, None, 4), (3, 8, 2, 64, 256, None, 5), (2, 4, 4, 32, 256, 20, 3),
+         (4, 8, 2, 64, 256, None, 1), (2, 32, 8, 128, 384, None, 16)]
+
+
+def reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, window: int | None):
+    b, h, _, d = q.shape
+    rep = h // kc.shape[1]
+    out = []
+    for i in range(b):
+        p = int(pos[i])
+        first = max(0, p - window + 1) if window else 0
+        k = kc[i, :, first:p + 1].float().repeat_interleave(rep, 0)
+        v = vc[i, :, first:p + 1].float().repeat_interleave(rep, 0)
+        s = (q[i, :, 0].float()[:, None, :] * k).sum(-1) * d ** -0.5
+        out.append((torch.softmax(s, -1)[:, :, None] * v).sum(1))
+    return torch.stack(out)[:, :, None, :]
+
+
+def check(device: str, dtype: torch.dtype, tol: float) -> None:
+    from workloads.engine import decode_attention as da
+
+    da.prepare()
+    gen = torch.Generator().manual_seed(0)
+    for b, h, hkv, d, positions, window, splits in CASES:
+        q = torch.randn(b, 1, h, d, generator=gen).to(device, dtype).transpose(1, 2)  # as the block hands it over
+        kc, vc = (torch.randn(b + 1, hkv, positions, d, generator=gen).to(device, dtype) for _ in range(2))
+        pos = torch.tensor([0, 200, 37, 130][:b], device=device)
+        got = da.decode_attention(q, kc, vc, pos, window, splits)
+        want = reference(q, kc, vc, pos, window)
+        assert got.shape == (b, h, 1, d) and got.dtype == dtype
+        err = (got.float() - want).abs().max().item()
+        assert err < tol, (b, h, hkv, d, window, splits, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+def test_split_kv_attention_on_the_gpu(dtype: torch.dtype, tol: float) -> None:
+    check("cuda", dtype, tol)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernels natively")
+def test_split_kv_attention_under_tritons_interpreter() -> None:
+    pytest.importorskip("triton")
+    code = "import torch, tests.test_decode_attention as t; t.check('cpu', torch.float32, 1e-5); print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
