@@ -50,12 +50,14 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         assert err < tol, (b, h, hkv, d, window, splits, err)
 
 
+@pytest.mark.slow  # Triton's first compile starts processes
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
 def test_split_kv_attention_on_the_gpu(dtype: torch.dtype, tol: float) -> None:
     check("cuda", dtype, tol)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the kernels natively")
 def test_split_kv_attention_under_tritons_interpreter() -> None:
     pytest.importorskip("triton")

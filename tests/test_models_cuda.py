@@ -139,6 +139,7 @@ def test_train_step_throughput_by_backend() -> None:
     assert rates["auto"] > rates.get("math", 0)
 
 
+@pytest.mark.slow  # Triton's first compile starts processes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_boundary_kernels_match_eager(dtype: torch.dtype) -> None:
     """The inference kernels (workloads.models.boundaries) give the eager expressions' values within one bf16

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-#: whether GPU inference uses the kernels (off until measured on the H200; benchmarks/decode_ab.py switches them)
-ENABLED = False
+#: whether GPU inference uses the kernels (benchmarks/decode_ab.py switches them to measure them)
+ENABLED = True
 _OPS: dict[str, Any] = {}
 _MAX_ROWS = 65535  # the kernels' second grid dimension (swiglu) and first (rms_norm), kept simple
 
