@@ -36,4 +36,5 @@ with btune.phase("eval"):
 if rank == 0:
     with open(sys.argv[1], "w") as fh:
         json.dump(seen, fh)
+dist.barrier()  # every rank done before any leaves the group
 dist.destroy_process_group()
