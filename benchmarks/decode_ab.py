@@ -31,13 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve import copy_bandwidth  # benchmarks/serve.py
-from serve_decode import decode_plan, read_bytes
+from serve_decode import decode_plan, kernels_markdown, llama_model, read_bytes, step_kernels
 
 from workloads.engine.engine import Engine
 from workloads.models import boundaries
 from workloads.models.attention import AttentionKernel
-from workloads.models.config import PRESETS
-from workloads.models.transformer import Transformer
 
 
 def apply(setting: str, default_bounded: bool = boundaries.ENABLED) -> dict[str, int] | None:
@@ -82,25 +80,9 @@ def tokens(engine: Engine, b: int, context: int) -> list[int]:
 
 
 def profile(engine: Engine, b: int, context: int, top: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    work = engine._work(decode_plan(engine, b, context))
-    reps = 20
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            engine._decode_bucket(work.bucket, work.stage)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and "Memcpy" not in e.name and "Memset" not in e.name]
-    per: dict[str, list[float]] = collections.defaultdict(list)
-    for e in kernels:
-        per[e.name].append(e.device_time)
-    total = sum(e.device_time for e in kernels) / 1000.0 / reps
-    print(f"  kernels per step {len(kernels) / reps:.0f}, their sum {total:.3f} ms")
-    print("  | kernel | per step | us each | us per step |")
-    print("  |---|---:|---:|---:|")
-    for name, ts in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:top]:
-        print(f"  | {name[:100]} | {len(ts) / reps:.0f} | {sum(ts) / len(ts):.2f} | {sum(ts) / reps:.1f} |")
+    count, total, rows = step_kernels(engine, b, context)
+    print(f"  kernels per step {count:.0f}, their sum {total:.3f} ms")
+    print(kernels_markdown(rows, top))
 
 
 def main() -> None:
@@ -120,12 +102,8 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC, "
           f"llama-3.1-8b x {args.layers} layers, context {args.context}, copy bandwidth {bw / 1e12:.2f} TB/s\n",
           flush=True)
-    cfg = PRESETS["llama-3.1-8b"].with_layers(args.layers)
     kernel = AttentionKernel("auto")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Transformer(cfg, attention=kernel)
-    model = model.to(torch.bfloat16).eval()
+    model = llama_model(args.layers, kernel)
     engines: dict[str, Engine] = {}
     for s in settings:
         flex = apply(s)

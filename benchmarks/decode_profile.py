@@ -15,7 +15,6 @@ usage: python benchmarks/decode_profile.py [--layers 32] [--batches 1] [--part a
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import sys
 import time
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve import copy_bandwidth  # benchmarks/serve.py
-from serve_decode import apply, build, decode_plan, measure, read_bytes
+from serve_decode import apply, build, kernels_markdown, measure, read_bytes, step_kernels
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "head": (128256, 4096)}
@@ -145,28 +144,10 @@ def part_step(bw: float, layers: int, batches: list[int], variant: str, top: int
         roof = read_bytes(engine, b, 640) / bw * 1000.0
         print(f"batch {b}: compile+capture {c:.1f} s, graph {gpu:.3f} ms, Engine.run {step:.3f} ms, roofline "
               f"{roof:.3f} ms ({roof / gpu * 100:.1f}% graph, {roof / step * 100:.1f}% run)", flush=True)
-        from torch.profiler import ProfilerActivity, profile
-
-        plan = decode_plan(engine, b, 640)
-        work = engine._work(plan)
-        reps = 20
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                engine._decode_bucket(work.bucket, work.stage)
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and "Memcpy" not in e.name and "Memset" not in e.name]
-        total = sum(e.device_time for e in kernels) / 1000.0 / reps
-        per: dict[str, list[float]] = collections.defaultdict(list)
-        for e in kernels:
-            per[e.name].append(e.device_time)
-        print(f"  kernels per step {len(kernels) / reps:.0f}, their sum {total:.3f} ms, between them "
-              f"{gpu - total:.3f} ms ({(gpu - total) / (len(kernels) / reps) * 1000:.2f} us a kernel)")
-        print("  | kernel | per step | us each | us per step |")
-        print("  |---|---:|---:|---:|")
-        rows = sorted(per.items(), key=lambda kv: -sum(kv[1]))
-        for name, ts in rows[:top]:
-            print(f"  | {name[:90]} | {len(ts) / reps:.0f} | {sum(ts) / len(ts):.1f} | {sum(ts) / reps:.1f} |")
+        count, total, rows = step_kernels(engine, b, 640)
+        print(f"  kernels per step {count:.0f}, their sum {total:.3f} ms, between them "
+              f"{gpu - total:.3f} ms ({(gpu - total) / count * 1000:.2f} us a kernel)")
+        print(kernels_markdown(rows, top))
     del engine
     torch.cuda.empty_cache()
 

@@ -21,6 +21,7 @@ usage: python benchmarks/serve_decode.py [--layers 8] [--batches 1,32] [--varian
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import statistics
 import time
@@ -39,16 +40,48 @@ from workloads.models.transformer import Transformer
 VARIANTS = ("split", "flex", "matmul", "efficient")  # and "matmul-autotune"
 
 
-def build(layers: int, variant: str, max_batch: int, cache_len: int) -> Engine:
+def llama_model(layers: int, kernel: AttentionKernel) -> Transformer:
+    """llama-3.1-8b's shapes at ``layers`` layers on the GPU, bf16, seeded initialisation, eval mode."""
     cfg = PRESETS["llama-3.1-8b"].with_layers(layers)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(cfg, attention=kernel)
+    return model.to(torch.bfloat16).eval()
+
+
+def step_kernels(engine: Engine, b: int, context: int,
+                 reps: int = 20) -> tuple[float, float, list[tuple[str, float, float]]]:
+    """The decode graph of batch ``b`` profiled over ``reps`` replays: kernels per step, their summed ms per step,
+    and each kernel name with its launches per step and microseconds each (largest total first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    work = engine._work(decode_plan(engine, b, context))
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            engine._decode_bucket(work.bucket, work.stage)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "Memcpy" not in e.name and "Memset" not in e.name]
+    per: dict[str, list[float]] = collections.defaultdict(list)
+    for e in kernels:
+        per[e.name].append(e.device_time)
+    rows = [(name, len(ts) / reps, sum(ts) / len(ts)) for name, ts in sorted(per.items(), key=lambda kv: -sum(kv[1]))]
+    return len(kernels) / reps, sum(e.device_time for e in kernels) / 1000.0 / reps, rows
+
+
+def kernels_markdown(rows: list[tuple[str, float, float]], top: int) -> str:
+    """``step_kernels``' rows as an indented markdown table, the ``top`` largest."""
+    lines = ["  | kernel | per step | us each | us per step |", "  |---|---:|---:|---:|"]
+    lines += [f"  | {name[:100]} | {n:.0f} | {us:.2f} | {n * us:.1f} |" for name, n, us in rows[:top]]
+    return "\n".join(lines)
+
+
+def build(layers: int, variant: str, max_batch: int, cache_len: int) -> Engine:
     attn, *extra = variant.split("-")
     mode = "max-autotune" if "autotune" in extra else "reduce-overhead"
     backend = {"matmul": "auto", "efficient": "efficient", "flex": "flex", "split": "auto"}[attn]
     kernel = AttentionKernel(backend)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Transformer(cfg, attention=kernel)
-    model = model.to(torch.bfloat16).eval()
+    model = llama_model(layers, kernel)
     engine = Engine(model, kernel, max_batch, cache_len, torch.device("cuda"), torch.bfloat16, mode)
     if attn == "matmul":  # auto decodes with the split-KV kernels on a GPU; "matmul" forces the matmuls
         engine.step_module.mode = "dense"

@@ -18,12 +18,11 @@ from functools import partial
 
 import torch
 from moe import median_event_ms  # benchmarks/moe.py
+from serve_decode import llama_model  # benchmarks/serve_decode.py
 
 from workloads.engine.engine import Engine
 from workloads.engine.forward import prefill_chunk
 from workloads.models.attention import AttentionKernel
-from workloads.models.config import PRESETS
-from workloads.models.transformer import Transformer
 
 
 def gpu_ms(fn, reps: int) -> tuple[float, float]:
@@ -56,12 +55,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="print each chunk's top GPU kernels, eager and compiled")
     args = ap.parse_args()
-    cfg = PRESETS["llama-3.1-8b"].with_layers(args.layers)
     kernel = AttentionKernel("auto")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Transformer(cfg, attention=kernel)
-    model = model.to(torch.bfloat16).eval()
+    model = llama_model(args.layers, kernel)
     engine = Engine(model, kernel, 2, 4096, torch.device("cuda"), torch.bfloat16, "reduce-overhead")
     assert engine._prefill_block is not None
 
@@ -83,7 +78,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
     for chunk in args.chunks.split(","):
         n, start = (int(x) for x in chunk.split("@"))
-        tokens = torch.randint(0, cfg.vocab_size, (1, start + n), device="cuda", generator=gen)
+        tokens = torch.randint(0, model.cfg.vocab_size, (1, start + n), device="cuda", generator=gen)
         with torch.inference_mode():
             if start:  # the earlier part of the prompt, in both slots
                 prefill_chunk(model, engine.cache, 0, tokens[:, :start], 0, start - 1)
