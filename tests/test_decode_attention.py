@@ -65,3 +65,17 @@ def test_split_kv_attention_under_tritons_interpreter() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_head_dims_the_kernels_cannot_take_decode_otherwise():
+    """The kernels index a head with one power-of-two range: other head sizes (and a missing Triton) leave the
+    engine on its matmul decode rather than failing at compile time."""
+    from workloads.engine.decode_attention import available
+
+    assert not available(80) and not available(8) and not available(96)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        assert not available(128)
+    else:
+        assert available(128) and available(64)

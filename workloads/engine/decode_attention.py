@@ -4,8 +4,8 @@
 Each slot's query heads attend its own cache up to its position (sliding window optional), grouped by KV head so
 GQA reads each key once. The first kernel splits each slot's live keys into ``splits`` equal parts, one program
 per (slot, KV head, part): an online softmax over its part, written as the part's max, sum and weighted values
-(fp32). The second combines the parts, one program per (slot, query head), and writes the output in bf16 laid out
-as the output projection reads it ([b, 1, H x D]).
+(fp32). The second combines the parts, one program per (slot, query head), and writes the output in the queries'
+dtype, laid out as the output projection reads it ([b, 1, H x D]).
 
 Why not FlexAttention's decoding kernel, which the engine used before: inductor inlines flex's combine of the
 parts into the output projection's GEMV at batch 1 (a multiply-and-sum there), so every output row re-reads and
@@ -41,8 +41,11 @@ def prepare() -> None:
         _make_ops()
 
 
-def available() -> bool:
-    """Whether Triton is importable (the kernels' only requirement besides a CUDA device)."""
+def available(head_dim: int) -> bool:
+    """Whether the kernels can run for ``head_dim`` (a power of two from 16) with Triton importable (besides the CUDA
+    device, their only requirements)."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:

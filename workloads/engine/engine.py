@@ -123,7 +123,7 @@ class Engine:
         # (both read only each slot's live keys); matmuls or the forced SDPA kernel over the whole cache otherwise
         mode = "flex" if kernel.backend == "flex" else "dense"
         if kernel.backend == "auto" and device.type == "cuda":
-            mode = "split" if decode_attention.available() else "dense"
+            mode = "split" if decode_attention.available(cfg.head_dim) else "dense"
         multiple = FLEX_BLOCK if mode == "flex" else 64
         attn = model.layers[0].attn
         kv_heads = attn.layout.groups(attn.wqkv.weight.shape[0])  # this rank's, under tensor parallelism
