@@ -42,15 +42,10 @@ def prepare() -> None:
 
 
 def available(head_dim: int) -> bool:
-    """Whether the kernels can run for ``head_dim`` (a power of two from 16) with Triton importable (besides the CUDA
-    device, their only requirements)."""
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the kernels can run for ``head_dim``: a power of two from 16, and Triton with a GPU to run on."""
+    from torch.utils._triton import has_triton
+
+    return head_dim >= 16 and not head_dim & (head_dim - 1) and has_triton()
 
 
 def _make_ops() -> Any:

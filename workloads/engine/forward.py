@@ -77,10 +77,10 @@ class DecodeAttend:
         b, h, _, d = q.shape
         self.kc[s.rows, :, s.write_pos] = k[:, :, 0]
         self.vc[s.rows, :, s.write_pos] = v[:, :, 0]
-        kc, vc = self.kc[:b], self.vc[:b]
-        hkv = kc.shape[1]
         if s.mode == "split":
             return decode_attention(q, self.kc, self.vc, s.pos, s.window, s.splits)
+        kc, vc = self.kc[:b], self.vc[:b]
+        hkv = kc.shape[1]
         if s.block_mask is not None:
             return compiled_flex(True)(q, kc, vc, block_mask=s.block_mask, enable_gqa=h != hkv,
                                        kernel_options=s.flex_options or None)
@@ -105,7 +105,7 @@ class DecodeCache:
         self.rows = step.rows[:pos.shape[0]]
         self.write_pos, self.backend, self.flex_options = write_pos, step.backend, step.flex_options
         self.mode, self.pos, self.window = step.mode, pos, step.window
-        self.splits = split_count(pos.shape[0], step.cache.k[0].shape[1], step.sms)
+        self.splits = split_count(pos.shape[0], step.cache.k[0].shape[1], step.sms) if step.mode == "split" else 0
         self.block_mask: BlockMask | None = None
         self.mask: torch.Tensor | None = None
         if step.mode == "flex":

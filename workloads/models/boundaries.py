@@ -28,8 +28,13 @@ def usable(x: torch.Tensor) -> bool:
             and x.numel() // max(1, x.shape[-1]) <= _MAX_ROWS)
 
 
+def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the RMSNorm kernel takes ``x`` and ``weight``: ``usable``, one dtype, a row that fits one program."""
+    return usable(x) and weight.dtype == x.dtype and x.shape[-1] <= 16384
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The kernel's RMSNorm (``norms.rms_norm`` calls it where ``usable``)."""
+    """The kernel's RMSNorm (``norms.rms_norm`` calls it where ``norm_usable``)."""
     return _OPS["rms_norm"](x, weight, eps)
 
 
@@ -41,18 +46,19 @@ def swiglu(y: torch.Tensor, block: int) -> torch.Tensor:
 
 def prepare() -> bool:
     """Define and register the kernels (once, outside traced code: defining them while dynamo traces a block
-    would split its graph). False where Triton is missing or there is no GPU; the eager expressions then run."""
+    would split its graph). False where Triton or a GPU for it is missing (torch's ``has_triton``); the eager
+    expressions then run."""
     if "ready" in _OPS:
         return bool(_OPS["ready"])
-    _OPS["ready"] = False
-    if not torch.cuda.is_available():
+    from torch.utils._triton import has_triton
+
+    _OPS["ready"] = has_triton()
+    if not _OPS["ready"]:
         return False
-    try:
-        import triton
-        import triton.language as tl
-        from torch.library import triton_op, wrap_triton
-    except ImportError:
-        return False
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
 
     @triton.jit
     def rms_kernel(x_ptr, w_ptr, o_ptr, d, EPS: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ from workloads.models import boundaries
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of ``x`` over its last dim: statistics in float32, output in x's dtype, times ``weight`` (GPU
     inference: ``boundaries``' kernel, which rounds the same way)."""
-    if boundaries.usable(x) and weight.dtype == x.dtype and x.shape[-1] <= 16384:
+    if boundaries.norm_usable(x, weight):
         return boundaries.rms_norm(x, weight, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
 
