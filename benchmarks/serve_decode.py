@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import itertools
 import statistics
 import time
 
@@ -98,6 +99,17 @@ def decode_plan(engine: Engine, b: int, context: int) -> Plan:
     return Plan(decode=reqs)
 
 
+def step_times(engine: Engine, plan: Plan, reps: int) -> list[float]:
+    """ms between the ends of consecutive ``Engine.run`` steps of ``plan``, each step's tokens fed to the next as
+    the serving loop does (so look-ahead queues what the next step takes): what a request's inter-token latency is."""
+    ends = [time.perf_counter()]
+    for _ in range(reps + 1):
+        for r, tok in engine.run(plan):
+            r.tokens.append(tok)
+        ends.append(time.perf_counter())
+    return [(e - s) * 1000.0 for s, e in itertools.pairwise(ends[1:])]
+
+
 def read_bytes(engine: Engine, b: int, context: int) -> int:
     m = engine.model
     weights = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n != "tok_embeddings.weight")
@@ -121,12 +133,7 @@ def measure(engine: Engine, b: int, context: int) -> tuple[float, float, float]:
         e.record()
         e.synchronize()
     gpu = s.elapsed_time(e) / 100
-    steps = []
-    for _ in range(200):
-        t = time.perf_counter()
-        engine.run(plan)
-        steps.append((time.perf_counter() - t) * 1000.0)
-    return compile_s, gpu, statistics.median(steps)
+    return compile_s, gpu, statistics.median(step_times(engine, plan, 200))
 
 
 def kernel_table(engine: Engine, b: int, context: int, top: int = 12) -> str:

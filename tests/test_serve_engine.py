@@ -1,6 +1,7 @@
 """The serving engine on CPU: its greedy tokens equal full recompute for requests of different lengths that
 arrive at different times, through continuous batching, chunked prefill and slot reuse."""
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -42,9 +43,11 @@ def greedy_by_recompute(model: Transformer, prompt: torch.Tensor, n: int) -> lis
 
 def serve(model: Transformer, kernel: AttentionKernel, n: int = 9, max_batch: int = 3, budget: int = 7,
           compile_mode: str = "none", prompt: str = "uniform:1,20", output: str = "uniform:1,12", pad: int = 1,
-          device: str = "cpu", cache_len: int = 32):
+          device: str = "cpu", cache_len: int = 32, lookahead: bool | None = None, engines: list | None = None):
     eng = Engine(model, kernel, max_batch, cache_len, torch.device(device), torch.float32, compile_mode,
-                 pad_multiple=pad)
+                 pad_multiple=pad, lookahead=lookahead)
+    if engines is not None:
+        engines.append(eng)
     if compile_mode != "none":
         eng.warmup(2)
     sched = Scheduler(max_batch, budget, cache_len)
@@ -56,8 +59,12 @@ def serve(model: Transformer, kernel: AttentionKernel, n: int = 9, max_batch: in
         prompt = torch.from_numpy(prompt_tokens(4, spec.rid, spec.prompt_len, model.cfg.vocab_size))
         return Request(spec, prompt.to(device))
 
-    hooks = Hooks(step=lambda i, ms, tokens, plan, t: steps.append((len(plan.decode), plan.prefill_tokens,
-                                                                     [(r.rid, s, k) for r, s, k in plan.prefill])))
+    def step(i, ms, tokens, plan, t):
+        steps.append((len(plan.decode), plan.prefill_tokens, [(r.rid, s, k) for r, s, k in plan.prefill]))
+        if engines is not None:
+            engines.append((ms, t, eng.launched_ahead))
+
+    hooks = Hooks(step=step)
     res = run_load(eng, sched, gen, make, clock, clock.sleep, hooks)
     if compile_mode in ("reduce-overhead", "max-autotune") and device == "cuda":
         assert sorted(eng._graphs) == eng.buckets, "warm-up captured a CUDA graph for every bucket"
@@ -84,6 +91,58 @@ def test_tokens_equal_full_recompute(name, backend, window):
     assert max(d for d, _, _ in steps) == 3 and all(p <= 7 for _, p, _ in steps)
     arrivals = sorted({r.arrival for r in res.requests})
     assert len(arrivals) == 9
+
+
+def test_look_ahead_decode_gives_the_same_tokens_and_times_steps_from_the_last_end():
+    """Look-ahead (the GPU default, forced here on the CPU): each decode step that is sure to repeat queues the
+    next before its tokens are read; the tokens still equal full recompute through arrivals, chunked prefill,
+    finishes and slot reuse, and a queued step's time runs from the previous step's end."""
+    torch.manual_seed(0)
+    kernel = AttentionKernel("auto")
+    model = Transformer(PRESETS["tiny-llama"], kernel).eval()
+    engines: list[Engine] = []
+    res, steps = serve(model, kernel, lookahead=True, engines=engines)
+    assert res.stopped == "drained" and not res.unfinished
+    for r in res.requests:
+        assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len), f"request {r.rid}"
+    counts = engines[0].ahead_counts
+    assert counts["used"] == counts["queued"] > 10, counts  # in a load, every queued step is the next plan's decode
+    assert any(d and p for d, p, _ in steps), "a request joined (prefill) while a queued decode ran"
+    timing = engines[1:]
+    assert sum(ahead for _, _, ahead in timing) == counts["used"]
+    for (_, t0, _), (ms, t1, ahead) in itertools.pairwise(timing):
+        # the fake clock ticks at every read: a step made by its call spans less than the time between step ends
+        assert (ms == pytest.approx((t1 - t0) * 1000.0)) == ahead
+    off: list[Engine] = []
+    serve(model, kernel, lookahead=False, engines=off)
+    assert off[0].ahead_counts == {"queued": 0, "used": 0}
+
+
+def test_a_queued_decode_step_not_taken_leaves_the_cache_right():
+    """A plan that does not decode what was queued (a request cancelled, as the API server does) runs its own
+    decode; the queued step's cache writes are rewritten, so tokens stay those of full recompute."""
+    torch.manual_seed(0)
+    kernel = AttentionKernel("auto")
+    model = Transformer(PRESETS["tiny-llama"], kernel).eval()
+    eng = Engine(model, kernel, 2, 32, torch.device("cpu"), torch.float32, lookahead=True)
+    gen = OpenLoop(1e6, 1.0, LengthDist.parse("fixed:5"), LengthDist.parse("fixed:8"), seed=1, num_requests=2)
+    reqs = []
+    for spec in gen.due(1.0):
+        reqs.append(Request(spec, torch.from_numpy(prompt_tokens(1, spec.rid, 5, model.cfg.vocab_size))))
+    sched = Scheduler(2, 10, 32)
+    for r in reqs:
+        sched.add(r)
+    for step in range(6):
+        plan = sched.plan()
+        if step == 3:  # drop request 0 from the decode after a step that queued both
+            assert eng._ahead is not None and len(plan.decode) == 2
+            plan.decode = plan.decode[1:]
+        sched.commit(plan, eng.run(plan), float(step))
+        assert eng.launched_ahead == (step in (2, 5)), step  # 3 and 4 decode other batches
+    a, b = reqs
+    assert a.tokens == greedy_by_recompute(model, a.prompt, 8)[:len(a.tokens)] and len(a.tokens) == 5
+    assert b.tokens == greedy_by_recompute(model, b.prompt, 8)[:len(b.tokens)] and len(b.tokens) == 6
+    assert eng.ahead_counts["queued"] > eng.ahead_counts["used"]
 
 
 @pytest.mark.slow

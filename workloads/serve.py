@@ -132,6 +132,7 @@ def _engine(h: Harness, p: dict[str, Any], group: Any) -> tuple[Any, dict[str, A
         "compile": {"decode": opts["compile_mode"], "decode_inductor_options": engine.decode_options,
                     "prefill": engine.prefill_mode, "cuda_graphs": opts["compile_mode"] == "reduce-overhead"},
         "decode_buckets": engine.buckets,
+        "decode_lookahead": engine.lookahead,
         "cache_positions": engine.cache.positions,
         "kv_cache_bytes": engine.cache.nbytes(),
     }
@@ -265,7 +266,7 @@ def run(opts: dict[str, Any]) -> int:
         "warmup_rounds": rounds,
         "compile_s": warm_s if opts["compile_mode"] != "none" else None,
         "engine": {"steps": res.steps, "stopped": res.stopped, "buckets": ran["decode_buckets"],
-                   "kv_cache_bytes": ran["kv_cache_bytes"]},
+                   "kv_cache_bytes": ran["kv_cache_bytes"], "decode_steps_queued_ahead": engine.ahead_counts},
         "replicas": replicas,
         "tp": tp,
         "torch_mem_peak_bytes": h.peak_memory_bytes(),

@@ -2,10 +2,11 @@
 
 No fixed tick: the loop steps as fast as the engine goes and sleeps only while nothing is queued or
 running, until the next arrival. Every token of a step is stamped with the host clock when the step
-ends (after the device finished it), since request latencies are wall time. Stops when the generator has
-nothing more to send and every request has finished, or when ``drain_timeout`` seconds have passed since
-it stopped sending, or after ``max_steps`` steps, or on Ctrl+C (or ``stop``); requests still unfinished are
-returned.
+ends (after the device finished it), since request latencies are wall time. A step's time runs from the call
+that made it, or, when the engine had queued it during the previous step (look-ahead), from the end of that
+one. Stops when the generator has nothing more to send and every request has finished, or when
+``drain_timeout`` seconds have passed since it stopped sending, or after ``max_steps`` steps, or on Ctrl+C (or
+``stop``); requests still unfinished are returned.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from workloads.engine.scheduler import Plan, Scheduler
 
 class Runs(Protocol):
     def run(self, plan: Plan) -> list[tuple[Request, int]]: ...
+
+
+def launched_ahead(engine: Runs) -> bool:
+    """Whether the engine's last step had been queued on the device during the step before it (look-ahead)."""
+    return bool(getattr(engine, "launched_ahead", False))
 
 
 @dataclass
@@ -67,6 +73,7 @@ def run_load(engine: Runs, sched: Scheduler, gen: LoadGenerator, make_request: C
     draining = False
     last_series = -float("inf")
     now = 0.0
+    last_end: float | None = None
     try:
         while True:
             if stop():
@@ -106,6 +113,9 @@ def run_load(engine: Runs, sched: Scheduler, gen: LoadGenerator, make_request: C
             start = clock()
             outputs = engine.run(plan)
             end = clock()
+            if last_end is not None and launched_ahead(engine):
+                start = last_end  # the device began this step when the previous one ended
+            last_end = end
             t = end - t0
             for req in sched.commit(plan, outputs, t):
                 gen.on_finish(req.spec, t)

@@ -14,8 +14,16 @@ CUDA graphs (``reduce-overhead``, ``max-autotune``) are captured here, one per b
 compiled blocks and the eager embedding, masks and head between them), in one shared memory pool: a step is
 then one copy and one ``CUDAGraph.replay``, with no guard checks on the host while the GPU waits.
 
+Look-ahead (on a GPU, one process): when a step's decode batch is sure to decode again unchanged (no request
+finishes with this token, no prompt completes in this step), ``run`` queues the next decode step on the device
+before it reads this step's tokens: that step's input tokens are this step's outputs, copied on the device, its
+positions one further. The GPU then goes from one step to the next without waiting for the host (reading the
+tokens, the scheduler, the next plan). The next ``run`` takes the queued step when its plan decodes the same
+requests at those positions, and otherwise leaves it unused: it wrote each slot's key and value for the token
+that slot was given, which the slot's next decode (or a new request's prefill, queued after it) writes again.
+
 In a tensor-parallel replica (a ``StepChannel``) the leader's ``run`` broadcasts each step's work before
-running it, and the other ranks run the same work in ``follow`` until the leader stops them.
+running it, and the other ranks run the same work in ``follow`` until the leader stops them (no look-ahead).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,6 +116,28 @@ def buckets(max_batch: int, smallest: int = 1) -> list[int]:
     return [*out, max_batch]
 
 
+@dataclass
+class Ahead:
+    """A decode step queued before its plan was made: its bucket, the (request, slot, position) it decodes and
+    its output tokens on the device."""
+
+    bucket: int
+    key: tuple[tuple[int, int, int], ...]
+    out: torch.Tensor
+
+
+def decode_key(decode: list[Request], ahead: int = 0) -> tuple[tuple[int, int, int], ...]:
+    """What a decode batch is: each request's id, slot and fed position (``ahead`` steps on)."""
+    return tuple((r.rid, r.slot if r.slot is not None else -1, r.position + ahead) for r in decode)
+
+
+def repeats(plan: Plan) -> bool:
+    """Whether the next plan decodes exactly ``plan``'s decode requests, each one position on: none finishes
+    with this step's token and no prompt completes here (so no request joins the decode)."""
+    return bool(plan.decode) and all(len(r.tokens) + 1 < r.output_len for r in plan.decode) and \
+        all(start + n < r.prompt_len for r, start, n in plan.prefill)
+
+
 class Engine:
     """A model, its slot KV cache, and the prefill and decode steps over them."""
 
@@ -114,7 +145,8 @@ class Engine:
                  device: torch.device, dtype: torch.dtype, compile_mode: str = "none",
                  autocast: Callable[[], AbstractContextManager] = nullcontext, pad_multiple: int = 1,
                  channel: StepChannel | None = None,
-                 no_backward: Callable[[], AbstractContextManager] = torch.inference_mode) -> None:
+                 no_backward: Callable[[], AbstractContextManager] = torch.inference_mode,
+                 lookahead: bool | None = None) -> None:
         cfg = model.cfg
         self.model, self.kernel, self.device, self.autocast = model, kernel, device, autocast
         self.no_backward = no_backward  # the grad mode of every step (build.Built.no_backward)
@@ -139,6 +171,18 @@ class Engine:
         # per bucket: the decode inputs (tokens, positions, write positions) on the device, and a host stage
         self._io = {b: torch.zeros(3, b, dtype=torch.long, device=device) for b in self.buckets}
         self._stage = {b: torch.zeros(3, b, dtype=torch.long, pin_memory=cuda) for b in self.buckets}
+        #: queue the next decode step before reading this one's tokens (module docstring); default on a GPU
+        self.lookahead = (cuda if lookahead is None else lookahead) and channel is None
+        self._ahead: Ahead | None = None
+        self.launched_ahead = False  #: whether the last ``run``'s decode had been queued by the run before it
+        self.ahead_counts = {"queued": 0, "used": 0}  #: decode steps queued ahead, and taken by the next run
+        # the queued steps' inputs, two host stages a bucket in turn: one may still be on its way to the device
+        # while the next is written
+        self._ahead_stage = {b: [torch.zeros(3, b, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+                             for b in self.buckets}
+        self._turn = 0
+        self._tokens = {b: torch.zeros(b, dtype=torch.long, pin_memory=cuda) for b in self.buckets}
+        self._read = torch.cuda.Event() if cuda else None
         self.graphs = cuda and compile_mode in GRAPH_MODES
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -199,8 +243,12 @@ class Engine:
 
     def _decode_bucket(self, b: int, inputs: torch.Tensor) -> torch.Tensor:
         """Decode bucket b from ``inputs`` [3, b] (host stage or device; the previous step has finished)."""
+        self._io[b].copy_(inputs, non_blocking=True)
+        return self._launch(b)
+
+    def _launch(self, b: int) -> torch.Tensor:
+        """Decode bucket b from its device inputs as they stand; its next tokens [b]."""
         io = self._io[b]
-        io.copy_(inputs, non_blocking=True)
         if b in self._graphs:
             graph, out = self._graphs[b]
             graph.replay()
@@ -249,22 +297,60 @@ class Engine:
             firsts = self._prefills(work.prefill)
         return nxt, firsts
 
+    def _queue_next(self, plan: Plan, b: int, nxt: torch.Tensor) -> list[int]:
+        """Copy this step's tokens ``nxt`` [b] out, queue the next decode step of ``plan.decode`` (their tokens
+        fed on the device, positions one on) and return this step's tokens once they are on the host."""
+        host = self._tokens[b]
+        host.copy_(nxt, non_blocking=True)
+        if self._read is not None:
+            self._read.record()
+        self._turn ^= 1
+        stage = self._ahead_stage[b][self._turn]
+        view = stage.numpy()
+        view[0:2] = 0
+        view[2] = self.cache.scratch  # idle slots, as _stage_idle
+        for r in plan.decode:
+            assert r.slot is not None
+            view[1, r.slot] = view[2, r.slot] = r.position + 1
+        io = self._io[b]
+        io.copy_(stage, non_blocking=True)
+        io[0].copy_(nxt)  # on the device: the next step's tokens are this step's outputs
+        with self.no_backward(), self.autocast():
+            self._ahead = Ahead(b, decode_key(plan.decode, 1), self._launch(b))
+        self.ahead_counts["queued"] += 1
+        if self._read is not None:
+            self._read.synchronize()
+        return host.tolist()
+
     def run(self, plan: Plan) -> list[tuple[Request, int]]:
-        """One step: the decode of ``plan.decode``, then its prefill chunks; waits for the device. In a
-        tensor-parallel replica only the leader calls this; it shares the step with the ranks in ``follow``."""
-        work = self._work(plan)
-        if self.channel is not None:
-            work = self.channel.send(work)
-        nxt, firsts = self._execute(work)
+        """One step: the decode of ``plan.decode``, then its prefill chunks; returns once its tokens are on the
+        host (with look-ahead the next decode step may be running then). In a tensor-parallel replica only the
+        leader calls this; it shares the step with the ranks in ``follow``."""
+        ahead, self._ahead = self._ahead, None
+        self.launched_ahead = ahead is not None and bool(plan.decode) and ahead.key == decode_key(plan.decode)
+        if self.launched_ahead:
+            assert ahead is not None
+            self.ahead_counts["used"] += 1
+            work = Work(prefill=[(r.slot, start, r.prompt[start:start + n]) for r, start, n in plan.prefill])
+            with self.no_backward(), self.autocast():
+                firsts = self._prefills(work.prefill)
+            b, nxt = ahead.bucket, ahead.out
+        else:
+            work = self._work(plan)
+            if self.channel is not None:
+                work = self.channel.send(work)
+            b = work.bucket
+            nxt, firsts = self._execute(work)
         out: list[tuple[Request, int]] = []
         if nxt is not None:
-            values = nxt.tolist()
+            values = self._queue_next(plan, b, nxt) if self.lookahead and repeats(plan) else nxt.tolist()
             out += [(r, int(values[r.slot])) for r in plan.decode if r.slot is not None]
         done = [(r, tok) for (r, start, n), tok in zip(plan.prefill, firsts, strict=True) if start + n == r.prompt_len]
         if done:
             values = torch.cat([t for _, t in done]).tolist()
             out += [(r, int(v)) for (r, _), v in zip(done, values, strict=True)]
-        self._sync()
+        if self._ahead is None:
+            self._sync()
         return out
 
     def follow(self) -> int:
@@ -285,6 +371,7 @@ class Engine:
 
     def close(self) -> None:
         """Release the captured CUDA graphs (NCCL cannot tear down a communicator that live graphs still use)."""
+        self._ahead = None
         self._sync()
         self._graphs.clear()
         self._pool = None
