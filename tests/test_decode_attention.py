@@ -17,7 +17,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(1, 8, 2, 64, 256, None, 4), (3, 8, 2, 64, 256, None, 5), (2, 4, 4, 32, 256, 20, 3),
-         (4, 8, 2, 64, 256, None, 1), (2, 32, 8, 128, 384, None, 16)]
+         (4, 8, 2, 64, 256, None, 1), (2, 32, 8, 128, 384, None, 16), (2, 8, 2, 32, 1280, None, 33),
+         (3, 6, 2, 32, 256, 50, 2)]
 
 
 def reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, window: int | None):
@@ -35,19 +36,29 @@ def reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Te
 
 
 def check(device: str, dtype: torch.dtype, tol: float) -> None:
+    """Both paths (one kernel whose last program per slot and KV head combines; split and combine kernels) against
+    the reference, every call with one count buffer that each must leave all zeros."""
     from workloads.engine import decode_attention as da
 
     da.prepare()
-    gen = torch.Generator().manual_seed(0)
-    for b, h, hkv, d, positions, window, splits in CASES:
-        q = torch.randn(b, 1, h, d, generator=gen).to(device, dtype).transpose(1, 2)  # as the block hands it over
-        kc, vc = (torch.randn(b + 1, hkv, positions, d, generator=gen).to(device, dtype) for _ in range(2))
-        pos = torch.tensor([0, 200, 37, 130][:b], device=device)
-        got = da.decode_attention(q, kc, vc, pos, window, splits)
-        want = reference(q, kc, vc, pos, window)
-        assert got.shape == (b, h, 1, d) and got.dtype == dtype
-        err = (got.float() - want).abs().max().item()
-        assert err < tol, (b, h, hkv, d, window, splits, err)
+    counts = torch.zeros(64, dtype=torch.int32, device=device)
+    fused = da.FUSED
+    try:
+        for da.FUSED in (True, False):
+            gen = torch.Generator().manual_seed(0)
+            for b, h, hkv, d, positions, window, splits in CASES:
+                q = torch.randn(b, 1, h, d, generator=gen).to(device, dtype).transpose(1, 2)  # as the block hands it
+                kc, vc = (torch.randn(b + 1, hkv, positions, d, generator=gen).to(device, dtype) for _ in range(2))
+                pos = torch.tensor([0, positions - 56, 37, 130][:b], device=device)
+                got = da.decode_attention(q, kc, vc, pos, window, splits, counts)
+                want = reference(q, kc, vc, pos, window)
+                case = (da.FUSED, b, h, hkv, d, window, splits)
+                assert got.shape == (b, h, 1, d) and got.dtype == dtype, case
+                err = (got.float() - want).abs().max().item()
+                assert err < tol, (*case, err)
+                assert not counts.any(), (*case, counts.tolist())
+    finally:
+        da.FUSED = fused
 
 
 @pytest.mark.slow  # Triton's first compile starts processes

@@ -1,11 +1,14 @@
-"""The decode step's attention on a GPU: split-KV ("flash decoding") in two Triton kernels behind
+"""The decode step's attention on a GPU: split-KV ("flash decoding") in one Triton kernel behind
 ``torch.library.triton_op``.
 
 Each slot's query heads attend its own cache up to its position (sliding window optional), grouped by KV head so
-GQA reads each key once. The first kernel splits each slot's live keys into ``splits`` equal parts, one program
-per (slot, KV head, part): an online softmax over its part, written as the part's max, sum and weighted values
-(fp32). The second combines the parts, one program per (slot, query head), and writes the output in the queries'
-dtype, laid out as the output projection reads it ([b, 1, H x D]).
+GQA reads each key once. The kernel splits each slot's live keys into ``splits`` equal parts, one program per
+(slot, KV head, part): an online softmax over its part, written as the part's max, sum and weighted values (fp32).
+Each program then adds 1 to its (slot, KV head)'s count (``counts``, int32, an atomic add); the one that counts
+last combines that KV head's query heads' parts, writes the output in the queries' dtype, laid out as the output
+projection reads it ([b, 1, H x D]), and sets the count back to 0. With one part there is nothing to combine: the
+program writes the output itself. ``FUSED = False``: the combine is a second kernel, one program per (slot, query
+head), as before the fusion (kept to measure the two side by side).
 
 Why not FlexAttention's decoding kernel, which the engine used before: inductor inlines flex's combine of the
 parts into the output projection's GEMV at batch 1 (a multiply-and-sum there), so every output row re-reads and
@@ -20,6 +23,10 @@ from typing import Any
 import torch
 
 _OPS: dict[str, Any] = {}
+#: one kernel per call, the last program of each (slot, KV head) combining its parts; False: a second kernel combines
+FUSED = True
+#: query heads x parts the fused combine loads at a time, as [rows, D] fp32
+COMBINE_ROWS = 64
 
 
 def split_count(rows: int, kv_heads: int, sms: int) -> int:
@@ -28,10 +35,11 @@ def split_count(rows: int, kv_heads: int, sms: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
-                     window: int | None, splits: int) -> torch.Tensor:
+                     window: int | None, splits: int, counts: torch.Tensor) -> torch.Tensor:
     """Attention of q [b, H, 1, D] (slot i's queries in row i) over caches kc, vc [slots >= b, Hkv, P, D] at keys
-    max(0, pos[i] - window + 1)..pos[i]; returns [b, H, 1, D] (a view of [b, 1, H, D])."""
-    return _OPS["attn"](q, kc, vc, pos, window or 0, splits).transpose(1, 2)
+    max(0, pos[i] - window + 1)..pos[i]; returns [b, H, 1, D] (a view of [b, 1, H, D]). ``counts``: int32 zeros,
+    at least b x Hkv, made once outside traced code (the kernel counts finished parts there and leaves zeros)."""
+    return _OPS["attn"](q, kc, vc, pos, counts, window or 0, splits, FUSED).transpose(1, 2)
 
 
 def prepare() -> None:
@@ -54,10 +62,11 @@ def _make_ops() -> Any:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,  # type: ignore[no-untyped-def]
-                     sq_b, sq_h, sk_b, sk_h, sk_p, window, SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                     SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PRECISION: tl.constexpr):
+    def split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,  # type: ignore[no-untyped-def]
+                     count_ptr, sq_b, sq_h, sk_b, sk_h, sk_p, window, SCALE: tl.constexpr, HKV: tl.constexpr,
+                     G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
         bh = tl.program_id(0)
         part = tl.program_id(1)
         b = bh // HKV
@@ -90,10 +99,46 @@ def _make_ops() -> Any:
             v = tl.load(v_ptr + kbase + rn[:, None] * sk_p + rd[None, :], mask=n_ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        out = (b * HKV * G + qh) * SPLITS + part  # [b, H, SPLITS]
-        tl.store(m_ptr + out, m, mask=g_ok)
-        tl.store(l_ptr + out, s, mask=g_ok)
-        tl.store(acc_ptr + out[:, None] * D + rd[None, :], acc, mask=g_ok[:, None])
+        rows = b * HKV * G + qh  # output rows b * H + h
+        if FUSED and SPLITS == 1:  # the only part: normalise and write the output
+            tl.store(o_ptr + rows[:, None] * D + rd[None, :], (acc / s[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=g_ok[:, None])
+        else:
+            out = rows * SPLITS + part  # [b, H, SPLITS]
+            tl.store(m_ptr + out, m, mask=g_ok)
+            tl.store(l_ptr + out, s, mask=g_ok)
+            tl.store(acc_ptr + out[:, None] * D + rd[None, :], acc, mask=g_ok[:, None])
+        if FUSED and SPLITS > 1:
+            # every thread's stores issued before the count's release; the program that counts last acquires
+            # them all, combines the G query heads' parts (as combine_kernel; loads past L1: .cg) and sets the
+            # count back to 0 for the next call
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
+            if done == SPLITS - 1:
+                rh = tl.arange(0, GROUP)
+                rs = tl.arange(0, BLOCK_S)
+                rc = tl.arange(0, CHUNK)
+                h_ok = rh < G
+                heads = b * HKV * G + kvh * G + rh
+                ok = h_ok[:, None] & (rs[None, :] < SPLITS)
+                ms = tl.load(m_ptr + heads[:, None] * SPLITS + rs[None, :], mask=ok, other=float("-inf"),
+                             cache_modifier=".cg")
+                ls = tl.load(l_ptr + heads[:, None] * SPLITS + rs[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+                total = tl.where(h_ok, tl.max(ms, 1), 0.0)  # [GROUP] (0 past the G heads: no nan there)
+                den = tl.sum(tl.where(ms > float("-inf"), tl.exp2(ms - total[:, None]), 0.0) * ls, 1)
+                den = tl.where(h_ok, den, 1.0)
+                o = tl.zeros([GROUP, D], tl.float32)
+                for c in tl.static_range(0, SPLITS, CHUNK):  # CHUNK parts of every head at a time: [GROUP, CHUNK, D]
+                    c_ok = h_ok[:, None] & (c + rc[None, :] < SPLITS)
+                    mc = tl.load(m_ptr + heads[:, None] * SPLITS + c + rc[None, :], mask=c_ok, other=float("-inf"),
+                                 cache_modifier=".cg")
+                    ac = tl.load(acc_ptr + (heads[:, None, None] * SPLITS + c + rc[None, :, None]) * D
+                                 + rd[None, None, :], mask=c_ok[:, :, None], other=0.0, cache_modifier=".cg")
+                    w = tl.where(mc > float("-inf"), tl.exp2(mc - total[:, None]), 0.0)
+                    o += tl.sum(w[:, :, None] * ac, 1)
+                tl.store(o_ptr + heads[:, None] * D + rd[None, :], (o / den[:, None]).to(o_ptr.dtype.element_ty),
+                         mask=h_ok[:, None])
+                tl.store(count_ptr + bh, 0)
 
     @triton.jit
     def combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS: tl.constexpr,  # type: ignore[no-untyped-def]
@@ -110,25 +155,34 @@ def _make_ops() -> Any:
         out = tl.sum(acc * w[:, None], 0) / den
         tl.store(o_ptr + row * D + rd, out.to(o_ptr.dtype.element_ty))
 
+    # ``counts`` is written (each program adds 1, the last sets 0 again) but left as it came: no mutated args
     @triton_op("btune::decode_attention", mutates_args=())
-    def attn(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, window: int,
-             splits: int) -> torch.Tensor:
+    def attn(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor,
+             window: int, splits: int, fused: bool) -> torch.Tensor:
         b, h, _, d = q.shape
         hkv = kc.shape[1]
         if q.stride(-1) != 1:
             q = q.contiguous()
         g = h // hkv
-        m = q.new_empty(b, h, splits, dtype=torch.float32)
-        lse = q.new_empty(b, h, splits, dtype=torch.float32)
-        acc = q.new_empty(b, h, splits, d, dtype=torch.float32)
         out = q.new_empty(b, 1, h, d)
+        if fused and splits == 1:  # no parts to keep: the kernel is compiled without them (q stands in, unread)
+            m = lse = acc = q
+        else:
+            m = q.new_empty(b, h, splits, dtype=torch.float32)
+            lse = q.new_empty(b, h, splits, dtype=torch.float32)
+            acc = q.new_empty(b, h, splits, d, dtype=torch.float32)
         scale = d ** -0.5 * 1.4426950408889634  # to log2 units
+        block_s = max(2, triton.next_power_of_2(splits))
+        group = triton.next_power_of_2(g)
         wrap_triton(split_kernel)[(b * hkv, splits)](
-            q, kc, vc, pos, m, lse, acc, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), window,
-            SCALE=scale, HKV=hkv, G=g, SPLITS=splits, D=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=64,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
-        wrap_triton(combine_kernel)[(b * h,)](m, lse, acc, out, SPLITS=splits,
-                                              BLOCK_S=max(2, triton.next_power_of_2(splits)), D=d, num_warps=4)
+            q, kc, vc, pos, m, lse, acc, out, counts, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
+            kc.stride(2), window, SCALE=scale, HKV=hkv, G=g, SPLITS=splits, D=d,
+            BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=64,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED=fused, GROUP=group, BLOCK_S=block_s,
+            CHUNK=max(1, min(block_s, COMBINE_ROWS // group)), num_warps=4, num_stages=2)
+        if not fused:
+            wrap_triton(combine_kernel)[(b * h,)](m, lse, acc, out, SPLITS=splits, BLOCK_S=block_s, D=d,
+                                                  num_warps=4)
         return out
 
     _OPS["attn"] = attn

@@ -78,7 +78,8 @@ class DecodeAttend:
         self.kc[s.rows, :, s.write_pos] = k[:, :, 0]
         self.vc[s.rows, :, s.write_pos] = v[:, :, 0]
         if s.mode == "split":
-            return decode_attention(q, self.kc, self.vc, s.pos, s.window, s.splits)
+            assert s.counts is not None
+            return decode_attention(q, self.kc, self.vc, s.pos, s.window, s.splits, s.counts)
         kc, vc = self.kc[:b], self.vc[:b]
         hkv = kc.shape[1]
         if s.block_mask is not None:
@@ -106,6 +107,7 @@ class DecodeCache:
         self.write_pos, self.backend, self.flex_options = write_pos, step.backend, step.flex_options
         self.mode, self.pos, self.window = step.mode, pos, step.window
         self.splits = split_count(pos.shape[0], step.cache.k[0].shape[1], step.sms) if step.mode == "split" else 0
+        self.counts: torch.Tensor | None = step.split_counts if step.mode == "split" else None
         self.block_mask: BlockMask | None = None
         self.mask: torch.Tensor | None = None
         if step.mode == "flex":
@@ -143,6 +145,10 @@ class DecodeStep(nn.Module):
             compiled_flex(True)
         elif mode == "split":
             prepare_split()
+            # split: the kernel's count of finished parts per (slot, KV head), zeros between calls (every layer's)
+            heads = cache.k[0].shape[1]
+            self.register_buffer("split_counts", torch.zeros(n * heads, dtype=torch.int32, device=device),
+                                 persistent=False)
         at, window = self.flex_pos, window
 
         def mask_mod(bi: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
