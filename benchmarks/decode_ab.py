@@ -4,14 +4,17 @@ A single record per setting is not enough on the H200 (docs/benchmarks.md: the s
 4.66 ms in one call). Here the settings' engines are built first (each compiles and captures its own decode
 graphs over the one model's weights), then measured in ``--rounds`` rounds, the order rotated each round, so a
 GPU warming up or a clock settling falls on every setting alike. Per setting and batch: the decode graph alone
-(100 replays timed by CUDA events) and ``Engine.run`` (host clock after the sync; what the serving loop pays),
+(100 replays timed by CUDA events) and ``Engine.run`` steps (the host clock between the ends of consecutive
+steps, each step's tokens fed to the next as the serving loop does: what a request's inter-token latency is),
 medians over the rounds with their range, against the roofline (weights but the input embedding, plus the live
 KV cache, over the copy bandwidth measured here). Each setting's greedy tokens are checked equal to the first's.
 
 Settings, '+'-joined: ``base`` (the engine as it is); ``pdl`` (inductor's programmatic dependent launch);
 ``flex`` (FlexAttention's decoding kernel instead of the split-KV kernels); ``kvN`` (flex with SPLIT_KV = N);
 ``inlined`` / ``bounded`` (RMSNorm and SiLU x up left to inductor, which inlines them into the projections, or
-written once by ``workloads.models.boundaries``' kernels).
+written once by ``workloads.models.boundaries``' kernels); ``noahead`` (the engine without look-ahead: each step
+launched after the host read the previous one's tokens); ``twokernel`` (the split-KV attention as two kernels,
+split then combine, instead of one whose last program per KV head combines).
 
 usage: python benchmarks/decode_ab.py [--layers 32] [--batches 1] [--settings base,bounded,flex]
        [--rounds 5] [--profile base,flex]
@@ -31,8 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve import copy_bandwidth  # benchmarks/serve.py
-from serve_decode import decode_plan, kernels_markdown, llama_model, read_bytes, step_kernels
+from serve_decode import decode_plan, kernels_markdown, llama_model, read_bytes, step_kernels, step_times
 
+from workloads.engine import decode_attention
 from workloads.engine.engine import Engine
 from workloads.models import boundaries
 from workloads.models.attention import AttentionKernel
@@ -40,11 +44,12 @@ from workloads.models.attention import AttentionKernel
 
 def apply(setting: str, default_bounded: bool = boundaries.ENABLED) -> dict[str, int] | None:
     """Set the global switches of ``setting``; its flex kernel options (None: the split-KV kernels, not flex)."""
-    names = set(setting.split("+")) - {"base"}
+    names = set(setting.split("+")) - {"base", "noahead"}
     torch._inductor.config.triton.enable_pdl = "pdl" in names
+    decode_attention.FUSED = "twokernel" not in names
     boundaries.ENABLED = "bounded" in names or (default_bounded and "inlined" not in names)
     flex: dict[str, int] | None = {} if "flex" in names else None
-    for n in names - {"pdl", "flex", "inlined", "bounded"}:
+    for n in names - {"pdl", "flex", "inlined", "bounded", "twokernel"}:
         if not n.startswith("kv"):
             raise SystemExit(f"unknown setting {n!r} in {setting!r}")
         flex = {"SPLIT_KV": int(n[2:])}
@@ -64,13 +69,7 @@ def graph_ms(engine: Engine, b: int, context: int, reps: int = 100) -> float:
 
 
 def step_ms(engine: Engine, b: int, context: int, reps: int = 100) -> float:
-    plan = decode_plan(engine, b, context)
-    steps = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        engine.run(plan)
-        steps.append((time.perf_counter() - t) * 1000.0)
-    return statistics.median(steps)
+    return statistics.median(step_times(engine, decode_plan(engine, b, context), reps))
 
 
 def tokens(engine: Engine, b: int, context: int) -> list[int]:
@@ -113,6 +112,7 @@ def main() -> None:
         engine = Engine(model, decode_kernel, max(batches), 1024, torch.device("cuda"), torch.bfloat16,
                         "reduce-overhead")
         engine.step_module.flex_options = flex or {}
+        engine.lookahead = "noahead" not in s.split("+")
         for b in batches:
             for _ in range(3):
                 engine.run(decode_plan(engine, b, args.context))
