@@ -57,8 +57,44 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
                 err = (got.float() - want).abs().max().item()
                 assert err < tol, (*case, err)
                 assert not counts.any(), (*case, counts.tolist())
+            check_rope(device, dtype, tol, counts)
     finally:
         da.FUSED = fused
+
+
+def check_rope(device: str, dtype: torch.dtype, tol: float, counts: torch.Tensor) -> None:
+    """decode_attention_rope from the fused q/k/v output against the model's own steps: split it, rotate q and k
+    (rope.rotate), write k and v into the cache at the write position, then the reference; the kernel's cache
+    writes equal those, and nothing else in the cache changes (a slot writing to the scratch column included)."""
+    from workloads.engine import decode_attention as da
+    from workloads.models.projections import QKVLayout
+    from workloads.models.rope import rope_at, rope_tables, rotate
+
+    gen = torch.Generator().manual_seed(1)
+    for b, h, hkv, d, positions, window, splits in CASES:
+        layout = QKVLayout(h, hkv, d)
+        qkv = torch.randn(b, 1, layout.rows, generator=gen).to(device, dtype)
+        kc, vc = (torch.randn(b + 1, hkv, positions, d, generator=gen).to(device, dtype) for _ in range(2))
+        pos = torch.tensor([0, positions - 56, 37, 130][:b], device=device)
+        write = pos.clone()
+        write[0] = positions - 1  # slot 0 idle: its key goes to the scratch column, it attends position 0
+        cos, sin = rope_at(rope_tables(d, positions, 10000.0, torch.device(device)), pos[:, None], 1)
+        q, k, v = layout.split(qkv)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        want_k, want_v = kc.clone(), vc.clone()
+        rows = torch.arange(b, device=device)
+        want_k[rows, :, write] = k[:, 0]
+        want_v[rows, :, write] = v[:, 0]
+        want_k[0, :, 0], want_v[0, :, 0] = k[0, 0], v[0, 0]  # what slot 0 attends at its position: the new key
+        want = reference(q.transpose(1, 2), want_k, want_v, pos, window)
+        want_k[0, :, 0], want_v[0, :, 0] = kc[0, :, 0], vc[0, :, 0]  # ... which the cache itself does not get
+        got = da.decode_attention_rope(qkv, cos, sin, kc, vc, pos, write, window, splits, counts, h)
+        case = ("rope", da.FUSED, b, h, hkv, d, window, splits)
+        assert got.shape == (b, 1, h, d) and got.dtype == dtype, case
+        err = (got.transpose(1, 2).float() - want).abs().max().item()
+        assert err < tol, (*case, err)
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v), case
+        assert not counts.any(), (*case, counts.tolist())
 
 
 @pytest.mark.slow  # Triton's first compile starts processes

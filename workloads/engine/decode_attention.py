@@ -27,6 +27,8 @@ _OPS: dict[str, Any] = {}
 FUSED = True
 #: query heads x parts the fused combine loads at a time, as [rows, D] fp32
 COMBINE_ROWS = 64
+#: the engine's decode rotates q and k, writes the cache and attends in the kernel (decode_attention_rope)
+ROPE = True
 
 
 def split_count(rows: int, kv_heads: int, sms: int) -> int:
@@ -40,6 +42,16 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: t
     max(0, pos[i] - window + 1)..pos[i]; returns [b, H, 1, D] (a view of [b, 1, H, D]). ``counts``: int32 zeros,
     at least b x Hkv, made once outside traced code (the kernel counts finished parts there and leaves zeros)."""
     return _OPS["attn"](q, kc, vc, pos, counts, window or 0, splits, FUSED).transpose(1, 2)
+
+
+def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
+                          vc: torch.Tensor, pos: torch.Tensor, write_pos: torch.Tensor, window: int | None,
+                          splits: int, counts: torch.Tensor, heads: int) -> torch.Tensor:
+    """``decode_attention`` from the fused q/k/v projection's output qkv [b, 1, Hkv x (G + 2) x D] (grouped as
+    ``projections.QKVLayout``), unrotated: rotates q and k by cos, sin [b, ..., D] (each slot's position, "rotate
+    half"), writes each slot's key and value into kc, vc at ``write_pos`` and attends keys up to ``pos`` with the
+    new key from registers, all in the one kernel; returns [b, 1, H, D] for ``heads`` query heads H."""
+    return _OPS["attn_rope"](qkv, cos, sin, kc, vc, pos, write_pos, counts, window or 0, splits, FUSED, heads)
 
 
 def prepare() -> None:
@@ -63,10 +75,10 @@ def _make_ops() -> Any:
 
     @triton.jit
     def split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,  # type: ignore[no-untyped-def]
-                     count_ptr, sq_b, sq_h, sk_b, sk_h, sk_p, window, SCALE: tl.constexpr, HKV: tl.constexpr,
-                     G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, GROUP: tl.constexpr,
-                     BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+                     count_ptr, cos_ptr, sin_ptr, wpos_ptr, s_cs, sq_b, sq_h, sk_b, sk_h, sk_p, window,
+                     SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+                     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr,
+                     GROUP: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr):
         bh = tl.program_id(0)
         part = tl.program_id(1)
         b = bh // HKV
@@ -81,11 +93,34 @@ def _make_ops() -> Any:
         rd = tl.arange(0, D)
         g_ok = rg < G
         qh = kvh * G + rg  # this KV head's query heads
-        q = tl.load(q_ptr + b * sq_b + qh[:, None] * sq_h + rd[None, :], mask=g_ok[:, None], other=0.0)
+        kbase = b * sk_b + kvh * sk_h
+        if ROPE:
+            # q_ptr is the fused q/k/v output [b, Hkv x (G + 2) x D] (projections.QKVLayout): this KV head's G query
+            # heads, then its key and value, unrotated. Rotate q and the new key ("rotate half", in fp32, rounded
+            # to the cache's dtype as rope.rotate does); part 0 writes the new key and value at the write position
+            half = (rd + D // 2) % D
+            sign = tl.where(rd < D // 2, -1.0, 1.0)
+            cos = tl.load(cos_ptr + b * s_cs + rd)
+            sin = tl.load(sin_ptr + b * s_cs + rd) * sign
+            base = b * sq_b + kvh * (G + 2) * D
+            qx = tl.load(q_ptr + base + rg[:, None] * D + rd[None, :], mask=g_ok[:, None], other=0.0)
+            qy = tl.load(q_ptr + base + rg[:, None] * D + half[None, :], mask=g_ok[:, None], other=0.0)
+            q = (qx.to(tl.float32) * cos[None, :] + qy.to(tl.float32) * sin[None, :]).to(qx.dtype)
+            kx = tl.load(q_ptr + base + G * D + rd)
+            ky = tl.load(q_ptr + base + G * D + half)
+            k_new = (kx.to(tl.float32) * cos + ky.to(tl.float32) * sin).to(kx.dtype)
+            v_new = tl.load(q_ptr + base + (G + 1) * D + rd)
+            if part == 0:
+                wpos = tl.load(wpos_ptr + b)
+                tl.store(k_ptr + kbase + wpos * sk_p + rd, k_new.to(k_ptr.dtype.element_ty))
+                tl.store(v_ptr + kbase + wpos * sk_p + rd, v_new.to(v_ptr.dtype.element_ty))
+            has_new = (lo <= pos) & (pos < lo + chunk)  # the part holding the position: its key from registers
+            hi = tl.minimum(hi, pos)
+        else:
+            q = tl.load(q_ptr + b * sq_b + qh[:, None] * sq_h + rd[None, :], mask=g_ok[:, None], other=0.0)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        kbase = b * sk_b + kvh * sk_h
         for start in range(lo, hi, BLOCK_N):
             rn = start + tl.arange(0, BLOCK_N)
             n_ok = rn < hi
@@ -98,6 +133,14 @@ def _make_ops() -> Any:
             s = s * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + kbase + rn[:, None] * sk_p + rd[None, :], mask=n_ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        if ROPE:  # the new key, in the part that holds the position
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * SCALE
+            m_new = tl.where(has_new, tl.maximum(m, s_new), m)
+            alpha = tl.where(has_new, tl.exp2(m - m_new), 1.0)
+            p_new = tl.where(has_new, tl.exp2(s_new - m_new), 0.0)
+            s = s * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
             m = m_new
         rows = b * HKV * G + qh  # output rows b * H + h
         if FUSED and SPLITS == 1:  # the only part: normalise and write the output
@@ -155,16 +198,13 @@ def _make_ops() -> Any:
         out = tl.sum(acc * w[:, None], 0) / den
         tl.store(o_ptr + row * D + rd, out.to(o_ptr.dtype.element_ty))
 
-    # ``counts`` is written (each program adds 1, the last sets 0 again) but left as it came: no mutated args
-    @triton_op("btune::decode_attention", mutates_args=())
-    def attn(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor,
-             window: int, splits: int, fused: bool) -> torch.Tensor:
-        b, h, _, d = q.shape
+    def launch(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor,
+               window: int, splits: int, fused: bool, h: int, rope: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        b, d = q.shape[0], kc.shape[-1]
         hkv = kc.shape[1]
-        if q.stride(-1) != 1:
-            q = q.contiguous()
         g = h // hkv
         out = q.new_empty(b, 1, h, d)
+        cos, sin, wpos = rope if rope is not None else (q, q, pos)
         if fused and splits == 1:  # no parts to keep: the kernel is compiled without them (q stands in, unread)
             m = lse = acc = q
         else:
@@ -175,15 +215,35 @@ def _make_ops() -> Any:
         block_s = max(2, triton.next_power_of_2(splits))
         group = triton.next_power_of_2(g)
         wrap_triton(split_kernel)[(b * hkv, splits)](
-            q, kc, vc, pos, m, lse, acc, out, counts, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
-            kc.stride(2), window, SCALE=scale, HKV=hkv, G=g, SPLITS=splits, D=d,
+            q, kc, vc, pos, m, lse, acc, out, counts, cos, sin, wpos, cos.stride(0), q.stride(0), q.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), window, SCALE=scale, HKV=hkv, G=g, SPLITS=splits, D=d,
             BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=64,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED=fused, GROUP=group, BLOCK_S=block_s,
-            CHUNK=max(1, min(block_s, COMBINE_ROWS // group)), num_warps=4, num_stages=2)
+            CHUNK=max(1, min(block_s, COMBINE_ROWS // group)), ROPE=rope is not None, num_warps=4, num_stages=2)
         if not fused:
             wrap_triton(combine_kernel)[(b * h,)](m, lse, acc, out, SPLITS=splits, BLOCK_S=block_s, D=d,
                                                   num_warps=4)
         return out
 
+    # ``counts`` is written (each program adds 1, the last sets 0 again) but left as it came: no mutated args
+    @triton_op("btune::decode_attention", mutates_args=())
+    def attn(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor,
+             window: int, splits: int, fused: bool) -> torch.Tensor:
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        return launch(q, kc, vc, pos, counts, window, splits, fused, q.shape[1], None)
+
+    # kc and vc are written too (each slot's new key and value at its write position) but declared unmutated, as
+    # counts: inductor would otherwise keep the caches functional (a copy of each); no op in the compiled step
+    # reads a layer's cache but this one, which writes before it reads (decode_attention_rope's docstring)
+    @triton_op("btune::decode_attention_rope", mutates_args=())
+    def attn_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                  pos: torch.Tensor, write_pos: torch.Tensor, counts: torch.Tensor, window: int, splits: int,
+                  fused: bool, heads: int) -> torch.Tensor:
+        qkv = qkv.reshape(qkv.shape[0], -1)
+        cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
+        return launch(qkv, kc, vc, pos, counts, window, splits, fused, heads, (cos, sin, write_pos))
+
     _OPS["attn"] = attn
+    _OPS["attn_rope"] = attn_rope
     return attn

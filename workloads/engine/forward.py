@@ -26,11 +26,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask
 
+from workloads.engine import decode_attention
 from workloads.engine.cache import SlotKVCache
-from workloads.engine.decode_attention import decode_attention, split_count
+from workloads.engine.decode_attention import decode_attention_rope, split_count
 from workloads.engine.decode_attention import prepare as prepare_split
 from workloads.models.attention import AttentionKernel, compiled_flex, visible
 from workloads.models.kv_cache import Attend
+from workloads.models.projections import QKVLayout
 from workloads.models.transformer import RunBlock, Transformer
 
 _SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -71,6 +73,17 @@ class DecodeAttend:
 
     def __init__(self, kc: torch.Tensor, vc: torch.Tensor, step: DecodeCache) -> None:
         self.kc, self.vc, self.step = kc, vc, step
+        #: split mode: RoPE, the cache write and attention in one kernel (blocks.Attention calls it)
+        self.rotate_and_attend = self._rotate_and_attend if step.mode == "split" and decode_attention.ROPE else None
+
+    def _rotate_and_attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                           layout: QKVLayout) -> torch.Tensor:
+        """[b, 1, H, D] from the fused q/k/v output [b, 1, rows], unrotated (decode_attention_rope)."""
+        s = self.step
+        assert s.counts is not None
+        heads = layout.rep * self.kc.shape[1]  # this rank's query heads
+        return decode_attention_rope(qkv, *rope, self.kc, self.vc, s.pos, s.write_pos, s.window, s.splits, s.counts,
+                                     heads)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = self.step
@@ -79,7 +92,7 @@ class DecodeAttend:
         self.vc[s.rows, :, s.write_pos] = v[:, :, 0]
         if s.mode == "split":
             assert s.counts is not None
-            return decode_attention(q, self.kc, self.vc, s.pos, s.window, s.splits, s.counts)
+            return decode_attention.decode_attention(q, self.kc, self.vc, s.pos, s.window, s.splits, s.counts)
         kc, vc = self.kc[:b], self.vc[:b]
         hkv = kc.shape[1]
         if s.block_mask is not None:

@@ -19,7 +19,9 @@ from workloads.models.rope import Rope, rotate
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention: one fused q/k/v projection (``wqkv``, laid out as
     ``projections.QKVLayout`` says), RoPE, the call's ``Attend`` (a kernel, or a KV cache and a kernel), the output
-    projection ``wo``. q, k, v carry biases under the gpt arch or ``qkv_bias`` (Qwen2)."""
+    projection ``wo``. q, k, v carry biases under the gpt arch or ``qkv_bias`` (Qwen2). An ``Attend`` with a
+    ``rotate_and_attend(qkv, rope, layout)`` takes the fused output unrotated and does RoPE, its cache write and
+    attention itself (the engine's decode on a GPU: one kernel)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -30,7 +32,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope | None, attend: Attend) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.layout.split(self.wqkv(x))  # [b, t, heads, hd]
+        qkv = self.wqkv(x)
+        whole = getattr(attend, "rotate_and_attend", None)
+        if whole is not None and rope is not None:  # the engine's GPU decode: rotation, cache write, attention in one
+            return self.wo(whole(qkv, rope, self.layout).reshape(b, t, -1))
+        q, k, v = self.layout.split(qkv)  # [b, t, heads, hd]
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
