@@ -14,7 +14,8 @@ Settings, '+'-joined: ``base`` (the engine as it is); ``pdl`` (inductor's progra
 ``inlined`` / ``bounded`` (RMSNorm and SiLU x up left to inductor, which inlines them into the projections, or
 written once by ``workloads.models.boundaries``' kernels); ``noahead`` (the engine without look-ahead: each step
 launched after the host read the previous one's tokens); ``twokernel`` (the split-KV attention as two kernels,
-split then combine, instead of one whose last program per KV head combines).
+split then combine, instead of one whose last program per KV head combines); ``norope`` (RoPE and the cache
+write by inductor before the attention kernel, instead of inside it).
 
 usage: python benchmarks/decode_ab.py [--layers 32] [--batches 1] [--settings base,bounded,flex]
        [--rounds 5] [--profile base,flex]
@@ -47,9 +48,10 @@ def apply(setting: str, default_bounded: bool = boundaries.ENABLED) -> dict[str,
     names = set(setting.split("+")) - {"base", "noahead"}
     torch._inductor.config.triton.enable_pdl = "pdl" in names
     decode_attention.FUSED = "twokernel" not in names
+    decode_attention.ROPE = "norope" not in names
     boundaries.ENABLED = "bounded" in names or (default_bounded and "inlined" not in names)
     flex: dict[str, int] | None = {} if "flex" in names else None
-    for n in names - {"pdl", "flex", "inlined", "bounded", "twokernel"}:
+    for n in names - {"pdl", "flex", "inlined", "bounded", "twokernel", "norope"}:
         if not n.startswith("kv"):
             raise SystemExit(f"unknown setting {n!r} in {setting!r}")
         flex = {"SPLIT_KV": int(n[2:])}
