@@ -7,6 +7,7 @@ Triton's interpreter (fp32: its bf16 dot is not faithful) where Triton is instal
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -123,3 +124,19 @@ def test_head_dims_the_kernels_cannot_take_decode_otherwise():
 
     assert not available(80) and not available(8) and not available(96)
     assert available(128) == available(64) == has_triton()
+
+
+def test_parts_past_what_the_cache_fills_are_left_out_without_changing_the_partition():
+    """split_count caps the parts at the cache's blocks of BLOCK_N keys: the kernel's chunks (as it computes them)
+    cover the same keys in the same non-empty parts with or without the cap, for every live length."""
+    from workloads.engine.decode_attention import BLOCK_N, split_count
+
+    def parts(length: int, splits: int) -> list[tuple[int, int]]:
+        chunk = math.ceil(math.ceil(length / splits) / BLOCK_N) * BLOCK_N
+        return [(p * chunk, min(p * chunk + chunk, length)) for p in range(splits) if p * chunk < length]
+
+    for positions in (64, 130, 832, 1088, 8192):
+        capped, free = split_count(1, 8, 132, positions), split_count(1, 8, 132)
+        assert capped == min(free, -(-positions // BLOCK_N))
+        for length in range(1, positions + 1, 7):
+            assert parts(length, capped) == parts(length, free), (positions, length)

@@ -27,13 +27,18 @@ _OPS: dict[str, Any] = {}
 FUSED = True
 #: query heads x parts the fused combine loads at a time, as [rows, D] fp32
 COMBINE_ROWS = 64
+#: keys a program reads at a time (a part is whole blocks of them)
+BLOCK_N = 64
 #: the engine's decode rotates q and k, writes the cache and attends in the kernel (decode_attention_rope)
 ROPE = True
 
 
-def split_count(rows: int, kv_heads: int, sms: int) -> int:
-    """Parts per slot: about two programs per SM over the step's (slot, KV head) pairs, 1 to 64."""
-    return max(1, min(64, (2 * sms) // max(1, rows * kv_heads)))
+def split_count(rows: int, kv_heads: int, sms: int, positions: int | None = None) -> int:
+    """Parts per slot: about two programs per SM over the step's (slot, KV head) pairs, 1 to 64, and no more than
+    a cache of ``positions`` fills (parts are whole blocks of BLOCK_N keys: past that they would all be empty,
+    and the partition is the same without them)."""
+    n = max(1, min(64, (2 * sms) // max(1, rows * kv_heads)))
+    return n if positions is None else max(1, min(n, -(-positions // BLOCK_N)))
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
@@ -217,7 +222,7 @@ def _make_ops() -> Any:
         wrap_triton(split_kernel)[(b * hkv, splits)](
             q, kc, vc, pos, m, lse, acc, out, counts, cos, sin, wpos, cos.stride(0), q.stride(0), q.stride(1),
             kc.stride(0), kc.stride(1), kc.stride(2), window, SCALE=scale, HKV=hkv, G=g, SPLITS=splits, D=d,
-            BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=64,
+            BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=BLOCK_N,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED=fused, GROUP=group, BLOCK_S=block_s,
             CHUNK=max(1, min(block_s, COMBINE_ROWS // group)), ROPE=rope is not None, num_warps=4, num_stages=2)
         if not fused:

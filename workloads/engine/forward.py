@@ -119,7 +119,8 @@ class DecodeCache:
         self.rows = step.rows[:pos.shape[0]]
         self.write_pos, self.backend, self.flex_options = write_pos, step.backend, step.flex_options
         self.mode, self.pos, self.window = step.mode, pos, step.window
-        self.splits = split_count(pos.shape[0], step.cache.k[0].shape[1], step.sms) if step.mode == "split" else 0
+        kv = step.cache.k[0]
+        self.splits = split_count(pos.shape[0], kv.shape[1], step.sms, kv.shape[2]) if step.mode == "split" else 0
         self.counts: torch.Tensor | None = step.split_counts if step.mode == "split" else None
         self.block_mask: BlockMask | None = None
         self.mask: torch.Tensor | None = None
