@@ -181,9 +181,17 @@ def test_torchrun_with_two_ranks_using_the_api(tmp_path):
     seen = tmp_path / "seen.json"
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    res = btune("run", "--out", str(tmp_path), "--env", PYPATH, "--env", "OMP_NUM_THREADS=1", "--env",
-                "GLOO_SOCKET_IFNAME=lo", "--", *launcher, "--standalone", "--nproc-per-node", "2",
-                *program("api_ranks.py", str(seen))[1:], timeout=240)
+    def run():
+        return btune("run", "--out", str(tmp_path), "--env", PYPATH, "--env", "OMP_NUM_THREADS=1", "--env",
+                     "GLOO_SOCKET_IFNAME=lo", "--", *launcher, "--standalone", "--nproc-per-node", "2",
+                     *program("api_ranks.py", str(seen))[1:], timeout=240)
+
+    res = run()
+    if res.returncode == 1 and "SIGABRT" in res.stdout + res.stderr and seen.exists():
+        # gloo itself aborts a rank at teardown now and then, after the script's work and its last barrier (seen
+        # in CI under load; upstream: pytorch/pytorch#188266); btune rightly records that run as failed. Once more:
+        seen.unlink()
+        res = run()
     rec = record_of(res)
     truth = json.loads(seen.read_text())
     assert sorted(rec["series"]["step"]) == ["0", "1"]

@@ -94,7 +94,13 @@ def check_rope(device: str, dtype: torch.dtype, tol: float, counts: torch.Tensor
         assert got.shape == (b, 1, h, d) and got.dtype == dtype, case
         err = (got.transpose(1, 2).float() - want).abs().max().item()
         assert err < tol, (*case, err)
-        assert torch.equal(kc, want_k) and torch.equal(vc, want_v), case
+        # the key the kernel rotates (fp32, fused multiply-adds on a GPU) may differ from rope.rotate's in the last
+        # bit: within the tolerance at the write positions, every other position exactly as it was
+        at = torch.zeros(kc.shape[:3], dtype=torch.bool, device=device)
+        at[rows, :, write] = True
+        for got_c, want_c in ((kc, want_k), (vc, want_v)):
+            assert torch.equal(got_c[~at], want_c[~at]), case
+            assert (got_c[at].float() - want_c[at].float()).abs().max().item() < tol, case
         assert not counts.any(), (*case, counts.tolist())
 
 
