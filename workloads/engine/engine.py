@@ -269,18 +269,20 @@ class Engine:
         graph.replay()
         return out
 
-    def _stage_idle(self, b: int) -> torch.Tensor:
-        """Bucket b's host stage with every slot idle (token 0 at position 0, keys to the scratch column)."""
-        stage = self._stage[b]
+    def _stage_idle(self, b: int, stage: torch.Tensor | None = None) -> torch.Tensor:
+        """Bucket b's host stage (or ``stage``) with every slot idle (token 0 at position 0, keys to the scratch
+        column)."""
+        stage = self._stage[b] if stage is None else stage
         view = stage.numpy()
         view[0:2] = 0
         view[2] = self.cache.scratch
         return stage
 
-    def _work(self, plan: Plan) -> Work:
-        """The plan as device work: the decode bucket's inputs staged on the host, the prompt chunks' tokens."""
+    def _work(self, plan: Plan, decode: bool = True) -> Work:
+        """The plan as device work: the decode bucket's inputs staged on the host (unless not ``decode``), the
+        prompt chunks' tokens."""
         work = Work(prefill=[(r.slot, start, r.prompt[start:start + n]) for r, start, n in plan.prefill])
-        if plan.decode:
+        if plan.decode and decode:
             b = self.bucket(max(r.slot for r in plan.decode if r.slot is not None) + 1)
             stage = self._stage_idle(b)
             view = stage.numpy()
@@ -305,10 +307,8 @@ class Engine:
         if self._read is not None:
             self._read.record()
         self._turn ^= 1
-        stage = self._ahead_stage[b][self._turn]
+        stage = self._stage_idle(b, self._ahead_stage[b][self._turn])
         view = stage.numpy()
-        view[0:2] = 0
-        view[2] = self.cache.scratch  # idle slots, as _stage_idle
         for r in plan.decode:
             assert r.slot is not None
             view[1, r.slot] = view[2, r.slot] = r.position + 1
@@ -331,9 +331,7 @@ class Engine:
         if self.launched_ahead:
             assert ahead is not None
             self.ahead_counts["used"] += 1
-            work = Work(prefill=[(r.slot, start, r.prompt[start:start + n]) for r, start, n in plan.prefill])
-            with self.no_backward(), self.autocast():
-                firsts = self._prefills(work.prefill)
+            _, firsts = self._execute(self._work(plan, decode=False))  # the decode is on the device already
             b, nxt = ahead.bucket, ahead.out
         else:
             work = self._work(plan)
