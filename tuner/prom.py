@@ -425,7 +425,9 @@ class LiveCollector:
 
 
 def _runs(key: tuple[Any, ...]) -> list[Any]:
-    return [k[0] for k in key]
+    """The runs a cache key serves, and whether each has a finished request yet: families computed before a run's
+    first request are not reused after it (a short run's events can all come within the reuse window)."""
+    return [(k[0], k[2] > 0) for k in key]
 
 
 class MetricsPortError(Exception):
