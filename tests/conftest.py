@@ -45,6 +45,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session: pytest.Session) -> Any:
+    """Without bytecode writing pytest rewrites the asserts of every test module at every run (about 11 s of the
+    quick tier on two cores): while it collects, it may cache the rewritten modules (it reads the cache anyway)."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = False
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     _quick[0] = None if item.get_closest_marker("slow") else item.nodeid
     try:

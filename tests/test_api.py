@@ -157,7 +157,7 @@ def test_steps_meta_and_phases_reach_the_channel_as_valid_events(channel):
     with btune.phase("eval", detail="val set"):
         time.sleep(0.2)
     btune.step(tokens=512, loss=0.2, warmup=True)
-    events = accepted(settle(channel, 9))
+    events = accepted(settle(channel, 8))
     # the first step ends "starting": the script is measuring from then on
     assert [e["type"] for e in events] == ["meta", "step", "phase", "step", "step", "phase", "phase", "step"]
 

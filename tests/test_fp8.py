@@ -8,10 +8,13 @@ mode."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("torchao")
+#: torchao is imported by the tests that use it (3 s at collection otherwise, in the quick tier too)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
 
 from workloads.models import fp8  # noqa: E402
 from workloads.models.config import PRESETS  # noqa: E402

@@ -2,9 +2,10 @@
 eager cache write and attention) against the eager prefill: the same cache contents and next token, for first
 and continuation chunks."""
 
+from collections import Counter
+
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from workloads.engine.cache import SlotKVCache
 from workloads.engine.engine import EagerAttend, Engine, compiled_blocks
@@ -14,10 +15,17 @@ from workloads.models.config import PRESETS
 from workloads.models.transformer import Transformer
 
 
+def counters() -> dict[str, Counter]:
+    """torch._dynamo's counters, imported when a test needs them (2 s of the quick tier's collection otherwise)."""
+    from torch._dynamo.utils import counters as c
+
+    return c
+
+
 def compiled_against_eager(name: str, layers: int, window: int | None) -> int:
     """Run four chunks both ways, check they agree; the number of graphs compiled."""
     torch._dynamo.reset()
-    counters.clear()
+    counters().clear()
     kernel = AttentionKernel("auto", window)
     torch.manual_seed(0)
     cfg = PRESETS[name].with_layers(layers)
@@ -38,7 +46,7 @@ def compiled_against_eager(name: str, layers: int, window: int | None) -> int:
                 for a, b in ((eager_cache.k[layer], cache.k[layer]), (eager_cache.v[layer], cache.v[layer])):
                     torch.testing.assert_close(b[slot, :, :start + n], a[slot, :, :start + n], rtol=1e-5, atol=1e-5)
     assert cache.k[0][1].abs().sum() == 0, "no other slot was written"
-    return counters["stats"]["unique_graphs"]
+    return counters()["stats"]["unique_graphs"]
 
 
 @pytest.mark.slow
@@ -57,7 +65,7 @@ def test_a_load_after_warmup_compiles_nothing_new(monkeypatch, prompt):
     from test_serve_engine import greedy_by_recompute, serve
 
     torch._dynamo.reset()
-    counters.clear()
+    counters().clear()
     kernel = AttentionKernel("auto")
     torch.manual_seed(0)
     model = Transformer(PRESETS["tiny-llama"], kernel).eval()
@@ -66,7 +74,7 @@ def test_a_load_after_warmup_compiles_nothing_new(monkeypatch, prompt):
 
     def warmup(self, rounds, on_step=None):  # the real warm-up, then a count of the graphs it compiled
         out = real_warmup(self, rounds, on_step)
-        warmed.update(counters["stats"])
+        warmed.update(counters()["stats"])
         return out
 
     monkeypatch.setattr(Engine, "warmup", warmup)
@@ -78,6 +86,6 @@ def test_a_load_after_warmup_compiles_nothing_new(monkeypatch, prompt):
     else:
         assert any(len(chunks) > 1 and len({(s, k) for _, s, k in chunks}) == 1 for _, _, chunks in steps), \
             "equal chunks of several slots ran in one step"
-    assert counters["stats"]["unique_graphs"] == warmed["unique_graphs"], (warmed, dict(counters["stats"]))
+    assert counters()["stats"]["unique_graphs"] == warmed["unique_graphs"], (warmed, dict(counters()["stats"]))
     for r in res.requests:
         assert r.tokens == greedy_by_recompute(model, r.prompt, r.output_len)

@@ -52,6 +52,14 @@ def compiled_flex(static: bool) -> Any:
     return fn
 
 
+def check(backend: str, window: int | None) -> None:
+    """Refuse an unknown backend or a window below 1 (ValueError), without building a kernel."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if window is not None and window < 1:
+        raise ValueError(f"attention window must be >= 1, got {window}")
+
+
 @dataclass(frozen=True)
 class AttentionKernel:
     """How attention runs: backend, optional sliding window, and whether k/v heads are expanded for GQA."""
@@ -61,10 +69,7 @@ class AttentionKernel:
     expand_kv: bool = False
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"attention backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"attention window must be >= 1, got {self.window}")
+        check(self.backend, self.window)
         if self.backend == "flex":  # outside any traced code (a compiled model inlines them)
             compiled_flex(True), compiled_flex(False)
             # block masks are built eagerly, never traced (a graph break in a compiled model)
@@ -197,7 +202,7 @@ def _probe(
     window: int | None,
     training: bool,
 ) -> tuple[str, str, bool]:
-    AttentionKernel(name, window)  # validates name and window
+    check(name, window)  # not AttentionKernel(...): flex's would load the compiler (seconds) to say yes
     shape = f"{device.type} {str(dtype).removeprefix('torch.')} head_dim {head_dim}"
     shape += f", window {window}" if window is not None else ", causal"
     if name == "flex":
