@@ -15,19 +15,28 @@ Settings, '+'-joined: ``base`` (the engine as it is); ``pdl`` (inductor's progra
 written once by ``workloads.models.boundaries``' kernels); ``noahead`` (the engine without look-ahead: each step
 launched after the host read the previous one's tokens); ``twokernel`` (the split-KV attention as two kernels,
 split then combine, instead of one whose last program per KV head combines); ``norope`` (RoPE and the cache
-write by inductor before the attention kernel, instead of inside it).
+write by inductor before the attention kernel, instead of inside it); ``nocd`` (the decode step compiled without
+coordinate-descent tuning); ``cdwide`` (coordinate descent that tries every direction, two steps out).
+``SETTING#k`` builds another engine of the same setting (how much builds of the same code differ).
+``--fresh-caches``: every engine compiled in its own empty inductor cache (nothing reused from an earlier build:
+each compile tunes afresh), and the block sizes each build's tuning chose printed where builds of one setting
+chose differently.
 
 usage: python benchmarks/decode_ab.py [--layers 32] [--batches 1] [--settings base,bounded,flex]
-       [--rounds 5] [--profile base,flex]
+       [--rounds 5] [--profile base,flex] [--fresh-caches]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
+import json
+import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +45,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from serve import copy_bandwidth  # benchmarks/serve.py
 from serve_decode import decode_plan, kernels_markdown, llama_model, read_bytes, step_kernels, step_times
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 from workloads.engine import decode_attention
+from workloads.engine import engine as engine_module
 from workloads.engine.engine import Engine
 from workloads.models import boundaries
 from workloads.models.attention import AttentionKernel
@@ -45,7 +56,11 @@ from workloads.models.attention import AttentionKernel
 
 def apply(setting: str, default_bounded: bool = boundaries.ENABLED) -> dict[str, int] | None:
     """Set the global switches of ``setting``; its flex kernel options (None: the split-KV kernels, not flex)."""
-    names = set(setting.split("+")) - {"base", "noahead"}
+    names = set(setting.split("#")[0].split("+")) - {"base", "noahead"}
+    engine_module.COORDINATE_DESCENT = "nocd" not in names
+    torch._inductor.config.coordinate_descent_check_all_directions = "cdwide" in names
+    torch._inductor.config.coordinate_descent_search_radius = 2 if "cdwide" in names else 1
+    names -= {"nocd", "cdwide"}
     torch._inductor.config.triton.enable_pdl = "pdl" in names
     decode_attention.FUSED = "twokernel" not in names
     decode_attention.ROPE = "norope" not in names
@@ -80,6 +95,40 @@ def tokens(engine: Engine, b: int, context: int) -> list[int]:
         return engine._decode_bucket(work.bucket, work.stage).tolist()
 
 
+def best_configs(cache: Path) -> dict[str, dict]:
+    """The block sizes inductor's autotuning chose for each Triton kernel compiled into ``cache`` (its
+    ``.best_config`` files), keyed by the kernel's name and cache key (the same source in two builds: the same key)."""
+    out = {}
+    for f in sorted(cache.rglob("*.best_config")):
+        names = sorted({m for py in f.parent.glob("*.py") for m in re.findall(r"def (triton_\w+)\(", py.read_text())})
+        out[f"{'/'.join(names)[:60]} {f.stem[:8]}"] = json.loads(f.read_text())
+    return out
+
+
+def configs_markdown(settings: list[str], tuned: dict[str, dict[str, dict]]) -> str:
+    """Per setting built more than once: how many of its kernels' chosen configs differ between builds, and those."""
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for s in settings:
+        groups[s.split("#")[0]].append(s)
+    lines = []
+    for name, builds in groups.items():
+        if len(builds) < 2:
+            continue
+        keys = sorted(set().union(*(tuned[b] for b in builds)))
+        shared = [k for k in keys if all(k in tuned[b] for b in builds)]
+        drop = ("time_taken_ms", "triton_cache_hash", "configs_hash")
+        differ = [k for k in shared if len({json.dumps({x: v for x, v in tuned[b][k].items() if x not in drop},
+                                                       sort_keys=True) for b in builds}) > 1]
+        lines.append(f"\n{name}: {len(builds)} builds, {len(keys)} tuned kernels, {len(shared)} in every build, "
+                     f"{len(differ)} of those with different choices")
+        for k in differ:
+            lines.append(f"  {k}")
+            for b in builds:
+                c = {x: v for x, v in tuned[b][k].items() if x not in drop[1:]}
+                lines.append(f"    {b}: {c}")
+    return "\n".join(lines)
+
+
 def profile(engine: Engine, b: int, context: int, top: int) -> None:
     count, total, rows = step_kernels(engine, b, context)
     print(f"  kernels per step {count:.0f}, their sum {total:.3f} ms")
@@ -95,6 +144,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=640, help="every slot's position (prompt 512 + half of 256)")
     ap.add_argument("--profile", default="", help="settings whose batch-1 step is profiled kernel by kernel")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--fresh-caches", action="store_true", help="each engine compiled in its own empty inductor cache")
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     settings = args.settings.split(",")
@@ -106,24 +156,34 @@ def main() -> None:
     kernel = AttentionKernel("auto")
     model = llama_model(args.layers, kernel)
     engines: dict[str, Engine] = {}
+    tuned: dict[str, dict[str, dict]] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="decode_ab-"))
+    if args.fresh_caches:
+        torch._inductor.config.compile_threads = 1  # compiled in this process, into the build's own cache
     for s in settings:
         flex = apply(s)
         torch._dynamo.reset()  # each setting traced afresh (captured graphs replay without dynamo)
         t0 = time.perf_counter()
         decode_kernel = AttentionKernel("flex") if flex is not None else kernel
-        engine = Engine(model, decode_kernel, max(batches), 1024, torch.device("cuda"), torch.bfloat16,
-                        "reduce-overhead")
-        engine.step_module.flex_options = flex or {}
-        engine.lookahead = "noahead" not in s.split("+")
-        for b in batches:
-            for _ in range(3):
-                engine.run(decode_plan(engine, b, args.context))
+        cache = scratch / re.sub(r"\W", "_", s)
+        with temporary_cache_dir(str(cache)) if args.fresh_caches else contextlib.nullcontext():
+            engine = Engine(model, decode_kernel, max(batches), 1024, torch.device("cuda"), torch.bfloat16,
+                            "reduce-overhead")
+            engine.step_module.flex_options = flex or {}
+            engine.lookahead = "noahead" not in s.split("#")[0].split("+")
+            for b in batches:
+                for _ in range(3):
+                    engine.run(decode_plan(engine, b, args.context))
         engines[s] = engine
         counters = torch._dynamo.utils.counters
         breaks = sum(counters["graph_break"].values())
+        tuned[s] = best_configs(cache) if args.fresh_caches else {}
         print(f"{s}: compiled and captured in {time.perf_counter() - t0:.1f} s, {counters['stats']['unique_graphs']} "
-              f"graphs, {breaks} graph breaks", flush=True)
+              f"graphs, {breaks} graph breaks" + (f", {len(tuned[s])} kernels tuned" if args.fresh_caches else ""),
+              flush=True)
     apply("base")
+    if args.fresh_caches:
+        print(configs_markdown(settings, tuned))
     first = settings[0]
     for s in settings:
         for b in batches:

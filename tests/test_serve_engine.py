@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from workloads.engine import engine as engine_module
 from workloads.engine.driver import Hooks, run_load
 from workloads.engine.engine import Engine, buckets
 from workloads.engine.forward import greedy
@@ -270,3 +271,11 @@ def test_stop_ends_the_load_between_steps_with_the_rest_unfinished():
     assert res.unfinished and all(not r.finished for r in res.unfinished)
     done = {r.rid for r in res.requests if r.finished}
     assert {r.rid for r in res.unfinished} | done == {r.rid for r in res.requests}
+
+
+def test_decode_options_tune_by_coordinate_descent_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    on = engine_module.decode_options("max-autotune-no-cudagraphs")
+    assert on["coordinate_descent_tuning"] is True and on["max_autotune"] is True  # the mode's own options kept
+    monkeypatch.setattr(engine_module, "COORDINATE_DESCENT", False)
+    off = engine_module.decode_options("max-autotune-no-cudagraphs")
+    assert off["coordinate_descent_tuning"] is False and off["max_autotune"] is True

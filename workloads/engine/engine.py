@@ -52,10 +52,16 @@ from workloads.models.transformer import RunBlock, Transformer
 GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
+#: tune the decode step's Triton kernels' block sizes by coordinate descent (benchmarks/decode_ab.py's ``nocd``
+#: turns it off to measure what it gains)
+COORDINATE_DESCENT = True
+
+
 def decode_options(mode: str) -> dict[str, Any]:
     """Inductor's options for the decode step: ``mode``'s own, with coordinate-descent tuning of its Triton
-    kernels' block sizes (batch-1 decode of llama-3.1-8b on an H100: 6.32 to 5.83 ms, docs/benchmarks.md)."""
-    return {**torch._inductor.list_mode_options(mode), "coordinate_descent_tuning": True}
+    kernels' block sizes where ``COORDINATE_DESCENT`` (batch-1 decode of llama-3.1-8b on an H100: 6.32 to 5.83 ms,
+    docs/benchmarks.md)."""
+    return {**torch._inductor.list_mode_options(mode), "coordinate_descent_tuning": COORDINATE_DESCENT}
 
 
 def _decode_block(layer: torch.nn.Module, h: torch.Tensor, rope: Any, attend: Attend) -> torch.Tensor:
