@@ -1,7 +1,7 @@
 """The dry-run memory estimate against the measured peak on one GPU (issue 23): dense and MoE training, eager and
 compiled, with and without checkpointing, bf16 and FP8; what held each peak.
 
-    python benchmarks/memory_gpu.py [--held-out | --validate] [--out DIR] [--only NAME,...]
+    python benchmarks/memory_gpu.py [--held-out | --validate | --moe-check] [--out DIR] [--only NAME,...]
 
 Each case is an ordinary ``btune run ... --steps 4 --memory-profile 2`` (steps 1-2 recorded): its record has the
 dry-run estimate per part (``memory_estimate_bytes``), torch's peak (``torch_mem_peak_bytes``, max_memory_allocated
@@ -69,6 +69,18 @@ VALIDATE: dict[str, list[str]] = {
     "dense-32L-s8192-b16-decode": [*L8B, "--seq-len", "8192", "--batch-size", "16", "--mode", "decode"],
     "mixtral-2L-s4096-b4-eager": [*MOE, "--layers", "2", "--seq-len", "4096", "--batch-size", "4"],
 }
+#: After the MoE eager fix (``moe_flops.routing_bytes``, counted on CPU): MoE shapes whose peak is the start of
+#: backward, and the checkpointed and compiled MoE at batch 4, none measured before (--moe-check).
+M64 = ["moe", "--preset", "moe-64e-top6", "--device", "cuda", "--tp", "1"]
+MOE_CHECK: dict[str, list[str]] = {
+    "mixtral-3L-s8192-b2-eager": [*MOE, "--layers", "3", "--seq-len", "8192", "--batch-size", "2"],
+    "mixtral-2L-s4096-b6-eager": [*MOE, "--layers", "2", "--seq-len", "4096", "--batch-size", "6"],
+    "moe-64e-4L-s2048-b4-eager": [*M64, "--layers", "4", "--seq-len", "2048", "--batch-size", "4"],
+    "mixtral-2L-s4096-b4-eager-ac": [*MOE, "--layers", "2", "--seq-len", "4096", "--batch-size", "4",
+                                     "--activation-checkpointing"],
+    "mixtral-2L-s4096-b4-compile": [*MOE, "--layers", "2", "--seq-len", "4096", "--batch-size", "4",
+                                    "--compile-mode", "default"],
+}
 
 
 def run_case(name: str, args: list[str], out: Path) -> dict:
@@ -94,11 +106,13 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--held-out", action="store_true", help="the shapes the constants were not read from")
     ap.add_argument("--validate", action="store_true", help="shapes none of the constants or fixes came from")
+    ap.add_argument("--moe-check", action="store_true", help="MoE shapes after the MoE eager fix")
     args = ap.parse_args()
     only = [n for n in args.only.split(",") if n]
     rows = []
+    chosen = MOE_CHECK if args.moe_check else VALIDATE if args.validate else HELD_OUT if args.held_out else CASES
     with tempfile.TemporaryDirectory() as tmp:
-        for name, case in (VALIDATE if args.validate else HELD_OUT if args.held_out else CASES).items():
+        for name, case in chosen.items():
             if only and name not in only:
                 continue
             row = run_case(name, case, Path(tmp))

@@ -379,3 +379,17 @@ def test_dense_on_cpu_with_memory_profile_runs_on_and_says_why_there_is_none(tmp
     assert rec["config"]["options"]["memory_profile"] == 2
     assert rec["summary"]["memory_profile"]["note"] == mem[0]["note"]
     assert not list(tmp_path.glob("*.pickle"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not memprofile.torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("workload", ["moe", "dense"])
+def test_checkpointed_runs_on_cuda_with_memory_profile(workload, tmp_path):
+    """Checkpointing under a recorded memory history: the MoE run failed in backward with a SystemError while the
+    recompute stopped early (H200, torch 2.11); each block is now recomputed to its end."""
+    res = btune("run", workload, "--preset", "tiny", "--steps", "4", "--memory-profile", "2", "--device", "cuda",
+                "--activation-checkpointing", "--out", str(tmp_path))
+    rec = record_of(res)
+    assert rec["status"] == "ok", rec.get("error")
+    mem = [e for e in rec["events"] if e["type"] == "memory"]
+    assert len(mem) == 1 and mem[0]["peak_bytes"] > 0 and mem[0]["top_sites"]

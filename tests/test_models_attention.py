@@ -126,3 +126,26 @@ def test_activation_checkpointing_same_grads() -> None:
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_checkpointed_block_is_recomputed_to_its_end() -> None:
+    """Early stop off (build.checkpoint_blocks): the recompute runs what follows the block's last saved tensor too,
+    as the forward did; torch's early stop would end it at that tensor."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.tail_runs = 0
+
+        def forward(self, x: torch.Tensor, rope: object, attend: object) -> torch.Tensor:
+            y = self.lin(x)  # the block's last saved tensors: x and the weight
+            self.tail_runs += 1
+            return y + 1
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Block()])
+    checkpoint_blocks(model)
+    model.layers[0](torch.randn(2, 4, requires_grad=True), None, None).sum().backward()
+    assert model.layers[0].tail_runs == 2  # the forward and the recompute
+    assert model.layers[0].lin.weight.grad is not None

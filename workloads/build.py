@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from workloads.models import fp8
 from workloads.models.attention import AttentionKernel, make_kernel
@@ -140,7 +140,10 @@ def checkpoint_blocks(model: nn.Module) -> None:
     Wraps each block's forward in place (the block keeps its type, name and parameters, so TP plans, FP8
     filters and ``isinstance`` checks see the same model): while autograd records and the call's ``attend`` writes
     no KV cache (recomputing would write it twice), the block runs under ``torch.utils.checkpoint``
-    (non-reentrant); otherwise as it is.
+    (non-reentrant); otherwise as it is. The recompute runs each block to its end: stopping it early (torch's
+    default) raises through the MoE block's ops, and with CUDA memory history recording (``--memory-profile``)
+    that fails the backward with ``SystemError: ... returned NULL without setting an exception`` (H200, torch
+    2.11); what follows a block's last saved tensor is a residual add.
     """
     for block in model.layers:  # type: ignore[union-attr]
         block.forward = _recomputed(block.forward)
@@ -151,7 +154,8 @@ def _recomputed(forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(x: Any, *args: Any, **kwargs: Any) -> Any:  # the block's (x, rope, attend)
         attend = args[1] if len(args) > 1 else kwargs.get("attend")
         if torch.is_grad_enabled() and not getattr(attend, "writes_cache", False):
-            return checkpoint(forward, x, *args, use_reentrant=False, **kwargs)
+            with set_checkpoint_early_stop(False):
+                return checkpoint(forward, x, *args, use_reentrant=False, **kwargs)
         return forward(x, *args, **kwargs)
 
     return run

@@ -62,7 +62,12 @@ def moe_memory_estimate(
 ) -> dict[str, int]:
     """Device bytes at the peak, as ``flops.memory_estimate`` with every expert's weights (and their grads and
     AdamW moments, in the parameters' dtype) and the activations of a dense MLP as wide as the active experts
-    (top_k + shared). TP splits the experts' and attention's projections, the embedding and the head."""
+    (top_k + shared). TP splits the experts' and attention's projections, the embedding and the head.
+
+    Eager training keeps more per MoE layer than that MLP (``routing_bytes``), counted at the start of backward;
+    not in the tail (the end of backward: the first layer's combine frees them before its experts' gradients are
+    allocated, and the H200 peaks measured there agree without them), nor under compile (measured peaks agree
+    without them) or checkpointing (not measured; each block's tensors live only while it is recomputed)."""
     width = (cfg.top_k + cfg.n_shared) * cfg.expert_d_ff
     est = memory_estimate(replace(cfg.base, d_ff=width), batch, seq_len, mode, dtype_bytes,
                           activation_checkpointing=activation_checkpointing, compiled=compiled, fp8=fp8, tp=tp,
@@ -71,5 +76,17 @@ def moe_memory_estimate(
     est["weights"] = p * dtype_bytes
     if mode == "train":
         est["grads"], est["optimizer"] = p * dtype_bytes, 2 * p * dtype_bytes
+        if not compiled and not activation_checkpointing:  # the start of backward: every MoE layer's
+            est["activations"] += cfg.n_moe_layers * routing_bytes(cfg, batch * (seq_len // cp), dtype_bytes)
     est["total"] = peak_total(est)
     return est
+
+
+def routing_bytes(cfg: MoEConfig, tokens: int, dtype_bytes: int) -> int:
+    """What one eager MoE layer saves for backward beyond a dense MLP as wide as its active experts, for
+    ``tokens`` tokens: the router's fp32 copy of its input (4·d a token) and, per routed assignment, the gathered
+    input and the expert's output in the activations' dtype and the gate-weighted output in fp32 (``index_add_``
+    keeps its source). Counted on CPU from the tensors autograd saves (tests/test_memory_estimate.py): the
+    grouped experts keep (4·top_k + 1.5)·d bf16 elements a token more than that MLP; this says 4·top_k + 2."""
+    d = cfg.base.d_model
+    return tokens * (4 * d + cfg.top_k * d * (2 * dtype_bytes + 4))
