@@ -80,6 +80,11 @@ MOE_CHECK: dict[str, list[str]] = {
                                      "--activation-checkpointing"],
     "mixtral-2L-s4096-b4-compile": [*MOE, "--layers", "2", "--seq-len", "4096", "--batch-size", "4",
                                     "--compile-mode", "default"],
+    # after ``moe_flops.backward_layer_bytes`` (read off the batch-4 compiled case above)
+    "mixtral-3L-s4096-b6-compile": [*MOE, "--layers", "3", "--seq-len", "4096", "--batch-size", "6",
+                                    "--compile-mode", "default"],
+    "mixtral-2L-s8192-b4-compile": [*MOE, "--layers", "2", "--seq-len", "8192", "--batch-size", "4",
+                                    "--compile-mode", "default"],
 }
 
 

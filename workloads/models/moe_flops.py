@@ -64,10 +64,11 @@ def moe_memory_estimate(
     AdamW moments, in the parameters' dtype) and the activations of a dense MLP as wide as the active experts
     (top_k + shared). TP splits the experts' and attention's projections, the embedding and the head.
 
-    Eager training keeps more per MoE layer than that MLP (``routing_bytes``), counted at the start of backward;
-    not in the tail (the end of backward: the first layer's combine frees them before its experts' gradients are
-    allocated, and the H200 peaks measured there agree without them), nor under compile (measured peaks agree
-    without them) or checkpointing (not measured; each block's tensors live only while it is recomputed)."""
+    Training keeps more per MoE layer than that MLP (``routing_bytes``), counted at the start of backward, with
+    the last MoE layer's backward working set (``backward_layer``, against the loss's); not in the tail (the end
+    of backward: the first layer's combine frees them before its experts' gradients are allocated, and the H200
+    peaks measured there agree without them), nor under checkpointing (each block's tensors live only while it
+    is recomputed)."""
     width = (cfg.top_k + cfg.n_shared) * cfg.expert_d_ff
     est = memory_estimate(replace(cfg.base, d_ff=width), batch, seq_len, mode, dtype_bytes,
                           activation_checkpointing=activation_checkpointing, compiled=compiled, fp8=fp8, tp=tp,
@@ -76,17 +77,30 @@ def moe_memory_estimate(
     est["weights"] = p * dtype_bytes
     if mode == "train":
         est["grads"], est["optimizer"] = p * dtype_bytes, 2 * p * dtype_bytes
-        if not compiled and not activation_checkpointing:  # the start of backward: every MoE layer's
-            est["activations"] += cfg.n_moe_layers * routing_bytes(cfg, batch * (seq_len // cp), dtype_bytes)
+        if not activation_checkpointing:  # the start of backward: every MoE layer's
+            est["activations"] += cfg.n_moe_layers * routing_bytes(cfg, batch * (seq_len // cp), dtype_bytes,
+                                                                    compiled)
+        est["backward_layer"] = backward_layer_bytes(cfg, batch * (seq_len // cp), dtype_bytes, compiled, tp)
     est["total"] = peak_total(est)
     return est
 
 
-def routing_bytes(cfg: MoEConfig, tokens: int, dtype_bytes: int) -> int:
-    """What one eager MoE layer saves for backward beyond a dense MLP as wide as its active experts, for
-    ``tokens`` tokens: the router's fp32 copy of its input (4·d a token) and, per routed assignment, the gathered
-    input and the expert's output in the activations' dtype and the gate-weighted output in fp32 (``index_add_``
-    keeps its source). Counted on CPU from the tensors autograd saves (tests/test_memory_estimate.py): the
-    grouped experts keep (4·top_k + 1.5)·d bf16 elements a token more than that MLP; this says 4·top_k + 2."""
+def backward_layer_bytes(cfg: MoEConfig, tokens: int, dtype_bytes: int, compiled: bool, tp: int = 1) -> int:
+    """The working set of the last MoE layer's backward while every layer's activations are still kept, read off
+    the sites live at the H200 peak of compiled Mixtral at batch 4: the down projection's weight gradient for
+    every expert, and per routed assignment the gradients of the expert's hidden activation and of its gate/up
+    output (``2·ff + ff``); compiled keeps the hidden activation alive too (one ff more), eager frees it first."""
+    rows = tokens * cfg.top_k
+    return (rows * cfg.expert_d_ff * (3 if compiled else 2)
+            + cfg.n_experts * cfg.expert_d_ff * cfg.base.d_model) * dtype_bytes // tp
+
+
+def routing_bytes(cfg: MoEConfig, tokens: int, dtype_bytes: int, compiled: bool = False) -> int:
+    """What one MoE layer saves for backward beyond a dense MLP as wide as its active experts, for ``tokens``
+    tokens: the router's fp32 copy of its input (4·d a token) and, per routed assignment, the gathered input in
+    the activations' dtype; eager also the expert's output and the gate-weighted output in fp32 (``index_add_``
+    keeps its source), which inductor's fused combine does not keep. Eager counted on CPU from the tensors
+    autograd saves (tests/test_memory_estimate.py: (4·top_k + 1.5)·d bf16 elements a token; this says
+    4·top_k + 2); compiled read off the sites live at H200 peaks (docs/benchmarks.md "The memory estimate")."""
     d = cfg.base.d_model
-    return tokens * (4 * d + cfg.top_k * d * (2 * dtype_bytes + 4))
+    return tokens * (4 * d + cfg.top_k * d * (dtype_bytes if compiled else 2 * dtype_bytes + 4))
