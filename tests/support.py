@@ -145,3 +145,22 @@ def start_program_server(program: str | Path) -> tuple[subprocess.Popen, str]:
 
     wait_until(up, 30, f"the test server {Path(program).name}")
     return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def saved_bytes(model: Any, run: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``run()`` executes, ``model``'s parameters
+    aside (torch imported here: this module stays torch-free for the tests that run btune as a process)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        s = x.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = max(saved.get(s.data_ptr(), 0), s.nbytes())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        run()
+    return sum(saved.values())

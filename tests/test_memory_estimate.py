@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import saved_bytes
 
 from tuner import catalog
 from tuner.launch import estimate_parts
@@ -24,22 +25,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory_gpu  # noqa: E402  (benchmarks/memory_gpu.py: each measured case's options)
 
 
-def saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward, parameters aside."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(x: torch.Tensor) -> torch.Tensor:
-        s = x.untyped_storage()
-        if s.data_ptr() not in params:
-            saved[s.data_ptr()] = max(saved.get(s.data_ptr(), 0), s.nbytes())
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        model(tokens)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 def test_eager_moe_layer_activations_equal_what_autograd_saves(top_k: int) -> None:
     """One MoE layer's saved tensors (4 layers less 2, halved: the embedding, head and RoPE table cancel) with the
@@ -52,7 +37,7 @@ def test_eager_moe_layer_activations_equal_what_autograd_saves(top_k: int) -> No
     saved, est = [], []
     for layers in (2, 4):
         model = MoETransformer(cfg.with_layers(layers), AttentionKernel("auto"), gemm="grouped_mm").to(torch.bfloat16)
-        saved.append(saved_bytes(model, tokens))
+        saved.append(saved_bytes(model, lambda m=model: m(tokens)))
         est.append(moe_memory_estimate(cfg.with_layers(layers), batch, seq, "train", 2)["activations"])
     per_layer, estimated = (saved[1] - saved[0]) / 2, (est[1] - est[0]) / 2
     assert 0.97 < estimated / per_layer < 1.05, (estimated, per_layer)

@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from support import saved_bytes
 from torch.utils.flop_counter import FlopCounterMode
 
 from workloads.models.attention import AttentionKernel
@@ -125,18 +126,7 @@ def test_activation_estimate_near_saved_tensors(arch: str) -> None:
     cfg = replace(base, d_model=256, d_ff=1024 if arch == "gpt" else 688, n_layers=4)
     model = Transformer(cfg).to(torch.bfloat16)
     tokens = torch.randint(0, cfg.vocab_size, (4, 256))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(x: torch.Tensor) -> torch.Tensor:
-        storage = x.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        logits = model(tokens)
-        F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+    saved = saved_bytes(model, lambda: F.cross_entropy(model(tokens).flatten(0, 1).float(), tokens.flatten()))
     est = memory_estimate(cfg, batch=4, seq_len=256, mode="train", dtype_bytes=2)["activations"]
     log_probs = 4 * 256 * cfg.vocab_size * 4  # the loss saves its fp32 log-softmax (part of the estimate's logits)
-    assert 0.9 < (est + log_probs) / sum(saved.values()) < 1.1
+    assert 0.9 < (est + log_probs) / saved < 1.1
