@@ -157,6 +157,7 @@ def main() -> None:
     model = llama_model(args.layers, kernel)
     engines: dict[str, Engine] = {}
     tuned: dict[str, dict[str, dict]] = {}
+    seen: dict[str, int] = {}
     scratch = Path(tempfile.mkdtemp(prefix="decode_ab-"))
     if args.fresh_caches:
         torch._inductor.config.compile_threads = 1  # compiled in this process, into the build's own cache
@@ -178,9 +179,12 @@ def main() -> None:
         counters = torch._dynamo.utils.counters
         breaks = sum(counters["graph_break"].values())
         tuned[s] = best_configs(cache) if args.fresh_caches else {}
+        # whether this build compiled its graph or loaded an earlier build's (the same kernels and choices)
+        fx = {k: counters["inductor"][f"fxgraph_cache_{k}"] - seen.get(k, 0) for k in ("hit", "miss", "bypass")}
+        seen.update({k: counters["inductor"][f"fxgraph_cache_{k}"] for k in fx})
         print(f"{s}: compiled and captured in {time.perf_counter() - t0:.1f} s, {counters['stats']['unique_graphs']} "
-              f"graphs, {breaks} graph breaks" + (f", {len(tuned[s])} kernels tuned" if args.fresh_caches else ""),
-              flush=True)
+              f"graphs, {breaks} graph breaks, FX graph cache {fx['hit']} hit / {fx['miss']} miss / {fx['bypass']} "
+              "bypass" + (f", {len(tuned[s])} kernels tuned" if args.fresh_caches else ""), flush=True)
     apply("base")
     if args.fresh_caches:
         print(configs_markdown(settings, tuned))
