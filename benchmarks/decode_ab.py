@@ -158,7 +158,7 @@ def main() -> None:
     engines: dict[str, Engine] = {}
     tuned: dict[str, dict[str, dict]] = {}
     seen: dict[str, int] = {}
-    scratch = Path(tempfile.mkdtemp(prefix="decode_ab-"))
+    scratch = Path(tempfile.mkdtemp(prefix="decode_ab-")) if args.fresh_caches else None
     if args.fresh_caches:
         torch._inductor.config.compile_threads = 1  # compiled in this process, into the build's own cache
     for s in settings:
@@ -166,8 +166,8 @@ def main() -> None:
         torch._dynamo.reset()  # each setting traced afresh (captured graphs replay without dynamo)
         t0 = time.perf_counter()
         decode_kernel = AttentionKernel("flex") if flex is not None else kernel
-        cache = scratch / re.sub(r"\W", "_", s)
-        with temporary_cache_dir(str(cache)) if args.fresh_caches else contextlib.nullcontext():
+        cache = scratch / re.sub(r"\W", "_", s) if scratch else None
+        with temporary_cache_dir(str(cache)) if cache else contextlib.nullcontext():
             engine = Engine(model, decode_kernel, max(batches), 1024, torch.device("cuda"), torch.bfloat16,
                             "reduce-overhead")
             engine.step_module.flex_options = flex or {}
@@ -178,7 +178,7 @@ def main() -> None:
         engines[s] = engine
         counters = torch._dynamo.utils.counters
         breaks = sum(counters["graph_break"].values())
-        tuned[s] = best_configs(cache) if args.fresh_caches else {}
+        tuned[s] = best_configs(cache) if cache else {}
         # whether this build compiled its graph or loaded an earlier build's (the same kernels and choices)
         fx = {k: counters["inductor"][f"fxgraph_cache_{k}"] - seen.get(k, 0) for k in ("hit", "miss", "bypass")}
         seen.update({k: counters["inductor"][f"fxgraph_cache_{k}"] for k in fx})

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from support import saved_bytes
+from support import ROOT, saved_bytes
 
 from tuner import catalog
 from tuner.launch import estimate_parts
@@ -20,9 +19,8 @@ from workloads.models.moe import MoETransformer
 from workloads.models.moe_config import MOE_PRESETS
 from workloads.models.moe_flops import moe_memory_estimate
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import memory_gpu  # noqa: E402  (benchmarks/memory_gpu.py: each measured case's options)
+import memory_gpu
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])

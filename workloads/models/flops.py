@@ -207,8 +207,8 @@ def tp_share(counts: dict[str, int], tp: int) -> int:
 def peak_total(parts: dict[str, int]) -> int:
     """The peak from the parts: weights + optimizer + FSDP's gathered blocks + KV cache + the larger of two
     candidate peaks: training's start of backward (activations + the larger of the loss's working set and the
-    first MoE layer's backward, ``backward_layer``) and its end (grads + tail); inference's head (activations +
-    logits) and one block's working set (tail)."""
+    backward of the last MoE layer, the first to run, ``backward_layer``) and its end (grads + tail); inference's
+    head (activations + logits) and one block's working set (tail)."""
     start = parts.get("activations", 0) + max(parts.get("logits", 0), parts.get("backward_layer", 0))
     end = parts.get("grads", 0) + parts.get("tail", 0)
     return (parts.get("weights", 0) + parts.get("optimizer", 0) + parts.get("gathered", 0) + parts.get("kv_cache", 0)

@@ -77,10 +77,10 @@ def moe_memory_estimate(
     est["weights"] = p * dtype_bytes
     if mode == "train":
         est["grads"], est["optimizer"] = p * dtype_bytes, 2 * p * dtype_bytes
+        tokens = batch * (seq_len // cp)  # this rank's
         if not activation_checkpointing:  # the start of backward: every MoE layer's
-            est["activations"] += cfg.n_moe_layers * routing_bytes(cfg, batch * (seq_len // cp), dtype_bytes,
-                                                                    compiled)
-        est["backward_layer"] = backward_layer_bytes(cfg, batch * (seq_len // cp), dtype_bytes, compiled, tp)
+            est["activations"] += cfg.n_moe_layers * routing_bytes(cfg, tokens, dtype_bytes, compiled)
+        est["backward_layer"] = backward_layer_bytes(cfg, tokens, dtype_bytes, compiled, tp)
     est["total"] = peak_total(est)
     return est
 
@@ -89,7 +89,8 @@ def backward_layer_bytes(cfg: MoEConfig, tokens: int, dtype_bytes: int, compiled
     """The working set of the last MoE layer's backward while every layer's activations are still kept, read off
     the sites live at the H200 peak of compiled Mixtral at batch 4: the down projection's weight gradient for
     every expert, and per routed assignment the gradients of the expert's hidden activation and of its gate/up
-    output (``2·ff + ff``); compiled keeps the hidden activation alive too (one ff more), eager frees it first."""
+    output (ff + 2·ff), less, eager, the hidden activation itself (ff, counted in the activations), which eager
+    frees before the gate/up gradient is allocated and compiled does not."""
     rows = tokens * cfg.top_k
     return (rows * cfg.expert_d_ff * (3 if compiled else 2)
             + cfg.n_experts * cfg.expert_d_ff * cfg.base.d_model) * dtype_bytes // tp
